@@ -1,0 +1,400 @@
+//! The binder thread: the only thread that calls setns(2).
+//!
+//! A network namespace matters only when a socket is created; once the fd exists it
+//! stays in its namespace, and any thread may accept, read and write on it. So one
+//! thread creates every namespace-scoped socket: it enters the target namespace,
+//! creates the sockets with socket2, enters the root namespace again, and replies
+//! with the fds. Workers never change namespace.
+//!
+//! Invariants:
+//! - after every request the binder thread is back in the namespace the process
+//!   started in (the "root" namespace); it checks the namespace inode of
+//!   `/proc/thread-self/ns/net` after each switch back, and if the switch back fails
+//!   or the inode differs it **aborts the process** rather than go on creating
+//!   sockets in the wrong namespace;
+//! - namespace fds are opened once and cached by path; a cached fd is dropped when
+//!   the file at that path now names another namespace (it was deleted and
+//!   re-created), and on [`Binder::forget`].
+//!
+//! Sockets are created with `SOCK_NONBLOCK | SOCK_CLOEXEC` using socket(2), not
+//! IORING_OP_SOCKET: an io_uring op punted to an io-wq worker spawned before a
+//! setns() would create the socket in the worker's old namespace (seen on Linux 6.1
+//! and 6.18; see DESIGN.md).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::netns;
+
+/// Where a socket is to be created: `None` is the namespace ringress started in.
+pub type NetnsPath = Option<PathBuf>;
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub enum SocketSpec {
+    /// `count` TCP listening sockets on `addr`, each with SO_REUSEADDR and
+    /// SO_REUSEPORT, so that one can be given to each worker.
+    TcpListeners {
+        /// Local address to bind.
+        addr: SocketAddr,
+        /// listen(2) backlog (connections).
+        backlog: u32,
+        /// Sockets to create (one per worker), at least 1.
+        count: usize,
+    },
+    /// One unconnected TCP socket of `addr`'s family, for the caller to connect
+    /// from (used by clients and, later, upstream pools).
+    TcpClient {
+        /// The address family is taken from this address; nothing is bound.
+        family_of: SocketAddr,
+    },
+}
+
+impl SocketSpec {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            SocketSpec::TcpListeners { addr, .. } => *addr,
+            SocketSpec::TcpClient { family_of } => *family_of,
+        }
+    }
+}
+
+/// A failed binder request. Its message names the listener, the step, the address,
+/// the namespace and the errno, e.g.
+/// `listener alpha: bind [::]:8080 in netns ns-alpha: Address already in use (os error 98)`.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener}: {step} {addr} in netns {netns}: {source}")]
+pub struct BindError {
+    /// The listener (or client) the socket was for.
+    pub listener: String,
+    /// The step that failed: "enter", "socket", "setsockopt", "bind", "listen".
+    pub step: &'static str,
+    /// The socket address concerned.
+    pub addr: SocketAddr,
+    /// The namespace label ("root" for the start namespace).
+    pub netns: String,
+    /// The OS error, errno kept.
+    #[source]
+    pub source: io::Error,
+}
+
+impl BindError {
+    /// The errno of the failure, when it came from the OS.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+struct Request {
+    owner: String,
+    netns_label: String,
+    netns: NetnsPath,
+    spec: SocketSpec,
+    reply: mpsc::SyncSender<Result<Vec<OwnedFd>, BindError>>,
+}
+
+enum Msg {
+    Create(Request),
+    Forget(PathBuf),
+}
+
+/// Handle to the binder thread. Cloning is cheap; the thread ends when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Binder {
+    tx: mpsc::Sender<Msg>,
+    tid: i32,
+    root_inode: u64,
+}
+
+impl fmt::Debug for Binder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binder").field("tid", &self.tid).finish()
+    }
+}
+
+impl Binder {
+    /// Starts the binder thread ("ringress-binder"). The namespace of the calling
+    /// thread becomes the root namespace that the binder always returns to.
+    ///
+    /// # Errors
+    /// Opening `/proc/thread-self/ns/net` failed, or the thread could not be spawned.
+    pub fn start() -> io::Result<Binder> {
+        let root = File::open("/proc/thread-self/ns/net")?;
+        let root_inode = root.metadata()?.ino();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("ringress-binder".into())
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                let mut state = BinderState {
+                    root,
+                    root_inode,
+                    cache: HashMap::new(),
+                };
+                // The thread starts in its parent's namespace; make sure it is the root.
+                state.return_to_root();
+                for msg in rx {
+                    match msg {
+                        Msg::Create(req) => {
+                            let result = state.serve(&req);
+                            let _ = req.reply.send(result);
+                        }
+                        Msg::Forget(path) => {
+                            state.cache.remove(&path);
+                        }
+                    }
+                }
+            })?;
+        let tid = tid_rx
+            .recv()
+            .map_err(|_| io::Error::other("binder thread died at start"))?;
+        Ok(Binder {
+            tx,
+            tid,
+            root_inode,
+        })
+    }
+
+    /// Thread id of the binder thread (for `/proc/self/task/TID/ns/net` checks).
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Inode of the root network namespace, the one the binder returns to.
+    pub fn root_inode(&self) -> u64 {
+        self.root_inode
+    }
+
+    /// Creates the sockets of `spec` in namespace `netns` (a namespace file, or
+    /// `None` for the root namespace) for `owner` (a listener name, used in errors).
+    /// `netns_label` is how the namespace is named in errors ("root" if `None`).
+    ///
+    /// Blocks until the binder answers.
+    ///
+    /// # Errors
+    /// A [`BindError`] naming owner, step, address, namespace and errno. On error no
+    /// socket of the request stays open.
+    pub fn create(
+        &self,
+        owner: &str,
+        netns: Option<&Path>,
+        netns_label: &str,
+        spec: SocketSpec,
+    ) -> Result<Vec<OwnedFd>, BindError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let addr = spec.addr();
+        let gone = |step| BindError {
+            listener: owner.to_string(),
+            step,
+            addr,
+            netns: netns_label.to_string(),
+            source: io::Error::other("binder thread is gone"),
+        };
+        self.tx
+            .send(Msg::Create(Request {
+                owner: owner.to_string(),
+                netns_label: netns_label.to_string(),
+                netns: netns.map(Path::to_path_buf),
+                spec,
+                reply,
+            }))
+            .map_err(|_| gone("request"))?;
+        rx.recv().map_err(|_| gone("reply"))?
+    }
+
+    /// Drops the cached fd of namespace file `path`, if any (when its last user is
+    /// gone, or it was deleted).
+    pub fn forget(&self, path: &Path) {
+        let _ = self.tx.send(Msg::Forget(path.to_path_buf()));
+    }
+}
+
+struct CachedNs {
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
+struct BinderState {
+    root: File,
+    root_inode: u64,
+    cache: HashMap<PathBuf, CachedNs>,
+}
+
+impl BinderState {
+    fn serve(&mut self, req: &Request) -> Result<Vec<OwnedFd>, BindError> {
+        let addr = req.spec.addr();
+        let err = |step: &'static str, source: io::Error| BindError {
+            listener: req.owner.clone(),
+            step,
+            addr,
+            netns: req.netns_label.clone(),
+            source,
+        };
+        match &req.netns {
+            None => create_sockets(&req.spec).map_err(|(s, e)| err(s, e)),
+            Some(path) => {
+                let ns = self.namespace(path).map_err(|e| err("enter", e))?;
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| err("enter", io::Error::from(e)))?;
+                let result = create_sockets(&req.spec);
+                self.return_to_root();
+                result.map_err(|(s, e)| err(s, e))
+            }
+        }
+    }
+
+    /// The cached fd of namespace file `path`, (re)opened when the file now names
+    /// another namespace than the cached one.
+    fn namespace(&mut self, path: &Path) -> io::Result<&File> {
+        let meta = std::fs::metadata(path)?;
+        let fresh = match self.cache.get(path) {
+            Some(c) => c.dev != meta.dev() || c.ino != meta.ino(),
+            None => true,
+        };
+        if fresh {
+            let file = netns::open_netns(path)?;
+            let m = file.metadata()?;
+            self.cache.insert(
+                path.to_path_buf(),
+                CachedNs {
+                    file,
+                    dev: m.dev(),
+                    ino: m.ino(),
+                },
+            );
+        }
+        Ok(&self.cache[path].file)
+    }
+
+    /// Enters the root namespace again, or aborts the process.
+    fn return_to_root(&self) {
+        if let Err(e) = setns(self.root.as_fd(), CloneFlags::CLONE_NEWNET) {
+            tracing::error!(error = %e, "binder: cannot return to the root network namespace; aborting");
+            std::process::abort();
+        }
+        match netns::current_netns_inode() {
+            Ok(ino) if ino == self.root_inode => {}
+            other => {
+                tracing::error!(
+                    ?other,
+                    expected = self.root_inode,
+                    "binder: not in the root network namespace after setns; aborting"
+                );
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// Creates the sockets of `spec` in the calling thread's namespace.
+fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::Error)> {
+    match *spec {
+        SocketSpec::TcpListeners {
+            addr,
+            backlog,
+            count,
+        } => {
+            let mut fds = Vec::with_capacity(count);
+            for _ in 0..count.max(1) {
+                let s = tcp_socket(addr).map_err(|e| ("socket", e))?;
+                s.set_reuse_address(true)
+                    .and_then(|_| s.set_reuse_port(true))
+                    .map_err(|e| ("setsockopt", e))?;
+                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+                s.listen(backlog.min(i32::MAX as u32) as i32)
+                    .map_err(|e| ("listen", e))?;
+                fds.push(OwnedFd::from(s));
+            }
+            Ok(fds)
+        }
+        SocketSpec::TcpClient { family_of } => {
+            let s = tcp_socket(family_of).map_err(|e| ("socket", e))?;
+            Ok(vec![OwnedFd::from(s)])
+        }
+    }
+}
+
+fn tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_namespace_listener_and_port_in_use() {
+        let b = Binder::start().unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let fds = b
+            .create(
+                "t",
+                None,
+                "root",
+                SocketSpec::TcpListeners {
+                    addr,
+                    backlog: 16,
+                    count: 2,
+                },
+            )
+            .unwrap();
+        assert_eq!(fds.len(), 2);
+        // A plain (non-reuseport) socket on a used port gives EADDRINUSE with context.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let used = l.local_addr().unwrap();
+        let e = b
+            .create(
+                "alpha",
+                None,
+                "root",
+                SocketSpec::TcpListeners {
+                    addr: used,
+                    backlog: 16,
+                    count: 1,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EADDRINUSE));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("listener alpha: bind {used} in netns root: ")),
+            "{msg}"
+        );
+        assert_eq!(netns::thread_netns_inode(b.tid()).unwrap(), b.root_inode());
+    }
+
+    #[test]
+    fn missing_namespace_is_an_enter_error() {
+        let b = Binder::start().unwrap();
+        let e = b
+            .create(
+                "x",
+                Some(Path::new("/run/netns/ringress-binder-test-missing")),
+                "ringress-binder-test-missing",
+                SocketSpec::TcpClient {
+                    family_of: "127.0.0.1:1".parse().unwrap(),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.step, "enter");
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+    }
+}

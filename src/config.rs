@@ -1,0 +1,1329 @@
+//! The configuration file: parsing, validation and compiler-style error messages.
+//!
+//! The file is TOML:
+//!
+//! ```toml
+//! netns_dir = "/run/netns"   # optional; where bare namespace names are resolved
+//!
+//! [runtime]
+//! workers = 2                # optional; 1..=1024, default: online CPUs
+//! io = "auto"                # optional; "uring" | "epoll" | "auto"
+//!
+//! [[listener]]
+//! name = "alpha"             # optional, unique; default "{netns or root}-{proto}-{listen}"
+//! netns = "ns-alpha"         # optional; a name under netns_dir or an absolute path
+//! proto = "tcp"              # optional; only "tcp" for now
+//! listen = "[::]:8080"       # required; a socket address, IPv4 or IPv6
+//! action = "echo"            # required; "echo" | "respond" | "http"
+//! respond = "ack"            # required iff action = "respond"; non-empty
+//! backlog = 1024             # optional; listen(2) backlog, 1..=65535
+//! ```
+//!
+//! [`Config::parse`] and [`Config::load`] check everything that can be checked from
+//! the text alone; [`Config::check_namespaces`] additionally checks that every
+//! namespace exists. Every error names the file, the 1-based line and the key at
+//! fault, like a compiler diagnostic: `ringress.toml:9: listener #2: key `respond`: ...`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::netns::{check_netns, NetnsRef, DEFAULT_NETNS_DIR};
+
+/// Largest accepted `workers` value.
+pub const MAX_WORKERS: usize = 1024;
+/// Default `listen(2)` backlog of a listener.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Largest accepted `backlog` value.
+pub const MAX_BACKLOG: u32 = 65535;
+
+/// Which I/O driver the workers use (`[runtime] io`, or `--io` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoChoice {
+    /// io_uring; fail at startup if the kernel or build does not support it.
+    Uring,
+    /// epoll with non-blocking syscalls.
+    Epoll,
+    /// io_uring when available, otherwise epoll.
+    Auto,
+}
+
+impl IoChoice {
+    /// The config spelling: `"uring"`, `"epoll"` or `"auto"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoChoice::Uring => "uring",
+            IoChoice::Epoll => "epoll",
+            IoChoice::Auto => "auto",
+        }
+    }
+}
+
+impl FromStr for IoChoice {
+    type Err = String;
+
+    /// Parses `"uring"`, `"epoll"` or `"auto"` (exact, lower case).
+    ///
+    /// # Errors
+    /// A message naming the value and the accepted spellings.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" => Ok(IoChoice::Uring),
+            "epoll" => Ok(IoChoice::Epoll),
+            "auto" => Ok(IoChoice::Auto),
+            _ => Err(format!(
+                "unknown io driver {s:?} (expected \"uring\", \"epoll\" or \"auto\")"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for IoChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transport protocol of a listener. Only TCP for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP (`SOCK_STREAM`).
+    Tcp,
+}
+
+impl Proto {
+    /// The config spelling, `"tcp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    /// Parses `"tcp"`.
+    ///
+    /// # Errors
+    /// `proto "udp" is not supported yet` for `"udp"` and `"sctp"`, and an
+    /// "unknown proto" message for anything else.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" | "sctp" => Err(format!("proto {s:?} is not supported yet")),
+            _ => Err(format!("unknown proto {s:?} (expected \"tcp\")")),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a listener does with each accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send every received byte back.
+    Echo,
+    /// Send these bytes (never empty), then close.
+    Respond(Vec<u8>),
+    /// Answer HTTP/1.x requests.
+    Http,
+}
+
+impl Action {
+    /// The config spelling of the action: `"echo"`, `"respond"` or `"http"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Echo => "echo",
+            Action::Respond(_) => "respond",
+            Action::Http => "http",
+        }
+    }
+}
+
+/// The `[runtime]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    /// Number of worker threads, 1..=[`MAX_WORKERS`].
+    pub workers: usize,
+    /// Which I/O driver the workers use.
+    pub io: IoChoice,
+}
+
+impl Default for Runtime {
+    /// [`default_workers`] workers and [`IoChoice::Auto`].
+    fn default() -> Self {
+        Runtime {
+            workers: default_workers(),
+            io: IoChoice::Auto,
+        }
+    }
+}
+
+/// The default worker count: the number of CPUs this process may run on
+/// (`std::thread::available_parallelism`), 1 if unknown, at most [`MAX_WORKERS`].
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS)
+}
+
+/// One validated `[[listener]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique name: as given, or derived as `"{netns or root}-{proto}-{listen}"`,
+    /// e.g. `"ns-a-tcp-[::]:8080"` or `"root-tcp-127.0.0.1:7000"`.
+    pub name: String,
+    /// The namespace to listen in; `None` is the namespace ringress started in.
+    pub netns: Option<NetnsRef>,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Address and port to bind (port 0 picks an ephemeral port).
+    pub listen: SocketAddr,
+    /// What to do with each connection.
+    pub action: Action,
+    /// `listen(2)` backlog, 1..=[`MAX_BACKLOG`].
+    pub backlog: u32,
+    /// 1-based line of the `[[listener]]` header (or of the `{` of an inline table)
+    /// in the config file.
+    pub line: usize,
+}
+
+impl ListenerConfig {
+    /// The namespace label for logs and derived names: the namespace name or path
+    /// as given, or `"root"` when the listener has no `netns`.
+    pub fn netns_label(&self) -> String {
+        self.netns
+            .as_ref()
+            .map_or_else(|| "root".to_string(), NetnsRef::label)
+    }
+}
+
+/// A validated configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file the configuration came from (as given; used in messages).
+    pub source: PathBuf,
+    /// Directory under which bare namespace names are resolved (default
+    /// [`DEFAULT_NETNS_DIR`]).
+    pub netns_dir: PathBuf,
+    /// The `[runtime]` settings, with defaults filled in.
+    pub runtime: Runtime,
+    /// The listeners in file order; at least one, names unique.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// Which listener an error is about: by name (given or derived) or, when no name
+/// is known yet, by its 1-based position in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerId {
+    /// The listener's name; displays as `listener "NAME"`.
+    Name(String),
+    /// 1-based index among the `[[listener]]` tables; displays as `listener #N`.
+    Index(usize),
+}
+
+impl fmt::Display for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenerId::Name(n) => write!(f, "listener {n:?}"),
+            ListenerId::Index(i) => write!(f, "listener #{i}"),
+        }
+    }
+}
+
+/// Where in the file an [`ConfigError::Invalid`] key lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A top-level key such as `netns_dir`.
+    Top,
+    /// A key of the `[runtime]` table.
+    Runtime,
+    /// A key of a `[[listener]]` table.
+    Listener(ListenerId),
+}
+
+impl fmt::Display for Scope {
+    /// Empty, `[runtime]: ` or `listener "NAME": ` (a prefix for messages).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Top => Ok(()),
+            Scope::Runtime => f.write_str("[runtime]: "),
+            Scope::Listener(id) => write!(f, "{id}: "),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded or validated.
+///
+/// Every variant's `Display` starts with the file, and all but [`ConfigError::Io`]
+/// and [`ConfigError::NoListeners`] with `FILE:LINE:` (1-based line).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (or is not UTF-8).
+    #[error("{}: cannot read config: {source}", file.display())]
+    Io {
+        /// The config file.
+        file: PathBuf,
+        /// The error from reading it.
+        #[source]
+        source: io::Error,
+    },
+    /// Malformed TOML, or a value of the wrong TOML type (then `key` is its dotted
+    /// path, e.g. `runtime.workers`).
+    #[error("{}:{line}: {}{message}", file.display(), parse_prefix(key))]
+    Parse {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// Dotted path of the key whose value has the wrong type, when known.
+        key: Option<String>,
+        /// The toml crate's one-line message.
+        message: String,
+    },
+    /// A key that the format does not define.
+    #[error("{}:{line}: unknown key `{key}` in {table}{}", file.display(), expected_suffix(expected))]
+    UnknownKey {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the key.
+        line: usize,
+        /// The unknown key.
+        key: String,
+        /// `[runtime]`, `[[listener]]` or `the top-level table`.
+        table: String,
+        /// The accepted keys, as serde lists them (may be empty).
+        expected: String,
+    },
+    /// A key with an unacceptable value, a missing required key, or a conflict
+    /// between keys or listeners.
+    #[error("{}:{line}: {scope}key `{key}`: {message}", file.display())]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the key's value (or of the listener when a key is missing).
+        line: usize,
+        /// The table the key belongs to.
+        scope: Scope,
+        /// The key at fault, e.g. `listen`.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file defines no `[[listener]]` table.
+    #[error("{}: no [[listener]] defined", file.display())]
+    NoListeners {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// A listener's namespace is missing or is not a namespace
+    /// (from [`Config::check_namespaces`]).
+    #[error(
+        "{}:{line}: {listener}: key `netns`: namespace {label:?} {} ({})",
+        file.display(),
+        netns_problem(source),
+        netns_detail(path, source)
+    )]
+    Netns {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the listener.
+        line: usize,
+        /// The listener.
+        listener: ListenerId,
+        /// The namespace as written in the config.
+        label: String,
+        /// The namespace file that was checked.
+        path: PathBuf,
+        /// The error from opening or inspecting it (`NotFound` when missing,
+        /// `InvalidInput` when the file is not a namespace).
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line the error points at, if it points at one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Io { .. } | ConfigError::NoListeners { .. } => None,
+            ConfigError::Parse { line, .. }
+            | ConfigError::UnknownKey { line, .. }
+            | ConfigError::Invalid { line, .. }
+            | ConfigError::Netns { line, .. } => Some(*line),
+        }
+    }
+}
+
+fn parse_prefix(key: &Option<String>) -> String {
+    match key {
+        Some(k) => format!("key `{k}`: "),
+        None => "TOML parse error: ".to_string(),
+    }
+}
+
+fn expected_suffix(expected: &str) -> String {
+    if expected.is_empty() {
+        String::new()
+    } else {
+        format!(" (expected {expected})")
+    }
+}
+
+/// `PATH: ERROR`, or just `ERROR` when the error message already names the path.
+fn netns_detail(path: &Path, e: &io::Error) -> String {
+    let p = path.display().to_string();
+    let m = e.to_string();
+    if m.starts_with(&p) {
+        m
+    } else {
+        format!("{p}: {m}")
+    }
+}
+
+fn netns_problem(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound => "not found",
+        io::ErrorKind::InvalidInput => "is not a namespace",
+        _ => "cannot be opened",
+    }
+}
+
+// ---- raw, span-carrying form of the file -------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    netns_dir: Option<Spanned<String>>,
+    runtime: Option<Spanned<RawRuntime>>,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    workers: Option<Spanned<i64>>,
+    io: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<Spanned<String>>,
+    netns: Option<Spanned<String>>,
+    proto: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    respond: Option<Spanned<String>>,
+    backlog: Option<Spanned<i64>>,
+}
+
+/// Maps byte offsets in the config text to 1-based line numbers.
+struct Lines<'a> {
+    text: &'a str,
+}
+
+impl Lines<'_> {
+    fn of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        1 + self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    fn of_span(&self, span: Range<usize>) -> usize {
+        self.of(span.start)
+    }
+}
+
+/// Builds errors that all name the same file.
+struct Ctx<'a> {
+    file: &'a Path,
+    lines: Lines<'a>,
+}
+
+impl Ctx<'_> {
+    fn invalid(
+        &self,
+        span: Range<usize>,
+        scope: Scope,
+        key: &'static str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line: self.lines.of_span(span),
+            scope,
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: toml::de::Error) -> ConfigError {
+        let line = e.span().map_or(1, |s| self.lines.of_span(s));
+        let message = e.message().trim_end().to_string();
+        // The key path is only reachable through Display without input: it ends
+        // with a line "in `a.b`".
+        let mut bare = e.clone();
+        bare.set_input(None);
+        let path = bare
+            .to_string()
+            .lines()
+            .rev()
+            .find_map(|l| {
+                l.strip_prefix("in `")
+                    .and_then(|r| r.strip_suffix('`'))
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            if let Some((key, tail)) = rest.split_once('`') {
+                let table = match path.as_str() {
+                    "" => "the top-level table".to_string(),
+                    "runtime" => "[runtime]".to_string(),
+                    "listener" => "[[listener]]".to_string(),
+                    p => format!("[{p}]"),
+                };
+                let expected = tail
+                    .trim_start_matches(',')
+                    .trim()
+                    .strip_prefix("expected ")
+                    .unwrap_or("")
+                    .to_string();
+                return ConfigError::UnknownKey {
+                    file: self.file.to_path_buf(),
+                    line,
+                    key: key.to_string(),
+                    table,
+                    expected,
+                };
+            }
+        }
+        ConfigError::Parse {
+            file: self.file.to_path_buf(),
+            line,
+            key: (!path.is_empty()).then_some(path),
+            message,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path` (see [`Config::parse`]).
+    /// Namespaces are not checked; see [`Config::check_namespaces`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Io`] if the file cannot be read or is not UTF-8, otherwise
+    /// as [`Config::parse`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `source` names the file in messages and
+    /// is stored in [`Config::source`]. Fills in defaults (workers, io, proto,
+    /// backlog, listener names). Namespaces are not checked.
+    ///
+    /// # Errors
+    /// - [`ConfigError::Parse`]: malformed TOML or a value of the wrong TOML type;
+    /// - [`ConfigError::UnknownKey`]: a key the format does not define;
+    /// - [`ConfigError::Invalid`]: a bad value (workers, io, netns_dir, name,
+    ///   netns, proto, listen, action, respond, backlog), a missing `listen`,
+    ///   `action` or `respond`, `respond` with an action other than "respond", a
+    ///   duplicate listener name, or two listeners on the same non-zero-port
+    ///   address in the same namespace;
+    /// - [`ConfigError::NoListeners`]: no `[[listener]]` table.
+    ///
+    /// The first error in file order is returned.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let cx = Ctx {
+            file: source,
+            lines: Lines { text },
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(e))?;
+
+        let netns_dir = match &raw.netns_dir {
+            None => PathBuf::from(DEFAULT_NETNS_DIR),
+            Some(d) => {
+                let s = d.get_ref();
+                if s.is_empty() || s.contains('\0') {
+                    return Err(cx.invalid(
+                        d.span(),
+                        Scope::Top,
+                        "netns_dir",
+                        "must be a non-empty path without NUL bytes",
+                    ));
+                }
+                PathBuf::from(s)
+            }
+        };
+
+        let runtime = match &raw.runtime {
+            None => Runtime::default(),
+            Some(rt) => convert_runtime(&cx, rt.get_ref())?,
+        };
+
+        let mut listeners = Vec::with_capacity(raw.listener.len());
+        for (i, l) in raw.listener.iter().enumerate() {
+            listeners.push(convert_listener(&cx, i + 1, l.span(), l.get_ref())?);
+        }
+        if listeners.is_empty() {
+            return Err(ConfigError::NoListeners {
+                file: source.to_path_buf(),
+            });
+        }
+
+        check_unique(&cx, &raw.listener, &listeners)?;
+
+        Ok(Config {
+            source: source.to_path_buf(),
+            netns_dir,
+            runtime,
+            listeners,
+        })
+    }
+
+    /// Checks that every listener's namespace exists and is a network namespace
+    /// file ([`check_netns`] on [`Config::netns_path`]). Listeners without `netns`
+    /// are skipped.
+    ///
+    /// # Errors
+    /// [`ConfigError::Netns`] for the first listener (in file order) whose
+    /// namespace is missing, unreadable or not a namespace.
+    pub fn check_namespaces(&self) -> Result<(), ConfigError> {
+        for l in &self.listeners {
+            let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) else {
+                continue;
+            };
+            if let Err(source) = check_netns(&path) {
+                return Err(ConfigError::Netns {
+                    file: self.source.clone(),
+                    line: l.line,
+                    listener: ListenerId::Name(l.name.clone()),
+                    label: ns.label(),
+                    path,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The namespace file of listener `l`: its `netns` name resolved under
+    /// [`Config::netns_dir`], or its path as given; `None` when it has no `netns`.
+    pub fn netns_path(&self, l: &ListenerConfig) -> Option<PathBuf> {
+        l.netns.as_ref().map(|n| n.path_in(&self.netns_dir))
+    }
+}
+
+fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, ConfigError> {
+    let workers = match &rt.workers {
+        None => default_workers(),
+        Some(w) => match usize::try_from(*w.get_ref()) {
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    w.span(),
+                    Scope::Runtime,
+                    "workers",
+                    format!("must be between 1 and {MAX_WORKERS}, got {}", w.get_ref()),
+                ))
+            }
+        },
+    };
+    let io = match &rt.io {
+        None => IoChoice::Auto,
+        Some(s) => s
+            .get_ref()
+            .parse()
+            .map_err(|m: String| cx.invalid(s.span(), Scope::Runtime, "io", m))?,
+    };
+    Ok(Runtime { workers, io })
+}
+
+fn convert_listener(
+    cx: &Ctx<'_>,
+    index: usize,
+    span: Range<usize>,
+    raw: &RawListener,
+) -> Result<ListenerConfig, ConfigError> {
+    let line = cx.lines.of_span(span.clone());
+
+    // Until the name is known, errors name the listener by explicit name or index.
+    let explicit = raw.name.as_ref().map(|n| n.get_ref().clone());
+    let early_id = || match &explicit {
+        Some(n) => ListenerId::Name(n.clone()),
+        None => ListenerId::Index(index),
+    };
+    let early = || Scope::Listener(early_id());
+
+    if let Some(n) = &raw.name {
+        let s = n.get_ref();
+        if s.is_empty() {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                "listener name is empty",
+            ));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                format!("listener name {s:?} contains control characters"),
+            ));
+        }
+    }
+
+    let netns = match &raw.netns {
+        None => None,
+        Some(n) => Some(
+            NetnsRef::parse(n.get_ref()).map_err(|m| cx.invalid(n.span(), early(), "netns", m))?,
+        ),
+    };
+
+    let proto = match &raw.proto {
+        None => Proto::Tcp,
+        Some(p) => p
+            .get_ref()
+            .parse()
+            .map_err(|m: String| cx.invalid(p.span(), early(), "proto", m))?,
+    };
+
+    let listen =
+        match &raw.listen {
+            None => return Err(cx.invalid(
+                span,
+                early(),
+                "listen",
+                "missing required key (a socket address such as \"0.0.0.0:8080\" or \"[::]:8080\")",
+            )),
+            Some(a) => a.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                cx.invalid(
+                    a.span(),
+                    early(),
+                    "listen",
+                    format!(
+                    "invalid socket address {:?} (expected e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
+                    a.get_ref()
+                ),
+                )
+            })?,
+        };
+
+    let name = explicit.clone().unwrap_or_else(|| {
+        let ns = netns
+            .as_ref()
+            .map_or_else(|| "root".to_string(), NetnsRef::label);
+        format!("{ns}-{proto}-{listen}")
+    });
+    let scope = || Scope::Listener(ListenerId::Name(name.clone()));
+
+    let action = match &raw.action {
+        None => {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                "action",
+                "missing required key (\"echo\", \"respond\" or \"http\")",
+            ))
+        }
+        Some(a) => match a.get_ref().as_str() {
+            "echo" => Action::Echo,
+            "http" => Action::Http,
+            "respond" => match &raw.respond {
+                None => {
+                    return Err(cx.invalid(
+                        a.span(),
+                        scope(),
+                        "respond",
+                        "action \"respond\" needs a `respond` key",
+                    ))
+                }
+                Some(r) if r.get_ref().is_empty() => {
+                    return Err(cx.invalid(
+                        r.span(),
+                        scope(),
+                        "respond",
+                        "the response must not be empty",
+                    ))
+                }
+                Some(r) => Action::Respond(r.get_ref().as_bytes().to_vec()),
+            },
+            "proxy" => {
+                return Err(cx.invalid(
+                    a.span(),
+                    scope(),
+                    "action",
+                    "action \"proxy\" is not supported yet",
+                ))
+            }
+            other => {
+                return Err(cx.invalid(
+                    a.span(),
+                    scope(),
+                    "action",
+                    format!(
+                        "unknown action {other:?} (expected \"echo\", \"respond\" or \"http\")"
+                    ),
+                ))
+            }
+        },
+    };
+    if let (Some(r), false) = (&raw.respond, matches!(action, Action::Respond(_))) {
+        return Err(cx.invalid(
+            r.span(),
+            scope(),
+            "respond",
+            format!(
+                "`respond` is only allowed with action = \"respond\" (this listener's action is {:?})",
+                action.kind()
+            ),
+        ));
+    }
+
+    let backlog = match &raw.backlog {
+        None => DEFAULT_BACKLOG,
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(n) if (1..=MAX_BACKLOG).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    b.span(),
+                    scope(),
+                    "backlog",
+                    format!("must be between 1 and {MAX_BACKLOG}, got {}", b.get_ref()),
+                ))
+            }
+        },
+    };
+
+    Ok(ListenerConfig {
+        name,
+        netns,
+        proto,
+        listen,
+        action,
+        backlog,
+        line,
+    })
+}
+
+/// Rejects duplicate names, then two listeners on the same address (non-zero
+/// port) and protocol in the same namespace reference.
+fn check_unique(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawListener>],
+    listeners: &[ListenerConfig],
+) -> Result<(), ConfigError> {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (r, l) in raw.iter().zip(listeners) {
+        if let Some(&first) = names.get(l.name.as_str()) {
+            let (span, how) = match &r.get_ref().name {
+                Some(n) => (n.span(), String::new()),
+                None => (
+                    r.span(),
+                    "; the name is derived from netns, proto and listen: give one of them a distinct `name`"
+                        .to_string(),
+                ),
+            };
+            return Err(cx.invalid(
+                span,
+                Scope::Listener(ListenerId::Name(l.name.clone())),
+                "name",
+                format!(
+                    "duplicate listener name {:?} (first defined at line {first}){how}",
+                    l.name
+                ),
+            ));
+        }
+        names.insert(&l.name, l.line);
+    }
+
+    let mut addrs: HashMap<(Option<&NetnsRef>, Proto, SocketAddr), &ListenerConfig> =
+        HashMap::new();
+    for (r, l) in raw.iter().zip(listeners) {
+        if l.listen.port() == 0 {
+            continue;
+        }
+        let key = (l.netns.as_ref(), l.proto, l.listen);
+        if let Some(first) = addrs.get(&key) {
+            let span = r.get_ref().listen.as_ref().map_or(r.span(), |s| s.span());
+            return Err(cx.invalid(
+                span,
+                Scope::Listener(ListenerId::Name(l.name.clone())),
+                "listen",
+                format!(
+                    "{} {} in namespace {:?} is already used by listener {:?} (line {})",
+                    l.proto,
+                    l.listen,
+                    l.netns_label(),
+                    first.name,
+                    first.line
+                ),
+            ));
+        }
+        addrs.insert(key, l);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("ringress.toml"))
+    }
+
+    /// Parses `text`, expects an error, and checks that its message starts with
+    /// `ringress.toml:LINE:` and mentions every string in `has`.
+    fn err(text: &str, line: usize, has: &[&str]) -> String {
+        let e = match parse(text) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        };
+        let msg = e.to_string();
+        let prefix = format!("ringress.toml:{line}: ");
+        assert!(
+            msg.starts_with(&prefix),
+            "{msg:?} should start with {prefix:?}"
+        );
+        assert_eq!(e.line(), Some(line), "{msg}");
+        for h in has {
+            assert!(msg.contains(h), "{msg:?} should contain {h:?}");
+        }
+        assert!(!msg.contains('\n'), "{msg:?} should be one line");
+        msg
+    }
+
+    const FULL: &str = r#"
+netns_dir = "/tmp/netns"
+
+[runtime]
+workers = 3
+io = "epoll"
+
+[[listener]]
+name = "alpha"
+netns = "ns-alpha"
+proto = "tcp"
+listen = "[::]:8080"
+action = "respond"
+respond = "ack\n"
+backlog = 128
+
+[[listener]]
+netns = "/proc/self/ns/net"
+listen = "127.0.0.1:7000"
+action = "http"
+
+[[listener]]
+listen = "127.0.0.1:7001"
+action = "echo"
+"#;
+
+    #[test]
+    fn full_config() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.source, PathBuf::from("ringress.toml"));
+        assert_eq!(c.netns_dir, PathBuf::from("/tmp/netns"));
+        assert_eq!(
+            c.runtime,
+            Runtime {
+                workers: 3,
+                io: IoChoice::Epoll
+            }
+        );
+        assert_eq!(c.listeners.len(), 3);
+        let a = &c.listeners[0];
+        assert_eq!(a.name, "alpha");
+        assert_eq!(a.netns, Some(NetnsRef::Named("ns-alpha".into())));
+        assert_eq!(a.proto, Proto::Tcp);
+        assert_eq!(a.listen, "[::]:8080".parse().unwrap());
+        assert_eq!(a.action, Action::Respond(b"ack\n".to_vec()));
+        assert_eq!(a.action.kind(), "respond");
+        assert_eq!(a.backlog, 128);
+        assert_eq!(a.line, 8);
+        assert_eq!(a.netns_label(), "ns-alpha");
+        assert_eq!(c.netns_path(a), Some(PathBuf::from("/tmp/netns/ns-alpha")));
+        let b = &c.listeners[1];
+        assert_eq!(b.name, "/proc/self/ns/net-tcp-127.0.0.1:7000");
+        assert_eq!(b.action, Action::Http);
+        assert_eq!(b.line, 17);
+        assert_eq!(c.netns_path(b), Some(PathBuf::from("/proc/self/ns/net")));
+        let d = &c.listeners[2];
+        assert_eq!(d.name, "root-tcp-127.0.0.1:7001");
+        assert_eq!(d.netns_label(), "root");
+        assert_eq!(c.netns_path(d), None);
+        assert_eq!(d.action, Action::Echo);
+        assert_eq!(d.line, 22);
+    }
+
+    #[test]
+    fn defaults() {
+        let c =
+            parse("[[listener]]\nnetns = \"ns-a\"\nlisten = \"[::]:8080\"\naction = \"echo\"\n")
+                .unwrap();
+        assert_eq!(c.netns_dir, PathBuf::from(DEFAULT_NETNS_DIR));
+        assert_eq!(c.runtime.io, IoChoice::Auto);
+        assert!(c.runtime.workers >= 1 && c.runtime.workers <= MAX_WORKERS);
+        assert_eq!(c.runtime.workers, default_workers());
+        let l = &c.listeners[0];
+        assert_eq!(l.name, "ns-a-tcp-[::]:8080");
+        assert_eq!(l.proto, Proto::Tcp);
+        assert_eq!(l.backlog, DEFAULT_BACKLOG);
+        assert_eq!(l.line, 1);
+        assert_eq!(c.netns_path(l), Some(PathBuf::from("/run/netns/ns-a")));
+
+        let c = parse("[runtime]\n[[listener]]\nlisten = \"127.0.0.1:7000\"\naction = \"http\"\n")
+            .unwrap();
+        assert_eq!(c.listeners[0].name, "root-tcp-127.0.0.1:7000");
+        assert_eq!(c.runtime.io, IoChoice::Auto);
+    }
+
+    #[test]
+    fn inline_listener_array() {
+        let c =
+            parse("listener = [\n  { listen = \"127.0.0.1:1\", action = \"echo\" },\n]\n").unwrap();
+        assert_eq!(c.listeners[0].line, 2);
+    }
+
+    #[test]
+    fn io_choice_and_proto_strings() {
+        for io in [IoChoice::Uring, IoChoice::Epoll, IoChoice::Auto] {
+            assert_eq!(io.to_string().parse::<IoChoice>().unwrap(), io);
+        }
+        assert!("URING".parse::<IoChoice>().is_err());
+        assert_eq!(Proto::Tcp.to_string(), "tcp");
+        assert_eq!(
+            "udp".parse::<Proto>().unwrap_err(),
+            "proto \"udp\" is not supported yet"
+        );
+        assert_eq!(Action::Echo.kind(), "echo");
+        assert_eq!(Action::Http.kind(), "http");
+    }
+
+    #[test]
+    fn invalid_listen_address() {
+        let text = "[[listener]]\naction = \"echo\"\n\n\nlisten = \"1.2.3:80\"\n";
+        let m = err(
+            text,
+            5,
+            &[
+                "listener #1",
+                "key `listen`",
+                "invalid socket address \"1.2.3:80\"",
+            ],
+        );
+        assert!(
+            m.starts_with("ringress.toml:5: listener #1: key `listen`:"),
+            "{m}"
+        );
+        // With an explicit name the name is used.
+        err(
+            "[[listener]]\nname = \"x\"\nlisten = \"nope\"\naction = \"echo\"\n",
+            3,
+            &["listener \"x\"", "key `listen`"],
+        );
+        // Missing listen points at the listener.
+        err(
+            "\n[[listener]]\naction = \"echo\"\n",
+            2,
+            &["listener #1", "key `listen`", "missing"],
+        );
+    }
+
+    #[test]
+    fn respond_errors() {
+        let text = "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                    [[listener]]\nlisten = \"127.0.0.1:2\"\n\n\n\naction = \"respond\"\n";
+        err(
+            text,
+            9,
+            &[
+                "key `respond`",
+                "action \"respond\" needs a `respond` key",
+                "root-tcp-127.0.0.1:2",
+            ],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"respond\"\nrespond = \"\"\n",
+            4,
+            &["key `respond`", "empty"],
+        );
+        // respond with another action.
+        err(
+            "[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nrespond = \"hi\"\n",
+            5,
+            &["listener \"e\"", "key `respond`", "\"echo\""],
+        );
+    }
+
+    #[test]
+    fn action_and_proto_errors() {
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n",
+            3,
+            &["key `action`", "action \"proxy\" is not supported yet"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"nope\"\n",
+            3,
+            &["key `action`", "unknown action"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n",
+            1,
+            &["key `action`", "missing"],
+        );
+        err(
+            "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
+            2,
+            &[
+                "listener #1",
+                "key `proto`",
+                "proto \"udp\" is not supported yet",
+            ],
+        );
+        err(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
+            2,
+            &["key `proto`", "proto \"sctp\" is not supported yet"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nbacklog = 0\n",
+            4,
+            &["key `backlog`"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nbacklog = 65536\n",
+            4,
+            &["key `backlog`"],
+        );
+    }
+
+    #[test]
+    fn runtime_errors() {
+        err(
+            "[runtime]\nworkers = 0\n[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
+            2,
+            &["[runtime]", "key `workers`", "got 0"],
+        );
+        err("[runtime]\nworkers = -3\n", 2, &["key `workers`"]);
+        err("[runtime]\nworkers = 1025\n", 2, &["key `workers`"]);
+        err("[runtime]\n\nio = \"kqueue\"\n", 3, &["key `io`", "kqueue"]);
+        // Wrong TOML type: named by dotted key path.
+        err(
+            "[runtime]\nworkers = \"two\"\n",
+            2,
+            &["key `runtime.workers`"],
+        );
+        err(
+            "[[listener]]\nname = 5\n",
+            2,
+            &["key `listener.name`", "invalid type"],
+        );
+        err("netns_dir = \"\"\n", 1, &["key `netns_dir`"]);
+    }
+
+    #[test]
+    fn unknown_keys() {
+        let m = err(
+            "[runtime]\nworkers = 2\n\nwrkers = 3\n",
+            4,
+            &["unknown key `wrkers` in [runtime]"],
+        );
+        assert!(
+            m.starts_with("ringress.toml:4: unknown key `wrkers` in [runtime]"),
+            "{m}"
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nlisen = 1\n",
+            4,
+            &["unknown key `lisen` in [[listener]]"],
+        );
+        err(
+            "\nbogus = 1\n",
+            2,
+            &["unknown key `bogus` in the top-level table"],
+        );
+    }
+
+    #[test]
+    fn malformed_toml() {
+        let m = err(
+            "[runtime]\nworkers = 2\nio = \"epoll\n",
+            3,
+            &["TOML parse error: "],
+        );
+        assert!(m.starts_with("ringress.toml:3: TOML parse error: "), "{m}");
+        err("[[listener]\n", 1, &["TOML parse error: "]);
+    }
+
+    #[test]
+    fn no_listeners() {
+        let e = parse("[runtime]\nworkers = 1\n").unwrap_err();
+        assert!(matches!(e, ConfigError::NoListeners { .. }));
+        assert_eq!(e.to_string(), "ringress.toml: no [[listener]] defined");
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let text =
+            "\n\n[[listener]]\nname = \"alpha\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                    [[listener]]\nname = \"alpha\"\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\n";
+        let m = err(
+            text,
+            8,
+            &[
+                "listener \"alpha\"",
+                "key `name`",
+                "duplicate listener name \"alpha\"",
+                "first defined at line 3",
+            ],
+        );
+        assert!(
+            m.starts_with("ringress.toml:8: listener \"alpha\": key `name`: duplicate"),
+            "{m}"
+        );
+
+        // Derived duplicates: same netns/proto/listen and no names.
+        let text = "[[listener]]\nnetns = \"a\"\nlisten = \"[::]:80\"\naction = \"echo\"\n\
+                    [[listener]]\nnetns = \"a\"\nlisten = \"[::]:80\"\naction = \"http\"\n";
+        err(
+            text,
+            5,
+            &[
+                "key `name`",
+                "duplicate listener name \"a-tcp-[::]:80\"",
+                "first defined at line 1",
+            ],
+        );
+
+        // An explicit name that collides with a derived one.
+        let text = "[[listener]]\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                    [[listener]]\nname = \"root-tcp-127.0.0.1:80\"\nlisten = \"127.0.0.1:81\"\naction = \"echo\"\n";
+        err(text, 5, &["key `name`", "first defined at line 1"]);
+    }
+
+    #[test]
+    fn duplicate_addresses() {
+        let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                    [[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:80\"\naction = \"http\"\n";
+        err(
+            text,
+            7,
+            &[
+                "listener \"b\"",
+                "key `listen`",
+                "already used by listener \"a\"",
+            ],
+        );
+        // Port 0 (ephemeral) may repeat.
+        let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n\
+                    [[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\naction = \"http\"\n";
+        assert_eq!(parse(text).unwrap().listeners.len(), 2);
+        // Same address in different namespaces is fine.
+        let text = "[[listener]]\nnetns = \"x\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                    [[listener]]\nnetns = \"y\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n";
+        assert_eq!(parse(text).unwrap().listeners.len(), 2);
+    }
+
+    #[test]
+    fn invalid_netns_name() {
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nnetns = \"a/b\"\naction = \"echo\"\n",
+            3,
+            &["listener #1", "key `netns`", "a/b"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nnetns = \"\"\naction = \"echo\"\n",
+            3,
+            &["key `netns`"],
+        );
+    }
+
+    #[test]
+    fn missing_namespace() {
+        let name = format!("ringress-cfgtest-missing-{}", std::process::id());
+        let text = format!(
+            "\n[[listener]]\nname = \"alpha\"\nnetns = \"{name}\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let e = c.check_namespaces().unwrap_err();
+        let m = e.to_string();
+        let want = format!(
+            "ringress.toml:2: listener \"alpha\": key `netns`: namespace \"{name}\" not found (/run/netns/{name}: "
+        );
+        assert!(m.starts_with(&want), "{m:?} should start with {want:?}");
+        match e {
+            ConfigError::Netns { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::NotFound)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn namespace_by_path() {
+        let c = parse(
+            "[[listener]]\nnetns = \"/proc/self/ns/net\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\n",
+        )
+        .unwrap();
+        c.check_namespaces().unwrap();
+
+        // A file that is not a namespace.
+        let c = parse(
+            "[[listener]]\nnetns = \"/etc/hostname\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
+        )
+        .unwrap();
+        if Path::new("/etc/hostname").exists() {
+            let m = c.check_namespaces().unwrap_err().to_string();
+            assert!(
+                m.contains("key `netns`") && m.contains("is not a namespace"),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_missing() {
+        let dir = std::env::temp_dir().join(format!("ringress-cfgtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringress.toml");
+        std::fs::write(&path, FULL).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.source, path);
+        assert_eq!(c.listeners.len(), 3);
+        std::fs::write(&path, "[runtime]\nworkers = 0\n").unwrap();
+        let m = Config::load(&path).unwrap_err().to_string();
+        assert!(m.starts_with(&format!("{}:2: ", path.display())), "{m}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let e = Config::load(&dir.join("missing.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }));
+        assert!(e.to_string().contains("missing.toml"));
+    }
+}

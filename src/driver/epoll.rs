@@ -1,0 +1,385 @@
+//! The epoll driver: one epoll instance per worker, edge-triggered.
+//!
+//! It performs the same operations as the io_uring driver and reports the same
+//! completions to the same sessions. Every operation tries the syscall first and
+//! waits for readiness only after EAGAIN (as mio does): a socket is registered
+//! once, for `EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET`, and the worker remembers
+//! per socket whether it was last seen readable and writable.
+//!
+//! Fairness: one connection runs at most [`BUDGET`] operations per turn, then goes
+//! to the back of a ready queue, so that a fast sender cannot starve the others.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use super::{
+    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn, Key,
+    ListenerIds, ListenerShared, Slab, WorkerCtx, ACCEPT_PAUSE_MS,
+};
+use crate::proto::Completion;
+
+/// Operations one connection may run per turn before yielding (count).
+pub const BUDGET: usize = 16;
+/// Connections one listener may accept per turn before yielding (count).
+const ACCEPT_BUDGET: usize = 64;
+/// Size of the worker's receive scratch buffer (bytes), as the io_uring buffers.
+const SCRATCH: usize = 16 * 1024;
+
+const K_LISTENER: u8 = 1;
+const K_CONN: u8 = 2;
+const K_WAKE: u8 = 3;
+
+struct EListener {
+    fd: OwnedFd,
+    shared: Arc<ListenerShared>,
+    paused_until: Option<Instant>,
+}
+
+struct EConn {
+    conn: Conn,
+    readable: bool,
+    writable: bool,
+}
+
+struct Worker {
+    ep: Epoll,
+    ctx: WorkerCtx,
+    listeners: Slab<EListener>,
+    by_id: ListenerIds,
+    conns: Slab<EConn>,
+    scratch: Vec<u8>,
+    ready: VecDeque<Key>,
+    ready_listeners: VecDeque<Key>,
+    shutting_down: bool,
+}
+
+/// Runs a worker on the calling thread until [`Command::Shutdown`].
+pub(crate) fn run(ctx: WorkerCtx, ready: SyncSender<io::Result<()>>) {
+    let mut w = match Worker::new(ctx) {
+        Ok(w) => {
+            let _ = ready.send(Ok(()));
+            w
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    w.run();
+}
+
+fn errno_of(e: nix::Error) -> i32 {
+    e as i32
+}
+
+impl Worker {
+    fn new(ctx: WorkerCtx) -> io::Result<Worker> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        ep.add(
+            ctx.wake.as_fd(),
+            EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+                token(K_WAKE, Key { idx: 0, gen: 0 }),
+            ),
+        )
+        .map_err(io::Error::from)?;
+        Ok(Worker {
+            ep,
+            ctx,
+            listeners: Slab::default(),
+            by_id: Default::default(),
+            conns: Slab::default(),
+            scratch: vec![0; SCRATCH],
+            ready: VecDeque::new(),
+            ready_listeners: VecDeque::new(),
+            shutting_down: false,
+        })
+    }
+
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            let timeout = if !self.ready.is_empty() || !self.ready_listeners.is_empty() {
+                EpollTimeout::ZERO
+            } else {
+                self.pause_timeout()
+            };
+            let n = match self.ep.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => 0,
+                Err(e) => {
+                    tracing::error!(worker = self.ctx.index, error = %e, "epoll_wait failed; worker stops");
+                    return;
+                }
+            };
+            self.ctx.stats.completed.fetch_add(n as u64, Relaxed);
+            for ev in &events[..n] {
+                let (kind, k) = untoken(ev.data());
+                let f = ev.events();
+                match kind {
+                    K_WAKE => {
+                        drain_eventfd(self.ctx.wake.as_raw_fd());
+                        self.commands();
+                    }
+                    K_LISTENER => self.accept(k),
+                    K_CONN => {
+                        if let Some(c) = self.conns.get_mut(k) {
+                            if f.intersects(
+                                EpollFlags::EPOLLIN
+                                    | EpollFlags::EPOLLRDHUP
+                                    | EpollFlags::EPOLLHUP
+                                    | EpollFlags::EPOLLERR,
+                            ) {
+                                c.readable = true;
+                            }
+                            if f.intersects(
+                                EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
+                            ) {
+                                c.writable = true;
+                            }
+                            self.drive(k);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if self.shutting_down {
+                return;
+            }
+            self.unpause();
+            for _ in 0..self.ready_listeners.len() {
+                if let Some(k) = self.ready_listeners.pop_front() {
+                    self.accept(k);
+                }
+            }
+            for _ in 0..self.ready.len() {
+                if let Some(k) = self.ready.pop_front() {
+                    self.drive(k);
+                }
+            }
+        }
+    }
+
+    fn pause_timeout(&mut self) -> EpollTimeout {
+        let now = Instant::now();
+        let next = self
+            .listeners
+            .keys()
+            .into_iter()
+            .filter_map(|k| self.listeners.get_mut(k).and_then(|l| l.paused_until))
+            .min();
+        match next {
+            None => EpollTimeout::NONE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(now).as_millis().min(1000) as u16 + 1;
+                EpollTimeout::from(ms)
+            }
+        }
+    }
+
+    fn unpause(&mut self) {
+        let now = Instant::now();
+        for k in self.listeners.keys() {
+            if let Some(l) = self.listeners.get_mut(k) {
+                if l.paused_until.is_some_and(|t| t <= now) {
+                    l.paused_until = None;
+                    self.ready_listeners.push_back(k);
+                }
+            }
+        }
+    }
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.ctx.rx.try_recv() {
+            match cmd {
+                Command::AddListener { id, fd, shared } => {
+                    let k = self.listeners.insert(EListener {
+                        fd,
+                        shared,
+                        paused_until: None,
+                    });
+                    let l = self.listeners.get_mut(k).expect("just inserted");
+                    if let Err(e) = self.ep.add(
+                        l.fd.as_fd(),
+                        EpollEvent::new(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+                            token(K_LISTENER, k),
+                        ),
+                    ) {
+                        tracing::error!(listener = %l.shared.name, error = %e, "epoll_ctl(ADD) on listener failed");
+                        self.listeners.remove(k);
+                        continue;
+                    }
+                    self.by_id.insert(id, k);
+                    // Connections may already wait in the backlog: try at once.
+                    self.ready_listeners.push_back(k);
+                }
+                Command::RemoveListener { id } => {
+                    if let Some(k) = self.by_id.remove(&id) {
+                        // Closing the fd removes it from the epoll set.
+                        self.listeners.remove(k);
+                    }
+                }
+                Command::Shutdown => {
+                    self.shutting_down = true;
+                    self.by_id.clear();
+                    for k in self.listeners.keys() {
+                        self.listeners.remove(k);
+                    }
+                    for k in self.conns.keys() {
+                        self.conns.remove(k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, k: Key) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if l.paused_until.is_some() {
+            return;
+        }
+        let lfd = l.fd.as_raw_fd();
+        for _ in 0..ACCEPT_BUDGET {
+            self.ctx.stats.submitted.fetch_add(1, Relaxed);
+            // SAFETY: accept4 on our listening fd with null address pointers.
+            let fd = unsafe {
+                libc::accept4(
+                    lfd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if errno == libc::EAGAIN {
+                    return;
+                }
+                let Some(l) = self.listeners.get_mut(k) else {
+                    return;
+                };
+                if accept_error_pauses(errno) {
+                    l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
+                        "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
+                    l.paused_until = Some(Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    return;
+                }
+                if !accept_error_benign(errno) {
+                    l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
+                }
+                continue;
+            }
+            // SAFETY: accept4 returned a new fd that nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let shared = match self.listeners.get_mut(k) {
+                Some(l) => l.shared.clone(),
+                None => return,
+            };
+            let ck = self.conns.insert(EConn {
+                conn: Conn::open(fd, shared),
+                readable: true,
+                writable: true,
+            });
+            let c = self.conns.get_mut(ck).expect("just inserted");
+            if let Err(e) = self.ep.add(
+                c.conn.fd.as_fd(),
+                EpollEvent::new(
+                    EpollFlags::EPOLLIN
+                        | EpollFlags::EPOLLOUT
+                        | EpollFlags::EPOLLRDHUP
+                        | EpollFlags::EPOLLET,
+                    token(K_CONN, ck),
+                ),
+            ) {
+                tracing::warn!(error = %e, "epoll_ctl(ADD) on connection failed; closing it");
+                self.conns.remove(ck);
+                continue;
+            }
+            self.drive(ck);
+        }
+        // Budget spent: more may be waiting; continue next turn.
+        self.ready_listeners.push_back(k);
+    }
+
+    /// Runs connection `k`'s requested operations until they would block, the
+    /// budget is spent, or it closes.
+    fn drive(&mut self, k: Key) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let fd = c.conn.fd.as_raw_fd();
+        for _ in 0..BUDGET {
+            if c.conn.finished() {
+                self.conns.remove(k);
+                return;
+            }
+            let mut progress = false;
+            if c.writable {
+                if let Some(buf) = c.conn.next_send() {
+                    self.ctx.stats.submitted.fetch_add(1, Relaxed);
+                    match nix::sys::socket::send(fd, buf, nix::sys::socket::MsgFlags::MSG_NOSIGNAL)
+                    {
+                        Ok(n) => {
+                            c.conn.sent(n);
+                            progress = true;
+                        }
+                        Err(nix::Error::EAGAIN) => c.writable = false,
+                        Err(nix::Error::EINTR) => progress = true,
+                        Err(e) => {
+                            c.conn.complete(Completion::Error(errno_of(e)));
+                            continue;
+                        }
+                    }
+                }
+            }
+            if c.conn.should_shutdown_write() {
+                c.conn.shutdown_write();
+            }
+            if c.readable && c.conn.io.want_recv {
+                self.ctx.stats.submitted.fetch_add(1, Relaxed);
+                match nix::sys::socket::recv(
+                    fd,
+                    &mut self.scratch,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    Ok(0) => {
+                        c.conn.take_recv_request();
+                        c.conn.complete(Completion::Eof);
+                        progress = true;
+                    }
+                    Ok(n) => {
+                        c.conn.take_recv_request();
+                        c.conn.complete(Completion::Recv(&self.scratch[..n]));
+                        progress = true;
+                    }
+                    Err(nix::Error::EAGAIN) => c.readable = false,
+                    Err(nix::Error::EINTR) => progress = true,
+                    Err(e) => {
+                        c.conn.take_recv_request();
+                        c.conn.complete(Completion::Error(errno_of(e)));
+                        progress = true;
+                    }
+                }
+            }
+            if !progress {
+                if c.conn.finished() {
+                    self.conns.remove(k);
+                }
+                return;
+            }
+        }
+        self.ready.push_back(k);
+    }
+}

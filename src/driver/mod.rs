@@ -1,0 +1,591 @@
+//! Workers and their I/O drivers.
+//!
+//! A worker is one OS thread, pinned to one CPU, that owns one driver: an io_uring
+//! ring ([`uring`], feature `uring`) or an epoll instance ([`epoll`]). The supervisor
+//! hands it listener sockets over a channel and wakes it through an eventfd; the
+//! worker accepts connections on them and runs one [`Session`] per connection.
+//!
+//! # What a driver must provide
+//! Both drivers run the same protocol code ([`crate::proto`]) and the same
+//! per-connection bookkeeping ([`Conn`]). A driver must:
+//! 1. accept on every listener it was given, without blocking (io_uring: multishot
+//!    accept, re-armed when a CQE comes without `IORING_CQE_F_MORE`; epoll:
+//!    `accept4` until EAGAIN), re-arming after EINTR/ECONNABORTED and pausing for
+//!    [`ACCEPT_PAUSE_MS`] after EMFILE/ENFILE/ENOBUFS/ENOMEM;
+//! 2. for each connection call [`Conn::open`], then after every operation report one
+//!    [`Completion`] through [`Conn::complete`] / [`Conn::sent`];
+//! 3. act on the session's requests after every completion: send
+//!    [`Conn::next_send`] (one send in flight at a time; a short send is reported as
+//!    `Sent(n)` and the rest is sent next), arm one receive when
+//!    [`Conn::take_recv_request`] says so, shut the write side when
+//!    [`Conn::should_shutdown_write`], and close when [`Conn::finished`];
+//! 4. never let a buffer go while the kernel may still use it, and close an fd only
+//!    when no operation on it is in flight;
+//! 5. handle [`Command`]s: add a listener, remove one (stop accepting, release its
+//!    fd), shut down;
+//! 6. never run a blocking syscall.
+
+pub mod epoll;
+#[cfg(feature = "uring")]
+pub mod uring;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use crate::config::{Action, IoChoice};
+use crate::proto::{Completion, ConnIo, Session};
+
+/// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
+pub const ACCEPT_PAUSE_MS: u64 = 100;
+
+/// Which driver a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    /// io_uring (Linux 5.19+ for multishot accept and provided-buffer rings).
+    Uring,
+    /// epoll, edge-triggered.
+    Epoll,
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriverKind::Uring => "uring",
+            DriverKind::Epoll => "epoll",
+        })
+    }
+}
+
+/// Why io_uring cannot be used here, or `Ok` if a ring can be set up.
+///
+/// # Errors
+/// A message naming the cause: `/proc/sys/kernel/io_uring_disabled` is 2, the
+/// binary was built without the `uring` feature, or io_uring_setup(2) failed
+/// (ENOSYS: no io_uring in the kernel; EPERM: disabled for this process).
+pub fn uring_available() -> Result<(), String> {
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if s.trim() == "2" {
+            return Err("io_uring is disabled (/proc/sys/kernel/io_uring_disabled = 2)".into());
+        }
+    }
+    #[cfg(feature = "uring")]
+    {
+        uring::probe_setup().map_err(|e| format!("io_uring_setup failed: {e}"))
+    }
+    #[cfg(not(feature = "uring"))]
+    {
+        Err("this ringress was built without the `uring` feature".into())
+    }
+}
+
+/// Resolves the configured choice to a driver. `auto` takes io_uring when a ring can
+/// be set up, else epoll, and logs the choice.
+///
+/// # Errors
+/// `io = "uring"` where io_uring is unavailable: the cause, and a hint to use epoll.
+pub fn resolve(choice: IoChoice) -> Result<DriverKind, String> {
+    match choice {
+        IoChoice::Epoll => Ok(DriverKind::Epoll),
+        IoChoice::Uring => uring_available().map(|_| DriverKind::Uring).map_err(|e| {
+            format!("io = \"uring\" but {e}; use io = \"epoll\" (or --io epoll, or io = \"auto\")")
+        }),
+        IoChoice::Auto => match uring_available() {
+            Ok(()) => {
+                tracing::info!("io = auto: using io_uring");
+                Ok(DriverKind::Uring)
+            }
+            Err(e) => {
+                tracing::info!("io = auto: using epoll ({e})");
+                Ok(DriverKind::Epoll)
+            }
+        },
+    }
+}
+
+/// Counters of one listener, shared by all workers (all counts; bytes in bytes).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed.
+    pub closed: AtomicU64,
+    /// Bytes received from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to clients.
+    pub bytes_out: AtomicU64,
+    /// Accept errors other than EINTR/ECONNABORTED/EAGAIN.
+    pub accept_errors: AtomicU64,
+    /// Connections that ended with an I/O error (reset, broken pipe, ...).
+    pub conn_errors: AtomicU64,
+}
+
+impl ListenerStats {
+    /// Connections open now (accepted minus closed).
+    pub fn active(&self) -> u64 {
+        self.accepted
+            .load(Relaxed)
+            .saturating_sub(self.closed.load(Relaxed))
+    }
+}
+
+/// What every worker knows about one listener.
+#[derive(Debug)]
+pub struct ListenerShared {
+    /// Listener name (from the config).
+    pub name: Arc<str>,
+    /// What connections on it do.
+    pub action: Action,
+    /// Its counters.
+    pub stats: ListenerStats,
+}
+
+/// Counters of one worker (counts).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// SQEs submitted (io_uring) or syscalls attempted (epoll).
+    pub submitted: AtomicU64,
+    /// CQEs reaped (io_uring) or readiness events handled (epoll).
+    pub completed: AtomicU64,
+    /// Receives that found the provided-buffer ring empty (ENOBUFS, io_uring only).
+    pub enobufs: AtomicU64,
+}
+
+/// A message from the supervisor to a worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Start accepting on `fd` (a listening, non-blocking socket) for listener `id`.
+    AddListener {
+        /// Supervisor's id of the listener, unique for the process lifetime.
+        id: u64,
+        /// The worker's own SO_REUSEPORT socket of this listener.
+        fd: OwnedFd,
+        /// Name, action and counters.
+        shared: Arc<ListenerShared>,
+    },
+    /// Stop accepting on listener `id` and close its socket; connections go on.
+    RemoveListener {
+        /// The listener's id.
+        id: u64,
+    },
+    /// Close every listener and connection and end the thread.
+    Shutdown,
+}
+
+/// The supervisor's handle to a running worker.
+pub struct WorkerHandle {
+    tx: mpsc::Sender<Command>,
+    wake: Arc<OwnedFd>,
+    join: Option<thread::JoinHandle<()>>,
+    /// The worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// Index of the worker (0-based).
+    pub index: usize,
+}
+
+impl WorkerHandle {
+    /// Sends `cmd` and wakes the worker (eventfd write).
+    ///
+    /// # Errors
+    /// The worker thread has exited.
+    pub fn send(&self, cmd: Command) -> io::Result<()> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| io::Error::other(format!("worker {} has exited", self.index)))?;
+        wake(self.wake.as_raw_fd());
+        Ok(())
+    }
+
+    /// Asks the worker to shut down and waits for its thread to end.
+    pub fn shutdown(mut self) {
+        let _ = self.send(Command::Shutdown);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: `fd` is an eventfd kept open by the Arc in the handle; the buffer is
+    // 8 valid bytes. A failed write (counter full) still leaves the worker woken.
+    unsafe {
+        libc::write(fd, (&one as *const u64).cast(), 8);
+    }
+}
+
+/// Creates a non-blocking, close-on-exec eventfd.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads (and so resets) an eventfd counter; never blocks (the fd is non-blocking).
+pub(crate) fn drain_eventfd(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: `v` is 8 writable bytes; `fd` is an open eventfd.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+    }
+}
+
+/// The CPUs this process may run on (sched_getaffinity), in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
+/// Starts `count` workers running `kind`, worker `i` pinned to the `i`-th allowed CPU
+/// (wrapping around).
+///
+/// # Errors
+/// A ring or epoll instance could not be created, or a thread could not be spawned;
+/// workers already started are shut down.
+pub fn spawn_workers(count: usize, kind: DriverKind) -> io::Result<Vec<WorkerHandle>> {
+    let cpus = allowed_cpus();
+    let mut out = Vec::with_capacity(count);
+    for index in 0..count {
+        let cpu = if cpus.is_empty() {
+            None
+        } else {
+            Some(cpus[index % cpus.len()])
+        };
+        match spawn_one(index, cpu, kind) {
+            Ok(h) => out.push(h),
+            Err(e) => {
+                for h in out {
+                    h.shutdown();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(eventfd()?);
+    let stats = Arc::new(WorkerStats::default());
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
+    let (w2, s2) = (wake.clone(), stats.clone());
+    let join = thread::Builder::new()
+        .name(format!("ringress-w{index}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                let mut set = nix::sched::CpuSet::new();
+                if set.set(cpu).is_ok() {
+                    if let Err(e) =
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                    {
+                        tracing::warn!(worker = index, cpu, error = %e, "cannot pin worker");
+                    }
+                }
+            }
+            let ctx = WorkerCtx {
+                index,
+                rx,
+                wake: w2,
+                stats: s2,
+            };
+            match kind {
+                #[cfg(feature = "uring")]
+                DriverKind::Uring => uring::run(ctx, ready_tx),
+                #[cfg(not(feature = "uring"))]
+                DriverKind::Uring => {
+                    let _ = ready_tx.send(Err(io::Error::other("built without io_uring")));
+                }
+                DriverKind::Epoll => epoll::run(ctx, ready_tx),
+            }
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(WorkerHandle {
+            tx,
+            wake,
+            join: Some(join),
+            stats,
+            index,
+        }),
+        Ok(Err(e)) => {
+            let _ = join.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = join.join();
+            Err(io::Error::other(format!("worker {index} died at start")))
+        }
+    }
+}
+
+/// What a worker thread gets from the supervisor.
+pub(crate) struct WorkerCtx {
+    pub index: usize,
+    pub rx: mpsc::Receiver<Command>,
+    pub wake: Arc<OwnedFd>,
+    pub stats: Arc<WorkerStats>,
+}
+
+/// A slot-map key: index in the low 32 bits, generation above, so that a stale
+/// completion for a reused slot is recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub idx: u32,
+    pub gen: u32,
+}
+
+/// A slab of values addressed by [`Key`]; freed slots are reused with a new generation.
+pub(crate) struct Slab<T> {
+    entries: Vec<(u32, Option<T>)>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+/// Generations are kept to 24 bits so that a key fits in user_data with a kind byte.
+pub(crate) const GEN_MASK: u32 = 0x00ff_ffff;
+
+impl<T> Slab<T> {
+    pub fn insert(&mut self, v: T) -> Key {
+        if let Some(idx) = self.free.pop() {
+            let e = &mut self.entries[idx as usize];
+            e.0 = (e.0 + 1) & GEN_MASK;
+            e.1 = Some(v);
+            Key { idx, gen: e.0 }
+        } else {
+            self.entries.push((0, Some(v)));
+            Key {
+                idx: (self.entries.len() - 1) as u32,
+                gen: 0,
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self, k: Key) -> Option<&mut T> {
+        match self.entries.get_mut(k.idx as usize) {
+            Some((g, Some(v))) if *g == k.gen => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&mut self, k: Key) -> Option<T> {
+        match self.entries.get_mut(k.idx as usize) {
+            Some((g, slot @ Some(_))) if *g == k.gen => {
+                self.free.push(k.idx);
+                slot.take()
+            }
+            _ => None,
+        }
+    }
+
+    pub fn keys(&self) -> Vec<Key> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, v))| v.is_some())
+            .map(|(i, (g, _))| Key {
+                idx: i as u32,
+                gen: *g,
+            })
+            .collect()
+    }
+}
+
+/// Packs a key and an op kind into a 64-bit token (io_uring user_data, epoll data):
+/// bits 0..32 index, 32..56 generation, 56..64 kind.
+pub(crate) fn token(kind: u8, k: Key) -> u64 {
+    (kind as u64) << 56 | ((k.gen & GEN_MASK) as u64) << 32 | k.idx as u64
+}
+
+/// Unpacks [`token`].
+pub(crate) fn untoken(t: u64) -> (u8, Key) {
+    (
+        (t >> 56) as u8,
+        Key {
+            idx: t as u32,
+            gen: ((t >> 32) as u32) & GEN_MASK,
+        },
+    )
+}
+
+/// One accepted connection: its socket, its session and the driver-neutral I/O state.
+pub(crate) struct Conn {
+    pub fd: OwnedFd,
+    pub session: Session,
+    pub io: ConnIo,
+    /// Bytes being sent (handed to the kernel, or being written by epoll), from `sent`.
+    pub sending: Vec<u8>,
+    pub sent: usize,
+    pub write_shut: bool,
+    pub listener: Arc<ListenerShared>,
+    pub failed: bool,
+}
+
+impl Conn {
+    /// Wraps a freshly accepted socket and runs the session's `on_open`.
+    pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>) -> Conn {
+        listener.stats.accepted.fetch_add(1, Relaxed);
+        set_nodelay(fd.as_raw_fd());
+        let mut c = Conn {
+            fd,
+            session: Session::new(&listener.action),
+            io: ConnIo::default(),
+            sending: Vec::new(),
+            sent: 0,
+            write_shut: false,
+            listener,
+            failed: false,
+        };
+        c.session.on_open(&c.listener.action, &mut c.io);
+        c
+    }
+
+    /// Reports a completion other than a send to the session.
+    pub fn complete(&mut self, c: Completion<'_>) {
+        match c {
+            Completion::Recv(d) => {
+                self.listener
+                    .stats
+                    .bytes_in
+                    .fetch_add(d.len() as u64, Relaxed);
+            }
+            Completion::Error(_) => {
+                self.failed = true;
+            }
+            _ => {}
+        }
+        self.session.on_complete(c, &mut self.io);
+    }
+
+    /// Reports that `n` bytes of [`Conn::next_send`]'s slice were sent.
+    pub fn sent(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent >= self.sending.len() {
+            self.sending.clear();
+            self.sent = 0;
+        }
+        self.io.in_flight = self.sending.len() - self.sent;
+        self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        self.session.on_complete(Completion::Sent(n), &mut self.io);
+    }
+
+    /// The bytes to send next, if any: the rest of a short send, else everything the
+    /// session queued since. The slice stays valid and unchanged until [`Conn::sent`]
+    /// or the connection is dropped, so io_uring may point an SQE at it.
+    pub fn next_send(&mut self) -> Option<&[u8]> {
+        if self.sending.is_empty() {
+            if self.io.out.is_empty() {
+                return None;
+            }
+            std::mem::swap(&mut self.sending, &mut self.io.out);
+            self.sent = 0;
+            self.io.in_flight = self.sending.len();
+        }
+        Some(&self.sending[self.sent..])
+    }
+
+    /// Whether the session asked for a receive; clears the request.
+    pub fn take_recv_request(&mut self) -> bool {
+        std::mem::take(&mut self.io.want_recv)
+    }
+
+    /// Whether the write side should be shut down now (asked for, and drained).
+    pub fn should_shutdown_write(&self) -> bool {
+        self.io.shutdown_write && !self.write_shut && self.io.unsent() == 0
+    }
+
+    /// shutdown(SHUT_WR) now; errors (peer gone) are ignored, the next op reports them.
+    pub fn shutdown_write(&mut self) {
+        self.write_shut = true;
+        // SAFETY: shutdown(2) on an fd we own; no pointers.
+        unsafe {
+            libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR);
+        }
+    }
+
+    /// Whether the session is done: close asked for and nothing left to send (or it failed).
+    pub fn finished(&self) -> bool {
+        (self.io.close && self.io.unsent() == 0) || self.failed
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let s = &self.listener.stats;
+        s.closed.fetch_add(1, Relaxed);
+        if self.failed {
+            s.conn_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int pointer and its size; fd is an open socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Classifies an accept errno: `true` when accepting should pause for
+/// [`ACCEPT_PAUSE_MS`] (out of fds or memory), `false` when it should simply go on.
+pub(crate) fn accept_error_pauses(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
+
+/// Whether an accept errno is routine (re-arm silently).
+pub(crate) fn accept_error_benign(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EINTR | libc::ECONNABORTED | libc::EAGAIN | libc::EPROTO | libc::EPERM
+    )
+}
+
+/// Listener table of a worker, by the supervisor's listener id.
+pub(crate) type ListenerIds = HashMap<u64, Key>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_generations_reject_stale_keys() {
+        let mut s = Slab::default();
+        let a = s.insert(1);
+        assert_eq!(s.remove(a), Some(1));
+        let b = s.insert(2);
+        assert_eq!(a.idx, b.idx);
+        assert!(s.get_mut(a).is_none());
+        assert_eq!(s.get_mut(b), Some(&mut 2));
+        let (kind, k) = untoken(token(7, b));
+        assert_eq!((kind, k), (7, b));
+    }
+}

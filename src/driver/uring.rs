@@ -1,0 +1,693 @@
+//! The io_uring driver: one ring per worker, never shared.
+//!
+//! - Setup flags are probed once: `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1),
+//!   else `SINGLE_ISSUER | COOP_TASKRUN` (6.0 / 5.19), else `COOP_TASKRUN` (5.19),
+//!   else none. The choice is logged once per process.
+//! - Accept: `IORING_OP_ACCEPT` multishot (5.19), re-armed when a CQE lacks
+//!   `IORING_CQE_F_MORE`; single-shot where the kernel rejects multishot (EINVAL).
+//! - Receive: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
+//!   provided-buffer ring (5.19). Single-shot, so that a session under
+//!   back-pressure simply stops asking; the data is copied out and the buffer
+//!   returned at once. ENOBUFS (ring empty) parks the connection until the end of
+//!   the CQE batch, when buffers are back.
+//! - Send: `IORING_OP_SEND` with `MSG_NOSIGNAL`; a short send re-submits the rest.
+//! - The supervisor wakes the ring through an eventfd watched by a multishot
+//!   `IORING_OP_POLL_ADD` (5.13).
+//! - Connections with ops in flight are cancelled (`IORING_OP_ASYNC_CANCEL`) and
+//!   closed only when their last CQE has arrived.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::{
+    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn, Key,
+    ListenerIds, ListenerShared, Slab, WorkerCtx, ACCEPT_PAUSE_MS,
+};
+use crate::proto::Completion;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 1024;
+/// Buffers in the provided-buffer ring (a power of two, at most 32768).
+pub const BUF_COUNT: u16 = 256;
+/// Size of each provided buffer (bytes).
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Buffer group id of the receive buffers.
+const BGID: u16 = 1;
+
+const K_ACCEPT: u8 = 1;
+const K_RECV: u8 = 2;
+const K_SEND: u8 = 3;
+const K_WAKE: u8 = 4;
+const K_TIMER: u8 = 5;
+const K_CANCEL: u8 = 6;
+
+/// The setup flags chosen, for logs.
+#[derive(Debug, Clone, Copy)]
+pub struct RingFeatures {
+    /// `IORING_SETUP_SINGLE_ISSUER` (6.0).
+    pub single_issuer: bool,
+    /// `IORING_SETUP_DEFER_TASKRUN` (6.1).
+    pub defer_taskrun: bool,
+    /// `IORING_SETUP_COOP_TASKRUN` (5.19).
+    pub coop_taskrun: bool,
+}
+
+/// Builds a ring with the best setup flags this kernel takes.
+///
+/// # Errors
+/// io_uring_setup(2) failed even with no flags (ENOSYS, EPERM, ENOMEM).
+pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
+    let attempts: [(bool, bool, bool); 4] = [
+        (true, true, false),
+        (true, false, true),
+        (false, false, true),
+        (false, false, false),
+    ];
+    let mut last = None;
+    for (si, dt, coop) in attempts {
+        let mut b = IoUring::builder();
+        if si {
+            b.setup_single_issuer();
+        }
+        if dt {
+            b.setup_defer_taskrun();
+        }
+        if coop {
+            b.setup_coop_taskrun();
+        }
+        match b.build(entries) {
+            Ok(r) => {
+                return Ok((
+                    r,
+                    RingFeatures {
+                        single_issuer: si,
+                        defer_taskrun: dt,
+                        coop_taskrun: coop,
+                    },
+                ))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("io_uring_setup failed")))
+}
+
+/// Sets up (and drops) a small ring, to tell whether io_uring is usable.
+///
+/// # Errors
+/// The io_uring_setup(2) error.
+pub fn probe_setup() -> io::Result<()> {
+    IoUring::new(4).map(drop)
+}
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`, Linux 5.19): `count` buffers
+/// of `size` bytes that the kernel picks from for receives.
+struct BufRing {
+    ring: *mut types::BufRingEntry,
+    ring_bytes: usize,
+    bufs: *mut u8,
+    bufs_bytes: usize,
+    count: u16,
+    size: usize,
+    tail: u16,
+}
+
+fn mmap_anon(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: anonymous private mapping, no fd, no fixed address; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, count: u16, size: usize, bgid: u16) -> io::Result<BufRing> {
+        let ring_bytes = count as usize * std::mem::size_of::<types::BufRingEntry>();
+        let bufs_bytes = count as usize * size;
+        let r = mmap_anon(ring_bytes)?;
+        let bufs = match mmap_anon(bufs_bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: `r` is the mapping of `ring_bytes` made just above.
+                unsafe { libc::munmap(r.cast(), ring_bytes) };
+                return Err(e);
+            }
+        };
+        let mut br = BufRing {
+            ring: r.cast(),
+            ring_bytes,
+            bufs,
+            bufs_bytes,
+            count,
+            size,
+            tail: 0,
+        };
+        // SAFETY: the ring memory is page aligned, `count` entries long, a power of
+        // two, and stays mapped until Drop, which runs after the ring is gone
+        // (Worker declares `ring` before `bufs`).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(r as u64, count, bgid, 0)?;
+        }
+        for bid in 0..count {
+            br.push(bid);
+        }
+        br.publish();
+        Ok(br)
+    }
+
+    /// Adds buffer `bid` at the tail (not yet visible to the kernel).
+    fn push(&mut self, bid: u16) {
+        let idx = (self.tail & (self.count - 1)) as usize;
+        // SAFETY: idx < count, inside the ring mapping; the kernel reads only entries
+        // between its head and the published tail, and this one is past the tail.
+        let e = unsafe { &mut *self.ring.add(idx) };
+        // SAFETY: bid < count, so the buffer lies inside the `bufs` mapping.
+        e.set_addr(unsafe { self.bufs.add(bid as usize * self.size) } as u64);
+        e.set_len(self.size as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes pushed buffers visible to the kernel (release store of the tail).
+    fn publish(&self) {
+        // SAFETY: the tail field lives in entry 0's reserved bytes (liburing
+        // io_uring_buf_ring layout), a naturally aligned u16 shared with the kernel.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.ring) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which the kernel has just filled.
+    fn data(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(self.size);
+        // SAFETY: bid < count (the kernel only reports ids we gave it) and the kernel
+        // is done with the buffer until we push it again.
+        unsafe {
+            std::slice::from_raw_parts(self.bufs.add((bid % self.count) as usize * self.size), len)
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: both mappings were made in `new` with these lengths; the ring that
+        // used them has been dropped before (field order in Worker).
+        unsafe {
+            libc::munmap(self.ring.cast(), self.ring_bytes);
+            libc::munmap(self.bufs.cast(), self.bufs_bytes);
+        }
+    }
+}
+
+struct UListener {
+    fd: OwnedFd,
+    shared: Arc<ListenerShared>,
+    /// An accept SQE is in flight.
+    armed: bool,
+    removing: bool,
+    /// The pause timer is in flight.
+    paused: bool,
+}
+
+struct UConn {
+    conn: Conn,
+    /// Ops in flight on this connection (0..=2: one recv, one send).
+    ops: u8,
+    recv_armed: bool,
+    send_armed: bool,
+    closing: bool,
+}
+
+struct Worker {
+    // Field order matters: the ring is dropped before the buffers it points to.
+    ring: IoUring,
+    bufs: BufRing,
+    ctx: WorkerCtx,
+    listeners: Slab<UListener>,
+    by_id: ListenerIds,
+    conns: Slab<UConn>,
+    multishot_accept: bool,
+    /// Connections whose receive found no buffer (ENOBUFS), to re-arm.
+    starved: Vec<Key>,
+    /// Entries that did not fit in the SQ.
+    overflow: VecDeque<squeue::Entry>,
+    /// Timespec storage for pause timers (must outlive the SQE).
+    pause_ts: Box<types::Timespec>,
+    wake_armed: bool,
+    in_flight: usize,
+    shutting_down: bool,
+    cqes: Vec<(u64, i32, u32)>,
+}
+
+static LOGGED: Once = Once::new();
+
+/// Runs a worker on the calling thread until [`Command::Shutdown`].
+pub(crate) fn run(ctx: WorkerCtx, ready: SyncSender<io::Result<()>>) {
+    let mut w = match Worker::new(ctx) {
+        Ok(w) => {
+            let _ = ready.send(Ok(()));
+            w
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    w.run();
+}
+
+impl Worker {
+    fn new(ctx: WorkerCtx) -> io::Result<Worker> {
+        let (ring, feat) = build_ring(RING_ENTRIES)?;
+        let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("registering a provided-buffer ring (Linux 5.19+) failed: {e}"),
+            )
+        })?;
+        LOGGED.call_once(|| {
+            tracing::info!(
+                single_issuer = feat.single_issuer,
+                defer_taskrun = feat.defer_taskrun,
+                coop_taskrun = feat.coop_taskrun,
+                buffers = BUF_COUNT,
+                buffer_bytes = BUF_SIZE,
+                "io_uring ring set up"
+            );
+        });
+        Ok(Worker {
+            ring,
+            bufs,
+            ctx,
+            listeners: Slab::default(),
+            by_id: Default::default(),
+            conns: Slab::default(),
+            multishot_accept: true,
+            starved: Vec::new(),
+            overflow: VecDeque::new(),
+            pause_ts: Box::new(types::Timespec::new().nsec((ACCEPT_PAUSE_MS * 1_000_000) as u32)),
+            wake_armed: false,
+            in_flight: 0,
+            shutting_down: false,
+            cqes: Vec::with_capacity(256),
+        })
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        self.in_flight += 1;
+        self.ctx.stats.submitted.fetch_add(1, Relaxed);
+        if !self.overflow.is_empty() {
+            self.overflow.push_back(e);
+            return;
+        }
+        // SAFETY: every buffer an entry points to (send slices, timespec) is owned
+        // by the worker and kept alive and unmoved until the entry's CQE.
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.overflow.push_back(e);
+        }
+    }
+
+    fn flush_overflow(&mut self) {
+        while let Some(e) = self.overflow.front() {
+            // SAFETY: as in `push`.
+            if unsafe { self.ring.submission().push(e) }.is_err() {
+                break;
+            }
+            self.overflow.pop_front();
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        if !self.wake_armed {
+            self.wake_armed = true;
+            let fd = self.ctx.wake.as_raw_fd();
+            let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(token(K_WAKE, Key { idx: 0, gen: 0 }));
+            self.push(e);
+        }
+    }
+
+    fn run(&mut self) {
+        self.arm_wake();
+        let mut shutdown_deadline: Option<Instant> = None;
+        loop {
+            self.flush_overflow();
+            let res = if shutdown_deadline.is_some() {
+                let ts = types::Timespec::new().nsec(50_000_000);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match res {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::ETIME)
+                    ) => {}
+                Err(e) => {
+                    tracing::error!(worker = self.ctx.index, error = %e, "io_uring_enter failed; worker stops");
+                    return;
+                }
+            }
+            self.cqes.clear();
+            for c in self.ring.completion() {
+                self.cqes.push((c.user_data(), c.result(), c.flags()));
+            }
+            self.ctx
+                .stats
+                .completed
+                .fetch_add(self.cqes.len() as u64, Relaxed);
+            let cqes = std::mem::take(&mut self.cqes);
+            for &(ud, res, flags) in &cqes {
+                self.handle(ud, res, flags);
+            }
+            self.cqes = cqes;
+            // Buffers returned during this batch: let parked receives retry.
+            self.bufs.publish();
+            for k in std::mem::take(&mut self.starved) {
+                self.drive(k);
+            }
+            if self.shutting_down {
+                let deadline = *shutdown_deadline
+                    .get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+                if self.in_flight == 0 || Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ud: u64, res: i32, flags: u32) {
+        let (kind, key) = untoken(ud);
+        let more = cqueue::more(flags);
+        if !more {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+        match kind {
+            K_WAKE => {
+                if !more {
+                    self.wake_armed = false;
+                }
+                drain_eventfd(self.ctx.wake.as_raw_fd());
+                self.commands();
+                if !self.shutting_down {
+                    self.arm_wake();
+                }
+            }
+            K_ACCEPT => self.on_accept(key, res, more),
+            K_TIMER => {
+                if let Some(l) = self.listeners.get_mut(key) {
+                    l.paused = false;
+                }
+                self.arm_accept(key);
+            }
+            K_RECV => self.on_recv(key, res, flags),
+            K_SEND => self.on_send(key, res),
+            _ => {}
+        }
+    }
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.ctx.rx.try_recv() {
+            match cmd {
+                Command::AddListener { id, fd, shared } => {
+                    let k = self.listeners.insert(UListener {
+                        fd,
+                        shared,
+                        armed: false,
+                        removing: false,
+                        paused: false,
+                    });
+                    self.by_id.insert(id, k);
+                    self.arm_accept(k);
+                }
+                Command::RemoveListener { id } => {
+                    if let Some(k) = self.by_id.remove(&id) {
+                        self.remove_listener(k);
+                    }
+                }
+                Command::Shutdown => self.shutdown(),
+            }
+        }
+    }
+
+    fn remove_listener(&mut self, k: Key) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        l.removing = true;
+        if l.armed {
+            let e = opcode::AsyncCancel::new(token(K_ACCEPT, k))
+                .build()
+                .user_data(token(K_CANCEL, k));
+            self.push(e);
+        } else if !l.paused {
+            self.listeners.remove(k);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.shutting_down = true;
+        for k in self.listeners.keys() {
+            self.remove_listener(k);
+        }
+        for k in self.conns.keys() {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.conn.failed = false;
+                c.conn.io.close();
+                c.conn.io.out.clear();
+            }
+            self.close(k);
+        }
+        // Everything else in flight (the eventfd poll, timers) is cancelled too.
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(token(K_CANCEL, Key { idx: 0, gen: 0 }));
+        self.push(e);
+    }
+
+    fn arm_accept(&mut self, k: Key) {
+        let multishot = self.multishot_accept;
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if l.removing {
+            self.listeners.remove(k);
+            return;
+        }
+        if l.armed || l.paused {
+            return;
+        }
+        l.armed = true;
+        let fd = types::Fd(l.fd.as_raw_fd());
+        let e = if multishot {
+            opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        };
+        self.push(e.user_data(token(K_ACCEPT, k)));
+    }
+
+    fn on_accept(&mut self, k: Key, res: i32, more: bool) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            if res >= 0 {
+                // SAFETY: the kernel just installed this fd for us; nobody else owns it.
+                drop(unsafe { OwnedFd::from_raw_fd(res) });
+            }
+            return;
+        };
+        if !more {
+            l.armed = false;
+        }
+        if res >= 0 {
+            // SAFETY: as above.
+            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+            if l.removing {
+                drop(fd);
+            } else {
+                let shared = l.shared.clone();
+                let ck = self.conns.insert(UConn {
+                    conn: Conn::open(fd, shared),
+                    ops: 0,
+                    recv_armed: false,
+                    send_armed: false,
+                    closing: false,
+                });
+                self.drive(ck);
+            }
+        } else {
+            let errno = -res;
+            if errno == libc::ECANCELED || l.removing {
+                if !more {
+                    self.listeners.remove(k);
+                }
+                return;
+            }
+            if errno == libc::EINVAL && self.multishot_accept {
+                tracing::info!(
+                    worker = self.ctx.index,
+                    "multishot accept rejected (EINVAL): using single-shot accept"
+                );
+                self.multishot_accept = false;
+            } else if accept_error_pauses(errno) {
+                l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(listener = %l.shared.name, errno, error = %io::Error::from_raw_os_error(errno),
+                    "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
+                if !more && !l.paused {
+                    l.paused = true;
+                    let e = opcode::Timeout::new(&*self.pause_ts as *const types::Timespec)
+                        .build()
+                        .user_data(token(K_TIMER, k));
+                    self.push(e);
+                }
+                return;
+            } else if !accept_error_benign(errno) {
+                l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
+            }
+        }
+        if !more {
+            self.arm_accept(k);
+        }
+    }
+
+    fn on_recv(&mut self, k: Key, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        if let Some(c) = self.conns.get_mut(k) {
+            c.ops -= 1;
+            c.recv_armed = false;
+            if !c.closing {
+                if res > 0 {
+                    if let Some(bid) = bid {
+                        c.conn
+                            .complete(Completion::Recv(self.bufs.data(bid, res as usize)));
+                    }
+                } else if res == 0 {
+                    c.conn.complete(Completion::Eof);
+                } else if -res == libc::ENOBUFS {
+                    // Back-pressure from the buffer ring, not an error: retry later.
+                    self.ctx.stats.enobufs.fetch_add(1, Relaxed);
+                    c.conn.io.want_recv = true;
+                    self.starved.push(k);
+                } else if -res != libc::ECANCELED {
+                    c.conn.complete(Completion::Error(-res));
+                }
+            }
+        }
+        if let Some(bid) = bid {
+            self.bufs.push(bid);
+        }
+        if -res != libc::ENOBUFS {
+            self.drive(k);
+        }
+    }
+
+    fn on_send(&mut self, k: Key, res: i32) {
+        if let Some(c) = self.conns.get_mut(k) {
+            c.ops -= 1;
+            c.send_armed = false;
+            if !c.closing {
+                if res >= 0 {
+                    c.conn.sent(res as usize);
+                } else if -res != libc::ECANCELED {
+                    c.conn.complete(Completion::Error(-res));
+                }
+            }
+        }
+        self.drive(k);
+    }
+
+    /// Acts on the session's requests after a completion (see the module docs of
+    /// [`super`]).
+    fn drive(&mut self, k: Key) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        if c.closing || c.conn.finished() {
+            self.close(k);
+            return;
+        }
+        let fd = types::Fd(c.conn.fd.as_raw_fd());
+        if c.conn.should_shutdown_write() {
+            c.conn.shutdown_write();
+        }
+        let mut entries: [Option<squeue::Entry>; 2] = [None, None];
+        if !c.send_armed {
+            if let Some(buf) = c.conn.next_send() {
+                let e =
+                    opcode::Send::new(fd, buf.as_ptr(), buf.len().min(u32::MAX as usize) as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(token(K_SEND, k));
+                c.send_armed = true;
+                c.ops += 1;
+                entries[0] = Some(e);
+            }
+        }
+        if !c.recv_armed && c.conn.take_recv_request() {
+            let e = opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE as u32)
+                .buf_group(BGID)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(token(K_RECV, k));
+            c.recv_armed = true;
+            c.ops += 1;
+            entries[1] = Some(e);
+        }
+        for e in entries.into_iter().flatten() {
+            self.push(e);
+        }
+    }
+
+    /// Closes connection `k` now if nothing is in flight, else cancels what is.
+    fn close(&mut self, k: Key) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        if c.ops == 0 {
+            self.conns.remove(k);
+            return;
+        }
+        if !c.closing {
+            c.closing = true;
+            let (r, s) = (c.recv_armed, c.send_armed);
+            for (armed, kind) in [(r, K_RECV), (s, K_SEND)] {
+                if armed {
+                    let e = opcode::AsyncCancel::new(token(kind, k))
+                        .build()
+                        .user_data(token(K_CANCEL, k));
+                    self.push(e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The `ringress` command line: `run`, `check`, `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ringress::config::{Config, IoChoice};
+use ringress::{demo, server::Server, signals};
+
+/// ringress: an L4 ingress server for TCP listeners in many network namespaces,
+/// served by per-core io_uring rings (or epoll).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (or a tracing filter such as
+    /// "ringress=debug"). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the listeners of CONFIG until SIGINT or SIGTERM, then close them and exit 0.
+    Run {
+        /// Path to the TOML config.
+        config: PathBuf,
+        /// Override runtime.io: uring, epoll or auto.
+        #[arg(long)]
+        io: Option<IoChoice>,
+        /// Override runtime.workers.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate CONFIG (syntax, keys, addresses, namespaces) and exit; non-zero on error.
+    Check {
+        /// Path to the TOML config.
+        config: PathBuf,
+    },
+    /// Create N namespaces, serve a TCP echo listener in each and in the root
+    /// namespace, drive traffic through all of them, print a report, clean up.
+    Demo(demo::DemoArgs),
+}
+
+fn init_logs(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn load(path: &std::path::Path) -> Result<Config, String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    cfg.check_namespaces().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_level);
+    match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} listener{})",
+                    config.display(),
+                    cfg.listeners.len(),
+                    if cfg.listeners.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run {
+            config,
+            io,
+            workers,
+        } => {
+            let mut cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(w) = workers {
+                cfg.runtime.workers = w.max(1);
+            }
+            if let Err(e) = signals::block() {
+                eprintln!("error: blocking signals: {e}");
+                return ExitCode::FAILURE;
+            }
+            let server = match Server::start(&cfg, io) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(
+                listeners = server.listeners().len(),
+                workers = cfg.runtime.workers,
+                driver = %server.driver(),
+                "ringress running"
+            );
+            loop {
+                match signals::wait(Duration::from_secs(3600)) {
+                    Some(nix::sys::signal::Signal::SIGHUP) => {
+                        tracing::warn!("SIGHUP: reload is not implemented yet; ignoring");
+                    }
+                    Some(sig) => {
+                        tracing::info!(signal = %sig, "shutting down");
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            server.shutdown();
+            ExitCode::SUCCESS
+        }
+        Cmd::Demo(args) => demo::run(args),
+    }
+}

@@ -1,0 +1,236 @@
+//! Naming and checking network namespaces.
+//!
+//! A namespace is named either by a bare name, resolved under `/run/netns` (where
+//! `ip netns add NAME` bind-mounts it), or by an absolute path to any namespace
+//! file such as `/proc/1234/ns/net`. Only the binder thread ever *enters* a
+//! namespace (see [`crate::binder`]); this module only names and inspects them.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+/// Directory where `ip netns` keeps named namespaces (iproute2's `NETNS_RUN_DIR`).
+pub const DEFAULT_NETNS_DIR: &str = "/run/netns";
+
+/// `NSFS_MAGIC` from `linux/magic.h`: the `f_type` that `fstatfs(2)` reports for a
+/// namespace file (nsfs, Linux 3.19).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// A network namespace as the user named it in the config or on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NetnsRef {
+    /// A name under the netns directory (default [`DEFAULT_NETNS_DIR`]).
+    Named(String),
+    /// An absolute path to a namespace file, e.g. `/proc/1234/ns/net`.
+    Path(PathBuf),
+}
+
+impl NetnsRef {
+    /// Parses a user-supplied namespace reference.
+    ///
+    /// An absolute path (starting with `/`) is taken as a path; anything else must be
+    /// a plain name: non-empty, no `/`, not `.` or `..`, no NUL.
+    ///
+    /// # Errors
+    /// A message saying why the name is not acceptable.
+    pub fn parse(s: &str) -> Result<NetnsRef, String> {
+        if s.starts_with('/') {
+            if s.contains('\0') {
+                return Err("namespace path contains a NUL byte".into());
+            }
+            return Ok(NetnsRef::Path(PathBuf::from(s)));
+        }
+        if s.is_empty() {
+            return Err("namespace name is empty".into());
+        }
+        if s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+            return Err(format!(
+                "invalid namespace name {s:?}: use a plain name under /run/netns or an absolute path"
+            ));
+        }
+        Ok(NetnsRef::Named(s.to_string()))
+    }
+
+    /// The namespace file this reference points to, with names resolved under `netns_dir`.
+    pub fn path_in(&self, netns_dir: &Path) -> PathBuf {
+        match self {
+            NetnsRef::Named(n) => netns_dir.join(n),
+            NetnsRef::Path(p) => p.clone(),
+        }
+    }
+
+    /// The namespace file, with names resolved under [`DEFAULT_NETNS_DIR`].
+    pub fn path(&self) -> PathBuf {
+        self.path_in(Path::new(DEFAULT_NETNS_DIR))
+    }
+
+    /// A short label for logs and instance names: the name, or the path as given.
+    pub fn label(&self) -> String {
+        match self {
+            NetnsRef::Named(n) => n.clone(),
+            NetnsRef::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// Opens a namespace file read-only with `O_CLOEXEC` and checks that it is one
+/// (its filesystem is nsfs).
+///
+/// # Errors
+/// The `open(2)` or `fstatfs(2)` error (ENOENT when the file is missing), or
+/// `InvalidInput` when the file exists but is not a namespace (for example a name
+/// that `ip netns add` has created but not yet bind-mounted).
+pub fn open_netns(path: &Path) -> io::Result<std::fs::File> {
+    let f = std::fs::File::open(path)?;
+    let st = nix::sys::statfs::fstatfs(f.as_fd()).map_err(io::Error::from)?;
+    if st.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a namespace file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// Checks that `path` exists and is a namespace file; see [`open_netns`].
+///
+/// # Errors
+/// As [`open_netns`].
+pub fn check_netns(path: &Path) -> io::Result<()> {
+    open_netns(path).map(drop)
+}
+
+/// The inode number of the network namespace of the calling thread
+/// (`/proc/thread-self/ns/net`), which identifies the namespace (see namespaces(7)).
+///
+/// # Errors
+/// The `stat(2)` error, e.g. when /proc is not mounted.
+pub fn current_netns_inode() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// The inode number of the network namespace of thread `tid` of this process.
+///
+/// # Errors
+/// The `stat(2)` error (ENOENT once the thread has exited).
+pub fn thread_netns_inode(tid: i32) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(format!("/proc/self/task/{tid}/ns/net"))?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_names_and_paths() {
+        assert_eq!(
+            NetnsRef::parse("ns-a").unwrap(),
+            NetnsRef::Named("ns-a".into())
+        );
+        assert_eq!(
+            NetnsRef::parse("/proc/1/ns/net").unwrap(),
+            NetnsRef::Path("/proc/1/ns/net".into())
+        );
+        assert!(NetnsRef::parse("").is_err());
+        assert!(NetnsRef::parse("a/b").is_err());
+        assert!(NetnsRef::parse("..").is_err());
+        assert_eq!(
+            NetnsRef::parse("x").unwrap().path(),
+            PathBuf::from("/run/netns/x")
+        );
+    }
+
+    #[test]
+    fn own_namespace_is_a_namespace() {
+        check_netns(Path::new("/proc/self/ns/net")).unwrap();
+        let e = check_netns(Path::new("/etc/hostname")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = check_netns(Path::new("/run/netns/does-not-exist-ringress")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+}
+
+/// A named network namespace that this process created with `ip netns add`, with its
+/// loopback up; deleted (`ip netns del`) on drop. Used by `ringress demo` and the
+/// tests. Needs CAP_SYS_ADMIN and iproute2's `ip`.
+#[derive(Debug)]
+pub struct TempNetns {
+    name: String,
+}
+
+impl TempNetns {
+    /// Creates namespace `name` under [`DEFAULT_NETNS_DIR`] and brings `lo` up in it.
+    /// A stale namespace of the same name is deleted first.
+    ///
+    /// # Errors
+    /// `ip` is missing or failed; the message includes its stderr.
+    pub fn create(name: &str) -> io::Result<TempNetns> {
+        if Path::new(DEFAULT_NETNS_DIR).join(name).exists() {
+            let _ = ip(&["netns", "del", name]);
+        }
+        ip(&["netns", "add", name])?;
+        let ns = TempNetns {
+            name: name.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace file, `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        Path::new(DEFAULT_NETNS_DIR).join(&self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS...` (for example to add an address).
+    ///
+    /// # Errors
+    /// As [`TempNetns::create`].
+    pub fn ip(&self, args: &[&str]) -> io::Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+}
+
+impl Drop for TempNetns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!(netns = %self.name, error = %e, "could not delete namespace");
+        }
+    }
+}
+
+/// Runs iproute2's `ip` with `args` and waits for it.
+///
+/// # Errors
+/// `ip` could not be started, or exited non-zero (its stderr is in the message).
+pub fn ip(args: &[&str]) -> io::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running `ip`: {e} (install iproute2)")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}

@@ -1,0 +1,59 @@
+//! Process figures read from /proc: OS threads, open fds, resident memory.
+
+use std::io;
+
+/// OS threads of process `pid` (entries of `/proc/PID/task`).
+///
+/// # Errors
+/// The process does not exist, or /proc is not mounted.
+pub fn threads(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+/// Open file descriptors of process `pid` (entries of `/proc/PID/fd`).
+///
+/// # Errors
+/// As [`threads`]; also EACCES for another user's process without privileges.
+pub fn open_fds(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+///
+/// # Errors
+/// As [`threads`], or `InvalidData` when the line is missing.
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/PID/status"))
+}
+
+/// Whether this process has CAP_SYS_ADMIN in its effective set (bit 21 of `CapEff`
+/// in `/proc/self/status`; capabilities(7)). Needed for setns(2) and `ip netns add`.
+pub fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_figures() {
+        let me = std::process::id();
+        assert!(threads(me).unwrap() >= 1);
+        assert!(open_fds(me).unwrap() >= 3);
+        assert!(rss_kib(me).unwrap() > 0);
+    }
+}

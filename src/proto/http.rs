@@ -1,0 +1,246 @@
+//! `action = "http"`: a fixed `200 OK` for every HTTP/1.x request.
+//!
+//! Requests are parsed with httparse; several requests in one read (pipelining)
+//! get one response each, in order. Keep-alive follows RFC 9112 §9.3: HTTP/1.1
+//! stays open unless `Connection: close`; HTTP/1.0 closes unless
+//! `Connection: keep-alive`. A request body announced by `Content-Length` is read
+//! and discarded; `Transfer-Encoding` bodies are refused with 501 and a close.
+
+use super::ConnIo;
+
+/// Most header fields parsed per request; more gives 431.
+const MAX_HEADERS: usize = 64;
+/// Largest request head kept while waiting for its end (bytes); larger gives 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+const RESP_KEEPALIVE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+const RESP_KEEPALIVE_10: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
+const RESP_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+const RESP_400: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const RESP_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const RESP_501: &[u8] = b"HTTP/1.1 501 Not Implemented\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Parser state of one HTTP connection.
+#[derive(Debug, Default)]
+pub struct HttpSession {
+    /// Bytes of an incomplete request head carried over to the next read.
+    partial: Vec<u8>,
+    /// Body bytes of the current request still to be skipped.
+    body_left: u64,
+    /// Requests answered on this connection (count).
+    pub requests: u64,
+}
+
+enum Parsed {
+    /// A whole head of this many bytes: respond, then skip `body` bytes.
+    Request {
+        head: usize,
+        body: u64,
+        keep_alive: bool,
+        http10: bool,
+    },
+    Partial,
+    Reject(&'static [u8]),
+}
+
+fn parse_one(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > MAX_HEAD_BYTES {
+                Parsed::Reject(RESP_431)
+            } else {
+                Parsed::Partial
+            }
+        }
+        Err(httparse::Error::TooManyHeaders) => Parsed::Reject(RESP_431),
+        Err(_) => Parsed::Reject(RESP_400),
+        Ok(httparse::Status::Complete(head)) => {
+            let http10 = req.version == Some(0);
+            let mut keep_alive = !http10;
+            let mut body = 0u64;
+            for h in req.headers.iter() {
+                if h.name.eq_ignore_ascii_case("connection") {
+                    let v = h.value;
+                    if has_token(v, b"close") {
+                        keep_alive = false;
+                    } else if has_token(v, b"keep-alive") {
+                        keep_alive = true;
+                    }
+                } else if h.name.eq_ignore_ascii_case("content-length") {
+                    match std::str::from_utf8(h.value)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                    {
+                        Some(n) => body = n,
+                        None => return Parsed::Reject(RESP_400),
+                    }
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    return Parsed::Reject(RESP_501);
+                }
+            }
+            Parsed::Request {
+                head,
+                body,
+                keep_alive,
+                http10,
+            }
+        }
+    }
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+impl HttpSession {
+    /// Consumes `data`, queueing one response per complete request into `io`.
+    /// Closes (after the queue drains) on `Connection: close`, HTTP/1.0 without
+    /// keep-alive, or a malformed request.
+    pub fn on_input(&mut self, mut data: &[u8], io: &mut ConnIo) {
+        // Skip the rest of a body still in flight.
+        let skip = (self.body_left.min(data.len() as u64)) as usize;
+        self.body_left -= skip as u64;
+        data = &data[skip..];
+        if data.is_empty() {
+            return;
+        }
+        if self.partial.is_empty() {
+            let used = self.parse_all(data, io);
+            if used < data.len() && !io.close {
+                self.partial.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(data);
+            let used = self.parse_all(&buf, io);
+            if used < buf.len() && !io.close {
+                buf.drain(..used);
+                self.partial = buf;
+            }
+        }
+    }
+
+    /// Parses as many whole requests as `buf` holds; returns the bytes consumed.
+    fn parse_all(&mut self, buf: &[u8], io: &mut ConnIo) -> usize {
+        let mut pos = 0;
+        while pos < buf.len() && !io.close {
+            match parse_one(&buf[pos..]) {
+                Parsed::Partial => break,
+                Parsed::Reject(resp) => {
+                    io.send(resp);
+                    io.close();
+                    return buf.len();
+                }
+                Parsed::Request {
+                    head,
+                    body,
+                    keep_alive,
+                    http10,
+                } => {
+                    self.requests += 1;
+                    pos += head;
+                    let avail = (buf.len() - pos) as u64;
+                    let skip = body.min(avail);
+                    pos += skip as usize;
+                    self.body_left = body - skip;
+                    if keep_alive {
+                        io.send(if http10 {
+                            RESP_KEEPALIVE_10
+                        } else {
+                            RESP_KEEPALIVE
+                        });
+                    } else {
+                        io.send(RESP_CLOSE);
+                        io.close();
+                    }
+                    if self.body_left > 0 {
+                        return buf.len();
+                    }
+                }
+            }
+        }
+        pos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(s: &mut HttpSession, chunks: &[&[u8]]) -> (Vec<u8>, bool) {
+        let mut io = ConnIo::default();
+        for c in chunks {
+            s.on_input(c, &mut io);
+        }
+        (io.out, io.close)
+    }
+
+    fn count(out: &[u8]) -> usize {
+        out.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count()
+    }
+
+    #[test]
+    fn pipelined_requests_each_answered() {
+        let mut s = HttpSession::default();
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let three = [&req[..], &req[..], &req[..]].concat();
+        let (out, close) = feed(&mut s, &[&three]);
+        assert_eq!(count(&out), 3);
+        assert!(!close);
+    }
+
+    #[test]
+    fn request_split_across_reads() {
+        let mut s = HttpSession::default();
+        let (out, close) = feed(&mut s, &[b"GET / HT", b"TP/1.1\r\nHost:", b" x\r\n\r\n"]);
+        assert_eq!(count(&out), 1);
+        assert!(!close);
+    }
+
+    #[test]
+    fn connection_close_and_http10() {
+        let mut s = HttpSession::default();
+        let (out, close) = feed(&mut s, &[b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"]);
+        assert_eq!(count(&out), 1);
+        assert!(close);
+        let mut s = HttpSession::default();
+        let (_, close) = feed(&mut s, &[b"GET / HTTP/1.0\r\n\r\n"]);
+        assert!(close);
+    }
+
+    #[test]
+    fn body_is_skipped() {
+        let mut s = HttpSession::default();
+        let (out, _) = feed(
+            &mut s,
+            &[
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+                b"cdeGET / HTTP/1.1\r\n\r\n",
+            ],
+        );
+        assert_eq!(count(&out), 2);
+    }
+
+    #[test]
+    fn garbage_gets_400_and_close() {
+        let mut s = HttpSession::default();
+        let (out, close) = feed(&mut s, &[b"\x00\x01 nonsense\r\n\r\n"]);
+        assert!(out.starts_with(b"HTTP/1.1 400"));
+        assert!(close);
+    }
+
+    #[test]
+    fn oversized_head_gets_431() {
+        let mut s = HttpSession::default();
+        let big = vec![b'a'; MAX_HEAD_BYTES + 10];
+        let (out, close) = feed(&mut s, &[b"GET /", &big]);
+        assert!(out.starts_with(b"HTTP/1.1 431"));
+        assert!(close);
+    }
+}
