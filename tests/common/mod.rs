@@ -1,0 +1,240 @@
+//! Shared helpers of the integration tests: namespaces made by the test, a ringress
+//! process run from its binary with a config written by the test, and clients
+//! whose sockets are created inside a namespace.
+//!
+//! Every resource is released by a Drop guard, also when a test fails.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ringress::binder::{Binder, SocketSpec};
+pub use ringress::netns::TempNetns;
+
+/// The two drivers every integration test runs against.
+pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
+
+/// Defines `NAME_uring` and `NAME_epoll` tests calling `NAME(driver)`.
+#[macro_export]
+macro_rules! both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod uring { $( #[test] fn $name() { super::$name("uring") } )* }
+        mod epoll { $( #[test] fn $name() { super::$name("epoll") } )* }
+    };
+}
+
+/// Whether this machine lets us create namespaces (root). Tests that need them
+/// fail loudly otherwise: they must not pass where they cannot run.
+pub fn require_root() {
+    assert!(
+        ringress::procstat::has_cap_sys_admin(),
+        "these tests create network namespaces: run them as root (CAP_SYS_ADMIN)"
+    );
+}
+
+/// A namespace unique to this test process and `tag`.
+pub fn netns(tag: &str) -> TempNetns {
+    require_root();
+    let name = format!("rgt-{tag}-{}", std::process::id());
+    TempNetns::create(&name).unwrap_or_else(|e| panic!("creating netns {name}: {e}"))
+}
+
+/// A binder in the test process, for client sockets inside namespaces.
+pub fn binder() -> &'static Binder {
+    static B: OnceLock<Binder> = OnceLock::new();
+    B.get_or_init(|| Binder::start().expect("binder"))
+}
+
+/// A free TCP port on 127.0.0.1 in the root namespace (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to `addr` from inside `ns` (or the root namespace), blocking, with
+/// 10 s read/write timeouts.
+pub fn connect_in(ns: Option<&TempNetns>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let path = ns.map(|n| n.path());
+    let label = ns.map_or("root".to_string(), |n| n.name().to_string());
+    let fd = binder()
+        .create(
+            "test-client",
+            path.as_deref(),
+            &label,
+            SocketSpec::TcpClient { family_of: addr },
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .pop()
+        .unwrap();
+    let s = socket2::Socket::from(fd);
+    s.set_nonblocking(false)?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s.into())
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "ringress-test-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        let p = PathBuf::from(p.to_string_lossy().replace([' ', '{', '}', ':', ','], ""));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The ringress binary built by cargo for this test run.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringress")
+}
+
+/// A running `ringress run CONFIG`, killed on drop.
+pub struct Ringress {
+    pub child: Child,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl Ringress {
+    /// Writes `config` to a file and starts `ringress run` on it with `--io driver`;
+    /// waits (up to 20 s) until it logs that it is running.
+    pub fn start(tag: &str, driver: &str, config: &str) -> Ringress {
+        let dir = TempDir::new(tag);
+        let cfg = dir.0.join("ringress.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.0.join("stderr.log");
+        let child = Command::new(bin())
+            .args(["run", cfg.to_str().unwrap(), "--io", driver])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn ringress");
+        let mut r = Ringress { child, dir, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if r.stderr().contains("ringress running") {
+                return r;
+            }
+            if let Some(st) = r.child.try_wait().unwrap() {
+                panic!("ringress exited with {st} before running:\n{}", r.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringress did not start:\n{}",
+                r.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn threads(&self) -> usize {
+        ringress::procstat::threads(self.pid()).unwrap()
+    }
+
+    pub fn fds(&self) -> usize {
+        ringress::procstat::open_fds(self.pid()).unwrap()
+    }
+
+    /// SIGTERM, then waits up to 10 s for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringress did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Ringress {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `ringress ARGS...` to completion; returns (exit code, stdout, stderr).
+pub fn ringress_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Writes `data` and reads back as many bytes, on one thread each (so that a large
+/// payload cannot deadlock on full socket buffers); returns what came back.
+pub fn echo_roundtrip(s: TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let owned = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&owned).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    let mut r = s;
+    r.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    back
+}
+
+/// A deterministic, non-repeating-looking payload of `n` bytes.
+pub fn payload(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Whether `path` exists (for leftover namespace checks).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
