@@ -168,7 +168,7 @@ fn binder_returns_to_root_after_every_request() {
 fn demo_runs_and_cleans_up() {
     require_root();
     // One test runs both drivers in turn: the demo's namespace names are fixed.
-    for driver in DRIVERS {
+    for &driver in DRIVERS {
         let port = free_port().to_string();
         let (code, out, err) = ringress_cmd(&[
             "demo",
