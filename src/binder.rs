@@ -12,9 +12,10 @@
 //!   `/proc/thread-self/ns/net` after each switch back, and if the switch back fails
 //!   or the inode differs it **aborts the process** rather than go on creating
 //!   sockets in the wrong namespace;
-//! - namespace fds are opened once and cached by path; a cached fd is dropped when
-//!   the file at that path now names another namespace (it was deleted and
-//!   re-created), and on [`Binder::forget`].
+//! - namespace fds are opened once and cached by path; a cached fd is closed when
+//!   it has not been used for [`NS_CACHE_IDLE`], when the file at that path now
+//!   names another namespace (it was deleted and re-created), and on
+//!   [`Binder::forget`].
 //!
 //! Sockets are created with `SOCK_NONBLOCK | SOCK_CLOEXEC` using socket(2), not
 //! IORING_OP_SOCKET: an io_uring op punted to an io-wq worker spawned before a
@@ -31,11 +32,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::netns;
+
+/// How long an unused namespace fd stays cached before the binder closes it.
+pub const NS_CACHE_IDLE: Duration = Duration::from_secs(30);
 
 /// Where a socket is to be created: `None` is the namespace ringress started in.
 pub type NetnsPath = Option<PathBuf>;
@@ -146,16 +151,22 @@ impl Binder {
                 };
                 // The thread starts in its parent's namespace; make sure it is the root.
                 state.return_to_root();
-                for msg in rx {
-                    match msg {
-                        Msg::Create(req) => {
+                loop {
+                    match rx.recv_timeout(NS_CACHE_IDLE) {
+                        Ok(Msg::Create(req)) => {
                             let result = state.serve(&req);
                             let _ = req.reply.send(result);
                         }
-                        Msg::Forget(path) => {
+                        Ok(Msg::Forget(path)) => {
                             state.cache.remove(&path);
                         }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
+                    let now = Instant::now();
+                    state
+                        .cache
+                        .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
                 }
             })?;
         let tid = tid_rx
@@ -226,6 +237,7 @@ struct CachedNs {
     file: File,
     dev: u64,
     ino: u64,
+    last_used: Instant,
 }
 
 struct BinderState {
@@ -274,10 +286,13 @@ impl BinderState {
                     file,
                     dev: m.dev(),
                     ino: m.ino(),
+                    last_used: Instant::now(),
                 },
             );
         }
-        Ok(&self.cache[path].file)
+        let c = self.cache.get_mut(path).expect("inserted above");
+        c.last_used = Instant::now();
+        Ok(&c.file)
     }
 
     /// Enters the root namespace again, or aborts the process.

@@ -16,6 +16,7 @@ both_drivers!(
     namespace_isolation_and_same_port,
     fds_return_after_10000_connections,
     thread_count_does_not_grow_with_namespaces,
+    out_of_fds_pauses_accepting_and_recovers,
 );
 
 fn cfg(driver_workers: usize, listeners: &str) -> String {
@@ -252,4 +253,40 @@ fn thread_count_does_not_grow_with_namespaces(driver: &str) {
     assert_eq!(t200, t1, "threads with 200 namespaces vs 1");
     assert!(t200 <= workers + 3, "{t200} threads for {workers} workers");
     assert!(r200.stop().success());
+}
+
+fn out_of_fds_pauses_accepting_and_recovers(driver: &str) {
+    let port = free_port();
+    let l = listener("e", None, &format!("127.0.0.1:{port}"), "echo");
+    // Room for the runtime's own fds and a handful of connections only.
+    let r = Ringress::start_limited(&format!("emfile-{driver}"), driver, &cfg(1, &l), Some(40));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let spare = 40 - r.fds();
+    // Hold more connections than the server has fds for: the kernel completes the
+    // handshakes (backlog), the server hits EMFILE on accept.
+    let mut held = Vec::new();
+    for _ in 0..spare + 10 {
+        held.push(std::net::TcpStream::connect(addr).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // While out of fds the server must not spin: well under half a CPU over 1 s.
+    let t0 = r.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = r.cpu_ticks() - t0;
+    assert!(
+        used < 50,
+        "server used {used} ticks/s while out of fds (busy loop?)"
+    );
+    assert!(
+        r.stderr().contains("pausing"),
+        "no EMFILE log:\n{}",
+        r.stderr()
+    );
+    // Free them; every later connection is served again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..20 {
+        check_echo(None, addr, 1000, 100 + i);
+    }
+    assert!(r.stop().success());
 }

@@ -124,11 +124,33 @@ impl Ringress {
     /// Writes `config` to a file and starts `ringress run` on it with `--io driver`;
     /// waits (up to 20 s) until it logs that it is running.
     pub fn start(tag: &str, driver: &str, config: &str) -> Ringress {
+        Ringress::start_limited(tag, driver, config, None)
+    }
+
+    /// As [`Ringress::start`], with RLIMIT_NOFILE set to `nofile` in the server.
+    pub fn start_limited(tag: &str, driver: &str, config: &str, nofile: Option<u64>) -> Ringress {
+        use std::os::unix::process::CommandExt;
         let dir = TempDir::new(tag);
         let cfg = dir.0.join("ringress.toml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.0.join("stderr.log");
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["run", cfg.to_str().unwrap(), "--io", driver])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -167,6 +189,15 @@ impl Ringress {
 
     pub fn fds(&self) -> usize {
         ringress::procstat::open_fds(self.pid()).unwrap()
+    }
+
+    /// CPU time (user + system) the server has used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
     /// SIGTERM, then waits up to 10 s for the exit status.
