@@ -199,6 +199,9 @@ pub struct ListenerConfig {
     /// 1-based line of the `[[listener]]` header (or of the `{` of an inline table)
     /// in the config file.
     pub line: usize,
+    /// 1-based line of the `netns` key (the listener's `line` when there is none),
+    /// for errors about the namespace.
+    pub netns_line: usize,
 }
 
 impl ListenerConfig {
@@ -616,7 +619,7 @@ impl Config {
             if let Err(source) = check_netns(&path) {
                 return Err(ConfigError::Netns {
                     file: self.source.clone(),
-                    line: l.line,
+                    line: l.netns_line,
                     listener: ListenerId::Name(l.name.clone()),
                     label: ns.label(),
                     path,
@@ -695,6 +698,10 @@ fn convert_listener(
         }
     }
 
+    let netns_line = raw
+        .netns
+        .as_ref()
+        .map_or(line, |n| cx.lines.of_span(n.span()));
     let netns = match &raw.netns {
         None => None,
         Some(n) => Some(
@@ -825,6 +832,7 @@ fn convert_listener(
         action,
         backlog,
         line,
+        netns_line,
     })
 }
 
@@ -1274,7 +1282,7 @@ action = "echo"
         let e = c.check_namespaces().unwrap_err();
         let m = e.to_string();
         let want = format!(
-            "ringress.toml:2: listener \"alpha\": key `netns`: namespace \"{name}\" not found (/run/netns/{name}: "
+            "ringress.toml:4: listener \"alpha\": key `netns`: namespace \"{name}\" not found (/run/netns/{name}: "
         );
         assert!(m.starts_with(&want), "{m:?} should start with {want:?}");
         match e {

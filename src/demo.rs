@@ -107,6 +107,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             action: Action::Echo,
             backlog: 1024,
             line: i + 1,
+            netns_line: i + 1,
         })
         .collect();
     let cfg = Config {
