@@ -27,10 +27,12 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -59,10 +61,17 @@ pub enum SocketSpec {
         count: usize,
     },
     /// One unconnected TCP socket of `addr`'s family, for the caller to connect
-    /// from (used by clients and, later, upstream pools).
+    /// from (used by clients).
     TcpClient {
         /// The address family is taken from this address; nothing is bound.
         family_of: SocketAddr,
+    },
+    /// `count` unconnected TCP sockets of `addr`'s family (upstream pools).
+    TcpClients {
+        /// The address family is taken from this address; nothing is bound.
+        family_of: SocketAddr,
+        /// Sockets to create.
+        count: usize,
     },
 }
 
@@ -71,6 +80,7 @@ impl SocketSpec {
         match self {
             SocketSpec::TcpListeners { addr, .. } => *addr,
             SocketSpec::TcpClient { family_of } => *family_of,
+            SocketSpec::TcpClients { family_of, .. } => *family_of,
         }
     }
 }
@@ -112,6 +122,122 @@ struct Request {
 enum Msg {
     Create(Request),
     Forget(PathBuf),
+    /// Fill a pool; reply when asked to (synchronous fill).
+    Fill(
+        Arc<SocketPool>,
+        Option<mpsc::SyncSender<Result<(), BindError>>>,
+    ),
+}
+
+/// Unconnected, non-blocking TCP sockets of one address family made in one
+/// namespace, ready for workers to connect from (upstream connects in another
+/// namespace without a binder round trip). The binder fills it; workers take.
+pub struct SocketPool {
+    owner: String,
+    netns: PathBuf,
+    label: String,
+    family_of: SocketAddr,
+    target: usize,
+    fds: Mutex<Vec<OwnedFd>>,
+    refilling: AtomicBool,
+    /// errno of the last failed fill, 0 if the last fill worked.
+    last_error: AtomicI32,
+    waiters: Mutex<Vec<Arc<OwnedFd>>>,
+}
+
+impl fmt::Debug for SocketPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketPool")
+            .field("netns", &self.label)
+            .field("family_of", &self.family_of)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl SocketPool {
+    /// An empty pool for sockets of `family_of`'s family in namespace file `netns`
+    /// (labelled `label` in errors), for listener `owner`, kept at `target` sockets.
+    pub fn new(
+        owner: String,
+        netns: PathBuf,
+        label: String,
+        family_of: SocketAddr,
+        target: usize,
+    ) -> SocketPool {
+        SocketPool {
+            owner,
+            netns,
+            label,
+            family_of,
+            target: target.max(2),
+            fds: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            last_error: AtomicI32::new(0),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
+        self.fds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a socket, if one is ready.
+    pub fn take(&self) -> Option<OwnedFd> {
+        self.lock().pop()
+    }
+
+    /// Sockets ready (count).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no socket is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once when the pool is below half its target and no refill is running:
+    /// the caller must then ask the binder for one ([`Binder::fill_later`]).
+    pub fn wants_refill(&self) -> bool {
+        self.len() < self.target / 2
+            && self
+                .refilling
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Whether a refill is running.
+    pub fn refilling(&self) -> bool {
+        self.refilling.load(Ordering::Acquire)
+    }
+
+    /// errno of the last fill, if it failed.
+    pub fn last_error(&self) -> Option<i32> {
+        match self.last_error.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// Writes eventfd `wake` when the running refill ends (at once if none runs or
+    /// sockets are ready).
+    pub fn notify_on_refill(&self, wake: Arc<OwnedFd>) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wake);
+        if !self.refilling() || !self.is_empty() {
+            self.wake_waiters();
+        }
+    }
+
+    fn wake_waiters(&self) {
+        let w = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for fd in w {
+            crate::driver::wake(fd.as_raw_fd());
+        }
+    }
 }
 
 /// Handle to the binder thread. Cloning is cheap; the thread ends when the last
@@ -159,6 +285,12 @@ impl Binder {
                         }
                         Ok(Msg::Forget(path)) => {
                             state.cache.remove(&path);
+                        }
+                        Ok(Msg::Fill(pool, reply)) => {
+                            let r = state.fill(&pool);
+                            if let Some(reply) = reply {
+                                let _ = reply.send(r);
+                            }
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -226,6 +358,36 @@ impl Binder {
         rx.recv().map_err(|_| gone("reply"))?
     }
 
+    /// Fills `pool` to its target now, waiting for the binder.
+    ///
+    /// # Errors
+    /// Entering the namespace or socket(2) failed; the pool keeps what it had.
+    pub fn fill_now(&self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let gone = || BindError {
+            listener: pool.owner.clone(),
+            step: "request",
+            addr: pool.family_of,
+            netns: pool.label.clone(),
+            source: io::Error::other("binder thread is gone"),
+        };
+        pool.refilling.store(true, Ordering::Release);
+        self.tx
+            .send(Msg::Fill(pool.clone(), Some(reply)))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// Asks the binder to fill `pool` in the background (the caller has seen
+    /// [`SocketPool::wants_refill`] return true). Never blocks.
+    pub fn fill_later(&self, pool: Arc<SocketPool>) {
+        if let Err(mpsc::SendError(Msg::Fill(pool, _))) = self.tx.send(Msg::Fill(pool, None)) {
+            pool.last_error.store(libc::ESHUTDOWN, Ordering::Release);
+            pool.refilling.store(false, Ordering::Release);
+            pool.wake_waiters();
+        }
+    }
+
     /// Drops the cached fd of namespace file `path`, if any (when its last user is
     /// gone, or it was deleted).
     pub fn forget(&self, path: &Path) {
@@ -267,6 +429,42 @@ impl BinderState {
                 result.map_err(|(s, e)| err(s, e))
             }
         }
+    }
+
+    /// Fills `pool` up to its target in its namespace; wakes its waiters.
+    fn fill(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+        let missing = pool.target.saturating_sub(pool.len());
+        let req = Request {
+            owner: pool.owner.clone(),
+            netns_label: pool.label.clone(),
+            netns: Some(pool.netns.clone()),
+            spec: SocketSpec::TcpClients {
+                family_of: pool.family_of,
+                count: missing,
+            },
+            reply: mpsc::sync_channel(1).0,
+        };
+        let r = if missing == 0 {
+            Ok(Vec::new())
+        } else {
+            self.serve(&req)
+        };
+        let out = match r {
+            Ok(fds) => {
+                pool.lock().extend(fds);
+                pool.last_error.store(0, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream socket pool refill failed");
+                pool.last_error
+                    .store(e.errno().unwrap_or(libc::EIO), Ordering::Release);
+                Err(e)
+            }
+        };
+        pool.refilling.store(false, Ordering::Release);
+        pool.wake_waiters();
+        out
     }
 
     /// The cached fd of namespace file `path`, (re)opened when the file now names
@@ -340,6 +538,13 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
             let s = tcp_socket(family_of).map_err(|e| ("socket", e))?;
             Ok(vec![OwnedFd::from(s)])
         }
+        SocketSpec::TcpClients { family_of, count } => (0..count)
+            .map(|_| {
+                tcp_socket(family_of)
+                    .map(OwnedFd::from)
+                    .map_err(|e| ("socket", e))
+            })
+            .collect(),
     }
 }
 

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -139,6 +140,40 @@ pub enum Action {
     Respond(Vec<u8>),
     /// Answer HTTP/1.x requests.
     Http,
+    /// Forward bytes both ways to an upstream.
+    Proxy(Arc<ProxyConfig>),
+}
+
+/// Default `connect_timeout_ms` of a proxy listener (ms).
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default `buffer_bytes` of a proxy listener: the window of each direction (bytes).
+pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
+/// Smallest and largest accepted `buffer_bytes` (bytes).
+pub const BUFFER_BYTES_RANGE: (usize, usize) = (4096, 64 << 20);
+/// Largest accepted timeout in ms (one day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+/// The upstream side of `action = "proxy"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Upstream addresses (`upstream = "A"` or `upstreams = ["A", "B"]`), used
+    /// round-robin; one that just refused or timed out is skipped for a few seconds.
+    pub upstreams: Vec<SocketAddr>,
+    /// Namespace of the upstreams; `None` is the namespace ringress started in.
+    pub upstream_netns: Option<NetnsRef>,
+    /// Resolved namespace file of `upstream_netns` (set by [`Config::parse`]).
+    pub upstream_netns_path: Option<PathBuf>,
+    /// 1-based line of the `upstream_netns` key (0 when absent), for errors.
+    pub upstream_netns_line: usize,
+    /// How long a connect to an upstream may take before the client is closed (ms).
+    pub connect_timeout_ms: u64,
+    /// Close a session with no traffic for this long (ms); 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Window of each direction (bytes): a side stops reading while the other side
+    /// has this much unsent.
+    pub buffer_bytes: usize,
+    /// PROXY protocol header to send to the upstream first, if any.
+    pub proxy_protocol: Option<crate::proto::proxy_header::ProxyProtocol>,
 }
 
 impl Action {
@@ -148,6 +183,7 @@ impl Action {
             Action::Echo => "echo",
             Action::Respond(_) => "respond",
             Action::Http => "http",
+            Action::Proxy(_) => "proxy",
         }
     }
 }
@@ -335,7 +371,7 @@ pub enum ConfigError {
     /// A listener's namespace is missing or is not a namespace
     /// (from [`Config::check_namespaces`]).
     #[error(
-        "{}:{line}: {listener}: key `netns`: namespace {label:?} {} ({})",
+        "{}:{line}: {listener}: key `{key}`: namespace {label:?} {} ({})",
         file.display(),
         netns_problem(source),
         netns_detail(path, source)
@@ -347,6 +383,8 @@ pub enum ConfigError {
         line: usize,
         /// The listener.
         listener: ListenerId,
+        /// The key naming the namespace: `netns` or `upstream_netns`.
+        key: &'static str,
         /// The namespace as written in the config.
         label: String,
         /// The namespace file that was checked.
@@ -433,6 +471,13 @@ struct RawListener {
     action: Option<Spanned<String>>,
     respond: Option<Spanned<String>>,
     backlog: Option<Spanned<i64>>,
+    upstream: Option<Spanned<String>>,
+    upstreams: Option<Spanned<Vec<Spanned<String>>>>,
+    upstream_netns: Option<Spanned<String>>,
+    connect_timeout_ms: Option<Spanned<i64>>,
+    idle_timeout_ms: Option<Spanned<i64>>,
+    buffer_bytes: Option<Spanned<i64>>,
+    proxy_protocol: Option<Spanned<String>>,
 }
 
 /// Maps byte offsets in the config text to 1-based line numbers.
@@ -595,6 +640,14 @@ impl Config {
         }
 
         check_unique(&cx, &raw.listener, &listeners)?;
+        for l in &mut listeners {
+            if let Action::Proxy(p) = &mut l.action {
+                if let Some(ns) = &p.upstream_netns {
+                    let path = ns.path_in(&netns_dir);
+                    Arc::make_mut(p).upstream_netns_path = Some(path);
+                }
+            }
+        }
 
         Ok(Config {
             source: source.to_path_buf(),
@@ -621,8 +674,28 @@ impl Config {
                     file: self.source.clone(),
                     line: l.netns_line,
                     listener: ListenerId::Name(l.name.clone()),
+                    key: "netns",
                     label: ns.label(),
                     path,
+                    source,
+                });
+            }
+        }
+        for l in &self.listeners {
+            let Action::Proxy(p) = &l.action else {
+                continue;
+            };
+            let (Some(ns), Some(path)) = (&p.upstream_netns, &p.upstream_netns_path) else {
+                continue;
+            };
+            if let Err(source) = check_netns(path) {
+                return Err(ConfigError::Netns {
+                    file: self.source.clone(),
+                    line: p.upstream_netns_line,
+                    listener: ListenerId::Name(l.name.clone()),
+                    key: "upstream_netns",
+                    label: ns.label(),
+                    path: path.clone(),
                     source,
                 });
             }
@@ -752,7 +825,7 @@ fn convert_listener(
                 span,
                 scope(),
                 "action",
-                "missing required key (\"echo\", \"respond\" or \"http\")",
+                "missing required key (\"echo\", \"respond\", \"http\" or \"proxy\")",
             ))
         }
         Some(a) => match a.get_ref().as_str() {
@@ -777,21 +850,14 @@ fn convert_listener(
                 }
                 Some(r) => Action::Respond(r.get_ref().as_bytes().to_vec()),
             },
-            "proxy" => {
-                return Err(cx.invalid(
-                    a.span(),
-                    scope(),
-                    "action",
-                    "action \"proxy\" is not supported yet",
-                ))
-            }
+            "proxy" => Action::Proxy(Arc::new(convert_proxy(cx, a.span(), &scope, raw)?)),
             other => {
                 return Err(cx.invalid(
                     a.span(),
                     scope(),
                     "action",
                     format!(
-                        "unknown action {other:?} (expected \"echo\", \"respond\" or \"http\")"
+                        "unknown action {other:?} (expected \"echo\", \"respond\", \"http\" or \"proxy\")"
                     ),
                 ))
             }
@@ -807,6 +873,20 @@ fn convert_listener(
                 action.kind()
             ),
         ));
+    }
+
+    if !matches!(action, Action::Proxy(_)) {
+        for (key, span) in proxy_only_keys(raw) {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                key,
+                format!(
+                    "`{key}` is only allowed with action = \"proxy\" (this listener's action is {:?})",
+                    action.kind()
+                ),
+            ));
+        }
     }
 
     let backlog = match &raw.backlog {
@@ -1092,7 +1172,7 @@ action = "echo"
         err(
             "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n",
             3,
-            &["key `action`", "action \"proxy\" is not supported yet"],
+            &["key `upstream`", "needs `upstream"],
         );
         err(
             "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"nope\"\n",
@@ -1334,4 +1414,236 @@ action = "echo"
         assert!(matches!(e, ConfigError::Io { .. }));
         assert!(e.to_string().contains("missing.toml"));
     }
+
+    #[test]
+    fn proxy_keys() {
+        let c = parse(
+            "[[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n\
+             upstreams = [\"10.0.0.1:80\", \"[2001:db8::1]:80\"]\nupstream_netns = \"up\"\n\
+             connect_timeout_ms = 250\nidle_timeout_ms = 1000\nbuffer_bytes = 8192\nproxy_protocol = \"v2\"\n",
+        )
+        .unwrap();
+        let Action::Proxy(p) = &c.listeners[0].action else {
+            panic!("not a proxy")
+        };
+        assert_eq!(p.upstreams.len(), 2);
+        assert_eq!(
+            p.upstream_netns_path.as_deref(),
+            Some(Path::new("/run/netns/up"))
+        );
+        assert_eq!(
+            (p.connect_timeout_ms, p.idle_timeout_ms, p.buffer_bytes),
+            (250, 1000, 8192)
+        );
+        assert_eq!(p.upstream_netns_line, 6);
+        let d = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let Action::Proxy(p) = &d.listeners[0].action else {
+            panic!("not a proxy")
+        };
+        assert_eq!(
+            (p.connect_timeout_ms, p.idle_timeout_ms),
+            (DEFAULT_CONNECT_TIMEOUT_MS, 0)
+        );
+        assert_eq!(p.buffer_bytes, DEFAULT_BUFFER_BYTES);
+        // Errors name the key and its line.
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n";
+        err(
+            &format!("{base}upstream = \"nope\"\n"),
+            4,
+            &["key `upstream`", "nope"],
+        );
+        err(
+            &format!("{base}upstreams = []\n"),
+            4,
+            &["key `upstreams`", "empty"],
+        );
+        err(
+            &format!("{base}upstream = \"1.1.1.1:1\"\nbuffer_bytes = 10\n"),
+            5,
+            &["key `buffer_bytes`"],
+        );
+        err(
+            &format!("{base}upstream = \"1.1.1.1:1\"\nproxy_protocol = \"v3\"\n"),
+            5,
+            &["key `proxy_protocol`", "v3"],
+        );
+        err(
+            &format!("{base}upstream = \"1.1.1.1:1\"\nconnect_timeout_ms = 0\n"),
+            5,
+            &["key `connect_timeout_ms`"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nupstream = \"1.1.1.1:1\"\n",
+            4,
+            &["key `upstream`", "only allowed with action = \"proxy\""],
+        );
+        // A missing upstream namespace is named by its key and line.
+        let missing = format!("ringress-cfgtest-up-{}", std::process::id());
+        let c = parse(&format!(
+            "{base}upstream = \"1.1.1.1:1\"\nupstream_netns = \"{missing}\"\n"
+        ))
+        .unwrap();
+        let m = c.check_namespaces().unwrap_err().to_string();
+        assert!(
+            m.contains("ringress.toml:5:") && m.contains("key `upstream_netns`"),
+            "{m}"
+        );
+    }
+}
+
+/// The proxy-only keys present in `raw`, with their spans.
+fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
+    let mut v = Vec::new();
+    if let Some(x) = &raw.upstream {
+        v.push(("upstream", x.span()));
+    }
+    if let Some(x) = &raw.upstreams {
+        v.push(("upstreams", x.span()));
+    }
+    if let Some(x) = &raw.upstream_netns {
+        v.push(("upstream_netns", x.span()));
+    }
+    for (k, x) in [
+        ("connect_timeout_ms", &raw.connect_timeout_ms),
+        ("idle_timeout_ms", &raw.idle_timeout_ms),
+        ("buffer_bytes", &raw.buffer_bytes),
+    ] {
+        if let Some(x) = x {
+            v.push((k, x.span()));
+        }
+    }
+    if let Some(x) = &raw.proxy_protocol {
+        v.push(("proxy_protocol", x.span()));
+    }
+    v
+}
+
+/// Validates the proxy keys of a listener whose `action = "proxy"` is at `action_span`.
+fn convert_proxy(
+    cx: &Ctx<'_>,
+    action_span: Range<usize>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<ProxyConfig, ConfigError> {
+    let addr = |s: &Spanned<String>, key: &'static str| {
+        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+            cx.invalid(
+                s.span(),
+                scope(),
+                key,
+                format!(
+                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
+                    s.get_ref()
+                ),
+            )
+        })
+    };
+    let upstreams = match (&raw.upstream, &raw.upstreams) {
+        (Some(u), None) => vec![addr(u, "upstream")?],
+        (None, Some(list)) => {
+            if list.get_ref().is_empty() {
+                return Err(cx.invalid(list.span(), scope(), "upstreams", "the list is empty"));
+            }
+            list.get_ref()
+                .iter()
+                .map(|u| addr(u, "upstreams"))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (Some(u), Some(_)) => {
+            return Err(cx.invalid(
+                u.span(),
+                scope(),
+                "upstream",
+                "give either `upstream` or `upstreams`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(cx.invalid(
+                action_span,
+                scope(),
+                "upstream",
+                "action \"proxy\" needs `upstream = \"ADDR:PORT\"` or `upstreams = [...]`",
+            ))
+        }
+    };
+    let upstream_netns = match &raw.upstream_netns {
+        None => None,
+        Some(n) => Some(
+            NetnsRef::parse(n.get_ref())
+                .map_err(|m| cx.invalid(n.span(), scope(), "upstream_netns", m))?,
+        ),
+    };
+    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| match v {
+        None => Ok(default),
+        Some(x) => match u64::try_from(*x.get_ref()) {
+            Ok(n) if (min..=MAX_TIMEOUT_MS).contains(&n) => Ok(n),
+            _ => Err(cx.invalid(
+                x.span(),
+                scope(),
+                key,
+                format!(
+                    "must be between {min} and {MAX_TIMEOUT_MS} (ms), got {}",
+                    x.get_ref()
+                ),
+            )),
+        },
+    };
+    let connect_timeout_ms = ms(
+        &raw.connect_timeout_ms,
+        "connect_timeout_ms",
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        1,
+    )?;
+    let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
+    let buffer_bytes = match &raw.buffer_bytes {
+        None => DEFAULT_BUFFER_BYTES,
+        Some(b) => match usize::try_from(*b.get_ref()) {
+            Ok(n) if (BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    b.span(),
+                    scope(),
+                    "buffer_bytes",
+                    format!(
+                        "must be between {} and {} (bytes), got {}",
+                        BUFFER_BYTES_RANGE.0,
+                        BUFFER_BYTES_RANGE.1,
+                        b.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
+    use crate::proto::proxy_header::ProxyProtocol;
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => None,
+        Some(p) => match p.get_ref().as_str() {
+            "v1" => Some(ProxyProtocol::V1),
+            "v2" => Some(ProxyProtocol::V2),
+            other => {
+                return Err(cx.invalid(
+                    p.span(),
+                    scope(),
+                    "proxy_protocol",
+                    format!("unknown PROXY protocol version {other:?} (expected \"v1\" or \"v2\")"),
+                ))
+            }
+        },
+    };
+    Ok(ProxyConfig {
+        upstreams,
+        upstream_netns,
+        upstream_netns_path: None,
+        upstream_netns_line: raw
+            .upstream_netns
+            .as_ref()
+            .map_or(0, |n| cx.lines.of_span(n.span())),
+        connect_timeout_ms,
+        idle_timeout_ms,
+        buffer_bytes,
+        proxy_protocol,
+    })
 }

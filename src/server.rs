@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::binder::{BindError, Binder, SocketSpec};
-use crate::config::{Config, IoChoice, ListenerConfig};
-use crate::driver::{self, Command, DriverKind, ListenerShared, WorkerHandle};
+use crate::config::{Action, Config, IoChoice, ListenerConfig};
+use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,15 +97,35 @@ impl Server {
                     count: workers,
                 },
             )?;
-            bound.push((l, fds));
+            let upstream = match &l.action {
+                Action::Proxy(p) => {
+                    let ns = p.upstream_netns_path.clone().map(|path| {
+                        let label = p
+                            .upstream_netns
+                            .as_ref()
+                            .map_or_else(String::new, |n| n.label());
+                        (path, label)
+                    });
+                    Some(Arc::new(UpstreamSet::new(
+                        p.upstreams.clone(),
+                        ns,
+                        &l.name,
+                        &binder,
+                    )?))
+                }
+                _ => None,
+            };
+            bound.push((l, fds, upstream));
         }
 
         let handles = driver::spawn_workers(workers, driver).map_err(StartError::Workers)?;
         let mut listeners = Vec::with_capacity(bound.len());
-        for (id, (l, fds)) in bound.into_iter().enumerate() {
+        for (id, (l, fds, upstream)) in bound.into_iter().enumerate() {
             let shared = Arc::new(ListenerShared {
                 name: Arc::from(l.name.as_str()),
                 action: l.action.clone(),
+                netns: Arc::from(l.netns_label().as_str()),
+                upstream,
                 stats: Default::default(),
             });
             for (w, fd) in handles.iter().zip(fds) {

@@ -19,11 +19,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use nix::sys::socket::MsgFlags;
+
 use super::{
-    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn, Key,
-    ListenerIds, ListenerShared, Slab, WorkerCtx, ACCEPT_PAUSE_MS,
+    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn,
+    ConnectStart, Key, ListenerIds, ListenerShared, Slab, Timers, WorkerCtx, ACCEPT_PAUSE_MS,
 };
-use crate::proto::Completion;
+use crate::proto::{Completion, Side};
 
 /// Operations one connection may run per turn before yielding (count).
 pub const BUDGET: usize = 16;
@@ -33,8 +35,9 @@ const ACCEPT_BUDGET: usize = 64;
 const SCRATCH: usize = 16 * 1024;
 
 const K_LISTENER: u8 = 1;
-const K_CONN: u8 = 2;
+const K_CLIENT: u8 = 2;
 const K_WAKE: u8 = 3;
+const K_UPSTREAM: u8 = 4;
 
 struct EListener {
     fd: OwnedFd,
@@ -44,8 +47,8 @@ struct EListener {
 
 struct EConn {
     conn: Conn,
-    readable: bool,
-    writable: bool,
+    /// Last known readiness per side: (readable, writable).
+    ready: [(bool, bool); 2],
 }
 
 struct Worker {
@@ -57,6 +60,9 @@ struct Worker {
     scratch: Vec<u8>,
     ready: VecDeque<Key>,
     ready_listeners: VecDeque<Key>,
+    /// Sessions waiting for an upstream socket from a namespace pool.
+    parked: Vec<Key>,
+    timers: Timers,
     shutting_down: bool,
 }
 
@@ -99,6 +105,8 @@ impl Worker {
             scratch: vec![0; SCRATCH],
             ready: VecDeque::new(),
             ready_listeners: VecDeque::new(),
+            parked: Vec::new(),
+            timers: Timers::default(),
             shutting_down: false,
         })
     }
@@ -109,7 +117,18 @@ impl Worker {
             let timeout = if !self.ready.is_empty() || !self.ready_listeners.is_empty() {
                 EpollTimeout::ZERO
             } else {
-                self.pause_timeout()
+                let t = self.pause_timeout();
+                match self.timers.next_wait(Instant::now()) {
+                    Some(d) => {
+                        let ms = (d.as_millis().min(1000) as u16).saturating_add(1);
+                        if t == EpollTimeout::NONE || EpollTimeout::from(ms) < t {
+                            EpollTimeout::from(ms)
+                        } else {
+                            t
+                        }
+                    }
+                    None => t,
+                }
             };
             let n = match self.ep.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -129,20 +148,29 @@ impl Worker {
                         self.commands();
                     }
                     K_LISTENER => self.accept(k),
-                    K_CONN => {
+                    K_CLIENT | K_UPSTREAM => {
+                        let side = if kind == K_CLIENT {
+                            Side::Client
+                        } else {
+                            Side::Upstream
+                        };
                         if let Some(c) = self.conns.get_mut(k) {
+                            let r = &mut c.ready[side.index()];
                             if f.intersects(
                                 EpollFlags::EPOLLIN
                                     | EpollFlags::EPOLLRDHUP
                                     | EpollFlags::EPOLLHUP
                                     | EpollFlags::EPOLLERR,
                             ) {
-                                c.readable = true;
+                                r.0 = true;
                             }
                             if f.intersects(
                                 EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
                             ) {
-                                c.writable = true;
+                                r.1 = true;
+                            }
+                            if side == Side::Upstream && c.conn.legs[1].connecting && r.1 {
+                                finish_connect(c);
                             }
                             self.drive(k);
                         }
@@ -154,6 +182,16 @@ impl Worker {
                 return;
             }
             self.unpause();
+            let now = Instant::now();
+            for k in self.timers.expired(now, &mut self.conns, |c| &mut c.conn) {
+                if let Some(c) = self.conns.get_mut(k) {
+                    c.conn.complete(Side::Client, Completion::Timeout);
+                }
+                self.drive(k);
+            }
+            for k in std::mem::take(&mut self.parked) {
+                self.drive(k);
+            }
             for _ in 0..self.ready_listeners.len() {
                 if let Some(k) = self.ready_listeners.pop_front() {
                     self.accept(k);
@@ -289,20 +327,11 @@ impl Worker {
             };
             let ck = self.conns.insert(EConn {
                 conn: Conn::open(fd, shared),
-                readable: true,
-                writable: true,
+                ready: [(true, true), (false, false)],
             });
             let c = self.conns.get_mut(ck).expect("just inserted");
-            if let Err(e) = self.ep.add(
-                c.conn.fd.as_fd(),
-                EpollEvent::new(
-                    EpollFlags::EPOLLIN
-                        | EpollFlags::EPOLLOUT
-                        | EpollFlags::EPOLLRDHUP
-                        | EpollFlags::EPOLLET,
-                    token(K_CONN, ck),
-                ),
-            ) {
+            let fd = c.conn.legs[0].fd.as_ref().expect("accepted socket");
+            if let Err(e) = register(&self.ep, fd, K_CLIENT, ck) {
                 tracing::warn!(error = %e, "epoll_ctl(ADD) on connection failed; closing it");
                 self.conns.remove(ck);
                 continue;
@@ -313,73 +342,153 @@ impl Worker {
         self.ready_listeners.push_back(k);
     }
 
-    /// Runs connection `k`'s requested operations until they would block, the
-    /// budget is spent, or it closes.
+    /// Runs session `k`'s requested operations until they would block, the budget
+    /// is spent, or it closes.
     fn drive(&mut self, k: Key) {
         let Some(c) = self.conns.get_mut(k) else {
             return;
         };
-        let fd = c.conn.fd.as_raw_fd();
         for _ in 0..BUDGET {
             if c.conn.finished() {
+                c.conn.linger_if_aborting();
                 self.conns.remove(k);
                 return;
             }
             let mut progress = false;
-            if c.writable {
-                if let Some(buf) = c.conn.next_send() {
-                    self.ctx.stats.submitted.fetch_add(1, Relaxed);
-                    match nix::sys::socket::send(fd, buf, nix::sys::socket::MsgFlags::MSG_NOSIGNAL)
-                    {
-                        Ok(n) => {
-                            c.conn.sent(n);
-                            progress = true;
-                        }
-                        Err(nix::Error::EAGAIN) => c.writable = false,
-                        Err(nix::Error::EINTR) => progress = true,
-                        Err(e) => {
-                            c.conn.complete(Completion::Error(errno_of(e)));
-                            continue;
-                        }
+            if c.conn.take_connect_request() {
+                match c.conn.start_connect(&self.ctx.wake) {
+                    ConnectStart::Go => start_connect(&self.ep, c, k),
+                    ConnectStart::Wait => {
+                        c.conn.io.connect = true;
+                        self.parked.push(k);
                     }
+                    ConnectStart::Failed => {}
+                }
+                progress = true;
+            }
+            for side in [Side::Client, Side::Upstream] {
+                let ops = step_side(c, side, &mut self.scratch);
+                if ops > 0 {
+                    self.ctx.stats.submitted.fetch_add(ops as u64, Relaxed);
+                    progress = true;
                 }
             }
-            if c.conn.should_shutdown_write() {
-                c.conn.shutdown_write();
-            }
-            if c.readable && c.conn.io.want_recv {
-                self.ctx.stats.submitted.fetch_add(1, Relaxed);
-                match nix::sys::socket::recv(
-                    fd,
-                    &mut self.scratch,
-                    nix::sys::socket::MsgFlags::empty(),
-                ) {
-                    Ok(0) => {
-                        c.conn.take_recv_request();
-                        c.conn.complete(Completion::Eof);
-                        progress = true;
-                    }
-                    Ok(n) => {
-                        c.conn.take_recv_request();
-                        c.conn.complete(Completion::Recv(&self.scratch[..n]));
-                        progress = true;
-                    }
-                    Err(nix::Error::EAGAIN) => c.readable = false,
-                    Err(nix::Error::EINTR) => progress = true,
-                    Err(e) => {
-                        c.conn.take_recv_request();
-                        c.conn.complete(Completion::Error(errno_of(e)));
-                        progress = true;
-                    }
-                }
-            }
+            c.conn.shutdown_drained();
             if !progress {
                 if c.conn.finished() {
+                    c.conn.linger_if_aborting();
                     self.conns.remove(k);
+                } else {
+                    self.timers.sync(k, &mut c.conn);
                 }
                 return;
             }
         }
+        self.timers.sync(k, &mut c.conn);
         self.ready.push_back(k);
     }
+}
+
+/// Adds `fd` to the epoll set, edge-triggered, for reads and writes.
+fn register(ep: &Epoll, fd: &OwnedFd, kind: u8, k: Key) -> nix::Result<()> {
+    ep.add(
+        fd.as_fd(),
+        EpollEvent::new(
+            EpollFlags::EPOLLIN
+                | EpollFlags::EPOLLOUT
+                | EpollFlags::EPOLLRDHUP
+                | EpollFlags::EPOLLET,
+            token(kind, k),
+        ),
+    )
+}
+
+/// Registers the upstream socket and starts a non-blocking connect; completes the
+/// session at once when the connect finished or failed synchronously.
+fn start_connect(ep: &Epoll, c: &mut EConn, k: Key) {
+    let leg = &c.conn.legs[1];
+    let (Some(fd), Some(dest)) = (&leg.fd, &leg.dest) else {
+        return;
+    };
+    if let Err(e) = register(ep, fd, K_UPSTREAM, k) {
+        c.conn
+            .complete(Side::Upstream, Completion::Error(errno_of(e)));
+        return;
+    }
+    match socket2::SockRef::from(fd).connect(dest) {
+        Ok(()) => {
+            c.ready[1] = (true, true);
+            c.conn.complete(Side::Upstream, Completion::Connected);
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => c.ready[1] = (false, false),
+        Err(e) => c.conn.complete(
+            Side::Upstream,
+            Completion::Error(e.raw_os_error().unwrap_or(libc::EIO)),
+        ),
+    }
+}
+
+/// The upstream socket became writable while connecting: read SO_ERROR.
+fn finish_connect(c: &mut EConn) {
+    let Some(fd) = &c.conn.legs[1].fd else {
+        return;
+    };
+    match socket2::SockRef::from(fd).take_error() {
+        Ok(None) => c.conn.complete(Side::Upstream, Completion::Connected),
+        Ok(Some(e)) | Err(e) => c.conn.complete(
+            Side::Upstream,
+            Completion::Error(e.raw_os_error().unwrap_or(libc::EIO)),
+        ),
+    }
+}
+
+/// One send and one receive on `side` if wanted and possible; returns the
+/// syscalls made (0: nothing could progress).
+fn step_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
+    let i = side.index();
+    let Some(fd) = c.conn.legs[i].raw() else {
+        return 0;
+    };
+    let mut ops = 0;
+    if c.ready[i].1 {
+        if let Some(buf) = c.conn.next_send(side) {
+            ops += 1;
+            match nix::sys::socket::send(fd, buf, MsgFlags::MSG_NOSIGNAL) {
+                Ok(n) => c.conn.sent(side, n),
+                Err(nix::Error::EAGAIN) => {
+                    c.ready[i].1 = false;
+                    ops -= 1;
+                }
+                Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    c.conn.complete(side, Completion::Error(errno_of(e)));
+                    return ops;
+                }
+            }
+        }
+    }
+    c.conn.shutdown_drained();
+    if c.ready[i].0 && c.conn.wants_recv(side) {
+        ops += 1;
+        match nix::sys::socket::recv(fd, scratch, MsgFlags::empty()) {
+            Ok(0) => {
+                c.conn.take_recv_request(side);
+                c.conn.complete(side, Completion::Eof);
+            }
+            Ok(n) => {
+                c.conn.take_recv_request(side);
+                c.conn.complete(side, Completion::Recv(&scratch[..n]));
+            }
+            Err(nix::Error::EAGAIN) => {
+                c.ready[i].0 = false;
+                ops -= 1;
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(e) => {
+                c.conn.take_recv_request(side);
+                c.conn.complete(side, Completion::Error(errno_of(e)));
+            }
+        }
+    }
+    ops
 }

@@ -13,12 +13,16 @@
 //!    `accept4` until EAGAIN), re-arming after EINTR/ECONNABORTED and pausing for
 //!    [`ACCEPT_PAUSE_MS`] after EMFILE/ENFILE/ENOBUFS/ENOMEM;
 //! 2. for each connection call [`Conn::open`], then after every operation report one
-//!    [`Completion`] through [`Conn::complete`] / [`Conn::sent`];
-//! 3. act on the session's requests after every completion: send
-//!    [`Conn::next_send`] (one send in flight at a time; a short send is reported as
+//!    [`Completion`] on its [`Side`] through [`Conn::complete`] / [`Conn::sent`];
+//! 3. act on the session's requests after every completion, on each side: send
+//!    [`Conn::next_send`] (one send in flight per side; a short send is reported as
 //!    `Sent(n)` and the rest is sent next), arm one receive when
-//!    [`Conn::take_recv_request`] says so, shut the write side when
-//!    [`Conn::should_shutdown_write`], and close when [`Conn::finished`];
+//!    [`Conn::take_recv_request`] says so, call [`Conn::shutdown_drained`], connect
+//!    the upstream when [`Conn::take_connect_request`] says so (through
+//!    [`Conn::start_connect`], then a non-blocking connect reported as `Connected`
+//!    or `Error`), register the session's deadline with [`Timers::sync`] and report
+//!    `Timeout` for those [`Timers::expired`] returns, and close when
+//!    [`Conn::finished`] (after [`Conn::linger_if_aborting`]);
 //! 4. never let a buffer go while the kernel may still use it, and close an fd only
 //!    when no operation on it is in flight;
 //! 5. handle [`Command`]s: add a listener, remove one (stop accepting, release its
@@ -26,19 +30,23 @@
 //! 6. never run a blocking syscall.
 
 pub mod epoll;
+pub mod upstream;
 #[cfg(feature = "uring")]
 pub mod uring;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::config::{Action, IoChoice};
-use crate::proto::{Completion, ConnIo, Session};
+use crate::proto::{Completion, ConnInfo, Session, SessionIo, Side};
+pub use upstream::UpstreamSet;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
 pub const ACCEPT_PAUSE_MS: u64 = 100;
@@ -120,8 +128,16 @@ pub struct ListenerStats {
     pub bytes_out: AtomicU64,
     /// Accept errors other than EINTR/ECONNABORTED/EAGAIN.
     pub accept_errors: AtomicU64,
-    /// Connections that ended with an I/O error (reset, broken pipe, ...).
+    /// Sessions that ended with an I/O error or timeout (reset, refused, ...).
     pub conn_errors: AtomicU64,
+    /// Resets (ECONNRESET/EPIPE) seen on established connections.
+    pub resets: AtomicU64,
+    /// Upstream connects refused (ECONNREFUSED).
+    pub upstream_refused: AtomicU64,
+    /// Upstream connects that timed out (`connect_timeout_ms`).
+    pub upstream_timeouts: AtomicU64,
+    /// Upstream connects that failed otherwise (unreachable, no socket, ...).
+    pub upstream_errors: AtomicU64,
 }
 
 impl ListenerStats {
@@ -140,6 +156,11 @@ pub struct ListenerShared {
     pub name: Arc<str>,
     /// What connections on it do.
     pub action: Action,
+    /// The listener's namespace label ("root" for the start namespace), for the
+    /// PROXY v2 NETNS TLV.
+    pub netns: Arc<str>,
+    /// Upstreams and their socket pools (`action = "proxy"` only).
+    pub upstream: Option<Arc<UpstreamSet>>,
     /// Its counters.
     pub stats: ListenerStats,
 }
@@ -209,7 +230,8 @@ impl WorkerHandle {
     }
 }
 
-fn wake(fd: RawFd) {
+/// Writes 1 to eventfd `fd`, waking the worker that watches it.
+pub(crate) fn wake(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: `fd` is an eventfd kept open by the Arc in the handle; the buffer is
     // 8 valid bytes. A failed write (counter full) still leaves the worker woken.
@@ -427,17 +449,66 @@ pub(crate) fn untoken(t: u64) -> (u8, Key) {
     )
 }
 
-/// One accepted connection: its socket, its session and the driver-neutral I/O state.
-pub(crate) struct Conn {
-    pub fd: OwnedFd,
-    pub session: Session,
-    pub io: ConnIo,
+/// One socket of a session: the client's or the upstream's.
+pub(crate) struct Leg {
+    /// The socket; `None` for an upstream not yet opened.
+    pub fd: Option<OwnedFd>,
     /// Bytes being sent (handed to the kernel, or being written by epoll), from `sent`.
     pub sending: Vec<u8>,
     pub sent: usize,
     pub write_shut: bool,
+    /// A connect is in progress: no send or receive may start yet.
+    pub connecting: bool,
+    /// The connect destination; boxed so that its address stays put while an
+    /// io_uring CONNECT SQE points at it.
+    pub dest: Option<Box<socket2::SockAddr>>,
+}
+
+impl Leg {
+    fn new(fd: Option<OwnedFd>) -> Leg {
+        Leg {
+            fd,
+            sending: Vec::new(),
+            sent: 0,
+            write_shut: false,
+            connecting: false,
+            dest: None,
+        }
+    }
+
+    /// The raw fd, when the leg is open.
+    pub fn raw(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether sends and receives may be issued (open, and not connecting).
+    pub fn ready(&self) -> bool {
+        self.fd.is_some() && !self.connecting
+    }
+}
+
+/// What [`Conn::start_connect`] got.
+pub(crate) enum ConnectStart {
+    /// The socket is in the upstream leg; issue the connect to `leg.dest`.
+    Go,
+    /// The namespace's socket pool is empty; retry when the worker is woken.
+    Wait,
+    /// No socket could be had; the session was told (Error completion).
+    Failed,
+}
+
+/// One session: its sockets, its protocol state machine and the driver-neutral
+/// I/O state. Both drivers use it, so the bookkeeping is the same for both.
+pub(crate) struct Conn {
+    pub legs: [Leg; 2],
+    pub session: Session,
+    pub io: SessionIo,
     pub listener: Arc<ListenerShared>,
     pub failed: bool,
+    /// The upstream address chosen for this session.
+    pub upstream: Option<SocketAddr>,
+    /// The earliest deadline registered in the worker's [`Timers`] for this session.
+    pub timer: Option<Instant>,
 }
 
 impl Conn {
@@ -445,86 +516,204 @@ impl Conn {
     pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>) -> Conn {
         listener.stats.accepted.fetch_add(1, Relaxed);
         set_nodelay(fd.as_raw_fd());
+        let info = if Session::needs_info(&listener.action) {
+            let s = socket2::SockRef::from(&fd);
+            ConnInfo {
+                peer: s.peer_addr().ok().and_then(|a| a.as_socket()),
+                local: s.local_addr().ok().and_then(|a| a.as_socket()),
+            }
+        } else {
+            ConnInfo {
+                peer: None,
+                local: None,
+            }
+        };
         let mut c = Conn {
-            fd,
+            legs: [Leg::new(Some(fd)), Leg::new(None)],
             session: Session::new(&listener.action),
-            io: ConnIo::default(),
-            sending: Vec::new(),
-            sent: 0,
-            write_shut: false,
+            io: SessionIo::default(),
             listener,
             failed: false,
+            upstream: None,
+            timer: None,
         };
-        c.session.on_open(&c.listener.action, &mut c.io);
+        c.session
+            .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
         c
     }
 
-    /// Reports a completion other than a send to the session.
-    pub fn complete(&mut self, c: Completion<'_>) {
+    /// Reports a completion other than a send on `side` to the session, counting
+    /// bytes and upstream failures (and logging those, naming listener and upstream).
+    pub fn complete(&mut self, side: Side, c: Completion<'_>) {
+        let st = &self.listener.stats;
         match c {
-            Completion::Recv(d) => {
-                self.listener
-                    .stats
-                    .bytes_in
-                    .fetch_add(d.len() as u64, Relaxed);
+            Completion::Recv(d) if side == Side::Client => {
+                st.bytes_in.fetch_add(d.len() as u64, Relaxed);
             }
-            Completion::Error(_) => {
+            Completion::Error(errno) => {
                 self.failed = true;
+                if side == Side::Upstream && self.legs[1].connecting {
+                    self.upstream_failed(errno);
+                } else if errno == libc::ECONNRESET || errno == libc::EPIPE {
+                    st.resets.fetch_add(1, Relaxed);
+                }
+            }
+            Completion::Timeout if self.legs[1].connecting || self.awaiting_upstream() => {
+                self.failed = true;
+                self.upstream_failed(libc::ETIMEDOUT);
+            }
+            Completion::Connected => {
+                self.legs[1].connecting = false;
+                self.legs[1].dest = None;
             }
             _ => {}
         }
-        self.session.on_complete(c, &mut self.io);
+        self.session.on_complete(side, c, &mut self.io);
     }
 
-    /// Reports that `n` bytes of [`Conn::next_send`]'s slice were sent.
-    pub fn sent(&mut self, n: usize) {
-        self.sent += n;
-        if self.sent >= self.sending.len() {
-            self.sending.clear();
-            self.sent = 0;
+    /// Whether the session asked for an upstream it does not have yet.
+    fn awaiting_upstream(&self) -> bool {
+        matches!(&self.session, Session::Proxy(p) if !p.connected())
+    }
+
+    fn upstream_failed(&mut self, errno: i32) {
+        let st = &self.listener.stats;
+        match errno {
+            libc::ETIMEDOUT => st.upstream_timeouts.fetch_add(1, Relaxed),
+            libc::ECONNREFUSED => st.upstream_refused.fetch_add(1, Relaxed),
+            _ => st.upstream_errors.fetch_add(1, Relaxed),
+        };
+        if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
+            set.mark_down(addr);
         }
-        self.io.in_flight = self.sending.len() - self.sent;
-        self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
-        self.session.on_complete(Completion::Sent(n), &mut self.io);
+        tracing::warn!(
+            listener = %self.listener.name,
+            upstream = ?self.upstream,
+            error = %std::io::Error::from_raw_os_error(errno),
+            "upstream connect failed; closing the client"
+        );
     }
 
-    /// The bytes to send next, if any: the rest of a short send, else everything the
-    /// session queued since. The slice stays valid and unchanged until [`Conn::sent`]
-    /// or the connection is dropped, so io_uring may point an SQE at it.
-    pub fn next_send(&mut self) -> Option<&[u8]> {
-        if self.sending.is_empty() {
-            if self.io.out.is_empty() {
+    /// Reports that `n` bytes of [`Conn::next_send`]'s slice on `side` were sent.
+    pub fn sent(&mut self, side: Side, n: usize) {
+        let leg = &mut self.legs[side.index()];
+        leg.sent += n;
+        if leg.sent >= leg.sending.len() {
+            leg.sending.clear();
+            leg.sent = 0;
+        }
+        self.io.legs[side.index()].in_flight = leg.sending.len() - leg.sent;
+        if side == Side::Client {
+            self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        self.session
+            .on_complete(side, Completion::Sent(n), &mut self.io);
+    }
+
+    /// The bytes to send next on `side`, if any: the rest of a short send, else
+    /// everything the session queued since. The slice stays valid and unchanged
+    /// until [`Conn::sent`] or the session is dropped, so io_uring may point an SQE
+    /// at it. `None` while the leg is not [`Leg::ready`].
+    pub fn next_send(&mut self, side: Side) -> Option<&[u8]> {
+        let i = side.index();
+        let leg = &mut self.legs[i];
+        if !leg.ready() {
+            return None;
+        }
+        if leg.sending.is_empty() {
+            let io = &mut self.io.legs[i];
+            if io.out.is_empty() {
                 return None;
             }
-            std::mem::swap(&mut self.sending, &mut self.io.out);
-            self.sent = 0;
-            self.io.in_flight = self.sending.len();
+            std::mem::swap(&mut leg.sending, &mut io.out);
+            leg.sent = 0;
+            io.in_flight = leg.sending.len();
         }
-        Some(&self.sending[self.sent..])
+        Some(&leg.sending[leg.sent..])
     }
 
-    /// Whether the session asked for a receive; clears the request.
-    pub fn take_recv_request(&mut self) -> bool {
-        std::mem::take(&mut self.io.want_recv)
+    /// Whether the session asked for a receive on `side` (and the leg is ready);
+    /// clears the request.
+    pub fn take_recv_request(&mut self, side: Side) -> bool {
+        self.legs[side.index()].ready() && std::mem::take(&mut self.io.legs[side.index()].want_recv)
     }
 
-    /// Whether the write side should be shut down now (asked for, and drained).
-    pub fn should_shutdown_write(&self) -> bool {
-        self.io.shutdown_write && !self.write_shut && self.io.unsent() == 0
+    /// Whether a receive on `side` is wanted (without clearing the request).
+    pub fn wants_recv(&self, side: Side) -> bool {
+        self.legs[side.index()].ready() && self.io.legs[side.index()].want_recv
     }
 
-    /// shutdown(SHUT_WR) now; errors (peer gone) are ignored, the next op reports them.
-    pub fn shutdown_write(&mut self) {
-        self.write_shut = true;
-        // SAFETY: shutdown(2) on an fd we own; no pointers.
-        unsafe {
-            libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR);
+    /// Shuts down the write side of every leg that asked for it and has drained.
+    /// Errors (peer gone) are ignored: the next operation reports them.
+    pub fn shutdown_drained(&mut self) {
+        for (leg, io) in self.legs.iter_mut().zip(&self.io.legs) {
+            if io.shutdown_write && !leg.write_shut && leg.ready() && io.unsent() == 0 {
+                leg.write_shut = true;
+                if let Some(fd) = leg.raw() {
+                    // SAFETY: shutdown(2) on an fd we own; no pointers.
+                    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                }
+            }
         }
     }
 
-    /// Whether the session is done: close asked for and nothing left to send (or it failed).
+    /// Whether the session is done: close asked for and nothing left to send on any
+    /// ready leg, or aborted, or failed.
     pub fn finished(&self) -> bool {
-        (self.io.close && self.io.unsent() == 0) || self.failed
+        if self.io.abort || self.failed {
+            return true;
+        }
+        self.io.close
+            && self
+                .legs
+                .iter()
+                .zip(&self.io.legs)
+                .all(|(leg, io)| !leg.ready() || io.unsent() == 0)
+    }
+
+    /// Sets SO_LINGER {on, 0} on every open leg when the session aborted, so that
+    /// closing them sends RST (the peers see ECONNRESET, not a clean EOF).
+    pub fn linger_if_aborting(&mut self) {
+        if self.io.abort || self.failed {
+            for leg in &self.legs {
+                if let Some(fd) = &leg.fd {
+                    let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                }
+            }
+        }
+    }
+
+    /// Whether the session asked to connect its upstream; clears the request.
+    pub fn take_connect_request(&mut self) -> bool {
+        std::mem::take(&mut self.io.connect)
+    }
+
+    /// Picks an upstream and gets a socket for it: made here for the root namespace
+    /// (socket(2) is non-blocking), taken from the binder-filled pool otherwise.
+    /// On `Wait` the worker must retry after its next wake-up.
+    pub fn start_connect(&mut self, wake: &Arc<OwnedFd>) -> ConnectStart {
+        let Some(set) = self.listener.upstream.clone() else {
+            self.complete(Side::Upstream, Completion::Error(libc::EINVAL));
+            return ConnectStart::Failed;
+        };
+        let addr = *self.upstream.get_or_insert_with(|| set.pick());
+        match set.socket_for(addr, wake) {
+            upstream::GetSocket::Ready(fd) => {
+                set_nodelay(fd.as_raw_fd());
+                let leg = &mut self.legs[1];
+                leg.fd = Some(fd);
+                leg.connecting = true;
+                leg.dest = Some(Box::new(addr.into()));
+                ConnectStart::Go
+            }
+            upstream::GetSocket::Wait => ConnectStart::Wait,
+            upstream::GetSocket::Failed(errno) => {
+                self.legs[1].connecting = true;
+                self.complete(Side::Upstream, Completion::Error(errno));
+                self.legs[1].connecting = false;
+                ConnectStart::Failed
+            }
+        }
     }
 }
 
@@ -535,6 +724,73 @@ impl Drop for Conn {
         if self.failed {
             s.conn_errors.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// Session deadlines of one worker, earliest first.
+///
+/// A session's deadline may move; the heap keeps the earliest registered time per
+/// session ([`Conn::timer`]) and a popped entry is checked against the session's
+/// current deadline, so moving a deadline later costs nothing until it fires.
+#[derive(Default)]
+pub(crate) struct Timers {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u32, u32)>>,
+}
+
+impl Timers {
+    /// Registers `c`'s current deadline if it is earlier than what is registered.
+    pub fn sync(&mut self, k: Key, c: &mut Conn) {
+        if let Some(d) = c.io.deadline {
+            if c.timer.is_none_or(|t| d < t) {
+                c.timer = Some(d);
+                self.heap.push(std::cmp::Reverse((d, k.idx, k.gen)));
+            }
+        }
+    }
+
+    /// Time until the earliest registered deadline, if any.
+    pub fn next_wait(&self, now: Instant) -> Option<Duration> {
+        self.heap
+            .peek()
+            .map(|std::cmp::Reverse((t, _, _))| t.saturating_duration_since(now))
+    }
+
+    /// Pops the entries due at `now`; returns the keys of sessions whose current
+    /// deadline has passed (their [`Completion::Timeout`] is due), re-registering
+    /// those whose deadline moved later.
+    pub fn expired<T>(
+        &mut self,
+        now: Instant,
+        slab: &mut Slab<T>,
+        conn: impl Fn(&mut T) -> &mut Conn,
+    ) -> Vec<Key> {
+        let mut due = Vec::new();
+        while let Some(std::cmp::Reverse((t, idx, gen))) = self.heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            let k = Key { idx, gen };
+            let Some(c) = slab.get_mut(k).map(&conn) else {
+                continue;
+            };
+            if c.timer != Some(t) {
+                continue; // superseded by an earlier registration
+            }
+            c.timer = None;
+            match c.io.deadline {
+                Some(d) if d <= now => {
+                    c.io.deadline = None;
+                    due.push(k);
+                }
+                Some(d) => {
+                    c.timer = Some(d);
+                    self.heap.push(std::cmp::Reverse((d, idx, gen)));
+                }
+                None => {}
+            }
+        }
+        due
     }
 }
 

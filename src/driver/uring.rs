@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{
-    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn, Key,
-    ListenerIds, ListenerShared, Slab, WorkerCtx, ACCEPT_PAUSE_MS,
+    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn,
+    ConnectStart, Key, ListenerIds, ListenerShared, Slab, Timers, WorkerCtx, ACCEPT_PAUSE_MS,
 };
-use crate::proto::Completion;
+use crate::proto::{Completion, Side};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Submission queue entries per ring.
@@ -43,11 +43,16 @@ pub const BUF_SIZE: usize = 16 * 1024;
 const BGID: u16 = 1;
 
 const K_ACCEPT: u8 = 1;
-const K_RECV: u8 = 2;
-const K_SEND: u8 = 3;
 const K_WAKE: u8 = 4;
 const K_TIMER: u8 = 5;
 const K_CANCEL: u8 = 6;
+const K_CONNECT: u8 = 7;
+/// Receive on side 0 (client) / 1 (upstream): `K_RECV + side`.
+const K_RECV: u8 = 8;
+/// Send on side 0 (client) / 1 (upstream): `K_SEND + side`.
+const K_SEND: u8 = 10;
+const K_RECV1: u8 = K_RECV + 1;
+const K_SEND1: u8 = K_SEND + 1;
 
 /// The setup flags chosen, for logs.
 #[derive(Debug, Clone, Copy)]
@@ -232,10 +237,12 @@ struct UListener {
 
 struct UConn {
     conn: Conn,
-    /// Ops in flight on this connection (0..=2: one recv, one send).
+    /// Ops in flight on this session (at most one recv and one send per side, and
+    /// one connect).
     ops: u8,
-    recv_armed: bool,
-    send_armed: bool,
+    recv_armed: [bool; 2],
+    send_armed: [bool; 2],
+    connect_armed: bool,
     closing: bool,
 }
 
@@ -250,6 +257,9 @@ struct Worker {
     multishot_accept: bool,
     /// Connections whose receive found no buffer (ENOBUFS), to re-arm.
     starved: Vec<Key>,
+    /// Sessions waiting for an upstream socket from a namespace pool.
+    parked: Vec<Key>,
+    timers: Timers,
     /// Entries that did not fit in the SQ.
     overflow: VecDeque<squeue::Entry>,
     /// Timespec storage for pause timers (must outlive the SQE).
@@ -305,6 +315,8 @@ impl Worker {
             conns: Slab::default(),
             multishot_accept: true,
             starved: Vec::new(),
+            parked: Vec::new(),
+            timers: Timers::default(),
             overflow: VecDeque::new(),
             pause_ts: Box::new(types::Timespec::new().nsec((ACCEPT_PAUSE_MS * 1_000_000) as u32)),
             wake_armed: false,
@@ -355,12 +367,17 @@ impl Worker {
         let mut shutdown_deadline: Option<Instant> = None;
         loop {
             self.flush_overflow();
-            let res = if shutdown_deadline.is_some() {
-                let ts = types::Timespec::new().nsec(50_000_000);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            } else {
-                self.ring.submit_and_wait(1)
+            let wait = match (shutdown_deadline, self.timers.next_wait(Instant::now())) {
+                (Some(_), t) => Some(t.map_or(SHUTDOWN_POLL, |t| t.min(SHUTDOWN_POLL))),
+                (None, t) => t,
+            };
+            let res = match wait {
+                Some(d) => {
+                    let ts = types::Timespec::from(d);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
             };
             match res {
                 Ok(_) => {}
@@ -390,6 +407,20 @@ impl Worker {
             // Buffers returned during this batch: let parked receives retry.
             self.bufs.publish();
             for k in std::mem::take(&mut self.starved) {
+                self.drive(k);
+            }
+            for k in self
+                .timers
+                .expired(Instant::now(), &mut self.conns, |c| &mut c.conn)
+            {
+                if let Some(c) = self.conns.get_mut(k) {
+                    if !c.closing {
+                        c.conn.complete(Side::Client, Completion::Timeout);
+                    }
+                }
+                self.drive(k);
+            }
+            for k in std::mem::take(&mut self.parked) {
                 self.drive(k);
             }
             if self.shutting_down {
@@ -426,8 +457,9 @@ impl Worker {
                 }
                 self.arm_accept(key);
             }
-            K_RECV => self.on_recv(key, res, flags),
-            K_SEND => self.on_send(key, res),
+            K_RECV | K_RECV1 => self.on_recv(key, side_of(kind - K_RECV), res, flags),
+            K_SEND | K_SEND1 => self.on_send(key, side_of(kind - K_SEND), res),
+            K_CONNECT => self.on_connect(key, res),
             _ => {}
         }
     }
@@ -480,7 +512,9 @@ impl Worker {
             if let Some(c) = self.conns.get_mut(k) {
                 c.conn.failed = false;
                 c.conn.io.close();
-                c.conn.io.out.clear();
+                for l in &mut c.conn.io.legs {
+                    l.out.clear();
+                }
             }
             self.close(k);
         }
@@ -538,8 +572,9 @@ impl Worker {
                 let ck = self.conns.insert(UConn {
                     conn: Conn::open(fd, shared),
                     ops: 0,
-                    recv_armed: false,
-                    send_armed: false,
+                    recv_armed: [false; 2],
+                    send_armed: [false; 2],
+                    connect_armed: false,
                     closing: false,
                 });
                 self.drive(ck);
@@ -580,46 +615,68 @@ impl Worker {
         }
     }
 
-    fn on_recv(&mut self, k: Key, res: i32, flags: u32) {
+    fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
+        let starved = -res == libc::ENOBUFS;
         if let Some(c) = self.conns.get_mut(k) {
             c.ops -= 1;
-            c.recv_armed = false;
+            c.recv_armed[side.index()] = false;
             if !c.closing {
                 if res > 0 {
                     if let Some(bid) = bid {
-                        c.conn
-                            .complete(Completion::Recv(self.bufs.data(bid, res as usize)));
+                        let data = self.bufs.data(bid, res as usize);
+                        c.conn.complete(side, Completion::Recv(data));
                     }
                 } else if res == 0 {
-                    c.conn.complete(Completion::Eof);
-                } else if -res == libc::ENOBUFS {
-                    // Back-pressure from the buffer ring, not an error: retry later.
+                    c.conn.complete(side, Completion::Eof);
+                } else if starved {
+                    // Back-pressure from the buffer ring, not an error: retry once
+                    // this batch has returned its buffers.
                     self.ctx.stats.enobufs.fetch_add(1, Relaxed);
-                    c.conn.io.want_recv = true;
+                    c.conn.io.side(side).recv();
                     self.starved.push(k);
                 } else if -res != libc::ECANCELED {
-                    c.conn.complete(Completion::Error(-res));
+                    c.conn.complete(side, Completion::Error(-res));
                 }
             }
         }
         if let Some(bid) = bid {
             self.bufs.push(bid);
         }
-        if -res != libc::ENOBUFS {
+        if !starved {
             self.drive(k);
         }
     }
 
-    fn on_send(&mut self, k: Key, res: i32) {
+    fn on_send(&mut self, k: Key, side: Side, res: i32) {
         if let Some(c) = self.conns.get_mut(k) {
             c.ops -= 1;
-            c.send_armed = false;
+            c.send_armed[side.index()] = false;
             if !c.closing {
                 if res >= 0 {
-                    c.conn.sent(res as usize);
+                    c.conn.sent(side, res as usize);
                 } else if -res != libc::ECANCELED {
-                    c.conn.complete(Completion::Error(-res));
+                    c.conn.complete(side, Completion::Error(-res));
+                }
+            }
+        }
+        self.drive(k);
+    }
+
+    fn on_connect(&mut self, k: Key, res: i32) {
+        if let Some(c) = self.conns.get_mut(k) {
+            c.ops -= 1;
+            c.connect_armed = false;
+            if !c.closing {
+                if res == 0 {
+                    c.conn.complete(Side::Upstream, Completion::Connected);
+                } else {
+                    let errno = if -res == libc::ECANCELED {
+                        libc::ETIMEDOUT
+                    } else {
+                        -res
+                    };
+                    c.conn.complete(Side::Upstream, Completion::Error(errno));
                 }
             }
         }
@@ -636,58 +693,110 @@ impl Worker {
             self.close(k);
             return;
         }
-        let fd = types::Fd(c.conn.fd.as_raw_fd());
-        if c.conn.should_shutdown_write() {
-            c.conn.shutdown_write();
-        }
-        let mut entries: [Option<squeue::Entry>; 2] = [None, None];
-        if !c.send_armed {
-            if let Some(buf) = c.conn.next_send() {
-                let e =
-                    opcode::Send::new(fd, buf.as_ptr(), buf.len().min(u32::MAX as usize) as u32)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build()
-                        .user_data(token(K_SEND, k));
-                c.send_armed = true;
-                c.ops += 1;
-                entries[0] = Some(e);
+        let mut entries: [Option<squeue::Entry>; 5] = Default::default();
+        if c.conn.take_connect_request() {
+            match c.conn.start_connect(&self.ctx.wake) {
+                ConnectStart::Go => {
+                    let leg = &c.conn.legs[1];
+                    if let (Some(fd), Some(dest)) = (leg.raw(), &leg.dest) {
+                        // The boxed address stays put until the CQE (Leg::dest).
+                        let e =
+                            opcode::Connect::new(types::Fd(fd), dest.as_ptr().cast(), dest.len())
+                                .build()
+                                .user_data(token(K_CONNECT, k));
+                        c.connect_armed = true;
+                        c.ops += 1;
+                        entries[4] = Some(e);
+                    }
+                }
+                ConnectStart::Wait => {
+                    c.conn.io.connect();
+                    self.parked.push(k);
+                }
+                ConnectStart::Failed => {
+                    self.close(k);
+                    return;
+                }
             }
         }
-        if !c.recv_armed && c.conn.take_recv_request() {
-            let e = opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE as u32)
-                .buf_group(BGID)
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
-                .user_data(token(K_RECV, k));
-            c.recv_armed = true;
-            c.ops += 1;
-            entries[1] = Some(e);
+        c.conn.shutdown_drained();
+        for side in [Side::Client, Side::Upstream] {
+            let i = side.index();
+            let Some(fd) = c.conn.legs[i].raw().map(types::Fd) else {
+                continue;
+            };
+            if !c.send_armed[i] {
+                if let Some(buf) = c.conn.next_send(side) {
+                    let len = buf.len().min(u32::MAX as usize) as u32;
+                    let e = opcode::Send::new(fd, buf.as_ptr(), len)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(token(K_SEND + i as u8, k));
+                    c.send_armed[i] = true;
+                    c.ops += 1;
+                    entries[i] = Some(e);
+                }
+            }
+            if !c.recv_armed[i] && c.conn.take_recv_request(side) {
+                let e = opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE as u32)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(token(K_RECV + i as u8, k));
+                c.recv_armed[i] = true;
+                c.ops += 1;
+                entries[2 + i] = Some(e);
+            }
         }
+        self.timers.sync(k, &mut c.conn);
         for e in entries.into_iter().flatten() {
             self.push(e);
         }
     }
 
-    /// Closes connection `k` now if nothing is in flight, else cancels what is.
+    /// Closes session `k` now if nothing is in flight, else cancels what is and
+    /// closes when the last CQE arrives. An aborted session's sockets get
+    /// SO_LINGER 0 first, so their peers see a reset.
     fn close(&mut self, k: Key) {
         let Some(c) = self.conns.get_mut(k) else {
             return;
         };
+        if !c.closing {
+            c.closing = true;
+            c.conn.linger_if_aborting();
+        }
         if c.ops == 0 {
             self.conns.remove(k);
             return;
         }
-        if !c.closing {
-            c.closing = true;
-            let (r, s) = (c.recv_armed, c.send_armed);
-            for (armed, kind) in [(r, K_RECV), (s, K_SEND)] {
-                if armed {
-                    let e = opcode::AsyncCancel::new(token(kind, k))
-                        .build()
-                        .user_data(token(K_CANCEL, k));
-                    self.push(e);
-                }
+        let mut cancel = Vec::with_capacity(5);
+        for i in 0..2 {
+            if std::mem::take(&mut c.recv_armed[i]) {
+                cancel.push(K_RECV + i as u8);
             }
+            if std::mem::take(&mut c.send_armed[i]) {
+                cancel.push(K_SEND + i as u8);
+            }
+        }
+        if std::mem::take(&mut c.connect_armed) {
+            cancel.push(K_CONNECT);
+        }
+        for kind in cancel {
+            let e = opcode::AsyncCancel::new(token(kind, k))
+                .build()
+                .user_data(token(K_CANCEL, k));
+            self.push(e);
         }
     }
 }
+
+fn side_of(i: u8) -> Side {
+    if i == 0 {
+        Side::Client
+    } else {
+        Side::Upstream
+    }
+}
+
+/// How often a shutting-down worker checks whether its ops have drained.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);

@@ -6,7 +6,7 @@
 //! `Connection: keep-alive`. A request body announced by `Content-Length` is read
 //! and discarded; `Transfer-Encoding` bodies are refused with 501 and a close.
 
-use super::ConnIo;
+use super::SessionIo;
 
 /// Most header fields parsed per request; more gives 431.
 const MAX_HEADERS: usize = 64;
@@ -102,7 +102,7 @@ impl HttpSession {
     /// Consumes `data`, queueing one response per complete request into `io`.
     /// Closes (after the queue drains) on `Connection: close`, HTTP/1.0 without
     /// keep-alive, or a malformed request.
-    pub fn on_input(&mut self, mut data: &[u8], io: &mut ConnIo) {
+    pub fn on_input(&mut self, mut data: &[u8], io: &mut SessionIo) {
         // Skip the rest of a body still in flight.
         let skip = (self.body_left.min(data.len() as u64)) as usize;
         self.body_left -= skip as u64;
@@ -127,13 +127,13 @@ impl HttpSession {
     }
 
     /// Parses as many whole requests as `buf` holds; returns the bytes consumed.
-    fn parse_all(&mut self, buf: &[u8], io: &mut ConnIo) -> usize {
+    fn parse_all(&mut self, buf: &[u8], io: &mut SessionIo) -> usize {
         let mut pos = 0;
         while pos < buf.len() && !io.close {
             match parse_one(&buf[pos..]) {
                 Parsed::Partial => break,
                 Parsed::Reject(resp) => {
-                    io.send(resp);
+                    io.client().send(resp);
                     io.close();
                     return buf.len();
                 }
@@ -150,13 +150,13 @@ impl HttpSession {
                     pos += skip as usize;
                     self.body_left = body - skip;
                     if keep_alive {
-                        io.send(if http10 {
+                        io.client().send(if http10 {
                             RESP_KEEPALIVE_10
                         } else {
                             RESP_KEEPALIVE
                         });
                     } else {
-                        io.send(RESP_CLOSE);
+                        io.client().send(RESP_CLOSE);
                         io.close();
                     }
                     if self.body_left > 0 {
@@ -174,11 +174,12 @@ mod tests {
     use super::*;
 
     fn feed(s: &mut HttpSession, chunks: &[&[u8]]) -> (Vec<u8>, bool) {
-        let mut io = ConnIo::default();
+        let mut io = SessionIo::default();
         for c in chunks {
             s.on_input(c, &mut io);
         }
-        (io.out, io.close)
+        let close = io.close;
+        (std::mem::take(&mut io.client().out), close)
     }
 
     fn count(out: &[u8]) -> usize {

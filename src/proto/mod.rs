@@ -1,22 +1,56 @@
-//! Per-connection protocol logic, written once for every driver.
+//! Per-session protocol logic, written once for every driver.
 //!
-//! A [`Session`] never performs I/O. The driver reports what an operation did
-//! ([`Completion`]: received bytes, end of stream, bytes sent, an errno), and the
-//! session answers by filling in a [`ConnIo`]: bytes to send, whether it wants
-//! another receive, whether to close. The io_uring driver turns those requests
-//! into SQEs, the epoll driver into non-blocking syscalls; neither knows what
-//! echo, respond or http mean. See [`crate::driver`] for the driver side.
+//! A [`Session`] never performs I/O. It owns up to two sockets, the client's
+//! ([`Side::Client`]) and, for `proxy`, the upstream's ([`Side::Upstream`]). The
+//! driver reports what an operation did ([`Completion`]: bytes received, end of
+//! stream, bytes sent, connected, timer expired, an errno) and on which side, and
+//! the session answers by filling in a [`SessionIo`]: bytes to send on a side,
+//! whether it wants another receive on a side, whether to connect the upstream,
+//! when to time out, whether to close or abort. The io_uring driver turns those
+//! requests into SQEs, the epoll driver into non-blocking syscalls; neither knows
+//! what echo, respond, http or proxy mean. See [`crate::driver`] for the driver side.
 
 mod http;
+pub mod proxy;
+pub mod proxy_header;
+
+use std::net::SocketAddr;
+use std::time::Instant;
 
 use crate::config::Action;
 pub use http::HttpSession;
+pub use proxy::ProxySession;
 
-/// Largest number of bytes a session lets wait in its send queue before it stops
-/// asking for more input (back-pressure toward a client that does not read).
+/// Largest number of bytes an echo or http session lets wait in its send queue
+/// before it stops asking for more input (back-pressure toward a client that does
+/// not read). Proxy sessions use the listener's `buffer_bytes` instead.
 pub const SEND_WINDOW: usize = 256 * 1024;
 
-/// What one finished operation on a connection produced.
+/// Which socket of a session an operation concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The accepted connection.
+    Client = 0,
+    /// The connection to the upstream (proxy only).
+    Upstream = 1,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    /// 0 for the client, 1 for the upstream.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What one finished operation produced.
 #[derive(Debug)]
 pub enum Completion<'a> {
     /// A receive returned these bytes (never empty).
@@ -25,16 +59,15 @@ pub enum Completion<'a> {
     Eof,
     /// Bytes from the send queue were accepted by the kernel (count in bytes).
     Sent(usize),
-    /// An operation failed with this errno (for example ECONNRESET, EPIPE).
+    /// The upstream connection was established (after [`SessionIo::connect`]).
+    Connected,
+    /// The deadline set with [`SessionIo::set_deadline`] passed.
+    Timeout,
+    /// An operation failed with this errno (for example ECONNRESET, ECONNREFUSED).
     Error(i32),
 }
 
-/// The requests a session makes of its driver, and the send queue.
-///
-/// The driver owns one per connection, hands it to the session with each
-/// completion, and acts on it afterwards: it sends queued bytes (completing short
-/// sends itself), arms one receive when [`ConnIo::recv`] was called, and closes the
-/// connection after the queue drains when [`ConnIo::close`] was called.
+/// The requests a session makes of one of its sockets, and its send queue.
 #[derive(Debug, Default)]
 pub struct ConnIo {
     /// Bytes queued by the session and not yet handed to the kernel.
@@ -43,9 +76,7 @@ pub struct ConnIo {
     pub(crate) in_flight: usize,
     /// The session wants one more receive completion.
     pub(crate) want_recv: bool,
-    /// Close once `out` is empty and nothing is in flight.
-    pub(crate) close: bool,
-    /// Shut down the write side (send FIN) once `out` is empty and nothing is in flight.
+    /// Shut down the write side (send FIN) once the queue is drained.
     pub(crate) shutdown_write: bool,
 }
 
@@ -60,12 +91,6 @@ impl ConnIo {
         self.want_recv = true;
     }
 
-    /// Closes the connection once every queued byte has been sent.
-    pub fn close(&mut self) {
-        self.close = true;
-        self.want_recv = false;
-    }
-
     /// Sends FIN once every queued byte has been sent; receiving may go on.
     pub fn shutdown_write(&mut self) {
         self.shutdown_write = true;
@@ -77,7 +102,78 @@ impl ConnIo {
     }
 }
 
-/// The per-connection state machine of one action.
+/// The requests a session makes of its driver.
+///
+/// The driver owns one per session, hands it to the session with each completion,
+/// and acts on it afterwards: it sends queued bytes on each side (completing short
+/// sends itself), arms one receive per side that asked, connects the upstream when
+/// asked, closes every socket once the queues drain after [`SessionIo::close`], and
+/// resets them at once after [`SessionIo::abort`].
+#[derive(Debug, Default)]
+pub struct SessionIo {
+    pub(crate) legs: [ConnIo; 2],
+    pub(crate) close: bool,
+    pub(crate) abort: bool,
+    pub(crate) connect: bool,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl SessionIo {
+    /// The requests for one side.
+    pub fn side(&mut self, s: Side) -> &mut ConnIo {
+        &mut self.legs[s.index()]
+    }
+
+    /// The client side.
+    pub fn client(&mut self) -> &mut ConnIo {
+        &mut self.legs[0]
+    }
+
+    /// Closes every socket once every queued byte has been sent.
+    pub fn close(&mut self) {
+        self.close = true;
+        for l in &mut self.legs {
+            l.want_recv = false;
+        }
+    }
+
+    /// Resets every socket now (SO_LINGER 0, so the peers see RST), dropping queues.
+    pub fn abort(&mut self) {
+        self.abort = true;
+        self.close();
+        for l in &mut self.legs {
+            l.out.clear();
+        }
+    }
+
+    /// Opens the upstream connection; [`Completion::Connected`] or
+    /// [`Completion::Error`] on [`Side::Upstream`] follows.
+    pub fn connect(&mut self) {
+        self.connect = true;
+    }
+
+    /// Asks for a [`Completion::Timeout`] at `at` (`None`: no timer). Replaces an
+    /// earlier deadline.
+    pub fn set_deadline(&mut self, at: Option<Instant>) {
+        self.deadline = at;
+    }
+
+    /// Whether [`SessionIo::close`] was called.
+    pub fn closing(&self) -> bool {
+        self.close
+    }
+}
+
+/// Addresses of an accepted connection, for sessions that need them (PROXY header).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address (getpeername).
+    pub peer: Option<SocketAddr>,
+    /// The address the client connected to (getsockname).
+    pub local: Option<SocketAddr>,
+}
+
+/// The per-session state machine of one action.
 #[derive(Debug)]
 pub enum Session {
     /// Every byte received is sent back; EOF closes after the echo drains.
@@ -90,6 +186,8 @@ pub enum Session {
     },
     /// A fixed `200 OK` per HTTP/1.x request, keep-alive and pipelining honoured.
     Http(HttpSession),
+    /// Bytes both ways between the client and an upstream.
+    Proxy(Box<ProxySession>),
 }
 
 /// How much input a `respond` session reads and discards before closing anyway (bytes).
@@ -102,30 +200,40 @@ impl Session {
             Action::Echo => Session::Echo,
             Action::Respond(_) => Session::Respond { discarded: 0 },
             Action::Http => Session::Http(HttpSession::default()),
+            Action::Proxy(p) => Session::Proxy(Box::new(ProxySession::new(p.clone()))),
         }
     }
 
-    /// Called once, right after the connection is accepted.
-    pub fn on_open(&mut self, action: &Action, io: &mut ConnIo) {
+    /// Called once, right after the connection is accepted. `info` holds the
+    /// connection's addresses when the action needs them (see [`Session::needs_info`]).
+    pub fn on_open(&mut self, action: &Action, info: &ConnInfo, netns: &str, io: &mut SessionIo) {
         match self {
-            Session::Echo | Session::Http(_) => io.recv(),
+            Session::Echo | Session::Http(_) => io.client().recv(),
             Session::Respond { .. } => {
                 if let Action::Respond(bytes) = action {
-                    io.send(bytes);
+                    io.client().send(bytes);
                 }
-                io.shutdown_write();
-                io.recv();
+                io.client().shutdown_write();
+                io.client().recv();
             }
+            Session::Proxy(p) => p.on_open(info, netns, io),
         }
     }
 
-    /// Called for every completion on this connection.
-    pub fn on_complete(&mut self, c: Completion<'_>, io: &mut ConnIo) {
+    /// Whether [`Session::on_open`] needs the connection's addresses.
+    pub fn needs_info(action: &Action) -> bool {
+        matches!(action, Action::Proxy(p) if p.proxy_protocol.is_some())
+    }
+
+    /// Called for every completion of this session.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+        if let Session::Proxy(p) = self {
+            p.on_complete(side, c, io);
+            return;
+        }
         match c {
-            Completion::Error(_) => {
-                // The driver closes on error; nothing to flush.
-                io.out.clear();
-                io.close();
+            Completion::Error(_) | Completion::Timeout => {
+                io.abort();
                 return;
             }
             Completion::Eof => {
@@ -134,12 +242,13 @@ impl Session {
             }
             _ => {}
         }
+        let cl = io.client();
         match self {
             Session::Echo => match c {
                 Completion::Recv(data) => {
-                    io.send(data);
-                    if io.unsent() < SEND_WINDOW {
-                        io.recv();
+                    cl.send(data);
+                    if cl.unsent() < SEND_WINDOW {
+                        cl.recv();
                     }
                 }
                 Completion::Sent(_) => resume_below_window(io),
@@ -151,28 +260,27 @@ impl Session {
                     if *discarded > RESPOND_DISCARD_LIMIT {
                         io.close();
                     } else {
-                        io.recv();
+                        cl.recv();
                     }
                 }
             }
             Session::Http(h) => match c {
                 Completion::Recv(data) => {
                     h.on_input(data, io);
-                    if !io.close && io.unsent() < SEND_WINDOW {
-                        io.recv();
-                    }
+                    resume_below_window(io);
                 }
                 Completion::Sent(_) => resume_below_window(io),
                 _ => {}
             },
+            Session::Proxy(_) => {}
         }
     }
 }
 
-/// Re-arms receiving once the send queue has drained below the window.
-fn resume_below_window(io: &mut ConnIo) {
-    if !io.close && io.unsent() < SEND_WINDOW {
-        io.recv();
+/// Re-arms receiving on the client once its send queue is below the window.
+fn resume_below_window(io: &mut SessionIo) {
+    if !io.close && io.client().unsent() < SEND_WINDOW {
+        io.client().recv();
     }
 }
 
@@ -180,43 +288,49 @@ fn resume_below_window(io: &mut ConnIo) {
 mod tests {
     use super::*;
 
+    const NO_INFO: ConnInfo = ConnInfo {
+        peer: None,
+        local: None,
+    };
+
     #[test]
     fn echo_stops_reading_above_window_and_resumes() {
         let mut s = Session::new(&Action::Echo);
-        let mut io = ConnIo::default();
-        s.on_open(&Action::Echo, &mut io);
-        assert!(io.want_recv);
-        io.want_recv = false;
+        let mut io = SessionIo::default();
+        s.on_open(&Action::Echo, &NO_INFO, "root", &mut io);
+        assert!(io.client().want_recv);
+        io.client().want_recv = false;
         let big = vec![7u8; SEND_WINDOW];
-        s.on_complete(Completion::Recv(&big), &mut io);
-        assert!(!io.want_recv, "must not read while the window is full");
-        assert_eq!(io.out.len(), SEND_WINDOW);
+        s.on_complete(Side::Client, Completion::Recv(&big), &mut io);
+        assert!(
+            !io.client().want_recv,
+            "must not read while the window is full"
+        );
+        assert_eq!(io.client().out.len(), SEND_WINDOW);
         // The driver hands the bytes to the kernel, which takes them all.
-        io.in_flight = io.out.len();
-        io.out.clear();
-        io.in_flight = 0;
-        s.on_complete(Completion::Sent(SEND_WINDOW), &mut io);
-        assert!(io.want_recv);
+        io.client().out.clear();
+        s.on_complete(Side::Client, Completion::Sent(SEND_WINDOW), &mut io);
+        assert!(io.client().want_recv);
     }
 
     #[test]
     fn respond_writes_then_half_closes() {
         let a = Action::Respond(b"ack".to_vec());
         let mut s = Session::new(&a);
-        let mut io = ConnIo::default();
-        s.on_open(&a, &mut io);
-        assert_eq!(io.out, b"ack");
-        assert!(io.shutdown_write && io.want_recv && !io.close);
-        s.on_complete(Completion::Eof, &mut io);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io);
+        assert_eq!(io.client().out, b"ack");
+        assert!(io.client().shutdown_write && io.client().want_recv && !io.close);
+        s.on_complete(Side::Client, Completion::Eof, &mut io);
         assert!(io.close);
     }
 
     #[test]
-    fn error_drops_queue_and_closes() {
+    fn error_drops_queue_and_aborts() {
         let mut s = Session::new(&Action::Echo);
-        let mut io = ConnIo::default();
-        io.send(b"x");
-        s.on_complete(Completion::Error(libc::ECONNRESET), &mut io);
-        assert!(io.close && io.out.is_empty());
+        let mut io = SessionIo::default();
+        io.client().send(b"x");
+        s.on_complete(Side::Client, Completion::Error(libc::ECONNRESET), &mut io);
+        assert!(io.close && io.abort && io.client().out.is_empty());
     }
 }

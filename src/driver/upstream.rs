@@ -1,0 +1,171 @@
+//! Upstreams of a proxy listener: round-robin choice, a short back-off for an
+//! upstream that just failed, and sockets for upstreams in another namespace.
+//!
+//! A worker never calls setns(2). For an upstream in the root namespace it makes
+//! the socket itself (socket(2) does not block). For an upstream in another
+//! namespace it takes a socket from a [`SocketPool`] that the binder thread keeps
+//! filled in the background, so a connect costs no binder round trip; only when
+//! the pool runs dry does the session wait for the binder's refill (the worker is
+//! woken through its eventfd).
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::binder::{Binder, SocketPool};
+
+/// How long an upstream that refused or timed out is skipped (ms).
+pub const UPSTREAM_BACKOFF_MS: u64 = 3000;
+/// Sockets a namespace pool keeps ready per address family (count).
+pub const POOL_TARGET: usize = 64;
+
+/// What [`UpstreamSet::socket_for`] got.
+pub enum GetSocket {
+    /// A fresh non-blocking TCP socket in the upstream's namespace.
+    Ready(OwnedFd),
+    /// The pool is empty; a refill was asked for and the caller's eventfd will be
+    /// written when it arrives.
+    Wait,
+    /// No socket can be had (errno): e.g. the namespace is gone.
+    Failed(i32),
+}
+
+/// The upstreams of one proxy listener.
+pub struct UpstreamSet {
+    /// The addresses, in config order.
+    pub addrs: Vec<SocketAddr>,
+    next: AtomicUsize,
+    /// Per address: skip until this many ms after `epoch` (0 = usable).
+    down_until_ms: Vec<AtomicU64>,
+    epoch: Instant,
+    /// Pools for an upstream namespace: index 0 IPv4, 1 IPv6.
+    pools: Option<[Arc<SocketPool>; 2]>,
+    binder: Option<Binder>,
+}
+
+impl std::fmt::Debug for UpstreamSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSet")
+            .field("addrs", &self.addrs)
+            .field("namespaced", &self.pools.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamSet {
+    /// Upstreams `addrs` in the root namespace (`netns = None`) or in namespace file
+    /// `netns` (labelled `label` in errors), whose pools `binder` fills.
+    /// Pools of the families in use are filled before this returns.
+    ///
+    /// # Errors
+    /// The first fill failed (namespace missing, socket(2) error), with its message.
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        netns: Option<(PathBuf, String)>,
+        owner: &str,
+        binder: &Binder,
+    ) -> Result<UpstreamSet, crate::binder::BindError> {
+        let pools = match netns {
+            None => None,
+            Some((path, label)) => {
+                let v4: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+                let v6: SocketAddr = "[::]:0".parse().expect("literal");
+                let mk = |fam: SocketAddr| {
+                    Arc::new(SocketPool::new(
+                        owner.to_string(),
+                        path.clone(),
+                        label.clone(),
+                        fam,
+                        POOL_TARGET,
+                    ))
+                };
+                let pools = [mk(v4), mk(v6)];
+                for (i, p) in pools.iter().enumerate() {
+                    if addrs.iter().any(|a| usize::from(a.is_ipv6()) == i) {
+                        binder.fill_now(p)?;
+                    }
+                }
+                Some(pools)
+            }
+        };
+        Ok(UpstreamSet {
+            down_until_ms: addrs.iter().map(|_| AtomicU64::new(0)).collect(),
+            addrs,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            binder: pools.as_ref().map(|_| binder.clone()),
+            pools,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The next upstream, round-robin, skipping those in back-off; if all are in
+    /// back-off, the next one anyway.
+    pub fn pick(&self) -> SocketAddr {
+        let n = self.addrs.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        let now = self.now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.down_until_ms[i].load(Relaxed) <= now)
+            .map_or(self.addrs[start % n], |i| self.addrs[i])
+    }
+
+    /// Skips `addr` for [`UPSTREAM_BACKOFF_MS`].
+    pub fn mark_down(&self, addr: SocketAddr) {
+        if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
+            let until = self.now_ms() + UPSTREAM_BACKOFF_MS;
+            self.down_until_ms[i].store(until, Relaxed);
+        }
+    }
+
+    /// A socket to connect to `addr` from. `wake` is the caller's eventfd, written
+    /// when an empty pool has been refilled.
+    pub fn socket_for(&self, addr: SocketAddr, wake: &Arc<OwnedFd>) -> GetSocket {
+        let Some(pools) = &self.pools else {
+            return match Socket::new(
+                Domain::for_address(addr),
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            ) {
+                Ok(s) => GetSocket::Ready(s.into()),
+                Err(e) => GetSocket::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
+            };
+        };
+        let pool = &pools[usize::from(addr.is_ipv6())];
+        let got = pool.take();
+        if pool.wants_refill() {
+            if let Some(b) = &self.binder {
+                b.fill_later(pool.clone());
+            }
+        }
+        match got {
+            Some(fd) => GetSocket::Ready(fd),
+            None => match pool.last_error() {
+                Some(errno) if !pool.refilling() => GetSocket::Failed(errno),
+                _ => {
+                    pool.notify_on_refill(wake.clone());
+                    GetSocket::Wait
+                }
+            },
+        }
+    }
+
+    /// Sockets ready in the pools (IPv4, IPv6), for metrics and tests.
+    pub fn pooled(&self) -> (usize, usize) {
+        self.pools
+            .as_ref()
+            .map_or((0, 0), |p| (p[0].len(), p[1].len()))
+    }
+}
+
+/// How long to wait before the next attempt at an empty pool (ms).
+pub const POOL_RETRY: Duration = Duration::from_millis(10);

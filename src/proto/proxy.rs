@@ -1,0 +1,207 @@
+//! `action = "proxy"`: bytes both ways between a client and an upstream.
+//!
+//! - The upstream connect starts on accept; the client is read only once the
+//!   upstream is connected (a PROXY header, if configured, goes first).
+//! - Each direction has a window of `buffer_bytes`: a side is read only while the
+//!   other side has less than that unsent, so a slow reader slows the writer and
+//!   memory stays bounded (back-pressure).
+//! - FIN from one side becomes a half-close (shutdown(SHUT_WR)) toward the other,
+//!   after everything before it was sent; the other direction keeps flowing. The
+//!   session closes when both directions have ended.
+//! - An error on either side (reset, refused, unreachable) aborts both: the other
+//!   peer sees a reset, never a clean EOF.
+//! - `connect_timeout_ms` bounds the connect; `idle_timeout_ms` (if not 0) closes a
+//!   session with no traffic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::proxy_header;
+use super::{Completion, ConnInfo, SessionIo, Side};
+use crate::config::ProxyConfig;
+
+/// State of one proxied connection.
+#[derive(Debug)]
+pub struct ProxySession {
+    cfg: Arc<ProxyConfig>,
+    connected: bool,
+    /// EOF seen from each side (index by [`Side::index`]).
+    eof: [bool; 2],
+}
+
+impl ProxySession {
+    /// A session for a listener with upstream configuration `cfg`.
+    pub fn new(cfg: Arc<ProxyConfig>) -> ProxySession {
+        ProxySession {
+            cfg,
+            connected: false,
+            eof: [false; 2],
+        }
+    }
+
+    /// Whether the upstream connection has been established.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Starts the upstream connect, with the connect timeout; queues the PROXY
+    /// header (sent once connected).
+    pub fn on_open(&mut self, info: &ConnInfo, netns: &str, io: &mut SessionIo) {
+        io.connect();
+        io.set_deadline(Some(
+            Instant::now() + Duration::from_millis(self.cfg.connect_timeout_ms),
+        ));
+        if let Some(v) = self.cfg.proxy_protocol {
+            let ns = (netns != "root").then_some(netns);
+            let h = proxy_header::encode(v, info.peer, info.local, ns);
+            io.side(Side::Upstream).send(&h);
+        }
+    }
+
+    fn touch(&self, io: &mut SessionIo) {
+        if self.cfg.idle_timeout_ms > 0 {
+            io.set_deadline(Some(
+                Instant::now() + Duration::from_millis(self.cfg.idle_timeout_ms),
+            ));
+        }
+    }
+
+    /// Reads side `s` again if the other side's queue has room and `s` has not ended.
+    fn resume(&self, s: Side, io: &mut SessionIo) {
+        if !self.eof[s.index()]
+            && !io.closing()
+            && io.side(s.other()).unsent() < self.cfg.buffer_bytes
+        {
+            io.side(s).recv();
+        }
+    }
+
+    /// Handles one completion on side `side`.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+        match c {
+            Completion::Connected => {
+                self.connected = true;
+                io.set_deadline(None);
+                self.touch(io);
+                self.resume(Side::Client, io);
+                self.resume(Side::Upstream, io);
+            }
+            Completion::Recv(data) => {
+                io.side(side.other()).send(data);
+                self.resume(side, io);
+                self.touch(io);
+            }
+            Completion::Sent(_) => {
+                // Room on `side`: the other side, whose bytes these were, may read again.
+                self.resume(side.other(), io);
+                self.touch(io);
+            }
+            Completion::Eof => {
+                self.eof[side.index()] = true;
+                io.side(side.other()).shutdown_write();
+                if self.eof == [true, true] {
+                    io.close();
+                }
+            }
+            Completion::Timeout => {
+                if self.connected {
+                    // Idle: end both connections cleanly.
+                    io.close();
+                } else {
+                    io.abort();
+                }
+            }
+            Completion::Error(_) => io.abort(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::proxy_header::ProxyProtocol;
+
+    fn cfg(buffer: usize, pp: Option<ProxyProtocol>) -> Arc<ProxyConfig> {
+        Arc::new(ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 5000,
+            idle_timeout_ms: 0,
+            buffer_bytes: buffer,
+            proxy_protocol: pp,
+        })
+    }
+
+    const INFO: ConnInfo = ConnInfo {
+        peer: None,
+        local: None,
+    };
+
+    #[test]
+    fn connects_first_then_reads_both_sides() {
+        let mut p = ProxySession::new(cfg(1000, Some(ProxyProtocol::V1)));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "tenant", &mut io);
+        assert!(io.connect && io.deadline.is_some());
+        assert!(
+            !io.client().want_recv,
+            "client read before the upstream is up"
+        );
+        assert_eq!(io.side(Side::Upstream).out, b"PROXY UNKNOWN\r\n");
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        assert!(io.client().want_recv && io.side(Side::Upstream).want_recv);
+        assert!(io.deadline.is_none());
+    }
+
+    #[test]
+    fn window_stalls_the_writer_until_the_reader_drains() {
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        io.side(Side::Upstream).want_recv = false;
+        p.on_complete(Side::Upstream, Completion::Recv(&[1u8; 1000]), &mut io);
+        assert_eq!(io.client().out.len(), 1000);
+        assert!(
+            !io.side(Side::Upstream).want_recv,
+            "upstream read past the window"
+        );
+        io.client().out.clear();
+        p.on_complete(Side::Client, Completion::Sent(1000), &mut io);
+        assert!(io.side(Side::Upstream).want_recv);
+    }
+
+    #[test]
+    fn fin_is_a_half_close_and_both_fins_close() {
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_complete(Side::Client, Completion::Eof, &mut io);
+        assert!(io.side(Side::Upstream).shutdown_write);
+        assert!(!io.close);
+        io.side(Side::Upstream).want_recv = false;
+        p.on_complete(Side::Upstream, Completion::Recv(b"reply"), &mut io);
+        assert_eq!(io.client().out, b"reply");
+        assert!(io.side(Side::Upstream).want_recv);
+        p.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        assert!(io.client().shutdown_write && io.close && !io.abort);
+    }
+
+    #[test]
+    fn reset_aborts_and_connect_timeout_aborts() {
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        assert!(io.abort);
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_complete(Side::Upstream, Completion::Error(libc::ECONNRESET), &mut io);
+        assert!(io.abort && io.close);
+    }
+}
