@@ -386,9 +386,9 @@ pub enum ConfigError {
         /// The key naming the namespace: `netns` or `upstream_netns`.
         key: &'static str,
         /// The namespace as written in the config.
-        label: String,
+        label: Box<str>,
         /// The namespace file that was checked.
-        path: PathBuf,
+        path: Box<Path>,
         /// The error from opening or inspecting it (`NotFound` when missing,
         /// `InvalidInput` when the file is not a namespace).
         #[source]
@@ -666,38 +666,27 @@ impl Config {
     /// namespace is missing, unreadable or not a namespace.
     pub fn check_namespaces(&self) -> Result<(), ConfigError> {
         for l in &self.listeners {
-            let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) else {
-                continue;
-            };
-            if let Err(source) = check_netns(&path) {
-                return Err(ConfigError::Netns {
-                    file: self.source.clone(),
-                    line: l.netns_line,
-                    listener: ListenerId::Name(l.name.clone()),
-                    key: "netns",
-                    label: ns.label(),
-                    path,
-                    source,
-                });
+            let mut refs = Vec::with_capacity(2);
+            if let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) {
+                refs.push(("netns", l.netns_line, ns, path));
             }
-        }
-        for l in &self.listeners {
-            let Action::Proxy(p) = &l.action else {
-                continue;
-            };
-            let (Some(ns), Some(path)) = (&p.upstream_netns, &p.upstream_netns_path) else {
-                continue;
-            };
-            if let Err(source) = check_netns(path) {
-                return Err(ConfigError::Netns {
-                    file: self.source.clone(),
-                    line: p.upstream_netns_line,
-                    listener: ListenerId::Name(l.name.clone()),
-                    key: "upstream_netns",
-                    label: ns.label(),
-                    path: path.clone(),
-                    source,
-                });
+            if let Action::Proxy(p) = &l.action {
+                if let (Some(ns), Some(path)) = (&p.upstream_netns, &p.upstream_netns_path) {
+                    refs.push(("upstream_netns", p.upstream_netns_line, ns, path.clone()));
+                }
+            }
+            for (key, line, ns, path) in refs {
+                if let Err(source) = check_netns(&path) {
+                    return Err(ConfigError::Netns {
+                        file: self.source.clone(),
+                        line,
+                        listener: ListenerId::Name(l.name.clone()),
+                        key,
+                        label: ns.label().into(),
+                        path: path.into(),
+                        source,
+                    });
+                }
             }
         }
         Ok(())
@@ -876,7 +865,7 @@ fn convert_listener(
     }
 
     if !matches!(action, Action::Proxy(_)) {
-        for (key, span) in proxy_only_keys(raw) {
+        if let Some((key, span)) = proxy_only_keys(raw).into_iter().next() {
             return Err(cx.invalid(
                 span,
                 scope(),
@@ -973,6 +962,160 @@ fn check_unique(
         addrs.insert(key, l);
     }
     Ok(())
+}
+
+/// The proxy-only keys present in `raw`, with their spans.
+fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
+    let mut v = Vec::new();
+    if let Some(x) = &raw.upstream {
+        v.push(("upstream", x.span()));
+    }
+    if let Some(x) = &raw.upstreams {
+        v.push(("upstreams", x.span()));
+    }
+    if let Some(x) = &raw.upstream_netns {
+        v.push(("upstream_netns", x.span()));
+    }
+    for (k, x) in [
+        ("connect_timeout_ms", &raw.connect_timeout_ms),
+        ("idle_timeout_ms", &raw.idle_timeout_ms),
+        ("buffer_bytes", &raw.buffer_bytes),
+    ] {
+        if let Some(x) = x {
+            v.push((k, x.span()));
+        }
+    }
+    if let Some(x) = &raw.proxy_protocol {
+        v.push(("proxy_protocol", x.span()));
+    }
+    v
+}
+
+/// Validates the proxy keys of a listener whose `action = "proxy"` is at `action_span`.
+fn convert_proxy(
+    cx: &Ctx<'_>,
+    action_span: Range<usize>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<ProxyConfig, ConfigError> {
+    let addr = |s: &Spanned<String>, key: &'static str| {
+        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+            cx.invalid(
+                s.span(),
+                scope(),
+                key,
+                format!(
+                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
+                    s.get_ref()
+                ),
+            )
+        })
+    };
+    let upstreams = match (&raw.upstream, &raw.upstreams) {
+        (Some(u), None) => vec![addr(u, "upstream")?],
+        (None, Some(list)) => {
+            if list.get_ref().is_empty() {
+                return Err(cx.invalid(list.span(), scope(), "upstreams", "the list is empty"));
+            }
+            list.get_ref()
+                .iter()
+                .map(|u| addr(u, "upstreams"))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (Some(u), Some(_)) => {
+            return Err(cx.invalid(
+                u.span(),
+                scope(),
+                "upstream",
+                "give either `upstream` or `upstreams`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(cx.invalid(
+                action_span,
+                scope(),
+                "upstream",
+                "action \"proxy\" needs `upstream = \"ADDR:PORT\"` or `upstreams = [...]`",
+            ))
+        }
+    };
+    let upstream_netns = match &raw.upstream_netns {
+        None => None,
+        Some(n) => Some(
+            NetnsRef::parse(n.get_ref())
+                .map_err(|m| cx.invalid(n.span(), scope(), "upstream_netns", m))?,
+        ),
+    };
+    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| match v {
+        None => Ok(default),
+        Some(x) => match u64::try_from(*x.get_ref()) {
+            Ok(n) if (min..=MAX_TIMEOUT_MS).contains(&n) => Ok(n),
+            _ => Err(cx.invalid(
+                x.span(),
+                scope(),
+                key,
+                format!(
+                    "must be between {min} and {MAX_TIMEOUT_MS} (ms), got {}",
+                    x.get_ref()
+                ),
+            )),
+        },
+    };
+    let connect_timeout_ms = ms(
+        &raw.connect_timeout_ms,
+        "connect_timeout_ms",
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        1,
+    )?;
+    let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
+    let buffer_bytes = match &raw.buffer_bytes {
+        None => DEFAULT_BUFFER_BYTES,
+        Some(b) => match usize::try_from(*b.get_ref()) {
+            Ok(n) if (BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    b.span(),
+                    scope(),
+                    "buffer_bytes",
+                    format!(
+                        "must be between {} and {} (bytes), got {}",
+                        BUFFER_BYTES_RANGE.0,
+                        BUFFER_BYTES_RANGE.1,
+                        b.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
+    use crate::proto::proxy_header::ProxyProtocol;
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => None,
+        Some(p) => match p.get_ref().as_str() {
+            "v1" => Some(ProxyProtocol::V1),
+            "v2" => Some(ProxyProtocol::V2),
+            other => {
+                return Err(cx.invalid(
+                    p.span(),
+                    scope(),
+                    "proxy_protocol",
+                    format!("unknown PROXY protocol version {other:?} (expected \"v1\" or \"v2\")"),
+                ))
+            }
+        },
+    };
+    Ok(ProxyConfig {
+        upstreams,
+        upstream_netns,
+        upstream_netns_path: None,
+        upstream_netns_line: raw
+            .upstream_netns
+            .as_ref()
+            .map_or(0, |n| cx.lines.of_span(n.span())),
+        connect_timeout_ms,
+        idle_timeout_ms,
+        buffer_bytes,
+        proxy_protocol,
+    })
 }
 
 #[cfg(test)]
@@ -1492,158 +1635,4 @@ action = "echo"
             "{m}"
         );
     }
-}
-
-/// The proxy-only keys present in `raw`, with their spans.
-fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
-    let mut v = Vec::new();
-    if let Some(x) = &raw.upstream {
-        v.push(("upstream", x.span()));
-    }
-    if let Some(x) = &raw.upstreams {
-        v.push(("upstreams", x.span()));
-    }
-    if let Some(x) = &raw.upstream_netns {
-        v.push(("upstream_netns", x.span()));
-    }
-    for (k, x) in [
-        ("connect_timeout_ms", &raw.connect_timeout_ms),
-        ("idle_timeout_ms", &raw.idle_timeout_ms),
-        ("buffer_bytes", &raw.buffer_bytes),
-    ] {
-        if let Some(x) = x {
-            v.push((k, x.span()));
-        }
-    }
-    if let Some(x) = &raw.proxy_protocol {
-        v.push(("proxy_protocol", x.span()));
-    }
-    v
-}
-
-/// Validates the proxy keys of a listener whose `action = "proxy"` is at `action_span`.
-fn convert_proxy(
-    cx: &Ctx<'_>,
-    action_span: Range<usize>,
-    scope: &dyn Fn() -> Scope,
-    raw: &RawListener,
-) -> Result<ProxyConfig, ConfigError> {
-    let addr = |s: &Spanned<String>, key: &'static str| {
-        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-            cx.invalid(
-                s.span(),
-                scope(),
-                key,
-                format!(
-                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
-                    s.get_ref()
-                ),
-            )
-        })
-    };
-    let upstreams = match (&raw.upstream, &raw.upstreams) {
-        (Some(u), None) => vec![addr(u, "upstream")?],
-        (None, Some(list)) => {
-            if list.get_ref().is_empty() {
-                return Err(cx.invalid(list.span(), scope(), "upstreams", "the list is empty"));
-            }
-            list.get_ref()
-                .iter()
-                .map(|u| addr(u, "upstreams"))
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        (Some(u), Some(_)) => {
-            return Err(cx.invalid(
-                u.span(),
-                scope(),
-                "upstream",
-                "give either `upstream` or `upstreams`, not both",
-            ))
-        }
-        (None, None) => {
-            return Err(cx.invalid(
-                action_span,
-                scope(),
-                "upstream",
-                "action \"proxy\" needs `upstream = \"ADDR:PORT\"` or `upstreams = [...]`",
-            ))
-        }
-    };
-    let upstream_netns = match &raw.upstream_netns {
-        None => None,
-        Some(n) => Some(
-            NetnsRef::parse(n.get_ref())
-                .map_err(|m| cx.invalid(n.span(), scope(), "upstream_netns", m))?,
-        ),
-    };
-    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| match v {
-        None => Ok(default),
-        Some(x) => match u64::try_from(*x.get_ref()) {
-            Ok(n) if (min..=MAX_TIMEOUT_MS).contains(&n) => Ok(n),
-            _ => Err(cx.invalid(
-                x.span(),
-                scope(),
-                key,
-                format!(
-                    "must be between {min} and {MAX_TIMEOUT_MS} (ms), got {}",
-                    x.get_ref()
-                ),
-            )),
-        },
-    };
-    let connect_timeout_ms = ms(
-        &raw.connect_timeout_ms,
-        "connect_timeout_ms",
-        DEFAULT_CONNECT_TIMEOUT_MS,
-        1,
-    )?;
-    let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
-    let buffer_bytes = match &raw.buffer_bytes {
-        None => DEFAULT_BUFFER_BYTES,
-        Some(b) => match usize::try_from(*b.get_ref()) {
-            Ok(n) if (BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    b.span(),
-                    scope(),
-                    "buffer_bytes",
-                    format!(
-                        "must be between {} and {} (bytes), got {}",
-                        BUFFER_BYTES_RANGE.0,
-                        BUFFER_BYTES_RANGE.1,
-                        b.get_ref()
-                    ),
-                ))
-            }
-        },
-    };
-    use crate::proto::proxy_header::ProxyProtocol;
-    let proxy_protocol = match &raw.proxy_protocol {
-        None => None,
-        Some(p) => match p.get_ref().as_str() {
-            "v1" => Some(ProxyProtocol::V1),
-            "v2" => Some(ProxyProtocol::V2),
-            other => {
-                return Err(cx.invalid(
-                    p.span(),
-                    scope(),
-                    "proxy_protocol",
-                    format!("unknown PROXY protocol version {other:?} (expected \"v1\" or \"v2\")"),
-                ))
-            }
-        },
-    };
-    Ok(ProxyConfig {
-        upstreams,
-        upstream_netns,
-        upstream_netns_path: None,
-        upstream_netns_line: raw
-            .upstream_netns
-            .as_ref()
-            .map_or(0, |n| cx.lines.of_span(n.span())),
-        connect_timeout_ms,
-        idle_timeout_ms,
-        buffer_bytes,
-        proxy_protocol,
-    })
 }

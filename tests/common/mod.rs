@@ -274,3 +274,90 @@ pub fn payload(n: usize, seed: u64) -> Vec<u8> {
 pub fn exists(path: &Path) -> bool {
     path.exists()
 }
+
+/// A listening socket made inside `ns` (or the root namespace) by the test's binder.
+pub fn listen_in(ns: Option<&TempNetns>, addr: SocketAddr, backlog: u32) -> TcpListener {
+    let path = ns.map(|n| n.path());
+    let label = ns.map_or("root".to_string(), |n| n.name().to_string());
+    let fd = binder()
+        .create(
+            "test-upstream",
+            path.as_deref(),
+            &label,
+            SocketSpec::TcpListeners {
+                addr,
+                backlog,
+                count: 1,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pop()
+        .unwrap();
+    TcpListener::from(fd)
+}
+
+/// A test upstream server: accepts on a listener in a namespace and runs `handler`
+/// for each connection on its own thread. Stops accepting on drop.
+pub struct Upstream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn spawn<F>(ns: Option<&TempNetns>, addr: SocketAddr, handler: F) -> Upstream
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let l = listen_in(ns, addr, 128);
+        l.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let (s2, a2) = (stop.clone(), accepted.clone());
+        let handler = std::sync::Arc::new(handler);
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        a2.fetch_add(1, Ordering::Relaxed);
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        let h = handler.clone();
+                        std::thread::spawn(move || h(s));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Upstream {
+            stop,
+            thread: Some(thread),
+            accepted,
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads until EOF or error; returns the bytes and the error that ended it, if any.
+pub fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (got, Some(e)),
+        }
+    }
+}

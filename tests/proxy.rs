@@ -1,0 +1,391 @@
+//! `action = "proxy"` across namespaces, on both drivers: integrity, half-close,
+//! back-pressure, refused and silent upstreams, resets, PROXY headers, round-robin.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+both_drivers!(
+    integrity_64mib_each_way_across_namespaces,
+    half_close_reaches_upstream_and_reply_arrives,
+    slow_client_stalls_upstream_with_bounded_memory,
+    refused_upstream_closes_client_promptly,
+    silent_upstream_times_out,
+    upstream_reset_reaches_client_as_reset,
+    proxy_protocol_v2_carries_addresses_and_netns,
+    round_robin_skips_a_refusing_upstream,
+    root_namespace_upstream,
+);
+
+const LISTEN: &str = "127.0.0.1:7500";
+
+fn proxy_cfg(
+    client_ns: &TempNetns,
+    upstream: &str,
+    up_ns: Option<&TempNetns>,
+    extra: &str,
+) -> String {
+    let up_ns = up_ns.map_or(String::new(), |n| {
+        format!("upstream_netns = \"{}\"\n", n.name())
+    });
+    format!(
+        "[runtime]\nworkers = 2\n\n[[listener]]\nname = \"px\"\nnetns = \"{}\"\nlisten = \"{LISTEN}\"\n\
+         action = \"proxy\"\n{upstream}\n{up_ns}{extra}\n",
+        client_ns.name()
+    )
+}
+
+fn listen_addr() -> SocketAddr {
+    LISTEN.parse().unwrap()
+}
+
+/// Two namespaces: clients in one, upstreams in the other.
+fn pair(tag: &str, driver: &str) -> (TempNetns, TempNetns) {
+    (
+        netns(&format!("{tag}c-{driver}")),
+        netns(&format!("{tag}u-{driver}")),
+    )
+}
+
+fn integrity_64mib_each_way_across_namespaces(driver: &str) {
+    const N: usize = 64 << 20;
+    let (cn, un) = pair("int", driver);
+    let up_addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+    let down = payload(N, 11);
+    let down2 = down.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _up = Upstream::spawn(Some(&un), up_addr, move |s| {
+        // Send 64 MiB while receiving 64 MiB, at the same time.
+        let mut w = s.try_clone().unwrap();
+        let d = down2.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&d).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut r = s;
+        let (got, err) = read_until_end(&mut r);
+        writer.join().unwrap();
+        tx.send((got, err.map(|e| e.to_string()))).unwrap();
+    });
+    let r = Ringress::start(
+        &format!("int-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    let up = payload(N, 12);
+    let s = connect_in(Some(&cn), listen_addr()).unwrap();
+    let back = echo_roundtrip(s, &up);
+    assert_eq!(back.len(), N, "client received {} of {N} bytes", back.len());
+    assert!(back == down, "bytes upstream→client differ");
+    let (got, err) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(err, None);
+    assert_eq!(got.len(), N, "upstream received {} of {N} bytes", got.len());
+    assert!(got == up, "bytes client→upstream differ");
+    assert!(r.stop().success());
+}
+
+fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
+    let (cn, un) = pair("hc", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        // Read the whole request (until the client's FIN), then answer and close.
+        let (req, _) = read_until_end(&mut s);
+        let mut reply = b"got ".to_vec();
+        reply.extend_from_slice(&req.len().to_string().into_bytes());
+        reply.extend_from_slice(&payload(300_000, 3));
+        s.write_all(&reply).unwrap();
+    });
+    let r = Ringress::start(
+        &format!("hc-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    s.write_all(&payload(100_000, 4)).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let (got, err) = read_until_end(&mut s);
+    assert!(err.is_none(), "{err:?}");
+    let mut want = b"got 100000".to_vec();
+    want.extend_from_slice(&payload(300_000, 3));
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "reply after half-close differs");
+    assert!(r.stop().success());
+}
+
+fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
+    const TOTAL: usize = 256 << 20;
+    const BUFFER: usize = 64 * 1024;
+    let (cn, un) = pair("bp", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let mut first = [0u8; 1];
+        if s.read_exact(&mut first).is_err() {
+            return;
+        }
+        if first[0] == b'w' {
+            // Warm-up: 16 MiB, so every provided buffer has been touched once.
+            let _ = s.write_all(&vec![1u8; 16 << 20]);
+            return;
+        }
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..TOTAL / chunk.len() {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    // One worker, so that the warm-up touches the same provided-buffer ring (a
+    // fixed per-worker cost) as the measured connection.
+    let cfg = proxy_cfg(
+        &cn,
+        "upstream = \"127.0.0.1:8000\"",
+        Some(&un),
+        &format!("buffer_bytes = {BUFFER}\n"),
+    )
+    .replace("workers = 2", "workers = 1");
+    let r = Ringress::start(&format!("bp-{driver}"), driver, &cfg);
+    let mut warm = connect_in(Some(&cn), listen_addr()).unwrap();
+    warm.write_all(b"w").unwrap();
+    let (w, _) = read_until_end(&mut warm);
+    assert_eq!(w.len(), 16 << 20);
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(200));
+    let rss0 = ringress::procstat::rss_kib(r.pid()).unwrap();
+
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"g").unwrap();
+    // Do not read: the upstream fills the socket buffers and ringress's window,
+    // then stalls. Sample RSS while it is stalled.
+    let mut peak = rss0;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(ringress::procstat::rss_kib(r.pid()).unwrap());
+    }
+    let grew = peak.saturating_sub(rss0) as usize * 1024;
+    let limit = 4 * BUFFER + (1 << 20);
+    eprintln!("{driver}: RSS growth while the client stalled: {grew} bytes (limit {limit})");
+    assert!(
+        grew < limit,
+        "RSS grew by {grew} bytes while the client did not read (limit {limit})"
+    );
+    // Now read everything: the transfer completes.
+    let mut n = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while n < TOTAL {
+        assert!(Instant::now() < deadline, "transfer stalled at {n} bytes");
+        let k = s.read(&mut buf).unwrap();
+        assert!(k > 0, "EOF after {n} of {TOTAL} bytes");
+        n += k;
+    }
+    assert_eq!(n, TOTAL);
+    assert!(r.stop().success());
+}
+
+fn refused_upstream_closes_client_promptly(driver: &str) {
+    let (cn, un) = pair("rf", driver);
+    // Nothing listens on 127.0.0.1:8001 in the upstream namespace.
+    let r = Ringress::start(
+        &format!("rf-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8001\"", Some(&un), ""),
+    );
+    let t0 = Instant::now();
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    let (got, _err) = read_until_end(&mut s);
+    assert!(got.is_empty());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "client closed after {:?}",
+        t0.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let log = r.stderr();
+    assert!(
+        log.contains("upstream connect failed")
+            && log.contains("px")
+            && log.contains("127.0.0.1:8001"),
+        "no log line naming listener and upstream:\n{log}"
+    );
+    assert!(log.contains("refused"), "{log}");
+    assert!(r.stop().success());
+}
+
+fn silent_upstream_times_out(driver: &str) {
+    let (cn, un) = pair("to", driver);
+    // A listener with backlog 0 whose queue is full drops further SYNs silently.
+    let l = listen_in(Some(&un), "127.0.0.1:8002".parse().unwrap(), 0);
+    let fill: Vec<_> = (0..2)
+        .filter_map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+            let fd = binder()
+                .create(
+                    "filler",
+                    Some(&un.path()),
+                    un.name(),
+                    ringress::binder::SocketSpec::TcpClient {
+                        family_of: "127.0.0.1:1".parse().unwrap(),
+                    },
+                )
+                .ok()?
+                .pop()?;
+            drop(s);
+            let s = socket2::Socket::from(fd);
+            let _ = s.connect(&"127.0.0.1:8002".parse::<SocketAddr>().unwrap().into());
+            Some(s)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let r = Ringress::start(
+        &format!("to-{driver}"),
+        driver,
+        &proxy_cfg(
+            &cn,
+            "upstream = \"127.0.0.1:8002\"",
+            Some(&un),
+            "connect_timeout_ms = 300\n",
+        ),
+    );
+    let t0 = Instant::now();
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    let (got, _) = read_until_end(&mut s);
+    let took = t0.elapsed();
+    assert!(got.is_empty());
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "client closed after {took:?} (connect_timeout_ms = 300)"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let log = r.stderr();
+    assert!(
+        log.contains("upstream connect failed") && log.contains("127.0.0.1:8002"),
+        "{log}"
+    );
+    assert!(log.contains("timed out"), "{log}");
+    drop(fill);
+    drop(l);
+    assert!(r.stop().success());
+}
+
+fn upstream_reset_reaches_client_as_reset(driver: &str) {
+    let (cn, un) = pair("rst", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let mut b = [0u8; 1];
+        let _ = s.read_exact(&mut b);
+        let _ = s.write_all(&payload(200_000, 9));
+        std::thread::sleep(Duration::from_millis(200));
+        // Abort: SO_LINGER 0 makes close() send RST.
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let r = Ringress::start(
+        &format!("rst-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    s.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_got, err) = read_until_end(&mut s);
+    let err = err.expect("a reset upstream ended the client with a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(r.stop().success());
+}
+
+fn proxy_protocol_v2_carries_addresses_and_netns(driver: &str) {
+    let (cn, un) = pair("pp", driver);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _up = Upstream::spawn(
+        Some(&un),
+        "127.0.0.1:8000".parse().unwrap(),
+        move |mut s| {
+            let (got, _) = read_until_end(&mut s);
+            tx.send(got).unwrap();
+        },
+    );
+    let r = Ringress::start(
+        &format!("pp-{driver}"),
+        driver,
+        &proxy_cfg(
+            &cn,
+            "upstream = \"127.0.0.1:8000\"",
+            Some(&un),
+            "proxy_protocol = \"v2\"\n",
+        ),
+    );
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    let client = s.local_addr().unwrap();
+    s.write_all(b"hello").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let h = ringress::proto::proxy_header::encode(
+        ringress::proto::proxy_header::ProxyProtocol::V2,
+        Some(client),
+        Some(listen_addr()),
+        Some(cn.name()),
+    );
+    assert!(
+        got.starts_with(&h),
+        "header {:?} not at the start of {:?}",
+        h,
+        &got[..got.len().min(64)]
+    );
+    assert_eq!(&got[h.len()..], b"hello");
+    assert!(r.stop().success());
+}
+
+fn round_robin_skips_a_refusing_upstream(driver: &str) {
+    let (cn, un) = pair("rr", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let (got, _) = read_until_end(&mut s);
+        let _ = s.write_all(&got);
+    });
+    let r = Ringress::start(
+        &format!("rr-{driver}"),
+        driver,
+        &proxy_cfg(
+            &cn,
+            "upstreams = [\"127.0.0.1:8009\", \"127.0.0.1:8000\"]",
+            Some(&un),
+            "",
+        ),
+    );
+    let mut failures = 0;
+    for i in 0..8u8 {
+        let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+        s.write_all(&[i]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (got, _) = read_until_end(&mut s);
+        if got != [i] {
+            failures += 1;
+        }
+    }
+    assert!(
+        failures <= 1,
+        "{failures} of 8 sessions failed: the refusing upstream was not skipped"
+    );
+    assert!(r.stop().success());
+}
+
+fn root_namespace_upstream(driver: &str) {
+    let cn = netns(&format!("rootup-{driver}"));
+    let port = free_port();
+    let _up = Upstream::spawn(None, SocketAddr::from(([127, 0, 0, 1], port)), |mut s| {
+        let (got, _) = read_until_end(&mut s);
+        let _ = s.write_all(&got);
+    });
+    let r = Ringress::start(
+        &format!("rootup-{driver}"),
+        driver,
+        &proxy_cfg(&cn, &format!("upstream = \"127.0.0.1:{port}\""), None, ""),
+    );
+    for i in 0..20u64 {
+        let s = connect_in(Some(&cn), listen_addr()).unwrap();
+        let data = payload(10_000, i);
+        assert!(echo_roundtrip(s, &data) == data);
+    }
+    assert!(r.stop().success());
+}
