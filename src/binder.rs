@@ -197,10 +197,12 @@ impl SocketPool {
         self.len() == 0
     }
 
-    /// True once when the pool is below half its target and no refill is running:
-    /// the caller must then ask the binder for one ([`Binder::fill_later`]).
+    /// True once when the pool is below its target and no refill is running: the
+    /// caller must then ask the binder for one ([`Binder::fill_later`]). Takes made
+    /// while a refill runs are made up by the next one, so refills batch under
+    /// load, and an idle pool is always full.
     pub fn wants_refill(&self) -> bool {
-        self.len() < self.target / 2
+        self.len() < self.target
             && self
                 .refilling
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)

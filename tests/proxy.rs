@@ -16,7 +16,8 @@ both_drivers!(
     refused_upstream_closes_client_promptly,
     silent_upstream_times_out,
     upstream_reset_reaches_client_as_reset,
-    proxy_protocol_v2_carries_addresses_and_netns,
+    proxy_protocol_v1_and_v2_parsed_independently,
+    two_thousand_concurrent_sessions_then_fds_return,
     round_robin_skips_a_refusing_upstream,
     root_namespace_upstream,
 );
@@ -297,8 +298,10 @@ fn upstream_reset_reaches_client_as_reset(driver: &str) {
     assert!(r.stop().success());
 }
 
-fn proxy_protocol_v2_carries_addresses_and_netns(driver: &str) {
-    let (cn, un) = pair("pp", driver);
+/// Sends "hello" through a proxy listener with `proxy_protocol = VERSION`; returns
+/// what the upstream received, the client's address and the client namespace.
+fn through_proxy_protocol(driver: &str, version: &str) -> (Vec<u8>, SocketAddr, TempNetns) {
+    let (cn, un) = pair(&format!("pp{version}"), driver);
     let (tx, rx) = std::sync::mpsc::channel();
     let _up = Upstream::spawn(
         Some(&un),
@@ -309,13 +312,13 @@ fn proxy_protocol_v2_carries_addresses_and_netns(driver: &str) {
         },
     );
     let r = Ringress::start(
-        &format!("pp-{driver}"),
+        &format!("pp{version}-{driver}"),
         driver,
         &proxy_cfg(
             &cn,
             "upstream = \"127.0.0.1:8000\"",
             Some(&un),
-            "proxy_protocol = \"v2\"\n",
+            &format!("proxy_protocol = \"{version}\"\n"),
         ),
     );
     let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
@@ -323,19 +326,111 @@ fn proxy_protocol_v2_carries_addresses_and_netns(driver: &str) {
     s.write_all(b"hello").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let h = ringress::proto::proxy_header::encode(
-        ringress::proto::proxy_header::ProxyProtocol::V2,
-        Some(client),
-        Some(listen_addr()),
-        Some(cn.name()),
-    );
-    assert!(
-        got.starts_with(&h),
-        "header {:?} not at the start of {:?}",
-        h,
-        &got[..got.len().min(64)]
-    );
+    assert!(r.stop().success());
+    (got, client, cn)
+}
+
+fn proxy_protocol_v1_and_v2_parsed_independently(driver: &str) {
+    // v1, read with the ppp crate's parser.
+    let (got, client, _cn) = through_proxy_protocol(driver, "v1");
+    let end = got
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("no v1 line")
+        + 2;
+    let line = std::str::from_utf8(&got[..end]).unwrap();
+    let h = ppp::v1::Header::try_from(line).unwrap_or_else(|e| panic!("{line:?}: {e:?}"));
+    match h.addresses {
+        ppp::v1::Addresses::Tcp4(a) => {
+            assert_eq!(SocketAddr::from((a.source_address, a.source_port)), client);
+            assert_eq!(
+                SocketAddr::from((a.destination_address, a.destination_port)),
+                listen_addr()
+            );
+        }
+        other => panic!("v1 addresses {other:?}"),
+    }
+    assert_eq!(&got[end..], b"hello");
+
+    // v2, with the NETNS TLV.
+    let (got, client, cn) = through_proxy_protocol(driver, "v2");
+    let h = ppp::v2::Header::try_from(got.as_slice()).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(h.command, ppp::v2::Command::Proxy);
+    match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => {
+            assert_eq!(SocketAddr::from((a.source_address, a.source_port)), client);
+            assert_eq!(
+                SocketAddr::from((a.destination_address, a.destination_port)),
+                listen_addr()
+            );
+        }
+        other => panic!("v2 addresses {other:?}"),
+    }
+    let tlvs: Vec<_> = h.tlvs().map(|t| t.unwrap()).collect();
+    let netns = tlvs
+        .iter()
+        .find(|t| t.kind == 0x30)
+        .expect("no PP2_TYPE_NETNS TLV");
+    assert_eq!(&*netns.value, cn.name().as_bytes());
     assert_eq!(&got[h.len()..], b"hello");
+}
+
+fn two_thousand_concurrent_sessions_then_fds_return(driver: &str) {
+    let (cn, un) = pair("2k", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let (got, _) = read_until_end(&mut s);
+        let _ = s.write_all(&got);
+    });
+    let r = Ringress::start(
+        &format!("2k-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    // Warm the upstream socket pool and the workers, then take the baseline.
+    for i in 0..4u64 {
+        let s = connect_in(Some(&cn), listen_addr()).unwrap();
+        assert!(echo_roundtrip(s, &payload(100, i)) == payload(100, i));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let base = r.fds();
+    // 2,000 sessions open at once: connect all, then send on all, then read all.
+    let mut conns = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        conns.push(connect_in(Some(&cn), listen_addr()).unwrap());
+    }
+    // All 2,000 are sessions in ringress at once: a client and an upstream fd each.
+    // The baseline holds a full upstream socket pool, which may now be refilling.
+    let want = base + 2 * 2000 - ringress::driver::upstream::POOL_TARGET;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut open = r.fds();
+    while open < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        open = r.fds();
+    }
+    assert!(
+        open >= want,
+        "only {open} fds open for 2,000 sessions (base {base})"
+    );
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(&(i as u32).to_be_bytes()).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let (got, err) = read_until_end(s);
+        assert!(err.is_none(), "session {i}: {err:?}");
+        assert_eq!(got, (i as u32).to_be_bytes(), "session {i}");
+    }
+    drop(conns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = r.fds();
+    while now > base && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = r.fds();
+    }
+    assert!(
+        now <= base,
+        "fds did not return to the baseline: {now} vs {base}"
+    );
     assert!(r.stop().success());
 }
 
@@ -357,12 +452,13 @@ fn round_robin_skips_a_refusing_upstream(driver: &str) {
     );
     let mut failures = 0;
     for i in 0..8u8 {
-        let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
-        // A session sent to the refusing upstream is reset: any step may fail.
-        let echoed = s
-            .write_all(&[i])
-            .and_then(|_| s.shutdown(Shutdown::Write))
-            .map(|_| read_until_end(&mut s).0 == [i]);
+        // A session sent to the refusing upstream is reset: any step may fail,
+        // connect included (the reset can beat connect_in's completion check).
+        let echoed = connect_in(Some(&cn), listen_addr()).and_then(|mut s| {
+            s.write_all(&[i])?;
+            s.shutdown(Shutdown::Write)?;
+            Ok(read_until_end(&mut s).0 == [i])
+        });
         if !matches!(echoed, Ok(true)) {
             failures += 1;
         }

@@ -13,7 +13,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -166,6 +166,3 @@ impl UpstreamSet {
             .map_or((0, 0), |p| (p[0].len(), p[1].len()))
     }
 }
-
-/// How long to wait before the next attempt at an empty pool (ms).
-pub const POOL_RETRY: Duration = Duration::from_millis(10);

@@ -310,7 +310,7 @@ impl Upstream {
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let l = listen_in(ns, addr, 128);
+        let l = listen_in(ns, addr, 4096);
         l.set_nonblocking(true).unwrap();
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let accepted = std::sync::Arc::new(AtomicUsize::new(0));
