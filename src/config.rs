@@ -195,14 +195,21 @@ pub struct Runtime {
     pub workers: usize,
     /// Which I/O driver the workers use.
     pub io: IoChoice,
+    /// On SIGTERM/SIGINT, how long open connections may go on before they are
+    /// closed (ms); default [`DEFAULT_SHUTDOWN_TIMEOUT_MS`].
+    pub shutdown_timeout_ms: u64,
 }
 
+/// Default `[runtime] shutdown_timeout_ms` (ms).
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
 impl Default for Runtime {
-    /// [`default_workers`] workers and [`IoChoice::Auto`].
+    /// [`default_workers`] workers, [`IoChoice::Auto`], a 10 s shutdown timeout.
     fn default() -> Self {
         Runtime {
             workers: default_workers(),
             io: IoChoice::Auto,
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
         }
     }
 }
@@ -262,6 +269,23 @@ pub struct Config {
     pub runtime: Runtime,
     /// The listeners in file order; at least one, names unique.
     pub listeners: Vec<ListenerConfig>,
+    /// `[admin] listen`: where /metrics, /status and /healthz are served; `None`
+    /// (the default) serves nothing.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    /// No listeners, default runtime, names resolved under [`DEFAULT_NETNS_DIR`],
+    /// no admin endpoint; for building a config in code (`..Default::default()`).
+    fn default() -> Self {
+        Config {
+            source: PathBuf::from("<built-in>"),
+            netns_dir: PathBuf::from(DEFAULT_NETNS_DIR),
+            runtime: Runtime::default(),
+            listeners: Vec::new(),
+            admin: None,
+        }
+    }
 }
 
 /// Which listener an error is about: by name (given or derived) or, when no name
@@ -450,6 +474,7 @@ fn netns_problem(e: &io::Error) -> &'static str {
 struct RawConfig {
     netns_dir: Option<Spanned<String>>,
     runtime: Option<Spanned<RawRuntime>>,
+    admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
 }
@@ -459,6 +484,13 @@ struct RawConfig {
 struct RawRuntime {
     workers: Option<Spanned<i64>>,
     io: Option<Spanned<String>>,
+    shutdown_timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -649,11 +681,30 @@ impl Config {
             }
         }
 
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => {
+                let l = &a.get_ref().listen;
+                Some(l.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                    cx.invalid(
+                        l.span(),
+                        Scope::Top,
+                        "admin.listen",
+                        format!(
+                            "invalid socket address {:?} (expected e.g. \"127.0.0.1:9900\")",
+                            l.get_ref()
+                        ),
+                    )
+                })?)
+            }
+        };
+
         Ok(Config {
             source: source.to_path_buf(),
             netns_dir,
             runtime,
             listeners,
+            admin,
         })
     }
 
@@ -668,7 +719,10 @@ impl Config {
         for l in &self.listeners {
             let mut refs = Vec::with_capacity(2);
             if let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) {
-                refs.push(("netns", l.netns_line, ns, path));
+                // A template's namespaces are found at run time.
+                if !ns.is_glob() {
+                    refs.push(("netns", l.netns_line, ns, path));
+                }
             }
             if let Action::Proxy(p) = &l.action {
                 if let (Some(ns), Some(path)) = (&p.upstream_netns, &p.upstream_netns_path) {
@@ -721,7 +775,28 @@ fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, ConfigError
             .parse()
             .map_err(|m: String| cx.invalid(s.span(), Scope::Runtime, "io", m))?,
     };
-    Ok(Runtime { workers, io })
+    let shutdown_timeout_ms = match &rt.shutdown_timeout_ms {
+        None => DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        Some(t) => match u64::try_from(*t.get_ref()) {
+            Ok(n) if n <= MAX_TIMEOUT_MS => n,
+            _ => {
+                return Err(cx.invalid(
+                    t.span(),
+                    Scope::Runtime,
+                    "shutdown_timeout_ms",
+                    format!(
+                        "must be between 0 and {MAX_TIMEOUT_MS} (ms), got {}",
+                        t.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
+    Ok(Runtime {
+        workers,
+        io,
+        shutdown_timeout_ms,
+    })
 }
 
 fn convert_listener(
@@ -1041,10 +1116,18 @@ fn convert_proxy(
     };
     let upstream_netns = match &raw.upstream_netns {
         None => None,
-        Some(n) => Some(
-            NetnsRef::parse(n.get_ref())
-                .map_err(|m| cx.invalid(n.span(), scope(), "upstream_netns", m))?,
-        ),
+        Some(n) => match NetnsRef::parse(n.get_ref()) {
+            Ok(r) if r.is_glob() => {
+                return Err(cx.invalid(
+                    n.span(),
+                    scope(),
+                    "upstream_netns",
+                    "must name one namespace, not a glob",
+                ))
+            }
+            Ok(r) => Some(r),
+            Err(m) => return Err(cx.invalid(n.span(), scope(), "upstream_netns", m)),
+        },
     };
     let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| match v {
         None => Ok(default),
@@ -1182,7 +1265,8 @@ action = "echo"
             c.runtime,
             Runtime {
                 workers: 3,
-                io: IoChoice::Epoll
+                io: IoChoice::Epoll,
+                shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             }
         );
         assert_eq!(c.listeners.len(), 3);

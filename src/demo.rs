@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::binder::SocketSpec;
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto, Runtime};
-use crate::netns::{NetnsRef, TempNetns, DEFAULT_NETNS_DIR};
+use crate::netns::{NetnsRef, TempNetns};
 use crate::server::Server;
 use crate::{procstat, signals};
 
@@ -112,12 +112,13 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
         .collect();
     let cfg = Config {
         source: "<demo>".into(),
-        netns_dir: DEFAULT_NETNS_DIR.into(),
         runtime: Runtime {
             workers: args.workers.unwrap_or_else(default_workers).max(1),
             io: args.io,
+            ..Default::default()
         },
         listeners,
+        ..Default::default()
     };
     let bind_start = Instant::now();
     let server = Server::start(&cfg, None).map_err(|e| e.to_string())?;
@@ -125,7 +126,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
     println!(
         "ringress demo: {} listeners ({} namespaces + root) on {addr}, driver {}, {} workers; \
          namespaces created in {:.0} ms, listeners bound in {:.0} ms",
-        server.listeners().len(),
+        server.listeners().count(),
         namespaces.len(),
         server.driver(),
         cfg.runtime.workers,
@@ -176,7 +177,10 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
         "namespace", "conns", "bytes", "ok", "failed", "accepted", "server-in"
     );
     let mut all_ok = !interrupted;
-    for ((_, label), (row, l)) in labels.iter().zip(rows.iter().zip(server.listeners())) {
+    for ((_, label), row) in labels.iter().zip(&rows) {
+        let Some(l) = server.listener(&format!("echo-{label}")) else {
+            continue;
+        };
         println!(
             "{:<22} {:>7} {:>12} {:>7} {:>7}   {:>9} {:>12}",
             label,

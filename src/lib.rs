@@ -9,12 +9,15 @@
 //! Module map: [`config`] (TOML) → [`server`] (supervisor) → [`binder`] (sockets in
 //! namespaces) and [`driver`] (workers) → [`proto`] (sessions).
 
+pub mod admin;
 pub mod binder;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod driver;
 pub mod netns;
 pub mod procstat;
 pub mod proto;
+pub mod sdnotify;
 pub mod server;
 pub mod signals;

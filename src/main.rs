@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringress::config::{Config, IoChoice};
-use ringress::{demo, server::Server, signals};
+use ringress::{control, demo, server::Server, signals};
 
 /// ringress: an L4 ingress server for TCP listeners in many network namespaces,
 /// served by per-core io_uring rings (or epoll).
@@ -17,6 +16,9 @@ struct Cli {
     /// "ringress=debug"). RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log format: text (human) or json (one JSON object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,16 +46,20 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
-fn init_logs(level: &str) {
+fn init_logs(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
@@ -64,7 +70,7 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(&cli.log_level);
+    init_logs(&cli.log_level, &cli.log_format);
     match cli.cmd {
         Cmd::Check { config } => match load(&config) {
             Ok(cfg) => {
@@ -108,25 +114,20 @@ fn main() -> ExitCode {
                 }
             };
             tracing::info!(
-                listeners = server.listeners().len(),
+                listeners = server.listeners().count(),
                 workers = cfg.runtime.workers,
                 driver = %server.driver(),
                 "ringress running"
             );
-            loop {
-                match signals::wait(Duration::from_secs(3600)) {
-                    Some(nix::sys::signal::Signal::SIGHUP) => {
-                        tracing::warn!("SIGHUP: reload is not implemented yet; ignoring");
-                    }
-                    Some(sig) => {
-                        tracing::info!(signal = %sig, "shutting down");
-                        break;
-                    }
-                    None => {}
+            match control::run(server, &config) {
+                Ok(control::Exit::Clean) => ExitCode::SUCCESS,
+                // A second signal: leave now, without waiting for the workers.
+                Ok(control::Exit::Forced) => std::process::exit(130),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
                 }
             }
-            server.shutdown();
-            ExitCode::SUCCESS
         }
         Cmd::Demo(args) => demo::run(args),
     }

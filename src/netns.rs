@@ -24,6 +24,9 @@ pub enum NetnsRef {
     Named(String),
     /// An absolute path to a namespace file, e.g. `/proc/1234/ns/net`.
     Path(PathBuf),
+    /// A glob over the names in the netns directory (`tenant-*`): the listener is a
+    /// template, instantiated in every matching namespace, as they come and go.
+    Glob(String),
 }
 
 impl NetnsRef {
@@ -49,14 +52,36 @@ impl NetnsRef {
                 "invalid namespace name {s:?}: use a plain name under /run/netns or an absolute path"
             ));
         }
+        if s.contains(['*', '?', '[']) {
+            return glob::Pattern::new(s)
+                .map(|_| NetnsRef::Glob(s.to_string()))
+                .map_err(|e| format!("invalid namespace glob {s:?}: {e}"));
+        }
         Ok(NetnsRef::Named(s.to_string()))
     }
 
     /// The namespace file this reference points to, with names resolved under `netns_dir`.
+    /// For a glob this is the pattern joined to the directory, which names no file:
+    /// templates are expanded before anything is bound.
     pub fn path_in(&self, netns_dir: &Path) -> PathBuf {
         match self {
-            NetnsRef::Named(n) => netns_dir.join(n),
+            NetnsRef::Named(n) | NetnsRef::Glob(n) => netns_dir.join(n),
             NetnsRef::Path(p) => p.clone(),
+        }
+    }
+
+    /// Whether this is a glob template ([`NetnsRef::Glob`]).
+    pub fn is_glob(&self) -> bool {
+        matches!(self, NetnsRef::Glob(_))
+    }
+
+    /// Whether namespace `name` (an entry of the netns directory) is this reference:
+    /// equal to a name, or matched by a glob. Paths match nothing.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NetnsRef::Named(n) => n == name,
+            NetnsRef::Glob(g) => glob::Pattern::new(g).is_ok_and(|p| p.matches(name)),
+            NetnsRef::Path(_) => false,
         }
     }
 
@@ -68,7 +93,7 @@ impl NetnsRef {
     /// A short label for logs and instance names: the name, or the path as given.
     pub fn label(&self) -> String {
         match self {
-            NetnsRef::Named(n) => n.clone(),
+            NetnsRef::Named(n) | NetnsRef::Glob(n) => n.clone(),
             NetnsRef::Path(p) => p.display().to_string(),
         }
     }
@@ -147,6 +172,10 @@ mod tests {
             NetnsRef::parse("x").unwrap().path(),
             PathBuf::from("/run/netns/x")
         );
+        let g = NetnsRef::parse("tenant-*").unwrap();
+        assert!(g.is_glob() && g.matches("tenant-7") && !g.matches("other"));
+        assert!(NetnsRef::parse("a[").is_err());
+        assert!(NetnsRef::Named("a".into()).matches("a"));
     }
 
     #[test]
@@ -233,4 +262,17 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// The entries of the netns directory `dir` (names, sorted); empty if it is missing.
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }

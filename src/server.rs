@@ -1,20 +1,27 @@
-//! The supervisor: binds every listener through the binder, starts the workers and
-//! hands each worker its own SO_REUSEPORT socket of every listener.
+//! The supervisor: binds listeners through the binder, starts the workers and hands
+//! each worker its own SO_REUSEPORT socket of every listener; adds and removes
+//! listeners at run time (reload, namespaces that come and go).
 //!
-//! Thread budget: the calling thread (signals), the binder, and one thread per
-//! worker. Nothing here grows with the number of namespaces, listeners or
-//! connections.
+//! Thread budget: the calling thread (signals, admin endpoint, namespace watch),
+//! the binder, and one thread per worker. Nothing here grows with the number of
+//! namespaces, listeners or connections.
+//!
+//! A listener whose `netns` is a glob (`tenant-*`) is a *template*: it has one
+//! *instance*, named `NAME@NAMESPACE`, per matching entry of the netns directory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::binder::{BindError, Binder, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
+use crate::netns::{self, NetnsRef};
 
-/// Why the server could not start.
+/// Why the server could not start or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The driver cannot run here (e.g. io = "uring" without io_uring).
@@ -40,133 +47,416 @@ pub enum StartError {
     Workers(#[source] std::io::Error),
 }
 
-/// A listener being served.
+/// Whether a listener is accepting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerState {
+    /// Bound and handed to the workers.
+    Serving,
+    /// Not bound, with the reason (its namespace vanished, or is not there yet).
+    Down(String),
+}
+
+/// A listener known to the server (serving or down).
 #[derive(Debug)]
 pub struct RunningListener {
-    /// Supervisor's id, unique in this process.
+    /// Supervisor's id of the current binding, unique in this process.
     pub id: u64,
-    /// Its configuration.
+    /// Its configuration (for a template instance: `netns` names the namespace).
     pub config: ListenerConfig,
+    /// The template it was made from, if any.
+    pub template: Option<String>,
     /// Name, action and counters shared with the workers.
     pub shared: Arc<ListenerShared>,
+    /// Serving or down.
+    pub state: ListenerState,
 }
 
 /// A running server: binder, workers, listeners.
 pub struct Server {
     binder: Binder,
     workers: Vec<WorkerHandle>,
-    listeners: Vec<RunningListener>,
+    listeners: BTreeMap<String, RunningListener>,
     driver: DriverKind,
+    cfg: Config,
+    next_id: u64,
+}
+
+/// One listener to bind: its (instance) config and the template it came from.
+struct Planned {
+    config: ListenerConfig,
+    template: Option<String>,
+}
+
+/// Sockets made for a listener, not yet handed to workers.
+struct Bound {
+    fds: Vec<OwnedFd>,
+    upstream: Option<Arc<UpstreamSet>>,
+}
+
+/// The listeners `cfg` asks for, given the netns directory's entries `present`:
+/// templates expanded into one instance per matching name.
+fn plan(cfg: &Config, present: &[String]) -> Vec<Planned> {
+    let mut out = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        match &l.netns {
+            Some(g @ NetnsRef::Glob(_)) => {
+                for ns in present.iter().filter(|n| g.matches(n)) {
+                    out.push(Planned {
+                        config: instance(l, ns),
+                        template: Some(l.name.clone()),
+                    });
+                }
+            }
+            _ => out.push(Planned {
+                config: l.clone(),
+                template: None,
+            }),
+        }
+    }
+    out
+}
+
+/// The instance of template `t` in namespace `ns`: named `T@NS`.
+fn instance(t: &ListenerConfig, ns: &str) -> ListenerConfig {
+    ListenerConfig {
+        name: format!("{}@{ns}", t.name),
+        netns: Some(NetnsRef::Named(ns.to_string())),
+        ..t.clone()
+    }
+}
+
+/// Whether two listener configs would behave the same (line numbers aside).
+fn same(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    let norm = |l: &ListenerConfig| {
+        let mut l = l.clone();
+        l.line = 0;
+        l.netns_line = 0;
+        if let Action::Proxy(p) = &mut l.action {
+            Arc::make_mut(p).upstream_netns_line = 0;
+        }
+        l
+    };
+    norm(a) == norm(b)
 }
 
 impl Server {
     /// Resolves the driver (`io` overrides `runtime.io`), binds every listener (one
-    /// socket per worker, all made by the binder), starts `runtime.workers`
-    /// workers and hands them their sockets.
+    /// socket per worker, all made by the binder; templates in every matching
+    /// namespace present now), starts `runtime.workers` workers and hands them their
+    /// sockets.
     ///
     /// Nothing is left open on error: sockets already bound are closed and no
-    /// worker keeps running.
+    /// worker keeps running. A template instance that cannot be bound is logged
+    /// and left down; it does not stop the start.
     ///
     /// # Errors
     /// [`StartError`], naming the listener, namespace and errno where there is one.
     pub fn start(cfg: &Config, io: Option<IoChoice>) -> Result<Server, StartError> {
         let driver = driver::resolve(io.unwrap_or(cfg.runtime.io)).map_err(StartError::Driver)?;
         let binder = Binder::start().map_err(StartError::Workers)?;
-        let workers = cfg.runtime.workers.max(1);
-
+        let mut server = Server {
+            binder,
+            workers: Vec::new(),
+            listeners: BTreeMap::new(),
+            driver,
+            cfg: cfg.clone(),
+            next_id: 0,
+        };
         // Bind everything first: a failure leaves no thread and no socket behind.
-        let mut seen: HashMap<(Option<PathBuf>, SocketAddr), &str> = HashMap::new();
-        let mut bound = Vec::with_capacity(cfg.listeners.len());
-        for l in &cfg.listeners {
-            let path = cfg.netns_path(l);
-            if let Some(first) = seen.insert((path.clone(), l.listen), &l.name) {
-                return Err(StartError::Duplicate {
-                    first: first.to_string(),
-                    second: l.name.clone(),
-                    addr: l.listen,
-                    netns: l.netns_label(),
-                });
-            }
-            let fds = binder.create(
-                &l.name,
-                path.as_deref(),
-                &l.netns_label(),
-                SocketSpec::TcpListeners {
-                    addr: l.listen,
-                    backlog: l.backlog,
-                    count: workers,
-                },
-            )?;
-            let upstream = match &l.action {
-                Action::Proxy(p) => {
-                    let ns = p.upstream_netns_path.clone().map(|path| {
-                        let label = p
-                            .upstream_netns
-                            .as_ref()
-                            .map_or_else(String::new, |n| n.label());
-                        (path, label)
-                    });
-                    Some(Arc::new(UpstreamSet::new(
-                        p.upstreams.clone(),
-                        ns,
-                        &l.name,
-                        &binder,
-                    )?))
-                }
-                _ => None,
-            };
-            bound.push((l, fds, upstream));
+        let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
+        let bound = server.bind_all(&planned)?;
+        server.workers =
+            driver::spawn_workers(server.worker_count(), driver).map_err(StartError::Workers)?;
+        for (p, b) in planned.into_iter().zip(bound) {
+            server.install(p, b);
         }
+        Ok(server)
+    }
 
-        let handles = driver::spawn_workers(workers, driver).map_err(StartError::Workers)?;
-        let mut listeners = Vec::with_capacity(bound.len());
-        for (id, (l, fds, upstream)) in bound.into_iter().enumerate() {
-            let shared = Arc::new(ListenerShared {
-                name: Arc::from(l.name.as_str()),
-                action: l.action.clone(),
-                netns: Arc::from(l.netns_label().as_str()),
-                upstream,
-                stats: Default::default(),
-            });
-            for (w, fd) in handles.iter().zip(fds) {
-                if let Err(e) = w.send(Command::AddListener {
-                    id: id as u64,
-                    fd,
-                    shared: shared.clone(),
-                }) {
-                    for h in handles {
-                        h.shutdown();
-                    }
-                    return Err(StartError::Workers(e));
+    fn worker_count(&self) -> usize {
+        self.cfg.runtime.workers.max(1)
+    }
+
+    /// Binds every planned listener; the first failure of an explicit listener
+    /// fails the whole call (closing what was bound). Template instances that fail
+    /// come back as `Err(reason)`.
+    fn bind_all(&self, planned: &[Planned]) -> Result<Vec<Result<Bound, String>>, StartError> {
+        let mut seen: HashMap<(Option<PathBuf>, SocketAddr), &str> = HashMap::new();
+        let mut out = Vec::with_capacity(planned.len());
+        for p in planned {
+            let l = &p.config;
+            let key = (self.cfg.netns_path(l), l.listen);
+            if l.listen.port() != 0 {
+                if let Some(first) = seen.insert(key, &l.name) {
+                    return Err(StartError::Duplicate {
+                        first: first.to_string(),
+                        second: l.name.clone(),
+                        addr: l.listen,
+                        netns: l.netns_label(),
+                    });
                 }
             }
+            match self.bind(l) {
+                Ok(b) => out.push(Ok(b)),
+                Err(e) if p.template.is_some() => {
+                    tracing::warn!(error = %e, "template instance not bound");
+                    out.push(Err(e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates listener `l`'s sockets (one per worker) and, for a proxy, its
+    /// upstream set with filled socket pools.
+    fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
+        let path = self.cfg.netns_path(l);
+        let fds = self.binder.create(
+            &l.name,
+            path.as_deref(),
+            &l.netns_label(),
+            SocketSpec::TcpListeners {
+                addr: l.listen,
+                backlog: l.backlog,
+                count: self.worker_count(),
+            },
+        )?;
+        let upstream = match &l.action {
+            Action::Proxy(p) => {
+                let ns = p.upstream_netns_path.clone().map(|path| {
+                    let label = p
+                        .upstream_netns
+                        .as_ref()
+                        .map_or_else(String::new, |n| n.label());
+                    (path, label)
+                });
+                Some(Arc::new(UpstreamSet::new(
+                    p.upstreams.clone(),
+                    ns,
+                    &l.name,
+                    &self.binder,
+                )?))
+            }
+            _ => None,
+        };
+        Ok(Bound { fds, upstream })
+    }
+
+    /// Hands a bound listener to the workers (or records it as down).
+    fn install(&mut self, p: Planned, b: Result<Bound, String>) {
+        let l = p.config;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (state, fds, upstream) = match b {
+            Ok(b) => (ListenerState::Serving, b.fds, b.upstream),
+            Err(reason) => (ListenerState::Down(reason), Vec::new(), None),
+        };
+        let shared = Arc::new(ListenerShared {
+            name: Arc::from(l.name.as_str()),
+            action: l.action.clone(),
+            netns: Arc::from(l.netns_label().as_str()),
+            upstream,
+            stats: Default::default(),
+        });
+        for (w, fd) in self.workers.iter().zip(fds) {
+            if let Err(e) = w.send(Command::AddListener {
+                id,
+                fd,
+                shared: shared.clone(),
+            }) {
+                tracing::error!(listener = %l.name, error = %e, "cannot hand listener to worker");
+            }
+        }
+        if state == ListenerState::Serving {
             tracing::info!(
                 listener = %l.name,
                 netns = %l.netns_label(),
                 proto = %l.proto,
                 address = %l.listen,
                 action = l.action.kind(),
-                driver = %driver,
-                workers,
+                driver = %self.driver,
+                workers = self.workers.len(),
                 "listener bound"
             );
-            listeners.push(RunningListener {
-                id: id as u64,
-                config: l.clone(),
-                shared,
-            });
         }
-        Ok(Server {
-            binder,
-            workers: handles,
-            listeners,
-            driver,
-        })
+        self.listeners.insert(
+            l.name.clone(),
+            RunningListener {
+                id,
+                config: l,
+                template: p.template,
+                shared,
+                state,
+            },
+        );
     }
 
-    /// The listeners being served, in config order.
-    pub fn listeners(&self) -> &[RunningListener] {
-        &self.listeners
+    /// Stops listener `name` accepting (its workers close their sockets); its open
+    /// connections go on. With `forget`, it is dropped from the table; otherwise it
+    /// stays, down, with `reason`.
+    fn retire(&mut self, name: &str, forget: bool, reason: &str) {
+        let Some(l) = self.listeners.get_mut(name) else {
+            return;
+        };
+        if l.state == ListenerState::Serving {
+            for w in &self.workers {
+                let _ = w.send(Command::RemoveListener { id: l.id });
+            }
+            tracing::info!(listener = %name, reason, "listener closed");
+        }
+        if forget {
+            self.listeners.remove(name);
+        } else {
+            l.state = ListenerState::Down(reason.to_string());
+        }
+    }
+
+    /// Applies a new, validated config (SIGHUP): listeners that did not change keep
+    /// their sockets and connections; removed ones stop accepting and let their
+    /// connections finish; new and changed ones bind. All new sockets are bound
+    /// before anything changes, so a failure leaves the running config untouched.
+    ///
+    /// # Errors
+    /// The first bind failure of an explicit listener, or a duplicate address.
+    pub fn reload(&mut self, new: Config) -> Result<(), StartError> {
+        if new.runtime.workers.max(1) != self.worker_count() {
+            tracing::warn!(
+                running = self.worker_count(),
+                configured = new.runtime.workers,
+                "runtime.workers changes need a restart; keeping the running workers"
+            );
+        }
+        let planned = plan(&new, &netns::list_dir(&new.netns_dir));
+        let (keep, todo): (Vec<Planned>, Vec<Planned>) = planned.into_iter().partition(|p| {
+            self.listeners.get(&p.config.name).is_some_and(|old| {
+                old.state == ListenerState::Serving && same(&old.config, &p.config)
+            })
+        });
+        let old_cfg = std::mem::replace(&mut self.cfg, new);
+        let bound = match self.bind_all(&todo) {
+            Ok(b) => b,
+            Err(e) => {
+                self.cfg = old_cfg;
+                return Err(e);
+            }
+        };
+        let wanted: std::collections::HashSet<String> = keep
+            .iter()
+            .chain(&todo)
+            .map(|p| p.config.name.clone())
+            .collect();
+        let replaced: Vec<String> = todo
+            .iter()
+            .map(|p| p.config.name.clone())
+            .filter(|n| self.listeners.contains_key(n))
+            .collect();
+        let removed: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|n| !wanted.contains(*n))
+            .cloned()
+            .collect();
+        for n in replaced.iter().chain(&removed) {
+            self.retire(n, true, "removed or changed by reload");
+        }
+        for (p, b) in todo.into_iter().zip(bound) {
+            self.install(p, b);
+        }
+        tracing::info!(
+            kept = keep.len(),
+            bound = self.listeners.len() - keep.len(),
+            removed = removed.len(),
+            "config reloaded"
+        );
+        Ok(())
+    }
+
+    /// Namespace `name` appeared in the netns directory: binds the template
+    /// instances it matches and the explicit listeners waiting for it.
+    ///
+    /// Returns `false` when something could not be bound *yet* (the entry is not a
+    /// namespace yet, or its loopback is not up: ENOENT, EINVAL from the nsfs check,
+    /// EADDRNOTAVAIL), so the caller should call again shortly.
+    pub fn netns_appeared(&mut self, name: &str) -> bool {
+        let mut todo = Vec::new();
+        for t in &self.cfg.listeners {
+            let Some(ns) = &t.netns else { continue };
+            if !ns.matches(name) {
+                continue;
+            }
+            let (config, template) = if ns.is_glob() {
+                (instance(t, name), Some(t.name.clone()))
+            } else {
+                (t.clone(), None)
+            };
+            let serving = self
+                .listeners
+                .get(&config.name)
+                .map(|l| l.state == ListenerState::Serving);
+            // A template gets a new instance; an explicit listener is re-bound only
+            // if it is known and down.
+            let wanted = match template {
+                Some(_) => serving != Some(true),
+                None => serving == Some(false),
+            };
+            if wanted {
+                todo.push(Planned { config, template });
+            }
+        }
+        let mut done = true;
+        for p in todo {
+            match self.bind(&p.config) {
+                Ok(b) => {
+                    self.listeners.remove(&p.config.name);
+                    self.install(p, Ok(b));
+                }
+                Err(e) => {
+                    let retry =
+                        matches!(e.errno(), Some(libc::ENOENT | libc::EADDRNOTAVAIL) | None)
+                            || e.source.kind() == std::io::ErrorKind::InvalidInput;
+                    tracing::debug!(error = %e, retry, "binding in a new namespace");
+                    done &= !retry;
+                    if !retry {
+                        tracing::warn!(error = %e, "cannot bind in namespace {name}");
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// Namespace `name` left the netns directory: its template instances close and
+    /// are dropped; explicit listeners in it close and wait, down, for it to return.
+    pub fn netns_vanished(&mut self, name: &str) {
+        let affected: Vec<(String, bool)> = self
+            .listeners
+            .values()
+            .filter(|l| matches!(&l.config.netns, Some(NetnsRef::Named(n)) if n == name))
+            .map(|l| (l.config.name.clone(), l.template.is_some()))
+            .collect();
+        for (n, is_instance) in affected {
+            self.retire(&n, is_instance, "namespace vanished");
+        }
+        self.binder.forget(&self.cfg.netns_dir.join(name));
+    }
+
+    /// Stops every listener accepting (graceful shutdown); connections go on.
+    pub fn stop_accepting(&mut self) {
+        let names: Vec<String> = self.listeners.keys().cloned().collect();
+        for n in names {
+            self.retire(&n, false, "shutting down");
+        }
+    }
+
+    /// The listeners (serving and down), by name.
+    pub fn listeners(&self) -> impl Iterator<Item = &RunningListener> {
+        self.listeners.values()
+    }
+
+    /// The listener named `name`, if any.
+    pub fn listener(&self, name: &str) -> Option<&RunningListener> {
+        self.listeners.get(name)
     }
 
     /// The binder (for creating client sockets in namespaces).
@@ -182,6 +472,21 @@ impl Server {
     /// The workers' handles (for their counters).
     pub fn workers(&self) -> &[WorkerHandle] {
         &self.workers
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Sessions the workers have open now, whatever listener they came from
+    /// (listeners removed by a reload included): accepted minus closed, summed over
+    /// the workers' own counters.
+    pub fn open_sessions(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.stats.sessions.load(Relaxed))
+            .sum()
     }
 
     /// Closes every listener and connection, and joins the workers.

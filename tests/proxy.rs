@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -183,6 +183,7 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
         n += k;
     }
     assert_eq!(n, TOTAL);
+    drop(s);
     assert!(r.stop().success());
 }
 

@@ -326,7 +326,7 @@ impl Worker {
                 None => return,
             };
             let ck = self.conns.insert(EConn {
-                conn: Conn::open(fd, shared),
+                conn: Conn::open(fd, shared, &self.ctx.stats),
                 ready: [(true, true), (false, false)],
             });
             let c = self.conns.get_mut(ck).expect("just inserted");

@@ -174,6 +174,8 @@ pub struct WorkerStats {
     pub completed: AtomicU64,
     /// Receives that found the provided-buffer ring empty (ENOBUFS, io_uring only).
     pub enobufs: AtomicU64,
+    /// Sessions open now on this worker (a gauge).
+    pub sessions: AtomicU64,
 }
 
 /// A message from the supervisor to a worker.
@@ -509,12 +511,15 @@ pub(crate) struct Conn {
     pub upstream: Option<SocketAddr>,
     /// The earliest deadline registered in the worker's [`Timers`] for this session.
     pub timer: Option<Instant>,
+    /// The owning worker's counters (its open-sessions gauge).
+    worker: Arc<WorkerStats>,
 }
 
 impl Conn {
     /// Wraps a freshly accepted socket and runs the session's `on_open`.
-    pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>) -> Conn {
+    pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>, worker: &Arc<WorkerStats>) -> Conn {
         listener.stats.accepted.fetch_add(1, Relaxed);
+        worker.sessions.fetch_add(1, Relaxed);
         set_nodelay(fd.as_raw_fd());
         let info = if Session::needs_info(&listener.action) {
             let s = socket2::SockRef::from(&fd);
@@ -536,6 +541,7 @@ impl Conn {
             failed: false,
             upstream: None,
             timer: None,
+            worker: worker.clone(),
         };
         c.session
             .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
@@ -721,6 +727,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         let s = &self.listener.stats;
         s.closed.fetch_add(1, Relaxed);
+        self.worker.sessions.fetch_sub(1, Relaxed);
         if self.failed {
             s.conn_errors.fetch_add(1, Relaxed);
         }

@@ -570,7 +570,7 @@ impl Worker {
             } else {
                 let shared = l.shared.clone();
                 let ck = self.conns.insert(UConn {
-                    conn: Conn::open(fd, shared),
+                    conn: Conn::open(fd, shared, &self.ctx.stats),
                     ops: 0,
                     recv_armed: [false; 2],
                     send_armed: [false; 2],

@@ -200,11 +200,12 @@ impl Ringress {
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
-    /// SIGTERM, then waits up to 10 s for the exit status.
+    /// SIGTERM, then waits up to 20 s for the exit status (open connections may
+    /// delay the exit by up to `shutdown_timeout_ms`, 10 s by default).
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;

@@ -1,0 +1,377 @@
+//! The admin endpoint (`[admin] listen`): `GET /metrics` (Prometheus/OpenMetrics
+//! text), `GET /status` (JSON), `GET /healthz`.
+//!
+//! It is served by the control thread's event loop ([`crate::control`]), so it adds
+//! no thread. Connections are non-blocking, one request each (`Connection: close`);
+//! requests larger than [`MAX_REQUEST`] or slower than [`ADMIN_IDLE`] are dropped.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::procstat;
+use crate::server::{ListenerState, Server};
+
+/// Largest request head accepted (bytes).
+pub const MAX_REQUEST: usize = 16 * 1024;
+/// An admin connection that has not finished within this time is closed.
+pub const ADMIN_IDLE: Duration = Duration::from_secs(10);
+/// Most admin connections served at once (count); more are closed at accept.
+pub const MAX_ADMIN_CONNS: usize = 64;
+
+type Labels = Vec<(String, String)>;
+
+/// Renders the metrics of `server` in the OpenMetrics text format (which Prometheus
+/// scrapes): per listener, per worker, and for the process.
+pub fn render_metrics(server: &Server) -> String {
+    let mut reg = Registry::default();
+    let counter = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let gauge = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Gauge>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let accepted = counter(
+        &mut reg,
+        "ringress_listener_connections_accepted",
+        "Connections accepted",
+    );
+    let closed = counter(
+        &mut reg,
+        "ringress_listener_connections_closed",
+        "Connections closed",
+    );
+    let active = gauge(
+        &mut reg,
+        "ringress_listener_connections_active",
+        "Connections open now",
+    );
+    let bytes_in = counter(
+        &mut reg,
+        "ringress_listener_bytes_in",
+        "Bytes received from clients",
+    );
+    let bytes_out = counter(
+        &mut reg,
+        "ringress_listener_bytes_out",
+        "Bytes sent to clients",
+    );
+    let errors = counter(
+        &mut reg,
+        "ringress_listener_errors",
+        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept",
+    );
+    let up = gauge(
+        &mut reg,
+        "ringress_listener_up",
+        "1 when the listener is accepting, 0 when it is down",
+    );
+    for l in server.listeners() {
+        let s = &l.shared.stats;
+        let lab: Labels = vec![
+            ("listener".into(), l.config.name.clone()),
+            ("netns".into(), l.config.netns_label()),
+            ("proto".into(), l.config.proto.to_string()),
+        ];
+        accepted
+            .get_or_create(&lab)
+            .inc_by(s.accepted.load(Relaxed));
+        closed.get_or_create(&lab).inc_by(s.closed.load(Relaxed));
+        active.get_or_create(&lab).set(s.active() as i64);
+        bytes_in
+            .get_or_create(&lab)
+            .inc_by(s.bytes_in.load(Relaxed));
+        bytes_out
+            .get_or_create(&lab)
+            .inc_by(s.bytes_out.load(Relaxed));
+        up.get_or_create(&lab)
+            .set(i64::from(l.state == ListenerState::Serving));
+        for (kind, v) in [
+            ("upstream_refused", &s.upstream_refused),
+            ("upstream_timeout", &s.upstream_timeouts),
+            ("upstream_error", &s.upstream_errors),
+            ("reset", &s.resets),
+            ("accept", &s.accept_errors),
+        ] {
+            let mut k = lab.clone();
+            k.push(("kind".into(), kind.into()));
+            errors.get_or_create(&k).inc_by(v.load(Relaxed));
+        }
+    }
+    let submitted = counter(
+        &mut reg,
+        "ringress_worker_submitted",
+        "SQEs submitted (io_uring) or I/O syscalls made (epoll)",
+    );
+    let completed = counter(
+        &mut reg,
+        "ringress_worker_completed",
+        "CQEs reaped (io_uring) or readiness events handled (epoll)",
+    );
+    let enobufs = counter(
+        &mut reg,
+        "ringress_worker_enobufs",
+        "Receives that found the provided-buffer ring empty (ENOBUFS)",
+    );
+    let sessions = gauge(&mut reg, "ringress_worker_sessions", "Sessions open now");
+    for w in server.workers() {
+        let lab: Labels = vec![
+            ("worker".into(), w.index.to_string()),
+            ("driver".into(), server.driver().to_string()),
+        ];
+        submitted
+            .get_or_create(&lab)
+            .inc_by(w.stats.submitted.load(Relaxed));
+        completed
+            .get_or_create(&lab)
+            .inc_by(w.stats.completed.load(Relaxed));
+        enobufs
+            .get_or_create(&lab)
+            .inc_by(w.stats.enobufs.load(Relaxed));
+        sessions
+            .get_or_create(&lab)
+            .set(w.stats.sessions.load(Relaxed) as i64);
+    }
+    let me = std::process::id();
+    let threads = gauge(
+        &mut reg,
+        "ringress_process_threads",
+        "OS threads of the process",
+    );
+    threads
+        .get_or_create(&vec![])
+        .set(procstat::threads(me).unwrap_or(0) as i64);
+    let fds = gauge(
+        &mut reg,
+        "ringress_process_open_fds",
+        "Open file descriptors",
+    );
+    fds.get_or_create(&vec![])
+        .set(procstat::open_fds(me).unwrap_or(0) as i64);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// Renders `server`'s listeners as JSON: name, netns, proto, address, action,
+/// state, driver (and, when down, why).
+pub fn render_status(server: &Server) -> String {
+    let listeners: Vec<serde_json::Value> = server
+        .listeners()
+        .map(|l| {
+            let (state, reason) = match &l.state {
+                ListenerState::Serving => ("serving", None),
+                ListenerState::Down(r) => ("down", Some(r.clone())),
+            };
+            serde_json::json!({
+                "name": l.config.name,
+                "netns": l.config.netns_label(),
+                "proto": l.config.proto.to_string(),
+                "address": l.config.listen.to_string(),
+                "action": l.config.action.kind(),
+                "template": l.template,
+                "state": state,
+                "reason": reason,
+                "driver": server.driver().to_string(),
+                "connections_active": l.shared.stats.active(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "driver": server.driver().to_string(),
+        "workers": server.workers().len(),
+        "listeners": listeners,
+    });
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+struct AdminConn {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    since: Instant,
+}
+
+/// The admin listener and its open connections, driven by the control loop.
+pub struct Admin {
+    listener: TcpListener,
+    conns: HashMap<u64, AdminConn>,
+    next: u64,
+}
+
+/// What the control loop should do with an admin connection's fd.
+pub enum Interest {
+    /// Wait until it is readable.
+    Read,
+    /// Wait until it is writable.
+    Write,
+    /// It is closed; forget it.
+    Closed,
+}
+
+impl Admin {
+    /// Binds the admin endpoint at `addr` (in the namespace ringress started in).
+    ///
+    /// # Errors
+    /// bind(2) or listen(2) failed (EADDRINUSE, EACCES, ...).
+    pub fn bind(addr: std::net::SocketAddr) -> io::Result<Admin> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Admin {
+            listener,
+            conns: HashMap::new(),
+            next: 0,
+        })
+    }
+
+    /// The listening socket (for the event loop).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+
+    /// Accepts pending connections; returns their ids and streams' fds to watch.
+    pub fn accept(&mut self) -> Vec<(u64, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        while let Ok((s, _)) = self.listener.accept() {
+            if self.conns.len() >= MAX_ADMIN_CONNS || s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = self.next;
+            self.next += 1;
+            out.push((id, s.as_raw_fd()));
+            self.conns.insert(
+                id,
+                AdminConn {
+                    stream: s,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    written: 0,
+                    since: Instant::now(),
+                },
+            );
+        }
+        out
+    }
+
+    /// The fd of admin connection `id`, while it is open.
+    pub fn fd_of(&self, id: u64) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.conns.get(&id).map(|c| c.stream.as_raw_fd())
+    }
+
+    /// Makes progress on connection `id`: reads the request, answers it from
+    /// `server`, writes the answer.
+    pub fn drive(&mut self, id: u64, server: &Server) -> Interest {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Interest::Closed;
+        };
+        if c.output.is_empty() {
+            let mut buf = [0u8; 4096];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        self.conns.remove(&id);
+                        return Interest::Closed;
+                    }
+                    Ok(n) => {
+                        c.input.extend_from_slice(&buf[..n]);
+                        if c.input.len() > MAX_REQUEST {
+                            c.output = response(431, "text/plain", "request too large\n");
+                            break;
+                        }
+                        if let Some(out) = answer(&c.input, server) {
+                            c.output = out;
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Interest::Read,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.conns.remove(&id);
+                        return Interest::Closed;
+                    }
+                }
+            }
+        }
+        while c.written < c.output.len() {
+            match c.stream.write(&c.output[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Interest::Write,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        self.conns.remove(&id);
+        Interest::Closed
+    }
+
+    /// Closes connections older than [`ADMIN_IDLE`]; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let before = self.conns.len();
+        self.conns
+            .retain(|_, c| now.duration_since(c.since) < ADMIN_IDLE);
+        before - self.conns.len()
+    }
+}
+
+/// The response to a complete request in `input`, or `None` if it is incomplete.
+fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(input) {
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(response(400, "text/plain", "bad request\n")),
+        Ok(httparse::Status::Complete(_)) => {
+            if req.method != Some("GET") {
+                return Some(response(405, "text/plain", "only GET\n"));
+            }
+            let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+            Some(match path {
+                "/metrics" => response(
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    &render_metrics(server),
+                ),
+                "/status" => response(200, "application/json", &render_status(server)),
+                "/healthz" => response(200, "text/plain", "ok\n"),
+                _ => response(
+                    404,
+                    "text/plain",
+                    "not found: try /metrics, /status, /healthz\n",
+                ),
+            })
+        }
+    }
+}
+
+fn response(code: u16, ctype: &str, body: &str) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

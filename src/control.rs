@@ -1,0 +1,331 @@
+//! The control loop: the main thread's one event loop for signals (signalfd),
+//! the admin endpoint, and the netns directory (inotify). Being one loop on the
+//! main thread, it adds no thread to the budget.
+//!
+//! - SIGHUP: re-read and validate the config, apply it ([`Server::reload`]); a
+//!   config that fails is logged and the running one goes on.
+//! - SIGTERM/SIGINT: stop accepting, let open connections finish for up to
+//!   `shutdown_timeout_ms`, then close the rest and return (exit 0). A second
+//!   SIGTERM/SIGINT exits at once (status 130).
+//! - inotify on the netns directory: a new entry is bound by the templates and
+//!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
+//!   creates the file before it mounts the namespace on it); a removed entry closes
+//!   its listeners.
+//! - sd_notify: READY=1 once running, RELOADING=1/READY=1 around a reload,
+//!   STOPPING=1 at shutdown.
+
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::admin::{Admin, Interest};
+use crate::config::Config;
+use crate::sdnotify;
+use crate::server::Server;
+use crate::signals;
+
+/// How long a new netns entry is retried before giving up (with a warning).
+pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
+/// Interval between those retries.
+const NETNS_RETRY: Duration = Duration::from_millis(20);
+
+const T_SIGNAL: u64 = 1;
+const T_INOTIFY: u64 = 2;
+const T_ADMIN: u64 = 3;
+/// Admin connections: `T_CONN_BASE + id`.
+const T_CONN_BASE: u64 = 1 << 32;
+
+/// How the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Graceful shutdown finished.
+    Clean,
+    /// A second signal asked to stop at once.
+    Forced,
+}
+
+struct Pending {
+    name: String,
+    next: Instant,
+    until: Instant,
+}
+
+/// Runs the control loop until shutdown; `config_path` is re-read on SIGHUP.
+///
+/// # Errors
+/// The signalfd or epoll instance could not be made, or the admin endpoint could
+/// not be bound (e.g. EADDRINUSE), naming the address.
+pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+    let sfd = SignalFd::with_flags(
+        &signals::handled(),
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(|e| format!("signalfd: {e}"))?;
+    add(&ep, sfd.as_fd(), T_SIGNAL)?;
+
+    let mut admin = match server.config().admin {
+        Some(addr) => {
+            let a = Admin::bind(addr).map_err(|e| format!("[admin] listen {addr}: {e}"))?;
+            add(&ep, a.listener().as_fd(), T_ADMIN)?;
+            tracing::info!(address = %addr, "admin endpoint: /metrics /status /healthz");
+            Some(a)
+        }
+        None => None,
+    };
+
+    let mut watch = NetnsWatch::new(&server.config().netns_dir);
+    if let Some(w) = &watch {
+        add(&ep, w.fd.as_fd(), T_INOTIFY)?;
+    }
+
+    sdnotify::notify_or_log("READY=1");
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut draining: Option<Instant> = None;
+    let mut events = vec![EpollEvent::empty(); 64];
+    loop {
+        let now = Instant::now();
+        let mut wait: Option<Duration> = pending
+            .iter()
+            .map(|p| p.next.saturating_duration_since(now))
+            .min();
+        if let Some(d) = draining {
+            let poll = Duration::from_millis(50).min(d.saturating_duration_since(now));
+            wait = Some(wait.map_or(poll, |w| w.min(poll)));
+        }
+        if admin.is_some() {
+            wait = Some(wait.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1))));
+        }
+        let timeout = match wait {
+            None => EpollTimeout::NONE,
+            Some(d) => EpollTimeout::from(d.as_millis().min(u16::MAX as u128 - 1) as u16),
+        };
+        let n = match ep.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => 0,
+            Err(e) => return Err(format!("epoll_wait: {e}")),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                T_SIGNAL => {
+                    while let Ok(Some(info)) = sfd.read_signal() {
+                        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                            continue;
+                        };
+                        if sig == Signal::SIGHUP {
+                            reload(&mut server, config_path);
+                            continue;
+                        }
+                        if draining.is_some() {
+                            tracing::warn!(signal = %sig, "second signal: exiting now");
+                            return Ok(Exit::Forced);
+                        }
+                        let t = server.config().runtime.shutdown_timeout_ms;
+                        tracing::info!(signal = %sig, timeout_ms = t,
+                            "shutting down: no new connections; open ones may finish");
+                        sdnotify::notify_or_log("STOPPING=1");
+                        server.stop_accepting();
+                        draining = Some(Instant::now() + Duration::from_millis(t));
+                    }
+                }
+                T_INOTIFY => {
+                    if let Some(w) = &mut watch {
+                        for (name, appeared) in w.read() {
+                            if appeared {
+                                pending.retain(|p| p.name != name);
+                                let now = Instant::now();
+                                pending.push(Pending {
+                                    name,
+                                    next: now,
+                                    until: now + NETNS_SETTLE,
+                                });
+                            } else {
+                                pending.retain(|p| p.name != name);
+                                server.netns_vanished(&name);
+                            }
+                        }
+                    }
+                }
+                T_ADMIN => {
+                    if let Some(a) = &mut admin {
+                        for (id, fd) in a.accept() {
+                            // SAFETY: `fd` belongs to a stream the Admin keeps open
+                            // until it reports Interest::Closed.
+                            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+                            let _ =
+                                ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
+                            drive_admin(&ep, a, id, fd, &server);
+                        }
+                    }
+                }
+                t if t >= T_CONN_BASE => {
+                    if let Some(a) = &mut admin {
+                        let id = t - T_CONN_BASE;
+                        let fd = a.fd_of(id);
+                        if let Some(fd) = fd {
+                            drive_admin(&ep, a, id, fd, &server);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        // New namespaces: bind, retrying while they settle.
+        let mut still = Vec::new();
+        for mut p in std::mem::take(&mut pending) {
+            if p.next > now {
+                still.push(p);
+                continue;
+            }
+            if draining.is_some() || server.netns_appeared(&p.name) {
+                continue;
+            }
+            if now >= p.until {
+                tracing::warn!(netns = %p.name, settle_ms = NETNS_SETTLE.as_millis() as u64,
+                    "new netns entry still cannot be served; giving up on it until it changes");
+                continue;
+            }
+            p.next = now + NETNS_RETRY;
+            still.push(p);
+        }
+        pending = still;
+        if let Some(a) = &mut admin {
+            a.expire(now);
+        }
+        if let Some(deadline) = draining {
+            let open = server.open_sessions();
+            if open == 0 || now >= deadline {
+                if open > 0 {
+                    tracing::warn!(open, "shutdown timeout: closing the remaining connections");
+                }
+                server.shutdown();
+                return Ok(Exit::Clean);
+            }
+        }
+        if let Some(w) = &mut watch {
+            w.rearm_if_needed();
+        }
+    }
+}
+
+fn add(ep: &Epoll, fd: BorrowedFd<'_>, token: u64) -> Result<(), String> {
+    ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+        .map_err(|e| format!("epoll_ctl: {e}"))
+}
+
+fn drive_admin(ep: &Epoll, a: &mut Admin, id: u64, fd: RawFd, server: &Server) {
+    // SAFETY: the stream behind `fd` is open until Admin reports Closed; after
+    // that, only EPOLL_CTL_DEL-free paths run (closing removes it from the set).
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    let token = T_CONN_BASE + id;
+    match a.drive(id, server) {
+        Interest::Read => {
+            let _ = ep.modify(b, &mut EpollEvent::new(EpollFlags::EPOLLIN, token));
+        }
+        Interest::Write => {
+            let _ = ep.modify(b, &mut EpollEvent::new(EpollFlags::EPOLLOUT, token));
+        }
+        Interest::Closed => {}
+    }
+}
+
+/// SIGHUP: load, validate, apply; on any failure keep the running config.
+fn reload(server: &mut Server, path: &Path) {
+    sdnotify::notify_or_log(&sdnotify::reloading_message());
+    tracing::info!(config = %path.display(), "SIGHUP: reloading");
+    let result = Config::load(path)
+        .and_then(|c| c.check_namespaces().map(|_| c))
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            if c.admin != server.config().admin {
+                tracing::warn!("[admin] changes need a restart; keeping the running endpoint");
+            }
+            server.reload(c).map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
+        tracing::error!(error = %e, "reload rejected; the running config goes on");
+    }
+    sdnotify::notify_or_log("READY=1");
+}
+
+/// inotify on the netns directory.
+struct NetnsWatch {
+    fd: Inotify,
+    dir: PathBuf,
+    watching: bool,
+}
+
+impl NetnsWatch {
+    /// Watches `dir`, creating it first if missing (as `ip netns add` would).
+    fn new(dir: &Path) -> Option<NetnsWatch> {
+        let fd = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: namespaces that come and go are not followed");
+                return None;
+            }
+        };
+        let mut w = NetnsWatch {
+            fd,
+            dir: dir.to_path_buf(),
+            watching: false,
+        };
+        w.rearm_if_needed();
+        Some(w)
+    }
+
+    fn rearm_if_needed(&mut self) {
+        if self.watching {
+            return;
+        }
+        if !self.dir.exists() {
+            let _ = std::fs::create_dir_all(&self.dir);
+        }
+        match self.fd.add_watch(
+            &self.dir,
+            AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_DELETE_SELF,
+        ) {
+            Ok(_) => self.watching = true,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the netns directory")
+            }
+        }
+    }
+
+    /// Names that appeared (`true`) or vanished (`false`), in order.
+    fn read(&mut self) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        while let Ok(evs) = self.fd.read_events() {
+            if evs.is_empty() {
+                break;
+            }
+            for e in evs {
+                if e.mask
+                    .intersects(AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF)
+                {
+                    // The directory itself went away: watch it again when it is back.
+                    self.watching = false;
+                    continue;
+                }
+                let Some(name) = e.name.and_then(|n| n.into_string().ok()) else {
+                    continue;
+                };
+                let appeared = e
+                    .mask
+                    .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+                out.push((name, appeared));
+            }
+        }
+        out
+    }
+}
