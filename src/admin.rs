@@ -145,21 +145,16 @@ pub fn render_metrics(server: &Server) -> String {
             .set(w.stats.sessions.load(Relaxed) as i64);
     }
     let me = std::process::id();
-    let threads = gauge(
-        &mut reg,
+    let threads = Gauge::<i64>::default();
+    threads.set(procstat::threads(me).unwrap_or(0) as i64);
+    reg.register(
         "ringress_process_threads",
         "OS threads of the process",
+        threads,
     );
-    threads
-        .get_or_create(&vec![])
-        .set(procstat::threads(me).unwrap_or(0) as i64);
-    let fds = gauge(
-        &mut reg,
-        "ringress_process_open_fds",
-        "Open file descriptors",
-    );
-    fds.get_or_create(&vec![])
-        .set(procstat::open_fds(me).unwrap_or(0) as i64);
+    let fds = Gauge::<i64>::default();
+    fds.set(procstat::open_fds(me).unwrap_or(0) as i64);
+    reg.register("ringress_process_open_fds", "Open file descriptors", fds);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);

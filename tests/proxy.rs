@@ -34,7 +34,7 @@ fn proxy_cfg(
         format!("upstream_netns = \"{}\"\n", n.name())
     });
     format!(
-        "[runtime]\nworkers = 2\n\n[[listener]]\nname = \"px\"\nnetns = \"{}\"\nlisten = \"{LISTEN}\"\n\
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 1000\n\n[[listener]]\nname = \"px\"\nnetns = \"{}\"\nlisten = \"{LISTEN}\"\n\
          action = \"proxy\"\n{upstream}\n{up_ns}{extra}\n",
         client_ns.name()
     )

@@ -20,7 +20,7 @@ both_drivers!(
 );
 
 fn cfg(driver_workers: usize, listeners: &str) -> String {
-    format!("[runtime]\nworkers = {driver_workers}\n\n{listeners}")
+    format!("[runtime]\nworkers = {driver_workers}\nshutdown_timeout_ms = 1000\n\n{listeners}")
 }
 
 fn listener(name: &str, netns: Option<&str>, listen: &str, action: &str) -> String {

@@ -129,6 +129,17 @@ impl Ringress {
 
     /// As [`Ringress::start`], with RLIMIT_NOFILE set to `nofile` in the server.
     pub fn start_limited(tag: &str, driver: &str, config: &str, nofile: Option<u64>) -> Ringress {
+        Ringress::start_with(tag, driver, config, nofile, &[])
+    }
+
+    /// As [`Ringress::start`], with RLIMIT_NOFILE `nofile` and extra environment.
+    pub fn start_with(
+        tag: &str,
+        driver: &str,
+        config: &str,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Ringress {
         use std::os::unix::process::CommandExt;
         let dir = TempDir::new(tag);
         let cfg = dir.0.join("ringress.toml");
@@ -151,6 +162,7 @@ impl Ringress {
             }
         }
         let child = cmd
+            .envs(env.iter().copied())
             .args(["run", cfg.to_str().unwrap(), "--io", driver])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,6 +191,46 @@ impl Ringress {
         self.child.id()
     }
 
+    /// The config file the server was started with (rewrite it, then SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.0.join("ringress.toml")
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `secs` seconds until the server's log contains `needle` `times`
+    /// times or more.
+    pub fn wait_log(&self, needle: &str, times: usize, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.stderr().matches(needle).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not logged {times} times:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on the admin endpoint at `addr`; returns (status, body).
+    pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        let status = all[9..12].parse().unwrap();
+        let body = all
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -198,6 +250,22 @@ impl Ringress {
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         let f: Vec<&str> = rest.split_whitespace().collect();
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    /// Waits up to `secs` seconds for the server to exit by itself.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringress did not exit:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then waits up to 20 s for the exit status (open connections may

@@ -1,0 +1,286 @@
+//! Operating ringress, on both drivers: metrics, namespaces that come and go,
+//! reload, graceful shutdown, systemd readiness.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+both_drivers!(
+    metrics_match_known_traffic,
+    glob_follows_namespaces_as_they_come_and_go,
+    reload_keeps_transfers_adds_and_removes,
+    sigterm_lets_transfers_finish,
+    ready_arrives_after_listeners_accept,
+);
+
+fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
+    samples
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get("listener") == Some(listener))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {name}{{listener={listener:?}}}"))
+}
+
+fn metrics_match_known_traffic(driver: &str) {
+    const N: usize = 20;
+    const M: usize = 1000;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[runtime]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"m\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    );
+    let r = Ringress::start(&format!("met-{driver}"), driver, &cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for i in 0..N {
+        let s = connect_in(None, addr).unwrap();
+        assert!(echo_roundtrip(s, &payload(M, i as u64)).len() == M);
+    }
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    // The last closes may still be in flight in the server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let scrape = loop {
+        let (code, body) = Ringress::admin_get(admin, "/metrics");
+        assert_eq!(code, 200);
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("metrics do not parse");
+        if metric(&scrape, "ringress_listener_connections_closed_total", "m") == N as f64
+            || Instant::now() > deadline
+        {
+            break scrape;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let m = |name| metric(&scrape, name, "m");
+    assert_eq!(m("ringress_listener_connections_accepted_total"), N as f64);
+    assert_eq!(m("ringress_listener_connections_closed_total"), N as f64);
+    assert_eq!(m("ringress_listener_connections_active"), 0.0);
+    assert_eq!(m("ringress_listener_bytes_in_total"), (N * M) as f64);
+    assert_eq!(m("ringress_listener_bytes_out_total"), (N * M) as f64);
+    let threads = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "ringress_process_threads")
+        .expect("no thread gauge");
+    assert!(matches!(threads.value, prometheus_parse::Value::Gauge(v) if v == r.threads() as f64));
+    let workers = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "ringress_worker_submitted_total")
+        .count();
+    assert_eq!(workers, 2);
+
+    let (code, status) = Ringress::admin_get(admin, "/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let l = &v["listeners"][0];
+    assert_eq!(l["name"], "m");
+    assert_eq!(l["state"], "serving");
+    assert_eq!(l["driver"], driver);
+    assert_eq!(l["address"], addr.to_string());
+    assert_eq!(Ringress::admin_get(admin, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(Ringress::admin_get(admin, "/nope").0, 404);
+    assert!(r.stop().success());
+}
+
+fn glob_follows_namespaces_as_they_come_and_go(driver: &str) {
+    let pid = std::process::id();
+    let tag = |i: usize| format!("g{driver}{i}");
+    let listen: SocketAddr = "127.0.0.1:7600".parse().unwrap();
+    let mut spaces: Vec<TempNetns> = (0..3).map(|i| netns(&tag(i))).collect();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\n[[listener]]\nname = \"t\"\nnetns = \"rgt-g{driver}*-{pid}\"\n\
+         listen = \"{listen}\"\naction = \"echo\"\n"
+    );
+    let r = Ringress::start(&format!("glob-{driver}"), driver, &cfg);
+    let threads = r.threads();
+    let serves = |ns: &TempNetns| {
+        connect_in(Some(ns), listen)
+            .map(|s| echo_roundtrip(s, b"ping") == b"ping")
+            .unwrap_or(false)
+    };
+    for ns in &spaces {
+        assert!(serves(ns), "{} not served at start", ns.name());
+    }
+    // 50 more while running: each served within 1 s of its creation.
+    for i in 3..53 {
+        let ns = netns(&tag(i));
+        let t0 = Instant::now();
+        while !serves(&ns) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "{} not served within 1 s",
+                ns.name()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        spaces.push(ns);
+    }
+    assert_eq!(r.threads(), threads);
+    std::thread::sleep(Duration::from_millis(200));
+    let fds_before = r.fds();
+    // Delete 20: their listeners close and their fds go.
+    let gone: Vec<TempNetns> = spaces.drain(..20).collect();
+    drop(gone);
+    let want = fds_before - 20 * 2;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.fds() > want {
+        assert!(
+            Instant::now() < deadline,
+            "fds {} did not drop to {want} after deleting 20 namespaces",
+            r.fds()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for ns in &spaces {
+        assert!(serves(ns), "{} stopped serving", ns.name());
+    }
+    assert_eq!(r.threads(), threads, "thread count changed");
+    assert!(r.stop().success());
+}
+
+/// Echoes `n` bytes in paced chunks (taking about `secs`), checking every byte.
+fn paced_echo(
+    s: std::net::TcpStream,
+    n: usize,
+    secs: f64,
+    seed: u64,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let data = payload(n, seed);
+        let mut w = s.try_clone().unwrap();
+        let d2 = data.clone();
+        let chunks = 50;
+        let writer = std::thread::spawn(move || {
+            for c in d2.chunks(n.div_ceil(chunks)) {
+                if w.write_all(c).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs_f64(secs / chunks as f64));
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        });
+        let mut r = s;
+        let (back, err) = read_until_end(&mut r);
+        writer.join().unwrap();
+        err.is_none() && back == data
+    })
+}
+
+fn reload_keeps_transfers_adds_and_removes(driver: &str) {
+    let (p_stay, p_gone, p_new) = (free_port(), free_port(), free_port());
+    let l = |name: &str, port: u16| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+        )
+    };
+    let cfg_a = format!(
+        "[runtime]\nworkers = 2\n{}{}",
+        l("stay", p_stay),
+        l("gone", p_gone)
+    );
+    let cfg_b = format!(
+        "[runtime]\nworkers = 2\n{}{}",
+        l("stay", p_stay),
+        l("new", p_new)
+    );
+    let r = Ringress::start(&format!("rl-{driver}"), driver, &cfg_a);
+    let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let transfer = paced_echo(connect_in(None, at(p_stay)).unwrap(), 8 << 20, 1.5, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(r.config_path(), &cfg_b).unwrap();
+    r.signal(libc::SIGHUP);
+    r.wait_log("config reloaded", 1, 10);
+    assert!(
+        transfer.join().unwrap(),
+        "transfer through a kept listener broke"
+    );
+    assert_eq!(
+        echo_roundtrip(connect_in(None, at(p_new)).unwrap(), b"n"),
+        b"n"
+    );
+    let e = connect_in(None, at(p_gone)).expect_err("removed listener still accepts");
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+    // A broken config is rejected; everything keeps serving.
+    std::fs::write(
+        r.config_path(),
+        "[[listener]]\nname = \"x\"\nlisten = \"nonsense\"\n",
+    )
+    .unwrap();
+    r.signal(libc::SIGHUP);
+    r.wait_log("reload rejected", 1, 10);
+    assert!(
+        r.stderr().contains("invalid socket address"),
+        "{}",
+        r.stderr()
+    );
+    for p in [p_stay, p_new] {
+        assert_eq!(echo_roundtrip(connect_in(None, at(p)).unwrap(), b"k"), b"k");
+    }
+    assert!(r.stop().success());
+}
+
+fn sigterm_lets_transfers_finish(driver: &str) {
+    let port = free_port();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 8000\n[[listener]]\nname = \"e\"\n\
+         listen = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    );
+    let mut r = Ringress::start(&format!("term-{driver}"), driver, &cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let transfers: Vec<_> = (0..4)
+        .map(|i| paced_echo(connect_in(None, addr).unwrap(), 4 << 20, 1.5, i))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    r.signal(libc::SIGTERM);
+    r.wait_log("shutting down", 1, 5);
+    // No new connections once shutting down.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(connect_in(None, addr).is_err(), "accepting after SIGTERM");
+    for t in transfers {
+        assert!(t.join().unwrap(), "a transfer did not finish intact");
+    }
+    let status = r.wait_exit(10);
+    assert!(status.success(), "exit status {status}");
+}
+
+fn ready_arrives_after_listeners_accept(driver: &str) {
+    let dir = TempDir::new(&format!("notify-{driver}"));
+    let sock_path = dir.0.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let port = free_port();
+    let cfg = format!(
+        "[runtime]\nworkers = 1\n[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    );
+    let mut r = Ringress::start_with(
+        &format!("rdy-{driver}"),
+        driver,
+        &cfg,
+        None,
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY=1 means the listener already accepts.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    drop(s);
+    r.signal(libc::SIGTERM);
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(r.wait_exit(10).success());
+}
