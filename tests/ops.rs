@@ -15,6 +15,7 @@ both_drivers!(
     reload_keeps_transfers_adds_and_removes,
     sigterm_lets_transfers_finish,
     ready_arrives_after_listeners_accept,
+    non_root_with_only_its_capabilities,
 );
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
@@ -283,4 +284,68 @@ fn ready_arrives_after_listeners_accept(driver: &str) {
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(r.wait_exit(10).success());
+}
+
+fn non_root_with_only_its_capabilities(driver: &str) {
+    // uid/gid 65534 (nobody) holding CAP_SYS_ADMIN (setns) and CAP_NET_BIND_SERVICE
+    // (port 80) as ambient capabilities, nothing else.
+    let ns = netns(&format!("caps-{driver}"));
+    let dir = TempDir::new(&format!("caps-{driver}"));
+    let cfg_path = dir.0.join("ringress.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n[[listener]]\nname = \"low\"\n\
+             netns = \"{}\"\nlisten = \"127.0.0.1:80\"\naction = \"respond\"\nrespond = \"ack\\n\"\n",
+            ns.name()
+        ),
+    )
+    .unwrap();
+    let log = dir.0.join("stderr.log");
+    let mut child = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+sys_admin,+net_bind_service",
+            "--ambient-caps=-all,+sys_admin,+net_bind_service",
+            "--bounding-set=-all,+sys_admin,+net_bind_service",
+            "--",
+            bin(),
+            "run",
+            cfg_path.to_str().unwrap(),
+            "--io",
+            driver,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !text().contains("ringress running") {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("ringress as nobody exited with {st}:\n{}", text());
+        }
+        assert!(Instant::now() < deadline, "did not start:\n{}", text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let mut s = connect_in(Some(&ns), "127.0.0.1:80".parse().unwrap()).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(
+        uid_line.contains("65534"),
+        "not running as nobody: {uid_line}"
+    );
+    assert_eq!(got, b"ack\n");
+    assert!(st.success(), "{st}: {}", text());
 }
