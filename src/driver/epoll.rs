@@ -49,6 +49,9 @@ struct EConn {
     conn: Conn,
     /// Last known readiness per side: (readable, writable).
     ready: [(bool, bool); 2],
+    /// The peer's FIN or an error was signalled (EPOLLRDHUP/HUP/ERR) per side: a
+    /// short read then does not mean the socket is drained.
+    hup: [bool; 2],
 }
 
 struct Worker {
@@ -155,13 +158,12 @@ impl Worker {
                             Side::Upstream
                         };
                         if let Some(c) = self.conns.get_mut(k) {
+                            let hup = EpollFlags::EPOLLRDHUP
+                                | EpollFlags::EPOLLHUP
+                                | EpollFlags::EPOLLERR;
+                            c.hup[side.index()] |= f.intersects(hup);
                             let r = &mut c.ready[side.index()];
-                            if f.intersects(
-                                EpollFlags::EPOLLIN
-                                    | EpollFlags::EPOLLRDHUP
-                                    | EpollFlags::EPOLLHUP
-                                    | EpollFlags::EPOLLERR,
-                            ) {
+                            if f.intersects(EpollFlags::EPOLLIN | hup) {
                                 r.0 = true;
                             }
                             if f.intersects(
@@ -328,6 +330,7 @@ impl Worker {
             let ck = self.conns.insert(EConn {
                 conn: Conn::open(fd, shared, &self.ctx.stats),
                 ready: [(true, true), (false, false)],
+                hup: [false; 2],
             });
             let c = self.conns.get_mut(ck).expect("just inserted");
             let fd = c.conn.legs[0].fd.as_ref().expect("accepted socket");
@@ -476,6 +479,12 @@ fn step_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
                 c.conn.complete(side, Completion::Eof);
             }
             Ok(n) => {
+                // A short read drained the socket (as nginx assumes): the next
+                // edge says when more arrives, so skip the recv that would only
+                // return EAGAIN. Not after a FIN or error, which has no new edge.
+                if n < scratch.len() && !c.hup[i] {
+                    c.ready[i].0 = false;
+                }
                 c.conn.take_recv_request(side);
                 c.conn.complete(side, Completion::Recv(&scratch[..n]));
             }

@@ -7,8 +7,11 @@
 //!   `IORING_CQE_F_MORE`; single-shot where the kernel rejects multishot (EINVAL).
 //! - Receive: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
 //!   provided-buffer ring (5.19). Single-shot, so that a session under
-//!   back-pressure simply stops asking; the data is copied out and the buffer
-//!   returned at once. ENOBUFS (ring empty) parks the connection until the end of
+//!   back-pressure simply stops asking (a multishot receive keeps pulling data in
+//!   until its cancel lands, which broke the per-direction window in our tests);
+//!   the data is copied out and the buffer returned at once. After a short read the
+//!   next receive carries `IORING_RECVSEND_POLL_FIRST` (5.19), skipping an attempt
+//!   that would find the socket empty. ENOBUFS (ring empty) parks the connection until the end of
 //!   the CQE batch, when buffers are back.
 //! - Send: `IORING_OP_SEND` with `MSG_NOSIGNAL`; a short send re-submits the rest.
 //! - The supervisor wakes the ring through an eventfd watched by a multishot
@@ -52,6 +55,9 @@ const K_RECV: u8 = 8;
 /// Send on side 0 (client) / 1 (upstream): `K_SEND + side`.
 const K_SEND: u8 = 10;
 const K_RECV1: u8 = K_RECV + 1;
+/// `IORING_RECVSEND_POLL_FIRST` (sqe->ioprio of RECV/SEND, Linux 5.19): arm the
+/// poll at once instead of trying the receive first.
+const RECVSEND_POLL_FIRST: u16 = 1;
 const K_SEND1: u8 = K_SEND + 1;
 
 /// The setup flags chosen, for logs.
@@ -241,6 +247,8 @@ struct UConn {
     /// one connect).
     ops: u8,
     recv_armed: [bool; 2],
+    /// The last receive on that side was short: the socket is probably empty.
+    drained: [bool; 2],
     send_armed: [bool; 2],
     connect_armed: bool,
     closing: bool,
@@ -573,6 +581,7 @@ impl Worker {
                     conn: Conn::open(fd, shared, &self.ctx.stats),
                     ops: 0,
                     recv_armed: [false; 2],
+                    drained: [false; 2],
                     send_armed: [false; 2],
                     connect_armed: false,
                     closing: false,
@@ -623,6 +632,7 @@ impl Worker {
             c.recv_armed[side.index()] = false;
             if !c.closing {
                 if res > 0 {
+                    c.drained[side.index()] = (res as usize) < BUF_SIZE;
                     if let Some(bid) = bid {
                         let data = self.bufs.data(bid, res as usize);
                         c.conn.complete(side, Completion::Recv(data));
@@ -738,8 +748,12 @@ impl Worker {
                 }
             }
             if !c.recv_armed[i] && c.conn.take_recv_request(side) {
+                // After a short read the socket is most likely empty: skip the
+                // attempt that would fail and go straight to the poll.
+                let ioprio = if c.drained[i] { RECVSEND_POLL_FIRST } else { 0 };
                 let e = opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE as u32)
                     .buf_group(BGID)
+                    .ioprio(ioprio)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT)
                     .user_data(token(K_RECV + i as u8, k));
