@@ -71,17 +71,7 @@ struct Worker {
 
 /// Runs a worker on the calling thread until [`Command::Shutdown`].
 pub(crate) fn run(ctx: WorkerCtx, ready: SyncSender<io::Result<()>>) {
-    let mut w = match Worker::new(ctx) {
-        Ok(w) => {
-            let _ = ready.send(Ok(()));
-            w
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    w.run();
+    super::serve(Worker::new(ctx), ready, |mut w| w.run());
 }
 
 fn errno_of(e: nix::Error) -> i32 {

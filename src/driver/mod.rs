@@ -354,6 +354,24 @@ fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<W
     }
 }
 
+/// Reports a worker's setup result on `ready` (the supervisor waits for it), then
+/// runs the worker if it was set up.
+pub(crate) fn serve<W>(
+    made: io::Result<W>,
+    ready: mpsc::SyncSender<io::Result<()>>,
+    run: impl FnOnce(W),
+) {
+    match made {
+        Ok(w) => {
+            let _ = ready.send(Ok(()));
+            run(w);
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+        }
+    }
+}
+
 /// What a worker thread gets from the supervisor.
 pub(crate) struct WorkerCtx {
     pub index: usize,
