@@ -16,6 +16,7 @@ both_drivers!(
     sigterm_lets_transfers_finish,
     ready_arrives_after_listeners_accept,
     non_root_with_only_its_capabilities,
+    explicit_namespace_vanishes_and_returns,
 );
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
@@ -348,4 +349,109 @@ fn non_root_with_only_its_capabilities(driver: &str) {
     );
     assert_eq!(got, b"ack\n");
     assert!(st.success(), "{st}: {}", text());
+}
+
+fn explicit_namespace_vanishes_and_returns(driver: &str) {
+    let stay = netns(&format!("exs-{driver}"));
+    let name = format!("rgt-exv-{driver}-{}", std::process::id());
+    let come_go = TempNetns::create(&name).unwrap();
+    let admin = free_port();
+    let listen: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+    let cfg = format!(
+        "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"stay\"\nnetns = \"{}\"\nlisten = \"{listen}\"\naction = \"echo\"\n\
+         [[listener]]\nname = \"cg\"\nnetns = \"{name}\"\nlisten = \"{listen}\"\naction = \"echo\"\n",
+        stay.name()
+    );
+    let r = Ringress::start_with(
+        &format!("exv-{driver}"),
+        driver,
+        &cfg,
+        None,
+        &[("RUST_LOG", "info")],
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let state = |l: &str| {
+        let (_, body) = Ringress::admin_get(admin, "/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == l)
+            .map(|x| x["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state("cg"), "serving");
+    drop(come_go);
+    r.wait_log("namespace vanished", 1, 5);
+    assert_eq!(state("cg"), "down");
+    assert_eq!(
+        echo_roundtrip(connect_in(Some(&stay), listen).unwrap(), b"s"),
+        b"s"
+    );
+    // It comes back under the same name: bound again.
+    let back = TempNetns::create(&name).unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = connect_in(Some(&back), listen) {
+            assert_eq!(echo_roundtrip(s, b"b"), b"b");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not bound again:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(state("cg"), "serving");
+    assert!(r.stop().success());
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let port = free_port();
+    let dir = TempDir::new("jsonlog");
+    let cfg = dir.0.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[listener]]\nname = \"j\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"),
+    )
+    .unwrap();
+    let log = dir.0.join("log");
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            cfg.to_str().unwrap(),
+            "--io",
+            "epoll",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("ringress running")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut bound = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        if v["fields"]["message"] == "listener bound" {
+            assert_eq!(v["fields"]["listener"], "j");
+            bound += 1;
+        }
+    }
+    assert_eq!(bound, 1, "{text}");
 }
