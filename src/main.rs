@@ -71,6 +71,12 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(&cli.log_level, &cli.log_format);
+    if !matches!(cli.cmd, Cmd::Check { .. }) {
+        match ringress::procstat::raise_nofile_limit() {
+            Ok(n) => tracing::debug!(nofile = n, "open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
+    }
     match cli.cmd {
         Cmd::Check { config } => match load(&config) {
             Ok(cfg) => {

@@ -31,6 +31,31 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/PID/status"))
 }
 
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (as servers such as
+/// nginx and HAProxy do): every connection costs an fd, a proxied one two.
+/// Returns the new soft limit (count of fds).
+///
+/// # Errors
+/// getrlimit(2) or setrlimit(2) failed.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Whether this process has CAP_SYS_ADMIN in its effective set (bit 21 of `CapEff`
 /// in `/proc/self/status`; capabilities(7)). Needed for setns(2) and `ip netns add`.
 pub fn has_cap_sys_admin() -> bool {

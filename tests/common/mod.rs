@@ -51,7 +51,11 @@ pub fn netns(tag: &str) -> TempNetns {
 /// A binder in the test process, for client sockets inside namespaces.
 pub fn binder() -> &'static Binder {
     static B: OnceLock<Binder> = OnceLock::new();
-    B.get_or_init(|| Binder::start().expect("binder"))
+    B.get_or_init(|| {
+        // Tests open thousands of sockets: lift the soft fd limit to the hard one.
+        let _ = ringress::procstat::raise_nofile_limit();
+        Binder::start().expect("binder")
+    })
 }
 
 /// A free TCP port on 127.0.0.1 in the root namespace (bound, then released).
