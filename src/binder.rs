@@ -224,11 +224,14 @@ impl SocketPool {
 
     /// Writes eventfd `wake` when the running refill ends (at once if none runs or
     /// sockets are ready).
+    /// Each eventfd is listed once, however many sessions of its worker wait.
     pub fn notify_on_refill(&self, wake: Arc<OwnedFd>) {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(wake);
+        {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if !w.iter().any(|x| Arc::ptr_eq(x, &wake)) {
+                w.push(wake);
+            }
+        }
         if !self.refilling() || !self.is_empty() {
             self.wake_waiters();
         }
@@ -618,5 +621,34 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.step, "enter");
         assert_eq!(e.errno(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn pool_wakes_each_waiting_worker_once() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            4,
+        );
+        assert!(pool.wants_refill());
+        assert!(!pool.wants_refill(), "a second refill while one runs");
+        let efd = Arc::new(crate::driver::eventfd().unwrap());
+        // Many sessions of one worker wait: its eventfd is listed once.
+        for _ in 0..100 {
+            pool.notify_on_refill(efd.clone());
+        }
+        pool.refilling.store(false, Ordering::Release);
+        pool.wake_waiters();
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
+        let n = unsafe { libc::read(efd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(
+            u64::from_ne_bytes(v),
+            1,
+            "the worker was woken more than once"
+        );
     }
 }

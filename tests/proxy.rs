@@ -18,6 +18,7 @@ both_drivers!(
     upstream_reset_reaches_client_as_reset,
     proxy_protocol_v1_and_v2_parsed_independently,
     two_thousand_concurrent_sessions_then_fds_return,
+    burst_of_sessions_outruns_the_socket_pool,
     round_robin_skips_a_refusing_upstream,
     root_namespace_upstream,
 );
@@ -495,5 +496,67 @@ fn root_namespace_upstream(driver: &str) {
         let data = payload(10_000, i);
         assert!(echo_roundtrip(s, &data) == data);
     }
+    assert!(r.stop().success());
+}
+
+fn burst_of_sessions_outruns_the_socket_pool(driver: &str) {
+    // 400 connects at once: more than the upstream socket pool holds (64), so most
+    // sessions wait for the binder's refill. All must complete, promptly.
+    const N: usize = 400;
+    let (cn, un) = pair("burst", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let (got, _) = read_until_end(&mut s);
+        let _ = s.write_all(&got);
+    });
+    let r = Ringress::start(
+        &format!("burst-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    let fds = binder()
+        .create(
+            "burst",
+            Some(&cn.path()),
+            cn.name(),
+            ringress::binder::SocketSpec::TcpClients {
+                family_of: listen_addr(),
+                count: N,
+            },
+        )
+        .unwrap();
+    let t0 = Instant::now();
+    // Non-blocking connects, all in flight together.
+    let socks: Vec<socket2::Socket> = fds
+        .into_iter()
+        .map(|fd| {
+            let s = socket2::Socket::from(fd);
+            let _ = s.connect(&listen_addr().into());
+            s
+        })
+        .collect();
+    for (i, s) in socks.into_iter().enumerate() {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        let msg = (i as u32).to_be_bytes();
+        let ok = s
+            .write_all(&msg)
+            .and_then(|_| s.shutdown(Shutdown::Write))
+            .map(|_| read_until_end(&mut s));
+        match ok {
+            Ok((got, None)) => assert_eq!(got, msg, "session {i}"),
+            other => panic!("session {i}: {other:?}\n{}", r.stderr()),
+        }
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "{N} sessions took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        !r.stderr().contains("upstream connect failed"),
+        "{}",
+        r.stderr()
+    );
     assert!(r.stop().success());
 }

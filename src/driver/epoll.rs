@@ -182,6 +182,9 @@ impl Worker {
                 self.drive(k);
             }
             for k in std::mem::take(&mut self.parked) {
+                if let Some(c) = self.conns.get_mut(k) {
+                    c.conn.unpark();
+                }
                 self.drive(k);
             }
             for _ in 0..self.ready_listeners.len() {
@@ -352,8 +355,12 @@ impl Worker {
                 match c.conn.start_connect(&self.ctx.wake) {
                     ConnectStart::Go => start_connect(&self.ep, c, k),
                     ConnectStart::Wait => {
-                        c.conn.io.connect = true;
-                        self.parked.push(k);
+                        // Nothing else can move before the upstream socket arrives.
+                        if c.conn.park() {
+                            self.parked.push(k);
+                        }
+                        self.timers.sync(k, &mut c.conn);
+                        return;
                     }
                     ConnectStart::Failed => {}
                 }

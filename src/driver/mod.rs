@@ -531,6 +531,8 @@ pub(crate) struct Conn {
     pub timer: Option<Instant>,
     /// The owning worker's counters (its open-sessions gauge).
     worker: Arc<WorkerStats>,
+    /// Waiting in the worker's list of sessions for an upstream socket.
+    parked: bool,
 }
 
 impl Conn {
@@ -560,6 +562,7 @@ impl Conn {
             upstream: None,
             timer: None,
             worker: worker.clone(),
+            parked: false,
         };
         c.session
             .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
@@ -707,6 +710,17 @@ impl Conn {
         }
     }
 
+    /// Marks the session as waiting for an upstream socket; `true` if it was not
+    /// already, so that the driver lists it once.
+    pub fn park(&mut self) -> bool {
+        !std::mem::replace(&mut self.parked, true)
+    }
+
+    /// The driver took the session off its waiting list (to drive it again).
+    pub fn unpark(&mut self) {
+        self.parked = false;
+    }
+
     /// Whether the session asked to connect its upstream; clears the request.
     pub fn take_connect_request(&mut self) -> bool {
         std::mem::take(&mut self.io.connect)
@@ -730,7 +744,11 @@ impl Conn {
                 leg.dest = Some(Box::new(addr.into()));
                 ConnectStart::Go
             }
-            upstream::GetSocket::Wait => ConnectStart::Wait,
+            upstream::GetSocket::Wait => {
+                // Ask again when the worker is woken by the refill.
+                self.io.connect = true;
+                ConnectStart::Wait
+            }
             upstream::GetSocket::Failed(errno) => {
                 self.legs[1].connecting = true;
                 self.complete(Side::Upstream, Completion::Error(errno));

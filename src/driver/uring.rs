@@ -419,6 +419,9 @@ impl Worker {
                 self.drive(k);
             }
             for k in std::mem::take(&mut self.parked) {
+                if let Some(c) = self.conns.get_mut(k) {
+                    c.conn.unpark();
+                }
                 self.drive(k);
             }
             if self.shutting_down {
@@ -710,8 +713,9 @@ impl Worker {
                     }
                 }
                 ConnectStart::Wait => {
-                    c.conn.io.connect();
-                    self.parked.push(k);
+                    if c.conn.park() {
+                        self.parked.push(k);
+                    }
                 }
                 ConnectStart::Failed => {
                     self.close(k);
