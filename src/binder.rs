@@ -142,6 +142,8 @@ pub struct SocketPool {
     refilling: AtomicBool,
     /// errno of the last failed fill, 0 if the last fill worked.
     last_error: AtomicI32,
+    /// When the last fill failed.
+    failed_at: Mutex<Option<Instant>>,
     waiters: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
@@ -174,6 +176,7 @@ impl SocketPool {
             fds: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             last_error: AtomicI32::new(0),
+            failed_at: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
         }
     }
@@ -220,6 +223,26 @@ impl SocketPool {
             0 => None,
             e => Some(e),
         }
+    }
+
+    /// Whether the last fill failed less than `within` ago.
+    pub fn failed_recently(&self, within: Duration) -> bool {
+        self.last_error().is_some()
+            && self
+                .failed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < within)
+    }
+
+    /// The namespace file this pool's sockets are made in.
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    /// Closes every pooled socket (their namespace has gone).
+    pub fn flush(&self) {
+        self.lock().clear();
     }
 
     /// Writes eventfd `wake` when the running refill ends (at once if none runs or
@@ -464,6 +487,7 @@ impl BinderState {
                 tracing::warn!(error = %e, "upstream socket pool refill failed");
                 pool.last_error
                     .store(e.errno().unwrap_or(libc::EIO), Ordering::Release);
+                *pool.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 Err(e)
             }
         };

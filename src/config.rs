@@ -833,6 +833,16 @@ fn convert_listener(
                 format!("listener name {s:?} contains control characters"),
             ));
         }
+        if s.contains('@') {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                format!(
+                    "listener name {s:?} contains '@', which is kept for template instances (NAME@NAMESPACE)"
+                ),
+            ));
+        }
     }
 
     let netns_line = raw

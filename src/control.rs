@@ -14,6 +14,7 @@
 //! - sd_notify: READY=1 once running, RELOADING=1/READY=1 around a reload,
 //!   STOPPING=1 at shutdown.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::admin::{Admin, Interest};
 use crate::config::Config;
+use crate::netns;
 use crate::sdnotify;
 use crate::server::Server;
 use crate::signals;
@@ -72,7 +74,13 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
     let mut admin = match server.config().admin {
         Some(addr) => {
             let a = Admin::bind(addr).map_err(|e| format!("[admin] listen {addr}: {e}"))?;
-            add(&ep, a.listener().as_fd(), T_ADMIN)?;
+            // Edge-triggered: out of fds (EMFILE), a pending connection must not
+            // wake the loop again and again; the next one retries the accept.
+            ep.add(
+                a.listener().as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, T_ADMIN),
+            )
+            .map_err(|e| format!("epoll_ctl: {e}"))?;
             tracing::info!(address = %addr, "admin endpoint: /metrics /status /healthz");
             Some(a)
         }
@@ -118,7 +126,11 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                             continue;
                         };
                         if sig == Signal::SIGHUP {
-                            reload(&mut server, config_path);
+                            if draining.is_some() {
+                                tracing::warn!("SIGHUP while shutting down: ignored");
+                            } else {
+                                reload(&mut server, config_path);
+                            }
                             continue;
                         }
                         if draining.is_some() {
@@ -135,20 +147,8 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                 }
                 T_INOTIFY => {
                     if let Some(w) = &mut watch {
-                        for (name, appeared) in w.read() {
-                            if appeared {
-                                pending.retain(|p| p.name != name);
-                                let now = Instant::now();
-                                pending.push(Pending {
-                                    name,
-                                    next: now,
-                                    until: now + NETNS_SETTLE,
-                                });
-                            } else {
-                                pending.retain(|p| p.name != name);
-                                server.netns_vanished(&name);
-                            }
-                        }
+                        let events = w.read();
+                        netns_events(events, &mut pending, &mut server);
                     }
                 }
                 T_ADMIN => {
@@ -209,7 +209,25 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             }
         }
         if let Some(w) = &mut watch {
-            w.rearm_if_needed();
+            let events = w.rearm_if_needed();
+            netns_events(events, &mut pending, &mut server);
+        }
+    }
+}
+
+/// Acts on names that appeared (bind, retried while they settle) or vanished.
+fn netns_events(events: Vec<(String, bool)>, pending: &mut Vec<Pending>, server: &mut Server) {
+    for (name, appeared) in events {
+        pending.retain(|p| p.name != name);
+        if appeared {
+            let now = Instant::now();
+            pending.push(Pending {
+                name,
+                next: now,
+                until: now + NETNS_SETTLE,
+            });
+        } else {
+            server.netns_vanished(&name);
         }
     }
 }
@@ -254,11 +272,13 @@ fn reload(server: &mut Server, path: &Path) {
     sdnotify::notify_or_log("READY=1");
 }
 
-/// inotify on the netns directory.
+/// inotify on the netns directory, and the names it holds.
 struct NetnsWatch {
     fd: Inotify,
     dir: PathBuf,
     watching: bool,
+    /// The directory's entries as last seen.
+    known: BTreeSet<String>,
 }
 
 impl NetnsWatch {
@@ -275,14 +295,18 @@ impl NetnsWatch {
             fd,
             dir: dir.to_path_buf(),
             watching: false,
+            known: netns::list_dir(dir).into_iter().collect(),
         };
-        w.rearm_if_needed();
+        // The server has just bound what the directory holds: nothing to report.
+        let _ = w.rearm_if_needed();
         Some(w)
     }
 
-    fn rearm_if_needed(&mut self) {
+    /// Watches the directory again if the watch was lost (it was removed, or the
+    /// event queue overflowed); returns what changed meanwhile.
+    fn rearm_if_needed(&mut self) -> Vec<(String, bool)> {
         if self.watching {
-            return;
+            return Vec::new();
         }
         if !self.dir.exists() {
             let _ = std::fs::create_dir_all(&self.dir);
@@ -295,21 +319,43 @@ impl NetnsWatch {
                 | AddWatchFlags::IN_MOVED_TO
                 | AddWatchFlags::IN_DELETE_SELF,
         ) {
-            Ok(_) => self.watching = true,
+            Ok(_) => {
+                self.watching = true;
+                self.rescan()
+            }
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the netns directory")
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the netns directory");
+                Vec::new()
             }
         }
+    }
+
+    /// Compares the directory with what was known: names that appeared or vanished.
+    fn rescan(&mut self) -> Vec<(String, bool)> {
+        let now: BTreeSet<String> = netns::list_dir(&self.dir).into_iter().collect();
+        let mut out: Vec<(String, bool)> = now
+            .difference(&self.known)
+            .map(|n| (n.clone(), true))
+            .collect();
+        out.extend(self.known.difference(&now).map(|n| (n.clone(), false)));
+        self.known = now;
+        out
     }
 
     /// Names that appeared (`true`) or vanished (`false`), in order.
     fn read(&mut self) -> Vec<(String, bool)> {
         let mut out = Vec::new();
+        let mut rescan = false;
         while let Ok(evs) = self.fd.read_events() {
             if evs.is_empty() {
                 break;
             }
             for e in evs {
+                if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost: compare the directory with what we know.
+                    rescan = true;
+                    continue;
+                }
                 if e.mask
                     .intersects(AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF)
                 {
@@ -323,8 +369,16 @@ impl NetnsWatch {
                 let appeared = e
                     .mask
                     .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+                if appeared {
+                    self.known.insert(name.clone());
+                } else {
+                    self.known.remove(&name);
+                }
                 out.push((name, appeared));
             }
+        }
+        if rescan {
+            out.extend(self.rescan());
         }
         out
     }

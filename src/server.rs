@@ -9,7 +9,7 @@
 //! A listener whose `netns` is a glob (`tenant-*`) is a *template*: it has one
 //! *instance*, named `NAME@NAMESPACE`, per matching entry of the netns directory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -164,7 +164,7 @@ impl Server {
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
-        let bound = server.bind_all(&planned)?;
+        let bound = server.bind_all(&planned, HashMap::new())?;
         server.workers =
             driver::spawn_workers(server.worker_count(), driver).map_err(StartError::Workers)?;
         for (p, b) in planned.into_iter().zip(bound) {
@@ -173,28 +173,63 @@ impl Server {
         Ok(server)
     }
 
+    /// Sockets to make per listener: one per running worker (the config's count
+    /// before the workers exist; a reload does not change it).
     fn worker_count(&self) -> usize {
-        self.cfg.runtime.workers.max(1)
+        if self.workers.is_empty() {
+            self.cfg.runtime.workers.max(1)
+        } else {
+            self.workers.len()
+        }
+    }
+
+    /// Addresses taken by serving listeners, by (namespace file, address), except
+    /// those in `except` (about to be replaced or removed).
+    fn taken(&self, except: &HashSet<String>) -> HashMap<(Option<PathBuf>, SocketAddr), String> {
+        self.listeners
+            .values()
+            .filter(|l| l.state == ListenerState::Serving && !except.contains(&l.config.name))
+            .map(|l| {
+                (
+                    (self.cfg.netns_path(&l.config), l.config.listen),
+                    l.config.name.clone(),
+                )
+            })
+            .collect()
     }
 
     /// Binds every planned listener; the first failure of an explicit listener
     /// fails the whole call (closing what was bound). Template instances that fail
     /// come back as `Err(reason)`.
-    fn bind_all(&self, planned: &[Planned]) -> Result<Vec<Result<Bound, String>>, StartError> {
-        let mut seen: HashMap<(Option<PathBuf>, SocketAddr), &str> = HashMap::new();
+    ///
+    /// `seen` holds the addresses already served: two listeners on one address in
+    /// one namespace would silently share it through SO_REUSEPORT, so that is an
+    /// error (for a template instance: a warning, and the instance stays down).
+    fn bind_all(
+        &self,
+        planned: &[Planned],
+        mut seen: HashMap<(Option<PathBuf>, SocketAddr), String>,
+    ) -> Result<Vec<Result<Bound, String>>, StartError> {
         let mut out = Vec::with_capacity(planned.len());
         for p in planned {
             let l = &p.config;
             let key = (self.cfg.netns_path(l), l.listen);
             if l.listen.port() != 0 {
-                if let Some(first) = seen.insert(key, &l.name) {
-                    return Err(StartError::Duplicate {
-                        first: first.to_string(),
+                if let Some(first) = seen.get(&key) {
+                    let e = StartError::Duplicate {
+                        first: first.clone(),
                         second: l.name.clone(),
                         addr: l.listen,
                         netns: l.netns_label(),
-                    });
+                    };
+                    if p.template.is_none() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "template instance not bound");
+                    out.push(Err(e.to_string()));
+                    continue;
                 }
+                seen.insert(key, l.name.clone());
             }
             match self.bind(l) {
                 Ok(b) => out.push(Ok(b)),
@@ -280,6 +315,9 @@ impl Server {
                 "listener bound"
             );
         }
+        if self.listeners.contains_key(&l.name) {
+            self.retire(&l.name, true, "replaced");
+        }
         self.listeners.insert(
             l.name.clone(),
             RunningListener {
@@ -334,14 +372,22 @@ impl Server {
             })
         });
         let old_cfg = std::mem::replace(&mut self.cfg, new);
-        let bound = match self.bind_all(&todo) {
+        // Kept listeners keep their addresses; the others are about to go.
+        let going: HashSet<String> = self
+            .listeners
+            .keys()
+            .filter(|n| !keep.iter().any(|p| &p.config.name == *n))
+            .cloned()
+            .collect();
+        let taken = self.taken(&going);
+        let bound = match self.bind_all(&todo, taken) {
             Ok(b) => b,
             Err(e) => {
                 self.cfg = old_cfg;
                 return Err(e);
             }
         };
-        let wanted: std::collections::HashSet<String> = keep
+        let wanted: HashSet<String> = keep
             .iter()
             .chain(&todo)
             .map(|p| p.config.name.clone())
@@ -406,6 +452,12 @@ impl Server {
         }
         let mut done = true;
         for p in todo {
+            let key = (self.cfg.netns_path(&p.config), p.config.listen);
+            if let Some(first) = self.taken(&HashSet::new()).get(&key) {
+                tracing::warn!(listener = %p.config.name, address = %p.config.listen,
+                    "not bound in namespace {name}: the address is already served by listener {first}");
+                continue;
+            }
             match self.bind(&p.config) {
                 Ok(b) => {
                     self.listeners.remove(&p.config.name);
@@ -438,7 +490,13 @@ impl Server {
         for (n, is_instance) in affected {
             self.retire(&n, is_instance, "namespace vanished");
         }
-        self.binder.forget(&self.cfg.netns_dir.join(name));
+        let path = self.cfg.netns_dir.join(name);
+        for l in self.listeners.values() {
+            if let Some(u) = &l.shared.upstream {
+                u.flush_if_in(&path);
+            }
+        }
+        self.binder.forget(&path);
     }
 
     /// Stops every listener accepting (graceful shutdown); connections go on.

@@ -610,8 +610,12 @@ impl Conn {
             libc::ECONNREFUSED => st.upstream_refused.fetch_add(1, Relaxed),
             _ => st.upstream_errors.fetch_add(1, Relaxed),
         };
-        if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
-            set.mark_down(addr);
+        // Back off from the upstream only if it was contacted: not when the session
+        // never got a socket to try it with.
+        if self.legs[1].fd.is_some() {
+            if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
+                set.mark_down(addr);
+            }
         }
         tracing::warn!(
             listener = %self.listener.name,

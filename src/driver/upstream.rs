@@ -23,6 +23,9 @@ use crate::binder::{Binder, SocketPool};
 pub const UPSTREAM_BACKOFF_MS: u64 = 3000;
 /// Sockets a namespace pool keeps ready per address family (count).
 pub const POOL_TARGET: usize = 64;
+/// After a pool fill failed, sessions fail at once for this long, then a new fill
+/// is tried.
+pub const POOL_RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What [`UpstreamSet::socket_for`] got.
 pub enum GetSocket {
@@ -142,20 +145,34 @@ impl UpstreamSet {
         };
         let pool = &pools[usize::from(addr.is_ipv6())];
         let got = pool.take();
-        if pool.wants_refill() {
+        // After a failed fill (the namespace is gone, say), fail fast for a while
+        // instead of asking the binder again for every session.
+        let backing_off = pool.failed_recently(POOL_RETRY_AFTER_FAILURE);
+        if !backing_off && pool.wants_refill() {
             if let Some(b) = &self.binder {
                 b.fill_later(pool.clone());
             }
         }
-        match got {
-            Some(fd) => GetSocket::Ready(fd),
-            None => match pool.last_error() {
-                Some(errno) if !pool.refilling() => GetSocket::Failed(errno),
-                _ => {
-                    pool.notify_on_refill(wake.clone());
-                    GetSocket::Wait
+        match (got, pool.last_error()) {
+            (Some(fd), _) => GetSocket::Ready(fd),
+            (None, Some(errno)) if backing_off => GetSocket::Failed(errno),
+            (None, _) => {
+                pool.notify_on_refill(wake.clone());
+                GetSocket::Wait
+            }
+        }
+    }
+
+    /// Drops the pooled sockets if the pools' namespace file is `path`: they were
+    /// made in a namespace that has gone, and a namespace of the same name would be
+    /// a new one.
+    pub fn flush_if_in(&self, path: &std::path::Path) {
+        if let Some(pools) = &self.pools {
+            for p in pools {
+                if p.netns() == path {
+                    p.flush();
                 }
-            },
+            }
         }
     }
 

@@ -275,6 +275,8 @@ struct Worker {
     wake_armed: bool,
     in_flight: usize,
     shutting_down: bool,
+    /// Ops were still in flight when shutdown gave up waiting: leak, never free.
+    leak: bool,
     cqes: Vec<(u64, i32, u32)>,
 }
 
@@ -282,7 +284,12 @@ static LOGGED: Once = Once::new();
 
 /// Runs a worker on the calling thread until [`Command::Shutdown`].
 pub(crate) fn run(ctx: WorkerCtx, ready: SyncSender<io::Result<()>>) {
-    super::serve(Worker::new(ctx), ready, |mut w| w.run());
+    super::serve(Worker::new(ctx), ready, |mut w| {
+        w.run();
+        if w.leak {
+            std::mem::forget(w);
+        }
+    });
 }
 
 impl Worker {
@@ -320,6 +327,7 @@ impl Worker {
             wake_armed: false,
             in_flight: 0,
             shutting_down: false,
+            leak: false,
             cqes: Vec::with_capacity(256),
         })
     }
@@ -369,13 +377,15 @@ impl Worker {
                 (Some(_), t) => Some(t.map_or(SHUTDOWN_POLL, |t| t.min(SHUTDOWN_POLL))),
                 (None, t) => t,
             };
+            // Entries still waiting for SQ room: submit without waiting for a CQE.
+            let want = usize::from(self.overflow.is_empty());
             let res = match wait {
                 Some(d) => {
                     let ts = types::Timespec::from(d);
                     let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
+                    self.ring.submitter().submit_with_args(want, &args)
                 }
-                None => self.ring.submit_and_wait(1),
+                None => self.ring.submit_and_wait(want),
             };
             match res {
                 Ok(_) => {}
@@ -427,7 +437,18 @@ impl Worker {
             if self.shutting_down {
                 let deadline = *shutdown_deadline
                     .get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
-                if self.in_flight == 0 || Instant::now() >= deadline {
+                if self.in_flight == 0 {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    // The kernel may still use buffers of ops that did not finish
+                    // cancelling: never free them (the thread is ending anyway).
+                    tracing::warn!(
+                        worker = self.ctx.index,
+                        in_flight = self.in_flight,
+                        "io_uring ops still in flight at shutdown; leaking their buffers"
+                    );
+                    self.leak = true;
                     return;
                 }
             }
@@ -546,7 +567,7 @@ impl Worker {
                 .build()
         } else {
             opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_CLOEXEC)
+                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
                 .build()
         };
         self.push(e.user_data(token(K_ACCEPT, k)));
@@ -619,7 +640,7 @@ impl Worker {
 
     fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
-        let starved = -res == libc::ENOBUFS;
+        let mut starved = false;
         if let Some(c) = self.conns.get_mut(k) {
             c.ops -= 1;
             c.recv_armed[side.index()] = false;
@@ -632,9 +653,10 @@ impl Worker {
                     }
                 } else if res == 0 {
                     c.conn.complete(side, Completion::Eof);
-                } else if starved {
+                } else if -res == libc::ENOBUFS {
                     // Back-pressure from the buffer ring, not an error: retry once
                     // this batch has returned its buffers.
+                    starved = true;
                     self.ctx.stats.enobufs.fetch_add(1, Relaxed);
                     c.conn.io.side(side).recv();
                     self.starved.push(k);

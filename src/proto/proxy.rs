@@ -104,10 +104,14 @@ impl ProxySession {
                 }
             }
             Completion::Timeout => {
-                if self.connected {
-                    // Idle: end both connections cleanly.
+                let stuck = io.legs.iter().any(|l| l.unsent() > 0);
+                if self.connected && !stuck {
+                    // Idle with nothing pending: end both connections cleanly.
                     io.close();
                 } else {
+                    // Connect timeout, or idle with bytes a peer will not take (a
+                    // reader stalled on a zero window): a graceful close would wait
+                    // for it forever.
                     io.abort();
                 }
             }
@@ -203,5 +207,25 @@ mod tests {
         p.on_complete(Side::Upstream, Completion::Connected, &mut io);
         p.on_complete(Side::Upstream, Completion::Error(libc::ECONNRESET), &mut io);
         assert!(io.abort && io.close);
+    }
+
+    #[test]
+    fn idle_timeout_closes_cleanly_unless_bytes_are_stuck() {
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        assert!(io.close && !io.abort, "an idle session closes cleanly");
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_complete(Side::Upstream, Completion::Recv(b"never read"), &mut io);
+        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        assert!(
+            io.abort,
+            "bytes a client will not take must not hold the session"
+        );
     }
 }
