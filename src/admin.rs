@@ -71,7 +71,12 @@ pub fn render_metrics(server: &Server) -> String {
     let errors = counter(
         &mut reg,
         "ringress_listener_errors",
-        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept",
+        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept, truncated_datagram, session_limit, send_dropped",
+    );
+    let udp_sessions = gauge(
+        &mut reg,
+        "ringress_listener_udp_sessions",
+        "UDP proxy sessions open now (UDP listeners)",
     );
     let up = gauge(
         &mut reg,
@@ -98,12 +103,18 @@ pub fn render_metrics(server: &Server) -> String {
             .inc_by(s.bytes_out.load(Relaxed));
         up.get_or_create(&lab)
             .set(i64::from(l.state == ListenerState::Serving));
+        if l.config.proto == crate::config::Proto::Udp {
+            udp_sessions.get_or_create(&lab).set(s.active() as i64);
+        }
         for (kind, v) in [
             ("upstream_refused", &s.upstream_refused),
             ("upstream_timeout", &s.upstream_timeouts),
             ("upstream_error", &s.upstream_errors),
             ("reset", &s.resets),
             ("accept", &s.accept_errors),
+            ("truncated_datagram", &s.truncated),
+            ("session_limit", &s.session_limit),
+            ("send_dropped", &s.send_drops),
         ] {
             let mut k = lab.clone();
             k.push(("kind".into(), kind.into()));

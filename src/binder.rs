@@ -66,6 +66,22 @@ pub enum SocketSpec {
         /// The address family is taken from this address; nothing is bound.
         family_of: SocketAddr,
     },
+    /// `count` UDP sockets bound to `addr`, each with SO_REUSEADDR and
+    /// SO_REUSEPORT (one per worker); on a wildcard address also IP_PKTINFO /
+    /// IPV6_RECVPKTINFO, so that replies can leave from the address a client sent to.
+    UdpSockets {
+        /// Local address to bind.
+        addr: SocketAddr,
+        /// Sockets to create (one per worker), at least 1.
+        count: usize,
+    },
+    /// `count` unbound UDP sockets of `addr`'s family (upstream pools).
+    UdpClients {
+        /// The address family is taken from this address; nothing is bound.
+        family_of: SocketAddr,
+        /// Sockets to create.
+        count: usize,
+    },
     /// `count` unconnected TCP sockets of `addr`'s family (upstream pools).
     TcpClients {
         /// The address family is taken from this address; nothing is bound.
@@ -81,6 +97,8 @@ impl SocketSpec {
             SocketSpec::TcpListeners { addr, .. } => *addr,
             SocketSpec::TcpClient { family_of } => *family_of,
             SocketSpec::TcpClients { family_of, .. } => *family_of,
+            SocketSpec::UdpSockets { addr, .. } => *addr,
+            SocketSpec::UdpClients { family_of, .. } => *family_of,
         }
     }
 }
@@ -137,6 +155,7 @@ pub struct SocketPool {
     netns: PathBuf,
     label: String,
     family_of: SocketAddr,
+    udp: bool,
     target: usize,
     fds: Mutex<Vec<OwnedFd>>,
     refilling: AtomicBool,
@@ -158,13 +177,15 @@ impl fmt::Debug for SocketPool {
 }
 
 impl SocketPool {
-    /// An empty pool for sockets of `family_of`'s family in namespace file `netns`
-    /// (labelled `label` in errors), for listener `owner`, kept at `target` sockets.
+    /// An empty pool for TCP (or, with `udp`, UDP) sockets of `family_of`'s family
+    /// in namespace file `netns` (labelled `label` in errors), for listener `owner`,
+    /// kept at `target` sockets.
     pub fn new(
         owner: String,
         netns: PathBuf,
         label: String,
         family_of: SocketAddr,
+        udp: bool,
         target: usize,
     ) -> SocketPool {
         SocketPool {
@@ -172,6 +193,7 @@ impl SocketPool {
             netns,
             label,
             family_of,
+            udp,
             target: target.max(2),
             fds: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
@@ -466,9 +488,16 @@ impl BinderState {
             owner: pool.owner.clone(),
             netns_label: pool.label.clone(),
             netns: Some(pool.netns.clone()),
-            spec: SocketSpec::TcpClients {
-                family_of: pool.family_of,
-                count: missing,
+            spec: if pool.udp {
+                SocketSpec::UdpClients {
+                    family_of: pool.family_of,
+                    count: missing,
+                }
+            } else {
+                SocketSpec::TcpClients {
+                    family_of: pool.family_of,
+                    count: missing,
+                }
             },
             reply: mpsc::sync_channel(1).0,
         };
@@ -574,6 +603,68 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
                     .map_err(|e| ("socket", e))
             })
             .collect(),
+        SocketSpec::UdpClients { family_of, count } => (0..count)
+            .map(|_| {
+                udp_socket(family_of)
+                    .map(OwnedFd::from)
+                    .map_err(|e| ("socket", e))
+            })
+            .collect(),
+        SocketSpec::UdpSockets { addr, count } => {
+            let mut fds = Vec::with_capacity(count);
+            for _ in 0..count.max(1) {
+                let s = udp_socket(addr).map_err(|e| ("socket", e))?;
+                s.set_reuse_address(true)
+                    .and_then(|_| s.set_reuse_port(true))
+                    .map_err(|e| ("setsockopt", e))?;
+                if addr.ip().is_unspecified() {
+                    set_pktinfo(&s, addr.is_ipv6()).map_err(|e| ("setsockopt", e))?;
+                }
+                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+                fds.push(OwnedFd::from(s));
+            }
+            Ok(fds)
+        }
+    }
+}
+
+/// A non-blocking, close-on-exec UDP socket of `addr`'s family.
+pub fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )
+}
+
+/// Asks for the destination address of each datagram (ip(7) IP_PKTINFO, ipv6(7)
+/// IPV6_RECVPKTINFO; an IPv6 socket gets both, for IPv4-mapped clients).
+fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let set = |level, name| {
+        // SAFETY: setsockopt with a valid int pointer and its size on our socket.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                level,
+                name,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if v6 {
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+        // Dual-stack sockets also see IPv4 datagrams; ignore a v6-only socket's refusal.
+        let _ = set(libc::IPPROTO_IP, libc::IP_PKTINFO);
+        Ok(())
+    } else {
+        set(libc::IPPROTO_IP, libc::IP_PKTINFO)
     }
 }
 
@@ -654,6 +745,7 @@ mod tests {
             "/proc/self/ns/net".into(),
             "self".into(),
             "127.0.0.1:1".parse().unwrap(),
+            false,
             4,
         );
         assert!(pool.wants_refill());

@@ -97,13 +97,16 @@ impl fmt::Display for IoChoice {
 pub enum Proto {
     /// TCP (`SOCK_STREAM`).
     Tcp,
+    /// UDP (`SOCK_DGRAM`): actions `echo` and `proxy` (per-client sessions).
+    Udp,
 }
 
 impl Proto {
-    /// The config spelling, `"tcp"`.
+    /// The config spelling, `"tcp"` or `"udp"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
         }
     }
 }
@@ -111,16 +114,17 @@ impl Proto {
 impl FromStr for Proto {
     type Err = String;
 
-    /// Parses `"tcp"`.
+    /// Parses `"tcp"` or `"udp"`.
     ///
     /// # Errors
-    /// `proto "udp" is not supported yet` for `"udp"` and `"sctp"`, and an
-    /// "unknown proto" message for anything else.
+    /// `proto "sctp" is not supported yet` for `"sctp"`, and an "unknown proto"
+    /// message for anything else.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "tcp" => Ok(Proto::Tcp),
-            "udp" | "sctp" => Err(format!("proto {s:?} is not supported yet")),
-            _ => Err(format!("unknown proto {s:?} (expected \"tcp\")")),
+            "udp" => Ok(Proto::Udp),
+            "sctp" => Err(format!("proto {s:?} is not supported yet")),
+            _ => Err(format!("unknown proto {s:?} (expected \"tcp\" or \"udp\")")),
         }
     }
 }
@@ -172,9 +176,22 @@ pub struct ProxyConfig {
     /// Window of each direction (bytes): a side stops reading while the other side
     /// has this much unsent.
     pub buffer_bytes: usize,
-    /// PROXY protocol header to send to the upstream first, if any.
+    /// PROXY protocol header to send to the upstream first, if any (TCP only).
     pub proxy_protocol: Option<crate::proto::proxy_header::ProxyProtocol>,
+    /// UDP: a client session with no datagram either way for this long ends (ms).
+    pub session_idle_timeout_ms: u64,
+    /// UDP: most client sessions of the listener at once (count); datagrams of new
+    /// clients beyond it are dropped and counted.
+    pub max_sessions: usize,
 }
+
+/// Default `session_idle_timeout_ms` of a UDP proxy listener (ms).
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Default `max_sessions` of a UDP proxy listener (count).
+pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
+/// Default and largest `max_datagram_bytes` of a UDP listener (bytes): the largest
+/// UDP payload over IPv4 (65,535 - 8 - 20).
+pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 
 impl Action {
     /// The config spelling of the action: `"echo"`, `"respond"` or `"http"`.
@@ -245,6 +262,9 @@ pub struct ListenerConfig {
     /// 1-based line of the `netns` key (the listener's `line` when there is none),
     /// for errors about the namespace.
     pub netns_line: usize,
+    /// UDP: largest datagram accepted (bytes, 1..=[`MAX_DATAGRAM_BYTES`]); larger
+    /// ones are dropped and counted, never forwarded truncated.
+    pub max_datagram_bytes: usize,
 }
 
 impl ListenerConfig {
@@ -510,6 +530,9 @@ struct RawListener {
     idle_timeout_ms: Option<Spanned<i64>>,
     buffer_bytes: Option<Spanned<i64>>,
     proxy_protocol: Option<Spanned<String>>,
+    session_idle_timeout_ms: Option<Spanned<i64>>,
+    max_sessions: Option<Spanned<i64>>,
+    max_datagram_bytes: Option<Spanned<i64>>,
 }
 
 /// Maps byte offsets in the config text to 1-based line numbers.
@@ -963,6 +986,25 @@ fn convert_listener(
         }
     }
 
+    check_proto_keys(cx, &scope, proto, &action, raw)?;
+    let max_datagram_bytes = match &raw.max_datagram_bytes {
+        None => MAX_DATAGRAM_BYTES,
+        Some(b) => match usize::try_from(*b.get_ref()) {
+            Ok(n) if (1..=MAX_DATAGRAM_BYTES).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    b.span(),
+                    scope(),
+                    "max_datagram_bytes",
+                    format!(
+                        "must be between 1 and {MAX_DATAGRAM_BYTES}, got {}",
+                        b.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
+
     let backlog = match &raw.backlog {
         None => DEFAULT_BACKLOG,
         Some(b) => match u32::try_from(*b.get_ref()) {
@@ -987,7 +1029,73 @@ fn convert_listener(
         backlog,
         line,
         netns_line,
+        max_datagram_bytes,
     })
+}
+
+/// Keys and actions that only make sense for one protocol.
+fn check_proto_keys(
+    cx: &Ctx<'_>,
+    scope: &dyn Fn() -> Scope,
+    proto: Proto,
+    action: &Action,
+    raw: &RawListener,
+) -> Result<(), ConfigError> {
+    let span_of = |x: &Option<Spanned<i64>>| x.as_ref().map(|v| v.span());
+    match proto {
+        Proto::Udp => {
+            if let Some(a) = &raw.action {
+                if !matches!(action, Action::Echo | Action::Proxy(_)) {
+                    return Err(cx.invalid(
+                        a.span(),
+                        scope(),
+                        "action",
+                        format!(
+                            "action {:?} is not available for proto \"udp\" (use \"echo\" or \"proxy\")",
+                            action.kind()
+                        ),
+                    ));
+                }
+            }
+            let tcp_only = [
+                ("backlog", span_of(&raw.backlog)),
+                ("connect_timeout_ms", span_of(&raw.connect_timeout_ms)),
+                ("idle_timeout_ms", span_of(&raw.idle_timeout_ms)),
+                ("buffer_bytes", span_of(&raw.buffer_bytes)),
+                (
+                    "proxy_protocol",
+                    raw.proxy_protocol.as_ref().map(|x| x.span()),
+                ),
+            ];
+            if let Some((key, Some(span))) = tcp_only.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(cx.invalid(
+                    span,
+                    scope(),
+                    key,
+                    format!("`{key}` is for TCP listeners only"),
+                ));
+            }
+        }
+        Proto::Tcp => {
+            let udp_only = [
+                (
+                    "session_idle_timeout_ms",
+                    span_of(&raw.session_idle_timeout_ms),
+                ),
+                ("max_sessions", span_of(&raw.max_sessions)),
+                ("max_datagram_bytes", span_of(&raw.max_datagram_bytes)),
+            ];
+            if let Some((key, Some(span))) = udp_only.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(cx.invalid(
+                    span,
+                    scope(),
+                    key,
+                    format!("`{key}` is for UDP listeners only"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Rejects duplicate names, then two listeners on the same address (non-zero
@@ -1072,6 +1180,14 @@ fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
     }
     if let Some(x) = &raw.proxy_protocol {
         v.push(("proxy_protocol", x.span()));
+    }
+    for (k, x) in [
+        ("session_idle_timeout_ms", &raw.session_idle_timeout_ms),
+        ("max_sessions", &raw.max_sessions),
+    ] {
+        if let Some(x) = x {
+            v.push((k, x.span()));
+        }
     }
     v
 }
@@ -1161,6 +1277,26 @@ fn convert_proxy(
         1,
     )?;
     let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
+    let session_idle_timeout_ms = ms(
+        &raw.session_idle_timeout_ms,
+        "session_idle_timeout_ms",
+        DEFAULT_SESSION_IDLE_TIMEOUT_MS,
+        1,
+    )?;
+    let max_sessions = match &raw.max_sessions {
+        None => DEFAULT_MAX_SESSIONS,
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if (1..=(1 << 24)).contains(&n) => n,
+            _ => {
+                return Err(cx.invalid(
+                    m.span(),
+                    scope(),
+                    "max_sessions",
+                    format!("must be between 1 and {}, got {}", 1 << 24, m.get_ref()),
+                ))
+            }
+        },
+    };
     let buffer_bytes = match &raw.buffer_bytes {
         None => DEFAULT_BUFFER_BYTES,
         Some(b) => match usize::try_from(*b.get_ref()) {
@@ -1208,6 +1344,8 @@ fn convert_proxy(
         idle_timeout_ms,
         buffer_bytes,
         proxy_protocol,
+        session_idle_timeout_ms,
+        max_sessions,
     })
 }
 
@@ -1341,9 +1479,10 @@ action = "echo"
         assert!("URING".parse::<IoChoice>().is_err());
         assert_eq!(Proto::Tcp.to_string(), "tcp");
         assert_eq!(
-            "udp".parse::<Proto>().unwrap_err(),
-            "proto \"udp\" is not supported yet"
+            "sctp".parse::<Proto>().unwrap_err(),
+            "proto \"sctp\" is not supported yet"
         );
+        assert_eq!("udp".parse::<Proto>().unwrap(), Proto::Udp);
         assert_eq!(Action::Echo.kind(), "echo");
         assert_eq!(Action::Http.kind(), "http");
     }

@@ -108,6 +108,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             backlog: 1024,
             line: i + 1,
             netns_line: i + 1,
+            max_datagram_bytes: crate::config::MAX_DATAGRAM_BYTES,
         })
         .collect();
     let cfg = Config {

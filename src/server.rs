@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::binder::{BindError, Binder, SocketSpec};
-use crate::config::{Action, Config, IoChoice, ListenerConfig};
+use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
 
@@ -80,6 +80,9 @@ pub struct Server {
     cfg: Config,
     next_id: u64,
 }
+
+/// A listener's namespace file, protocol and address.
+type AddrKey = (Option<PathBuf>, Proto, SocketAddr);
 
 /// One listener to bind: its (instance) config and the template it came from.
 struct Planned {
@@ -183,18 +186,18 @@ impl Server {
         }
     }
 
+    /// What makes two listeners clash: namespace file, protocol, address.
+    fn addr_key(&self, l: &ListenerConfig) -> AddrKey {
+        (self.cfg.netns_path(l), l.proto, l.listen)
+    }
+
     /// Addresses taken by serving listeners, by (namespace file, address), except
     /// those in `except` (about to be replaced or removed).
-    fn taken(&self, except: &HashSet<String>) -> HashMap<(Option<PathBuf>, SocketAddr), String> {
+    fn taken(&self, except: &HashSet<String>) -> HashMap<AddrKey, String> {
         self.listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving && !except.contains(&l.config.name))
-            .map(|l| {
-                (
-                    (self.cfg.netns_path(&l.config), l.config.listen),
-                    l.config.name.clone(),
-                )
-            })
+            .map(|l| (self.addr_key(&l.config), l.config.name.clone()))
             .collect()
     }
 
@@ -208,12 +211,12 @@ impl Server {
     fn bind_all(
         &self,
         planned: &[Planned],
-        mut seen: HashMap<(Option<PathBuf>, SocketAddr), String>,
+        mut seen: HashMap<AddrKey, String>,
     ) -> Result<Vec<Result<Bound, String>>, StartError> {
         let mut out = Vec::with_capacity(planned.len());
         for p in planned {
             let l = &p.config;
-            let key = (self.cfg.netns_path(l), l.listen);
+            let key = self.addr_key(l);
             if l.listen.port() != 0 {
                 if let Some(first) = seen.get(&key) {
                     let e = StartError::Duplicate {
@@ -247,16 +250,21 @@ impl Server {
     /// upstream set with filled socket pools.
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let path = self.cfg.netns_path(l);
-        let fds = self.binder.create(
-            &l.name,
-            path.as_deref(),
-            &l.netns_label(),
-            SocketSpec::TcpListeners {
+        let count = self.worker_count();
+        let spec = match l.proto {
+            Proto::Tcp => SocketSpec::TcpListeners {
                 addr: l.listen,
                 backlog: l.backlog,
-                count: self.worker_count(),
+                count,
             },
-        )?;
+            Proto::Udp => SocketSpec::UdpSockets {
+                addr: l.listen,
+                count,
+            },
+        };
+        let fds = self
+            .binder
+            .create(&l.name, path.as_deref(), &l.netns_label(), spec)?;
         let upstream = match &l.action {
             Action::Proxy(p) => {
                 let ns = p.upstream_netns_path.clone().map(|path| {
@@ -269,6 +277,7 @@ impl Server {
                 Some(Arc::new(UpstreamSet::new(
                     p.upstreams.clone(),
                     ns,
+                    l.proto == Proto::Udp,
                     &l.name,
                     &self.binder,
                 )?))
@@ -292,6 +301,8 @@ impl Server {
             action: l.action.clone(),
             netns: Arc::from(l.netns_label().as_str()),
             upstream,
+            proto: l.proto,
+            max_datagram: l.max_datagram_bytes,
             stats: Default::default(),
         });
         for (w, fd) in self.workers.iter().zip(fds) {
@@ -452,7 +463,7 @@ impl Server {
         }
         let mut done = true;
         for p in todo {
-            let key = (self.cfg.netns_path(&p.config), p.config.listen);
+            let key = self.addr_key(&p.config);
             if let Some(first) = self.taken(&HashSet::new()).get(&key) {
                 tracing::warn!(listener = %p.config.name, address = %p.config.listen,
                     "not bound in namespace {name}: the address is already served by listener {first}");

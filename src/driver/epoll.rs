@@ -21,10 +21,12 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use nix::sys::socket::MsgFlags;
 
+use super::udp::{self, After, Datagram, UdpState};
 use super::{
     accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn,
     ConnectStart, Key, ListenerIds, ListenerShared, Slab, Timers, WorkerCtx, ACCEPT_PAUSE_MS,
 };
+use crate::config::Proto;
 use crate::proto::{Completion, Side};
 
 /// Operations one connection may run per turn before yielding (count).
@@ -38,6 +40,10 @@ const K_LISTENER: u8 = 1;
 const K_CLIENT: u8 = 2;
 const K_WAKE: u8 = 3;
 const K_UPSTREAM: u8 = 4;
+const K_UDP_LISTENER: u8 = 5;
+const K_UDP_UPSTREAM: u8 = 6;
+/// Datagrams one UDP socket may take per turn before yielding (count).
+const UDP_BUDGET: usize = 64;
 
 struct EListener {
     fd: OwnedFd,
@@ -66,6 +72,13 @@ struct Worker {
     /// Sessions waiting for an upstream socket from a namespace pool.
     parked: Vec<Key>,
     timers: Timers,
+    udp: UdpState,
+    udp_by_id: ListenerIds,
+    /// UDP sockets with datagrams possibly left after their budget: (kind, key).
+    udp_ready: VecDeque<(u8, Key)>,
+    /// Receive buffer for datagrams (the largest UDP payload, plus one byte so
+    /// that a larger one shows as MSG_TRUNC).
+    dgram: Vec<u8>,
     shutting_down: bool,
 }
 
@@ -100,6 +113,10 @@ impl Worker {
             ready_listeners: VecDeque::new(),
             parked: Vec::new(),
             timers: Timers::default(),
+            udp: UdpState::default(),
+            udp_by_id: Default::default(),
+            udp_ready: VecDeque::new(),
+            dgram: vec![0; crate::config::MAX_DATAGRAM_BYTES + 1],
             shutting_down: false,
         })
     }
@@ -107,11 +124,19 @@ impl Worker {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let timeout = if !self.ready.is_empty() || !self.ready_listeners.is_empty() {
+            let busy = !self.ready.is_empty()
+                || !self.ready_listeners.is_empty()
+                || !self.udp_ready.is_empty();
+            let timeout = if busy {
                 EpollTimeout::ZERO
             } else {
                 let t = self.pause_timeout();
-                match self.timers.next_wait(Instant::now()) {
+                let now = Instant::now();
+                let next = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match next {
                     Some(d) => {
                         let ms = (d.as_millis().min(1000) as u16).saturating_add(1);
                         if t == EpollTimeout::NONE || EpollTimeout::from(ms) < t {
@@ -141,6 +166,7 @@ impl Worker {
                         self.commands();
                     }
                     K_LISTENER => self.accept(k),
+                    K_UDP_LISTENER | K_UDP_UPSTREAM => self.udp_drain(kind, k),
                     K_CLIENT | K_UPSTREAM => {
                         let side = if kind == K_CLIENT {
                             Side::Client
@@ -180,6 +206,15 @@ impl Worker {
                     c.conn.complete(Side::Client, Completion::Timeout);
                 }
                 self.drive(k);
+            }
+            for uk in self.udp.sweep(now) {
+                // Dropping the socket takes it out of the epoll set.
+                self.udp.upstreams.remove(uk);
+            }
+            for _ in 0..self.udp_ready.len() {
+                if let Some((kind, k)) = self.udp_ready.pop_front() {
+                    self.udp_drain(kind, k);
+                }
             }
             for k in std::mem::take(&mut self.parked) {
                 if let Some(c) = self.conns.get_mut(k) {
@@ -232,6 +267,26 @@ impl Worker {
     fn commands(&mut self) {
         while let Ok(cmd) = self.ctx.rx.try_recv() {
             match cmd {
+                Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
+                    let name = shared.name.clone();
+                    let k = self.udp.add_listener(fd, shared);
+                    let Some(l) = self.udp.listeners.get_mut(k) else {
+                        continue;
+                    };
+                    if let Err(e) = self.ep.add(
+                        l.fd.as_fd(),
+                        EpollEvent::new(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+                            token(K_UDP_LISTENER, k),
+                        ),
+                    ) {
+                        tracing::error!(listener = %name, error = %e, "epoll_ctl(ADD) on udp listener failed");
+                        self.udp.listeners.remove(k);
+                        continue;
+                    }
+                    self.udp_by_id.insert(id, k);
+                    self.udp_ready.push_back((K_UDP_LISTENER, k));
+                }
                 Command::AddListener { id, fd, shared } => {
                     let k = self.listeners.insert(EListener {
                         fd,
@@ -255,9 +310,15 @@ impl Worker {
                     self.ready_listeners.push_back(k);
                 }
                 Command::RemoveListener { id } => {
+                    // Closing an fd removes it from the epoll set.
                     if let Some(k) = self.by_id.remove(&id) {
-                        // Closing the fd removes it from the epoll set.
                         self.listeners.remove(k);
+                    }
+                    if let Some(k) = self.udp_by_id.remove(&id) {
+                        for uk in self.udp.end_sessions(k) {
+                            self.udp.upstreams.remove(uk);
+                        }
+                        self.udp.listeners.remove(k);
                     }
                 }
                 Command::Shutdown => {
@@ -269,6 +330,8 @@ impl Worker {
                     for k in self.conns.keys() {
                         self.conns.remove(k);
                     }
+                    self.udp = UdpState::default();
+                    self.udp_by_id.clear();
                 }
             }
         }
@@ -336,6 +399,69 @@ impl Worker {
         }
         // Budget spent: more may be waiting; continue next turn.
         self.ready_listeners.push_back(k);
+    }
+
+    /// Reads the datagrams waiting on a UDP listener or upstream socket (up to
+    /// [`UDP_BUDGET`], then yields) and hands them to the shared UDP logic.
+    fn udp_drain(&mut self, kind: u8, k: Key) {
+        for _ in 0..UDP_BUDGET {
+            let fd = if kind == K_UDP_LISTENER {
+                self.udp.listeners.get_mut(k).map(|l| l.fd.as_raw_fd())
+            } else {
+                self.udp.upstreams.get_mut(k).map(|u| u.fd.as_raw_fd())
+            };
+            let Some(fd) = fd else { return };
+            self.ctx.stats.submitted.fetch_add(1, Relaxed);
+            match udp::recv_datagram(fd, &mut self.dgram) {
+                Ok((n, truncated, from, to)) => {
+                    let d = Datagram {
+                        data: &self.dgram[..n],
+                        from,
+                        to,
+                        truncated,
+                    };
+                    let now = Instant::now();
+                    if kind == K_UDP_LISTENER {
+                        if let After::Watch(uk) =
+                            self.udp.on_listener_datagram(k, &d, &self.ctx.wake, now)
+                        {
+                            self.udp_watch(uk);
+                        }
+                    } else {
+                        self.udp.on_upstream_datagram(k, &d, now);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    if kind == K_UDP_UPSTREAM {
+                        self.udp
+                            .on_upstream_error(k, e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                }
+            }
+        }
+        self.udp_ready.push_back((kind, k));
+    }
+
+    /// Registers a new UDP session's upstream socket.
+    fn udp_watch(&mut self, uk: Key) {
+        let Some(u) = self.udp.upstreams.get_mut(uk) else {
+            return;
+        };
+        if self
+            .ep
+            .add(
+                u.fd.as_fd(),
+                EpollEvent::new(
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+                    token(K_UDP_UPSTREAM, uk),
+                ),
+            )
+            .is_err()
+        {
+            tracing::warn!("epoll_ctl(ADD) on a udp upstream socket failed");
+        }
     }
 
     /// Runs session `k`'s requested operations until they would block, the budget

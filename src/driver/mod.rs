@@ -30,6 +30,7 @@
 //! 6. never run a blocking syscall.
 
 pub mod epoll;
+pub mod udp;
 pub mod upstream;
 #[cfg(feature = "uring")]
 pub mod uring;
@@ -138,6 +139,13 @@ pub struct ListenerStats {
     pub upstream_timeouts: AtomicU64,
     /// Upstream connects that failed otherwise (unreachable, no socket, ...).
     pub upstream_errors: AtomicU64,
+    /// UDP datagrams dropped for being larger than `max_datagram_bytes` (MSG_TRUNC).
+    pub truncated: AtomicU64,
+    /// UDP datagrams of new clients dropped at `max_sessions`.
+    pub session_limit: AtomicU64,
+    /// UDP datagrams dropped because the socket buffer was full (EAGAIN) or the
+    /// send failed.
+    pub send_drops: AtomicU64,
 }
 
 impl ListenerStats {
@@ -161,6 +169,10 @@ pub struct ListenerShared {
     pub netns: Arc<str>,
     /// Upstreams and their socket pools (`action = "proxy"` only).
     pub upstream: Option<Arc<UpstreamSet>>,
+    /// Transport protocol.
+    pub proto: crate::config::Proto,
+    /// UDP: largest datagram accepted (bytes).
+    pub max_datagram: usize,
     /// Its counters.
     pub stats: ListenerStats,
 }

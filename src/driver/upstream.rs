@@ -49,6 +49,8 @@ pub struct UpstreamSet {
     /// Pools for an upstream namespace: index 0 IPv4, 1 IPv6.
     pools: Option<[Arc<SocketPool>; 2]>,
     binder: Option<Binder>,
+    /// UDP sockets (for UDP proxy sessions) instead of TCP.
+    udp: bool,
 }
 
 impl std::fmt::Debug for UpstreamSet {
@@ -62,7 +64,8 @@ impl std::fmt::Debug for UpstreamSet {
 
 impl UpstreamSet {
     /// Upstreams `addrs` in the root namespace (`netns = None`) or in namespace file
-    /// `netns` (labelled `label` in errors), whose pools `binder` fills.
+    /// `netns` (labelled `label` in errors), whose pools `binder` fills, reached
+    /// over TCP, or over UDP with `udp`.
     /// Pools of the families in use are filled before this returns.
     ///
     /// # Errors
@@ -70,6 +73,7 @@ impl UpstreamSet {
     pub fn new(
         addrs: Vec<SocketAddr>,
         netns: Option<(PathBuf, String)>,
+        udp: bool,
         owner: &str,
         binder: &Binder,
     ) -> Result<UpstreamSet, crate::binder::BindError> {
@@ -84,6 +88,7 @@ impl UpstreamSet {
                         path.clone(),
                         label.clone(),
                         fam,
+                        udp,
                         POOL_TARGET,
                     ))
                 };
@@ -103,6 +108,7 @@ impl UpstreamSet {
             epoch: Instant::now(),
             binder: pools.as_ref().map(|_| binder.clone()),
             pools,
+            udp,
         })
     }
 
@@ -134,10 +140,15 @@ impl UpstreamSet {
     /// when an empty pool has been refilled.
     pub fn socket_for(&self, addr: SocketAddr, wake: &Arc<OwnedFd>) -> GetSocket {
         let Some(pools) = &self.pools else {
+            let (ty, proto) = if self.udp {
+                (Type::DGRAM, Protocol::UDP)
+            } else {
+                (Type::STREAM, Protocol::TCP)
+            };
             return match Socket::new(
                 Domain::for_address(addr),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
+                ty.nonblocking().cloexec(),
+                Some(proto),
             ) {
                 Ok(s) => GetSocket::Ready(s.into()),
                 Err(e) => GetSocket::Failed(e.raw_os_error().unwrap_or(libc::EIO)),

@@ -29,10 +29,12 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::udp::{self, After, Datagram, UdpState};
 use super::{
     accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn,
     ConnectStart, Key, ListenerIds, ListenerShared, Slab, Timers, WorkerCtx, ACCEPT_PAUSE_MS,
 };
+use crate::config::Proto;
 use crate::proto::{Completion, Side};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -55,6 +57,17 @@ const K_RECV: u8 = 8;
 /// Send on side 0 (client) / 1 (upstream): `K_SEND + side`.
 const K_SEND: u8 = 10;
 const K_RECV1: u8 = K_RECV + 1;
+/// Multishot RECVMSG on a UDP listener socket.
+const K_UDP_LISTENER: u8 = 12;
+/// Multishot RECVMSG on a UDP session's upstream socket.
+const K_UDP_UPSTREAM: u8 = 13;
+/// Buffer group of the datagram buffers.
+const BGID_UDP: u16 = 2;
+/// Datagram buffers (a power of two).
+const UDP_BUF_COUNT: u16 = 64;
+/// Size of each datagram buffer: io_uring_recvmsg_out, the source address, the
+/// control messages, and the largest UDP payload with a byte to spare (bytes).
+const UDP_BUF_SIZE: usize = 16 + udp::NAME_SPACE + udp::CONTROL_SPACE + 65_536;
 /// `IORING_RECVSEND_POLL_FIRST` (sqe->ioprio of RECV/SEND, Linux 5.19): arm the
 /// poll at once instead of trying the receive first.
 const RECVSEND_POLL_FIRST: u16 = 1;
@@ -258,6 +271,14 @@ struct Worker {
     // Field order matters: the ring is dropped before the buffers it points to.
     ring: IoUring,
     bufs: BufRing,
+    /// Datagram buffers, made with the first UDP listener.
+    udp_bufs: Option<BufRing>,
+    /// The RECVMSG template (name and control sizes) every UDP receive points to.
+    udp_msghdr: Box<libc::msghdr>,
+    udp: UdpState,
+    udp_by_id: ListenerIds,
+    /// UDP sockets whose receive found no buffer: re-armed after the batch.
+    udp_starved: Vec<(u8, Key)>,
     ctx: WorkerCtx,
     listeners: Slab<UListener>,
     by_id: ListenerIds,
@@ -311,9 +332,18 @@ impl Worker {
                 "io_uring ring set up"
             );
         });
+        // SAFETY: an all-zero msghdr is valid; only the two sizes are set.
+        let mut udp_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        udp_msghdr.msg_namelen = udp::NAME_SPACE as _;
+        udp_msghdr.msg_controllen = udp::CONTROL_SPACE as _;
         Ok(Worker {
             ring,
             bufs,
+            udp_bufs: None,
+            udp_msghdr,
+            udp: UdpState::default(),
+            udp_by_id: Default::default(),
+            udp_starved: Vec::new(),
             ctx,
             listeners: Slab::default(),
             by_id: Default::default(),
@@ -373,7 +403,12 @@ impl Worker {
         let mut shutdown_deadline: Option<Instant> = None;
         loop {
             self.flush_overflow();
-            let wait = match (shutdown_deadline, self.timers.next_wait(Instant::now())) {
+            let now = Instant::now();
+            let next = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = match (shutdown_deadline, next) {
                 (Some(_), t) => Some(t.map_or(SHUTDOWN_POLL, |t| t.min(SHUTDOWN_POLL))),
                 (None, t) => t,
             };
@@ -427,6 +462,12 @@ impl Worker {
                     }
                 }
                 self.drive(k);
+            }
+            for uk in self.udp.sweep(Instant::now()) {
+                self.udp_close_upstream(uk);
+            }
+            for (kind, k) in std::mem::take(&mut self.udp_starved) {
+                self.arm_udp(kind, k);
             }
             for k in std::mem::take(&mut self.parked) {
                 if let Some(c) = self.conns.get_mut(k) {
@@ -482,6 +523,7 @@ impl Worker {
             K_RECV | K_RECV1 => self.on_recv(key, side_of(kind - K_RECV), res, flags),
             K_SEND | K_SEND1 => self.on_send(key, side_of(kind - K_SEND), res),
             K_CONNECT => self.on_connect(key, res),
+            K_UDP_LISTENER | K_UDP_UPSTREAM => self.on_udp(kind, key, res, flags),
             _ => {}
         }
     }
@@ -489,6 +531,21 @@ impl Worker {
     fn commands(&mut self) {
         while let Ok(cmd) = self.ctx.rx.try_recv() {
             match cmd {
+                Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
+                    if self.udp_bufs.is_none() {
+                        match BufRing::new(&self.ring, UDP_BUF_COUNT, UDP_BUF_SIZE, BGID_UDP) {
+                            Ok(b) => self.udp_bufs = Some(b),
+                            Err(e) => {
+                                tracing::error!(listener = %shared.name, error = %e,
+                                    "cannot register the datagram buffer ring; listener not served");
+                                continue;
+                            }
+                        }
+                    }
+                    let k = self.udp.add_listener(fd, shared);
+                    self.udp_by_id.insert(id, k);
+                    self.arm_udp(K_UDP_LISTENER, k);
+                }
                 Command::AddListener { id, fd, shared } => {
                     let k = self.listeners.insert(UListener {
                         fd,
@@ -504,10 +561,144 @@ impl Worker {
                     if let Some(k) = self.by_id.remove(&id) {
                         self.remove_listener(k);
                     }
+                    if let Some(k) = self.udp_by_id.remove(&id) {
+                        for uk in self.udp.end_sessions(k) {
+                            self.udp_close_upstream(uk);
+                        }
+                        self.udp_close_listener(k);
+                    }
                 }
                 Command::Shutdown => self.shutdown(),
             }
         }
+    }
+
+    /// Arms the multishot RECVMSG of a UDP listener (`K_UDP_LISTENER`) or upstream
+    /// socket (`K_UDP_UPSTREAM`), unless armed or closing.
+    fn arm_udp(&mut self, kind: u8, k: Key) {
+        let (fd, armed, closing) = if kind == K_UDP_LISTENER {
+            match self.udp.listeners.get_mut(k) {
+                Some(l) => (l.fd.as_raw_fd(), &mut l.armed, l.closing),
+                None => return,
+            }
+        } else {
+            match self.udp.upstreams.get_mut(k) {
+                Some(u) => (u.fd.as_raw_fd(), &mut u.armed, u.closing),
+                None => return,
+            }
+        };
+        if *armed || closing || self.shutting_down {
+            return;
+        }
+        *armed = true;
+        // The msghdr is boxed and lives as long as the worker, past every CQE.
+        let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.udp_msghdr, BGID_UDP)
+            .build()
+            .user_data(token(kind, k));
+        self.push(e);
+    }
+
+    /// One CQE of a UDP multishot RECVMSG.
+    fn on_udp(&mut self, kind: u8, k: Key, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let now = Instant::now();
+        let mut watch = None;
+        if let (Some(bid), Some(bufs)) = (bid, &self.udp_bufs) {
+            if res >= 0 {
+                let raw = bufs.data(bid, res as usize);
+                if let Ok(out) = types::RecvMsgOut::parse(raw, &self.udp_msghdr) {
+                    let d = Datagram {
+                        data: out.payload_data(),
+                        from: udp::parse_name(out.name_data()),
+                        to: udp::parse_pktinfo(out.control_data()),
+                        truncated: out.is_payload_truncated(),
+                    };
+                    if kind == K_UDP_LISTENER {
+                        if let After::Watch(uk) =
+                            self.udp.on_listener_datagram(k, &d, &self.ctx.wake, now)
+                        {
+                            watch = Some(uk);
+                        }
+                    } else {
+                        self.udp.on_upstream_datagram(k, &d, now);
+                    }
+                }
+            }
+        }
+        if let (Some(bid), Some(bufs)) = (bid, &mut self.udp_bufs) {
+            bufs.push(bid);
+            bufs.publish();
+        }
+        let mut starved = false;
+        if res < 0 {
+            match -res {
+                libc::ENOBUFS => {
+                    self.ctx.stats.enobufs.fetch_add(1, Relaxed);
+                    starved = true;
+                }
+                libc::ECANCELED => {}
+                errno if kind == K_UDP_UPSTREAM => self.udp.on_upstream_error(k, errno),
+                errno => tracing::debug!(errno, "udp listener receive failed; re-arming"),
+            }
+        }
+        if let Some(uk) = watch {
+            self.arm_udp(K_UDP_UPSTREAM, uk);
+        }
+        if !more {
+            let closing = if kind == K_UDP_LISTENER {
+                self.udp.listeners.get_mut(k).map(|l| {
+                    l.armed = false;
+                    l.closing
+                })
+            } else {
+                self.udp.upstreams.get_mut(k).map(|u| {
+                    u.armed = false;
+                    u.closing
+                })
+            };
+            match closing {
+                // Its receive has ended: the socket can go.
+                Some(true) if kind == K_UDP_LISTENER => drop(self.udp.listeners.remove(k)),
+                Some(true) => drop(self.udp.upstreams.remove(k)),
+                Some(false) if starved => self.udp_starved.push((kind, k)),
+                Some(false) => self.arm_udp(kind, k),
+                None => {}
+            }
+        }
+    }
+
+    /// Ends a UDP session's upstream socket: at once if no receive is in flight,
+    /// else after the cancelled receive's last CQE.
+    fn udp_close_upstream(&mut self, uk: Key) {
+        let Some(u) = self.udp.upstreams.get_mut(uk) else {
+            return;
+        };
+        if !u.armed {
+            self.udp.upstreams.remove(uk);
+            return;
+        }
+        u.closing = true;
+        let e = opcode::AsyncCancel::new(token(K_UDP_UPSTREAM, uk))
+            .build()
+            .user_data(token(K_CANCEL, uk));
+        self.push(e);
+    }
+
+    /// Removes a UDP listener socket, after its receive is cancelled.
+    fn udp_close_listener(&mut self, k: Key) {
+        let Some(l) = self.udp.listeners.get_mut(k) else {
+            return;
+        };
+        if !l.armed {
+            self.udp.listeners.remove(k);
+            return;
+        }
+        l.closing = true;
+        let e = opcode::AsyncCancel::new(token(K_UDP_LISTENER, k))
+            .build()
+            .user_data(token(K_CANCEL, k));
+        self.push(e);
     }
 
     fn remove_listener(&mut self, k: Key) {

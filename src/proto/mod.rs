@@ -13,6 +13,7 @@
 mod http;
 pub mod proxy;
 pub mod proxy_header;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::time::Instant;

@@ -135,6 +135,8 @@ mod tests {
             idle_timeout_ms: 0,
             buffer_bytes: buffer,
             proxy_protocol: pp,
+            session_idle_timeout_ms: 30_000,
+            max_sessions: 10,
         })
     }
 
