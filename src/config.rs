@@ -1561,14 +1561,31 @@ action = "echo"
             &["key `action`", "missing"],
         );
         err(
-            "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
-            2,
-            &[
-                "listener #1",
-                "key `proto`",
-                "proto \"udp\" is not supported yet",
-            ],
+            "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n",
+            4,
+            &["key `action`", "not available for proto \"udp\""],
         );
+        err(
+            "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nbacklog = 5\n",
+            5,
+            &["key `backlog`", "TCP listeners only"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nmax_datagram_bytes = 5\n",
+            4,
+            &["key `max_datagram_bytes`", "UDP listeners only"],
+        );
+        let u = parse(
+            "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n\
+             upstream = \"127.0.0.1:2\"\nmax_sessions = 7\nsession_idle_timeout_ms = 9\nmax_datagram_bytes = 1500\n",
+        )
+        .unwrap();
+        assert_eq!(u.listeners[0].proto, Proto::Udp);
+        assert_eq!(u.listeners[0].max_datagram_bytes, 1500);
+        let Action::Proxy(p) = &u.listeners[0].action else {
+            panic!("not a proxy")
+        };
+        assert_eq!((p.max_sessions, p.session_idle_timeout_ms), (7, 9));
         err(
             "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
             2,

@@ -434,3 +434,49 @@ pub fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
         }
     }
 }
+
+/// A UDP socket made inside `ns` (or the root namespace), unbound, blocking, with a
+/// 2 s read timeout.
+pub fn udp_in(ns: Option<&TempNetns>, family_of: SocketAddr) -> std::net::UdpSocket {
+    let path = ns.map(|n| n.path());
+    let label = ns.map_or("root".to_string(), |n| n.name().to_string());
+    let fd = binder()
+        .create(
+            "test-udp",
+            path.as_deref(),
+            &label,
+            SocketSpec::UdpClients {
+                family_of,
+                count: 1,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pop()
+        .unwrap();
+    let s = std::net::UdpSocket::from(fd);
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// The value of metric `name` for listener `listener` from the admin endpoint.
+pub fn scrape(admin: SocketAddr, name: &str, listener: &str, kind: Option<&str>) -> f64 {
+    let (code, body) = Ringress::admin_get(admin, "/metrics");
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let s = prometheus_parse::Scrape::parse(lines).expect("metrics parse");
+    s.samples
+        .iter()
+        .find(|x| {
+            x.metric == name
+                && x.labels.get("listener") == Some(listener)
+                && kind.is_none_or(|k| x.labels.get("kind") == Some(k))
+        })
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {name}{{listener={listener:?}}}"))
+}
