@@ -592,24 +592,9 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
             }
             Ok(fds)
         }
-        SocketSpec::TcpClient { family_of } => {
-            let s = tcp_socket(family_of).map_err(|e| ("socket", e))?;
-            Ok(vec![OwnedFd::from(s)])
-        }
-        SocketSpec::TcpClients { family_of, count } => (0..count)
-            .map(|_| {
-                tcp_socket(family_of)
-                    .map(OwnedFd::from)
-                    .map_err(|e| ("socket", e))
-            })
-            .collect(),
-        SocketSpec::UdpClients { family_of, count } => (0..count)
-            .map(|_| {
-                udp_socket(family_of)
-                    .map(OwnedFd::from)
-                    .map_err(|e| ("socket", e))
-            })
-            .collect(),
+        SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
+        SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
+        SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
         SocketSpec::UdpSockets { addr, count } => {
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
@@ -626,6 +611,21 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
             Ok(fds)
         }
     }
+}
+
+/// `count` sockets from `make(family_of)`, none bound.
+fn unbound(
+    count: usize,
+    family_of: SocketAddr,
+    make: fn(SocketAddr) -> io::Result<Socket>,
+) -> Result<Vec<OwnedFd>, (&'static str, io::Error)> {
+    (0..count)
+        .map(|_| {
+            make(family_of)
+                .map(OwnedFd::from)
+                .map_err(|e| ("socket", e))
+        })
+        .collect()
 }
 
 /// A non-blocking, close-on-exec UDP socket of `addr`'s family.

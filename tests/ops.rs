@@ -20,17 +20,7 @@ both_drivers!(
 );
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
-    samples
-        .samples
-        .iter()
-        .find(|s| s.metric == name && s.labels.get("listener") == Some(listener))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("no sample {name}{{listener={listener:?}}}"))
+    sample(samples, name, listener, None)
 }
 
 fn metrics_match_known_traffic(driver: &str) {
@@ -51,10 +41,7 @@ fn metrics_match_known_traffic(driver: &str) {
     // The last closes may still be in flight in the server.
     let deadline = Instant::now() + Duration::from_secs(10);
     let scrape = loop {
-        let (code, body) = Ringress::admin_get(admin, "/metrics");
-        assert_eq!(code, 200);
-        let lines = body.lines().map(|l| Ok(l.to_string()));
-        let scrape = prometheus_parse::Scrape::parse(lines).expect("metrics do not parse");
+        let scrape = metrics(admin);
         if metric(&scrape, "ringress_listener_connections_closed_total", "m") == N as f64
             || Instant::now() > deadline
         {

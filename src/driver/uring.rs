@@ -464,7 +464,7 @@ impl Worker {
                 self.drive(k);
             }
             for uk in self.udp.sweep(Instant::now()) {
-                self.udp_close_upstream(uk);
+                self.udp_close(K_UDP_UPSTREAM, uk);
             }
             for (kind, k) in std::mem::take(&mut self.udp_starved) {
                 self.arm_udp(kind, k);
@@ -563,9 +563,9 @@ impl Worker {
                     }
                     if let Some(k) = self.udp_by_id.remove(&id) {
                         for uk in self.udp.end_sessions(k) {
-                            self.udp_close_upstream(uk);
+                            self.udp_close(K_UDP_UPSTREAM, uk);
                         }
-                        self.udp_close_listener(k);
+                        self.udp_close(K_UDP_LISTENER, k);
                     }
                 }
                 Command::Shutdown => self.shutdown(),
@@ -659,8 +659,7 @@ impl Worker {
             };
             match closing {
                 // Its receive has ended: the socket can go.
-                Some(true) if kind == K_UDP_LISTENER => drop(self.udp.listeners.remove(k)),
-                Some(true) => drop(self.udp.upstreams.remove(k)),
+                Some(true) => self.udp_remove(kind, k),
                 Some(false) if starved => self.udp_starved.push((kind, k)),
                 Some(false) => self.arm_udp(kind, k),
                 None => {}
@@ -668,37 +667,39 @@ impl Worker {
         }
     }
 
-    /// Ends a UDP session's upstream socket: at once if no receive is in flight,
-    /// else after the cancelled receive's last CQE.
-    fn udp_close_upstream(&mut self, uk: Key) {
-        let Some(u) = self.udp.upstreams.get_mut(uk) else {
-            return;
+    /// Ends a UDP listener (`K_UDP_LISTENER`) or upstream socket: at once if no
+    /// receive is in flight, else after the cancelled receive's last CQE.
+    fn udp_close(&mut self, kind: u8, k: Key) {
+        let armed = if kind == K_UDP_LISTENER {
+            self.udp.listeners.get_mut(k).map(|l| {
+                l.closing = true;
+                l.armed
+            })
+        } else {
+            self.udp.upstreams.get_mut(k).map(|u| {
+                u.closing = true;
+                u.armed
+            })
         };
-        if !u.armed {
-            self.udp.upstreams.remove(uk);
-            return;
+        match armed {
+            Some(true) => {
+                let e = opcode::AsyncCancel::new(token(kind, k))
+                    .build()
+                    .user_data(token(K_CANCEL, k));
+                self.push(e);
+            }
+            Some(false) => self.udp_remove(kind, k),
+            None => {}
         }
-        u.closing = true;
-        let e = opcode::AsyncCancel::new(token(K_UDP_UPSTREAM, uk))
-            .build()
-            .user_data(token(K_CANCEL, uk));
-        self.push(e);
     }
 
-    /// Removes a UDP listener socket, after its receive is cancelled.
-    fn udp_close_listener(&mut self, k: Key) {
-        let Some(l) = self.udp.listeners.get_mut(k) else {
-            return;
-        };
-        if !l.armed {
+    /// Drops a UDP socket whose receive has ended.
+    fn udp_remove(&mut self, kind: u8, k: Key) {
+        if kind == K_UDP_LISTENER {
             self.udp.listeners.remove(k);
-            return;
+        } else {
+            self.udp.upstreams.remove(k);
         }
-        l.closing = true;
-        let e = opcode::AsyncCancel::new(token(K_UDP_LISTENER, k))
-            .build()
-            .user_data(token(K_CANCEL, k));
-        self.push(e);
     }
 
     fn remove_listener(&mut self, k: Key) {

@@ -459,12 +459,8 @@ pub fn udp_in(ns: Option<&TempNetns>, family_of: SocketAddr) -> std::net::UdpSoc
     s
 }
 
-/// The value of metric `name` for listener `listener` from the admin endpoint.
-pub fn scrape(admin: SocketAddr, name: &str, listener: &str, kind: Option<&str>) -> f64 {
-    let (code, body) = Ringress::admin_get(admin, "/metrics");
-    assert_eq!(code, 200);
-    let lines = body.lines().map(|l| Ok(l.to_string()));
-    let s = prometheus_parse::Scrape::parse(lines).expect("metrics parse");
+/// The value of metric `name` for listener `listener` (and error `kind`) in `s`.
+pub fn sample(s: &prometheus_parse::Scrape, name: &str, listener: &str, kind: Option<&str>) -> f64 {
     s.samples
         .iter()
         .find(|x| {
@@ -479,4 +475,18 @@ pub fn scrape(admin: SocketAddr, name: &str, listener: &str, kind: Option<&str>)
             _ => f64::NAN,
         })
         .unwrap_or_else(|| panic!("no sample {name}{{listener={listener:?}}}"))
+}
+
+/// GET /metrics from the admin endpoint at `admin`, parsed by prometheus-parse
+/// (an independent parser of the text format).
+pub fn metrics(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (code, body) = Ringress::admin_get(admin, "/metrics");
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("metrics do not parse")
+}
+
+/// The value of metric `name` for listener `listener` from the admin endpoint.
+pub fn scrape(admin: SocketAddr, name: &str, listener: &str, kind: Option<&str>) -> f64 {
+    sample(&metrics(admin), name, listener, kind)
 }
