@@ -262,7 +262,7 @@ fn reload(server: &mut Server, path: &Path) {
         .map_err(|e| e.to_string())
         .and_then(|c| {
             if c.admin != server.config().admin {
-                tracing::warn!("[admin] changes need a restart; keeping the running endpoint");
+                tracing::warn!("[admin] changes take effect at the next start; the admin endpoint is unchanged");
             }
             server.reload(c).map_err(|e| e.to_string())
         });
