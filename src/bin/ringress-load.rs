@@ -1,19 +1,38 @@
-//! `ringress-load`: a TCP ping-pong load generator for echo servers.
+//! `ringress-load`: a load generator for echo servers, TCP ping-pong or paced UDP.
 //!
-//! Every connection sends one message of `--size` bytes, waits until the whole
-//! message has come back (and checks it), and sends the next one, until
-//! `--duration` seconds have passed. Connections are spread over `--threads`
-//! threads; each thread drives its connections with non-blocking sockets and one
-//! edge-triggered epoll instance, so hundreds of connections need one thread.
+//! **TCP** (the default): every connection sends one message of `--size` bytes,
+//! waits until the whole message has come back (and checks it), and sends the next
+//! one, until `--duration` seconds have passed. Connections are spread over
+//! `--threads` threads; each thread drives its connections with non-blocking sockets
+//! and one edge-triggered epoll instance, so hundreds of connections need one thread.
+//! A connection that fails (reset, EOF, wrong bytes, connect error) counts one
+//! error and is reconnected.
+//!
+//! **UDP** (`--udp`): `--connections` connected UDP sockets send datagrams of
+//! `--size` bytes (at least 16) at a total of `--rate` datagrams per second, round
+//! robin over the sockets, for `--duration` seconds. Sending is paced by a schedule
+//! (datagram k is due at k / rate), woken by a timerfd every `--tick-us` (or every
+//! 1 / rate, up to 1 ms); a generator that falls behind catches up by at most 2 ms
+//! worth of datagrams and skips the rest (`skipped=`), so the rate is never
+//! unbounded. Each datagram carries its sequence number and send time; replies are
+//! read with non-blocking sockets and epoll, checked (length, bytes, sequence,
+//! duplicates) and timed. After the last send it waits up to `--grace-ms` for late
+//! replies; what is still unanswered is lost.
 //!
 //! Output: a human summary on stderr and one machine-readable line on stdout:
 //! `RESULT rps=... p50_us=... p99_us=... p999_us=... max_us=... errors=... msgs=...`
-//! (`rps` is messages per second; latencies are round trips in microseconds).
-//! A connection that fails (reset, EOF, wrong bytes, connect error) counts one
-//! error and is reconnected.
+//! (`rps` is messages per second, for UDP replies per second; latencies are round
+//! trips in microseconds). UDP adds `sent= received= loss_pct= offered_pps=
+//! sent_pps= skipped=`; the drops the kernel counted (receive buffer full,
+//! /proc/net/udp) at the server's sockets bound to the port of `--addr` and at ours,
+//! `server_sock_drops= client_sock_drops=`; and the change of the namespace's UDP
+//! counters in /proc/net/snmp over the run, `udp_rcvbuf_errors= udp_sndbuf_errors=
+//! udp_in_errors=` (every socket of the namespace, other programs' included).
 
 use std::io::{self, Read, Write};
+use std::mem::size_of;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -21,14 +40,14 @@ use clap::Parser;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// TCP ping-pong load against an echo server.
+/// TCP ping-pong load, or paced UDP load (`--udp`), against an echo server.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
     /// Address of the echo server.
     #[arg(long, default_value = "127.0.0.1:7000")]
     addr: SocketAddr,
-    /// Concurrent connections (in total, over all threads).
+    /// Concurrent connections (in total, over all threads); with --udp, sockets.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
     /// Message size in bytes.
@@ -43,6 +62,18 @@ struct Args {
     /// Seconds of warm-up before measuring (not counted).
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
+    /// UDP: send paced datagrams instead of TCP ping-pong.
+    #[arg(long)]
+    udp: bool,
+    /// UDP: datagrams per second, in total over all sockets and threads.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// UDP: how long to wait for replies after the last send (ms); later is lost.
+    #[arg(long, default_value_t = 200)]
+    grace_ms: u64,
+    /// UDP: finest pacing tick (µs); the tick is 1 / rate per thread, between this and 1 ms.
+    #[arg(long, default_value_t = 100)]
+    tick_us: u64,
 }
 
 /// A log-linear latency histogram over nanoseconds: exact below 1024 ns, then 512
@@ -334,6 +365,9 @@ fn main() -> ExitCode {
         eprintln!("error: --duration must be > 0 and --warmup >= 0");
         return ExitCode::from(2);
     }
+    if args.udp {
+        return udp_main(&args);
+    }
     // Fail fast with a clear message when nothing listens.
     if let Err(e) = TcpStream::connect_timeout(&args.addr, Duration::from_secs(2)) {
         eprintln!("error: cannot connect to {}: {e}", args.addr);
@@ -438,6 +472,568 @@ fn main() -> ExitCode {
         secs
     );
     if c.msgs == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+// ---------------------------------------------------------------- UDP mode
+
+/// Bytes of the header every UDP datagram starts with: sequence number and send
+/// time (ns since the run started), both little-endian u64.
+const UDP_HEADER: usize = 16;
+/// Catch-up limit of a late sender: at most this much of the schedule at once.
+const UDP_MAX_BURST: Duration = Duration::from_millis(2);
+/// epoll data of the pacing timer.
+const TIMER_KEY: u64 = u64::MAX;
+
+/// The byte at offset `i` (past the header) of datagram `seq` of socket `id`.
+fn udp_byte(i: usize, seq: u64, id: u32) -> u8 {
+    (i as u64)
+        .wrapping_mul(131)
+        .wrapping_add(seq.wrapping_mul(7))
+        .wrapping_add(u64::from(id).wrapping_mul(13)) as u8
+}
+
+struct UdpSock {
+    sock: Socket,
+    id: u32,
+    /// Sequence number of the next datagram.
+    next_seq: u64,
+    /// Datagrams below this sequence number were sent during the warm-up.
+    warm: u64,
+    /// One bit per sequence number: answered.
+    seen: Vec<u64>,
+}
+
+#[derive(Default)]
+struct UdpCounters {
+    /// Datagrams sent in the measured window.
+    sent: u64,
+    /// Replies to datagrams of the measured window.
+    received: u64,
+    /// Datagrams sent in all (warm-up included), and replies to them.
+    sent_all: u64,
+    received_all: u64,
+    /// Scheduled datagrams not sent: the generator fell behind by more than
+    /// [`UDP_MAX_BURST`], or its own send buffer was full.
+    skipped: u64,
+    /// Datagrams the kernel dropped at our sockets (receive buffer full).
+    client_drops: u64,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+impl UdpCounters {
+    fn error(&mut self, msg: String) {
+        self.errors += 1;
+        self.last_error = Some(msg);
+    }
+}
+
+struct UdpWorker {
+    epoll: Epoll,
+    timer: OwnedFd,
+    socks: Vec<UdpSock>,
+    size: usize,
+    /// Datagrams per second of this thread.
+    rate: f64,
+    start: Instant,
+    measure_from: Instant,
+    send_end: Instant,
+    grace: Duration,
+    /// Datagrams of the schedule dealt with so far (sent or skipped).
+    issued: u64,
+    /// Next socket to send on.
+    rr: usize,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    hist: Histogram,
+    c: UdpCounters,
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Replies may come in bursts; keep client-side drops out of the figures: 4 MiB,
+    // past net.core.rmem_max when we may (SO_RCVBUFFORCE needs CAP_NET_ADMIN).
+    let want: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt with a valid int option value.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&want as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = s.set_recv_buffer_size(want as usize);
+    }
+    s.set_nonblocking(true)?;
+    s.connect(&addr.into())?;
+    Ok(s)
+}
+
+/// A periodic CLOCK_MONOTONIC timerfd (non-blocking), every `period`.
+fn timer(period: Duration) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned from here on.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_timer(&fd, period)?;
+    Ok(fd)
+}
+
+/// Arms `fd` to fire every `period` from now on (a zero period disarms it).
+fn set_timer(fd: &OwnedFd, period: Duration) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: period.as_secs() as libc::time_t,
+        tv_nsec: period.subsec_nanos() as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts,
+        it_value: ts,
+    };
+    // SAFETY: fd is a timerfd; spec is a valid itimerspec.
+    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl UdpWorker {
+    /// Sends what the schedule says is due by `now`.
+    fn send_due(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.start).as_secs_f64();
+        let due = (elapsed * self.rate) as u64;
+        let burst = ((UDP_MAX_BURST.as_secs_f64() * self.rate) as u64).max(1);
+        if due > self.issued + burst {
+            self.c.skipped += due - self.issued - burst;
+            self.issued = due - burst;
+        }
+        let measuring = now >= self.measure_from;
+        let ts = now.saturating_duration_since(self.start).as_nanos() as u64;
+        while self.issued < due {
+            self.issued += 1;
+            let n = self.socks.len();
+            let s = &mut self.socks[self.rr];
+            self.rr = (self.rr + 1) % n;
+            if measuring && s.warm == u64::MAX {
+                s.warm = s.next_seq;
+            }
+            let seq = s.next_seq;
+            self.out[..8].copy_from_slice(&seq.to_le_bytes());
+            self.out[8..16].copy_from_slice(&ts.to_le_bytes());
+            for (i, b) in self.out.iter_mut().enumerate().skip(UDP_HEADER) {
+                *b = udp_byte(i, seq, s.id);
+            }
+            match s.sock.send(&self.out) {
+                Ok(_) => {
+                    s.next_seq += 1;
+                    self.c.sent_all += 1;
+                    if measuring {
+                        self.c.sent += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.c.skipped += 1,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.c.skipped += 1,
+                Err(e) => self.c.error(format!("send: {e}")),
+            }
+        }
+    }
+
+    /// Reads and checks every reply waiting on socket `slot`.
+    fn receive(&mut self, slot: usize) {
+        let size = self.size;
+        loop {
+            let s = &mut self.socks[slot];
+            let n = match (&s.sock).read(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // E.g. ECONNREFUSED: an ICMP port unreachable came back.
+                    self.c.error(format!("recv: {e}"));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let d = &self.buf[..n];
+            if n != size {
+                self.c
+                    .error(format!("reply of {n} bytes to a {size}-byte datagram"));
+                continue;
+            }
+            let seq = u64::from_le_bytes(d[..8].try_into().unwrap());
+            let ts = u64::from_le_bytes(d[8..16].try_into().unwrap());
+            if seq >= s.next_seq {
+                self.c
+                    .error(format!("reply with sequence number {seq}, never sent"));
+                continue;
+            }
+            if d[UDP_HEADER..]
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b != udp_byte(i + UDP_HEADER, seq, s.id))
+            {
+                self.c.error("reply differs from what was sent".into());
+                continue;
+            }
+            let (word, bit) = ((seq / 64) as usize, seq % 64);
+            if s.seen.len() <= word {
+                s.seen.resize(word + 1, 0);
+            }
+            if s.seen[word] & (1 << bit) != 0 {
+                self.c.error(format!("duplicate reply to datagram {seq}"));
+                continue;
+            }
+            s.seen[word] |= 1 << bit;
+            self.c.received_all += 1;
+            if seq >= s.warm {
+                self.c.received += 1;
+                let sent_at = self.start + Duration::from_nanos(ts);
+                self.hist
+                    .record(now.saturating_duration_since(sent_at).as_nanos() as u64);
+            }
+        }
+    }
+
+    fn run(mut self) -> (Histogram, UdpCounters) {
+        let mut events = vec![EpollEvent::empty(); 256];
+        let mut sending = true;
+        let grace_end = self.send_end + self.grace;
+        loop {
+            let now = Instant::now();
+            if sending && now >= self.send_end {
+                sending = false;
+                if let Err(e) = set_timer(&self.timer, Duration::ZERO) {
+                    self.c.error(format!("timerfd_settime: {e}"));
+                }
+            }
+            if sending {
+                self.send_due(now);
+            } else if now >= grace_end || self.c.received_all >= self.c.sent_all {
+                break;
+            }
+            let left = if sending {
+                self.send_end - now
+            } else {
+                grace_end - now
+            };
+            let timeout = left.as_millis().clamp(1, 50) as u16;
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => {
+                    self.c.error(format!("epoll_wait: {e}"));
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                if ev.data() == TIMER_KEY {
+                    let mut t = [0u8; 8];
+                    // SAFETY: reads 8 bytes into a live 8-byte buffer.
+                    unsafe { libc::read(self.timer.as_raw_fd(), t.as_mut_ptr().cast(), 8) };
+                } else {
+                    self.receive(ev.data() as usize);
+                }
+            }
+        }
+        // Drops of our own sockets (their receive buffers were full).
+        let mine: Vec<u16> = self
+            .socks
+            .iter()
+            .filter_map(|s| s.sock.local_addr().ok()?.as_socket().map(|a| a.port()))
+            .collect();
+        self.c.client_drops = udp_sockets()
+            .iter()
+            .filter(|(l, r, _)| mine.contains(l) && *r != 0)
+            .map(|(_, _, d)| d)
+            .sum();
+        (self.hist, self.c)
+    }
+}
+
+/// UDP sockets of this network namespace (/proc/net/udp and udp6): (local port,
+/// remote port, drops) of each.
+fn udp_sockets() -> Vec<(u16, u16, u64)> {
+    let mut out = Vec::new();
+    for path in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            if let (Some(l), Some(r), Some(d)) = (
+                f.get(1).and_then(|a| port(a)),
+                f.get(2).and_then(|a| port(a)),
+                f.last().and_then(|d| d.parse().ok()),
+            ) {
+                out.push((l, r, d));
+            }
+        }
+    }
+    out
+}
+
+/// Drops of the unconnected sockets bound to `port` (the server's listeners).
+fn listener_drops(port: u16) -> u64 {
+    udp_sockets()
+        .iter()
+        .filter(|(l, r, _)| *l == port && *r == 0)
+        .map(|(_, _, d)| d)
+        .sum()
+}
+
+/// UDP counters of this network namespace (/proc/net/snmp), by name.
+fn udp_snmp() -> Vec<(String, u64)> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/snmp") else {
+        return Vec::new();
+    };
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Vec::new();
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn snmp_delta(before: &[(String, u64)], after: &[(String, u64)], key: &str) -> u64 {
+    let get = |v: &[(String, u64)]| v.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n);
+    get(after).saturating_sub(get(before))
+}
+
+/// Sends one datagram and waits up to 2 s for it to come back.
+fn udp_probe(addr: SocketAddr, size: usize) -> Result<(), String> {
+    let s = udp_socket(addr).map_err(|e| format!("socket for {addr}: {e}"))?;
+    let probe: Vec<u8> = (0..size).map(|i| (i * 31 + 1) as u8).collect();
+    let mut buf = vec![0u8; size + 1];
+    let give_up = Instant::now() + Duration::from_secs(2);
+    let mut last = String::from("no reply");
+    while Instant::now() < give_up {
+        if let Err(e) = s.send(&probe) {
+            last = format!("send: {e}");
+        }
+        let again = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < again {
+            match (&s).read(&mut buf) {
+                Ok(n) if buf[..n] == probe[..] => return Ok(()),
+                Ok(n) => last = format!("a {n}-byte reply that differs from the probe"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => last = format!("recv: {e}"),
+            }
+        }
+    }
+    Err(format!("no echo from {addr} within 2 s ({last})"))
+}
+
+fn udp_main(args: &Args) -> ExitCode {
+    if args.size < UDP_HEADER || args.size > 65_507 {
+        eprintln!("error: with --udp, --size must be between {UDP_HEADER} and 65507");
+        return ExitCode::from(2);
+    }
+    if args.rate == 0 || args.rate > 10_000_000 || args.tick_us == 0 {
+        eprintln!("error: --rate must be between 1 and 10000000, --tick-us at least 1");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = udp_probe(args.addr, args.size) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let threads = args.threads.min(args.connections);
+    let snmp0 = udp_snmp();
+    let server_drops0 = listener_drops(args.addr.port());
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let send_end = measure_from + Duration::from_secs_f64(args.duration);
+    let mut joins = Vec::new();
+    let mut next_id = 0u32;
+    for t in 0..threads {
+        let share = args.connections / threads + usize::from(t < args.connections % threads);
+        let rate = args.rate as f64 / threads as f64;
+        let tick = Duration::from_secs_f64(1.0 / rate).clamp(
+            Duration::from_micros(args.tick_us),
+            Duration::from_millis(1).max(Duration::from_micros(args.tick_us)),
+        );
+        let setup = || -> io::Result<UdpWorker> {
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            let timer = timer(tick)?;
+            epoll.add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, TIMER_KEY))?;
+            let mut socks = Vec::with_capacity(share);
+            for slot in 0..share {
+                let sock = udp_socket(args.addr)?;
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+                epoll.add(&sock, EpollEvent::new(flags, slot as u64))?;
+                socks.push(UdpSock {
+                    sock,
+                    id: next_id + slot as u32,
+                    next_seq: 0,
+                    warm: if args.warmup > 0.0 { u64::MAX } else { 0 },
+                    seen: Vec::new(),
+                });
+            }
+            Ok(UdpWorker {
+                epoll,
+                timer,
+                socks,
+                size: args.size,
+                rate,
+                start,
+                measure_from,
+                send_end,
+                grace: Duration::from_millis(args.grace_ms),
+                issued: 0,
+                rr: 0,
+                out: vec![0u8; args.size],
+                buf: vec![0u8; args.size + 1],
+                hist: Histogram::new(),
+                c: UdpCounters::default(),
+            })
+        };
+        let w = match setup() {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: setting up UDP sockets: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        next_id += share as u32;
+        let spawned = std::thread::Builder::new()
+            .name(format!("load-{t}"))
+            .spawn(move || w.run());
+        match spawned {
+            Ok(j) => joins.push(j),
+            Err(e) => {
+                eprintln!("error: spawning thread: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut hist = Histogram::new();
+    let mut c = UdpCounters::default();
+    for j in joins {
+        match j.join() {
+            Ok((h, k)) => {
+                hist.merge(&h);
+                c.sent += k.sent;
+                c.received += k.received;
+                c.sent_all += k.sent_all;
+                c.received_all += k.received_all;
+                c.skipped += k.skipped;
+                c.client_drops += k.client_drops;
+                c.errors += k.errors;
+                if k.last_error.is_some() {
+                    c.last_error = k.last_error;
+                }
+            }
+            Err(_) => {
+                eprintln!("error: a load thread panicked");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let snmp1 = udp_snmp();
+    let server_drops = listener_drops(args.addr.port()).saturating_sub(server_drops0);
+    let secs = send_end
+        .min(Instant::now())
+        .saturating_duration_since(measure_from)
+        .as_secs_f64()
+        .max(1e-9);
+    let us = |ns: u64| ns as f64 / 1e3;
+    let rps = c.received as f64 / secs;
+    let lost = c.sent.saturating_sub(c.received);
+    let loss_pct = if c.sent == 0 {
+        0.0
+    } else {
+        100.0 * lost as f64 / c.sent as f64
+    };
+    let rcvbuf = snmp_delta(&snmp0, &snmp1, "RcvbufErrors");
+    let sndbuf = snmp_delta(&snmp0, &snmp1, "SndbufErrors");
+    let in_errors = snmp_delta(&snmp0, &snmp1, "InErrors");
+    eprintln!(
+        "ringress-load: UDP, {} sockets x {} B to {} at {} datagrams/s for {:.1} s on {} \
+         thread(s): sent {} ({:.0}/s, {} skipped), {} replies ({:.0}/s), lost {} ({:.3} %) \
+         after {} ms; latency p50 {:.1} us, p99 {:.1} us, max {:.1} us; {} errors; \
+         dropped at the server's sockets on port {} {}, at ours {}; \
+         namespace UDP RcvbufErrors +{}, SndbufErrors +{}, InErrors +{}",
+        args.connections,
+        args.size,
+        args.addr,
+        args.rate,
+        secs,
+        threads,
+        c.sent,
+        c.sent as f64 / secs,
+        c.skipped,
+        c.received,
+        rps,
+        lost,
+        loss_pct,
+        args.grace_ms,
+        us(hist.quantile(0.50)),
+        us(hist.quantile(0.99)),
+        us(hist.max),
+        c.errors,
+        args.addr.port(),
+        server_drops,
+        c.client_drops,
+        rcvbuf,
+        sndbuf,
+        in_errors
+    );
+    if let Some(e) = &c.last_error {
+        eprintln!("ringress-load: last error: {e}");
+    }
+    println!(
+        "RESULT rps={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} errors={} msgs={} \
+         conns={} size={} threads={} secs={:.2} sent={} received={} loss_pct={:.3} \
+         offered_pps={} sent_pps={:.0} skipped={} server_sock_drops={} client_sock_drops={} \
+         udp_rcvbuf_errors={} udp_sndbuf_errors={} udp_in_errors={}",
+        rps,
+        us(hist.quantile(0.50)),
+        us(hist.quantile(0.99)),
+        us(hist.quantile(0.999)),
+        us(hist.max),
+        c.errors,
+        c.received,
+        args.connections,
+        args.size,
+        threads,
+        secs,
+        c.sent,
+        c.received,
+        loss_pct,
+        args.rate,
+        c.sent as f64 / secs,
+        c.skipped,
+        server_drops,
+        c.client_drops,
+        rcvbuf,
+        sndbuf,
+        in_errors
+    );
+    if c.received == 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
