@@ -285,7 +285,7 @@ impl SocketPool {
     fn wake_waiters(&self) {
         let w = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
         for fd in w {
-            crate::driver::wake(fd.as_raw_fd());
+            crate::eventfd::wake(fd.as_raw_fd());
         }
     }
 }
@@ -750,7 +750,7 @@ mod tests {
         );
         assert!(pool.wants_refill());
         assert!(!pool.wants_refill(), "a second refill while one runs");
-        let efd = Arc::new(crate::driver::eventfd().unwrap());
+        let efd = Arc::new(crate::eventfd::eventfd().unwrap());
         // Many sessions of one worker wait: its eventfd is listed once.
         for _ in 0..100 {
             pool.notify_on_refill(efd.clone());

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod driver;
+pub mod eventfd;
 pub mod netns;
 pub mod procstat;
 pub mod proto;

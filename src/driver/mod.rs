@@ -39,13 +39,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::{Action, IoChoice};
+pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
 use crate::proto::{Completion, ConnInfo, Session, SessionIo, Side};
 pub use upstream::UpstreamSet;
 
@@ -241,36 +242,6 @@ impl WorkerHandle {
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
-    }
-}
-
-/// Writes 1 to eventfd `fd`, waking the worker that watches it.
-pub(crate) fn wake(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: `fd` is an eventfd kept open by the Arc in the handle; the buffer is
-    // 8 valid bytes. A failed write (counter full) still leaves the worker woken.
-    unsafe {
-        libc::write(fd, (&one as *const u64).cast(), 8);
-    }
-}
-
-/// Creates a non-blocking, close-on-exec eventfd.
-pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Reads (and so resets) an eventfd counter; never blocks (the fd is non-blocking).
-pub(crate) fn drain_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: `v` is 8 writable bytes; `fd` is an open eventfd.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
     }
 }
 
