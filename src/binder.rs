@@ -147,8 +147,8 @@ enum Msg {
     ),
 }
 
-/// Unconnected, non-blocking TCP sockets of one address family made in one
-/// namespace, ready for workers to connect from (upstream connects in another
+/// Unconnected, non-blocking TCP (or UDP) sockets of one address family made in
+/// one namespace, ready for workers to connect from (upstream connects in another
 /// namespace without a binder round trip). The binder fills it; workers take.
 pub struct SocketPool {
     owner: String,

@@ -69,6 +69,8 @@ struct Worker {
     scratch: Vec<u8>,
     ready: VecDeque<Key>,
     ready_listeners: VecDeque<Key>,
+    /// Listeners pausing their accepts (EMFILE...), with the end of the pause.
+    paused: Vec<(Instant, Key)>,
     /// Sessions waiting for an upstream socket from a namespace pool.
     parked: Vec<Key>,
     timers: Timers,
@@ -111,6 +113,7 @@ impl Worker {
             scratch: vec![0; SCRATCH],
             ready: VecDeque::new(),
             ready_listeners: VecDeque::new(),
+            paused: Vec::new(),
             parked: Vec::new(),
             timers: Timers::default(),
             udp: UdpState::default(),
@@ -235,33 +238,34 @@ impl Worker {
         }
     }
 
-    fn pause_timeout(&mut self) -> EpollTimeout {
-        let now = Instant::now();
-        let next = self
-            .listeners
-            .keys()
-            .into_iter()
-            .filter_map(|k| self.listeners.get_mut(k).and_then(|l| l.paused_until))
-            .min();
-        match next {
+    /// How long until the earliest paused listener may accept again.
+    fn pause_timeout(&self) -> EpollTimeout {
+        match self.paused.iter().map(|&(t, _)| t).min() {
             None => EpollTimeout::NONE,
             Some(t) => {
-                let ms = t.saturating_duration_since(now).as_millis().min(1000) as u16 + 1;
-                EpollTimeout::from(ms)
+                let wait = t.saturating_duration_since(Instant::now());
+                EpollTimeout::from(wait.as_millis().min(1000) as u16 + 1)
             }
         }
     }
 
+    /// Listeners whose accept pause is over accept again. Only paused listeners
+    /// are looked at, so a loop turn costs nothing per listener.
     fn unpause(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        for k in self.listeners.keys() {
-            if let Some(l) = self.listeners.get_mut(k) {
-                if l.paused_until.is_some_and(|t| t <= now) {
-                    l.paused_until = None;
-                    self.ready_listeners.push_back(k);
-                }
+        let mut still = Vec::new();
+        for (t, k) in std::mem::take(&mut self.paused) {
+            if t > now {
+                still.push((t, k));
+            } else if let Some(l) = self.listeners.get_mut(k) {
+                l.paused_until = None;
+                self.ready_listeners.push_back(k);
             }
         }
+        self.paused = still;
     }
 
     fn commands(&mut self) {
@@ -368,7 +372,9 @@ impl Worker {
                     l.shared.stats.accept_errors.fetch_add(1, Relaxed);
                     tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
                         "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
-                    l.paused_until = Some(Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS));
+                    let until = Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS);
+                    l.paused_until = Some(until);
+                    self.paused.push((until, k));
                     return;
                 }
                 if !accept_error_benign(errno) {
