@@ -561,6 +561,38 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The integer at key `key` (in `scope`) if it lies in `range`, `default` when
+    /// the key is absent; otherwise an error like "must be between 1 and 1024, got
+    /// 0", `unit` (e.g. " (ms)") after the bounds.
+    fn ranged<T>(
+        &self,
+        v: &Option<Spanned<i64>>,
+        scope: Scope,
+        key: &'static str,
+        range: std::ops::RangeInclusive<T>,
+        default: T,
+        unit: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: TryFrom<i64> + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(x) = v else { return Ok(default) };
+        match T::try_from(*x.get_ref()) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.invalid(
+                x.span(),
+                scope,
+                key,
+                format!(
+                    "must be between {} and {}{unit}, got {}",
+                    range.start(),
+                    range.end(),
+                    x.get_ref()
+                ),
+            )),
+        }
+    }
+
     fn invalid(
         &self,
         span: Range<usize>,
@@ -777,20 +809,14 @@ impl Config {
 }
 
 fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, ConfigError> {
-    let workers = match &rt.workers {
-        None => default_workers(),
-        Some(w) => match usize::try_from(*w.get_ref()) {
-            Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    w.span(),
-                    Scope::Runtime,
-                    "workers",
-                    format!("must be between 1 and {MAX_WORKERS}, got {}", w.get_ref()),
-                ))
-            }
-        },
-    };
+    let workers = cx.ranged(
+        &rt.workers,
+        Scope::Runtime,
+        "workers",
+        1..=MAX_WORKERS,
+        default_workers(),
+        "",
+    )?;
     let io = match &rt.io {
         None => IoChoice::Auto,
         Some(s) => s
@@ -798,23 +824,14 @@ fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, ConfigError
             .parse()
             .map_err(|m: String| cx.invalid(s.span(), Scope::Runtime, "io", m))?,
     };
-    let shutdown_timeout_ms = match &rt.shutdown_timeout_ms {
-        None => DEFAULT_SHUTDOWN_TIMEOUT_MS,
-        Some(t) => match u64::try_from(*t.get_ref()) {
-            Ok(n) if n <= MAX_TIMEOUT_MS => n,
-            _ => {
-                return Err(cx.invalid(
-                    t.span(),
-                    Scope::Runtime,
-                    "shutdown_timeout_ms",
-                    format!(
-                        "must be between 0 and {MAX_TIMEOUT_MS} (ms), got {}",
-                        t.get_ref()
-                    ),
-                ))
-            }
-        },
-    };
+    let shutdown_timeout_ms = cx.ranged(
+        &rt.shutdown_timeout_ms,
+        Scope::Runtime,
+        "shutdown_timeout_ms",
+        0..=MAX_TIMEOUT_MS,
+        DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        " (ms)",
+    )?;
     Ok(Runtime {
         workers,
         io,
@@ -987,38 +1004,23 @@ fn convert_listener(
     }
 
     check_proto_keys(cx, &scope, proto, &action, raw)?;
-    let max_datagram_bytes = match &raw.max_datagram_bytes {
-        None => MAX_DATAGRAM_BYTES,
-        Some(b) => match usize::try_from(*b.get_ref()) {
-            Ok(n) if (1..=MAX_DATAGRAM_BYTES).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    b.span(),
-                    scope(),
-                    "max_datagram_bytes",
-                    format!(
-                        "must be between 1 and {MAX_DATAGRAM_BYTES}, got {}",
-                        b.get_ref()
-                    ),
-                ))
-            }
-        },
-    };
+    let max_datagram_bytes = cx.ranged(
+        &raw.max_datagram_bytes,
+        scope(),
+        "max_datagram_bytes",
+        1..=MAX_DATAGRAM_BYTES,
+        MAX_DATAGRAM_BYTES,
+        "",
+    )?;
 
-    let backlog = match &raw.backlog {
-        None => DEFAULT_BACKLOG,
-        Some(b) => match u32::try_from(*b.get_ref()) {
-            Ok(n) if (1..=MAX_BACKLOG).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    b.span(),
-                    scope(),
-                    "backlog",
-                    format!("must be between 1 and {MAX_BACKLOG}, got {}", b.get_ref()),
-                ))
-            }
-        },
-    };
+    let backlog = cx.ranged(
+        &raw.backlog,
+        scope(),
+        "backlog",
+        1..=MAX_BACKLOG,
+        DEFAULT_BACKLOG,
+        "",
+    )?;
 
     Ok(ListenerConfig {
         name,
@@ -1255,20 +1257,8 @@ fn convert_proxy(
             Err(m) => return Err(cx.invalid(n.span(), scope(), "upstream_netns", m)),
         },
     };
-    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| match v {
-        None => Ok(default),
-        Some(x) => match u64::try_from(*x.get_ref()) {
-            Ok(n) if (min..=MAX_TIMEOUT_MS).contains(&n) => Ok(n),
-            _ => Err(cx.invalid(
-                x.span(),
-                scope(),
-                key,
-                format!(
-                    "must be between {min} and {MAX_TIMEOUT_MS} (ms), got {}",
-                    x.get_ref()
-                ),
-            )),
-        },
+    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| {
+        cx.ranged(v, scope(), key, min..=MAX_TIMEOUT_MS, default, " (ms)")
     };
     let connect_timeout_ms = ms(
         &raw.connect_timeout_ms,
@@ -1283,39 +1273,22 @@ fn convert_proxy(
         DEFAULT_SESSION_IDLE_TIMEOUT_MS,
         1,
     )?;
-    let max_sessions = match &raw.max_sessions {
-        None => DEFAULT_MAX_SESSIONS,
-        Some(m) => match usize::try_from(*m.get_ref()) {
-            Ok(n) if (1..=(1 << 24)).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    m.span(),
-                    scope(),
-                    "max_sessions",
-                    format!("must be between 1 and {}, got {}", 1 << 24, m.get_ref()),
-                ))
-            }
-        },
-    };
-    let buffer_bytes = match &raw.buffer_bytes {
-        None => DEFAULT_BUFFER_BYTES,
-        Some(b) => match usize::try_from(*b.get_ref()) {
-            Ok(n) if (BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1).contains(&n) => n,
-            _ => {
-                return Err(cx.invalid(
-                    b.span(),
-                    scope(),
-                    "buffer_bytes",
-                    format!(
-                        "must be between {} and {} (bytes), got {}",
-                        BUFFER_BYTES_RANGE.0,
-                        BUFFER_BYTES_RANGE.1,
-                        b.get_ref()
-                    ),
-                ))
-            }
-        },
-    };
+    let max_sessions = cx.ranged(
+        &raw.max_sessions,
+        scope(),
+        "max_sessions",
+        1..=(1 << 24),
+        DEFAULT_MAX_SESSIONS,
+        "",
+    )?;
+    let buffer_bytes = cx.ranged(
+        &raw.buffer_bytes,
+        scope(),
+        "buffer_bytes",
+        BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1,
+        DEFAULT_BUFFER_BYTES,
+        " (bytes)",
+    )?;
     use crate::proto::proxy_header::ProxyProtocol;
     let proxy_protocol = match &raw.proxy_protocol {
         None => None,
