@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Once};
@@ -573,21 +573,28 @@ impl Worker {
         }
     }
 
+    /// The fd and the (armed, closing) flags of a UDP listener (`K_UDP_LISTENER`)
+    /// or upstream socket (`K_UDP_UPSTREAM`).
+    fn udp_socket(&mut self, kind: u8, k: Key) -> Option<(RawFd, &mut bool, &mut bool)> {
+        if kind == K_UDP_LISTENER {
+            let l = self.udp.listeners.get_mut(k)?;
+            Some((l.fd.as_raw_fd(), &mut l.armed, &mut l.closing))
+        } else {
+            let u = self.udp.upstreams.get_mut(k)?;
+            Some((u.fd.as_raw_fd(), &mut u.armed, &mut u.closing))
+        }
+    }
+
     /// Arms the multishot RECVMSG of a UDP listener (`K_UDP_LISTENER`) or upstream
     /// socket (`K_UDP_UPSTREAM`), unless armed or closing.
     fn arm_udp(&mut self, kind: u8, k: Key) {
-        let (fd, armed, closing) = if kind == K_UDP_LISTENER {
-            match self.udp.listeners.get_mut(k) {
-                Some(l) => (l.fd.as_raw_fd(), &mut l.armed, l.closing),
-                None => return,
-            }
-        } else {
-            match self.udp.upstreams.get_mut(k) {
-                Some(u) => (u.fd.as_raw_fd(), &mut u.armed, u.closing),
-                None => return,
-            }
+        if self.shutting_down {
+            return;
+        }
+        let Some((fd, armed, closing)) = self.udp_socket(kind, k) else {
+            return;
         };
-        if *armed || closing || self.shutting_down {
+        if *armed || *closing {
             return;
         }
         *armed = true;
@@ -646,17 +653,10 @@ impl Worker {
             self.arm_udp(K_UDP_UPSTREAM, uk);
         }
         if !more {
-            let closing = if kind == K_UDP_LISTENER {
-                self.udp.listeners.get_mut(k).map(|l| {
-                    l.armed = false;
-                    l.closing
-                })
-            } else {
-                self.udp.upstreams.get_mut(k).map(|u| {
-                    u.armed = false;
-                    u.closing
-                })
-            };
+            let closing = self.udp_socket(kind, k).map(|(_, armed, closing)| {
+                *armed = false;
+                *closing
+            });
             match closing {
                 // Its receive has ended: the socket can go.
                 Some(true) => self.udp_remove(kind, k),
@@ -670,17 +670,10 @@ impl Worker {
     /// Ends a UDP listener (`K_UDP_LISTENER`) or upstream socket: at once if no
     /// receive is in flight, else after the cancelled receive's last CQE.
     fn udp_close(&mut self, kind: u8, k: Key) {
-        let armed = if kind == K_UDP_LISTENER {
-            self.udp.listeners.get_mut(k).map(|l| {
-                l.closing = true;
-                l.armed
-            })
-        } else {
-            self.udp.upstreams.get_mut(k).map(|u| {
-                u.closing = true;
-                u.armed
-            })
-        };
+        let armed = self.udp_socket(kind, k).map(|(_, armed, closing)| {
+            *closing = true;
+            *armed
+        });
         match armed {
             Some(true) => {
                 let e = opcode::AsyncCancel::new(token(kind, k))
