@@ -548,9 +548,16 @@ fn burst_of_sessions_outruns_the_socket_pool(driver: &str) {
             other => panic!("session {i}: {other:?}\n{}", r.stderr()),
         }
     }
+    // Under user-mode Linux every syscall is ~60x slower (ptrace): 400 sessions
+    // take ~14 s there on either driver, so the bound is wider in the guest.
+    let limit = if std::env::var_os("INSIDE_UML").is_some() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(15)
+    };
     assert!(
-        t0.elapsed() < Duration::from_secs(15),
-        "{N} sessions took {:?}",
+        t0.elapsed() < limit,
+        "{N} sessions took {:?} (limit {limit:?})",
         t0.elapsed()
     );
     assert!(
