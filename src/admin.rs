@@ -71,12 +71,17 @@ pub fn render_metrics(server: &Server) -> String {
     let errors = counter(
         &mut reg,
         "ringress_listener_errors",
-        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept, truncated_datagram, session_limit, send_dropped",
+        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept, truncated_datagram, session_limit, send_dropped, message_too_big",
     );
     let udp_sessions = gauge(
         &mut reg,
         "ringress_listener_udp_sessions",
         "UDP proxy sessions open now (UDP listeners)",
+    );
+    let sctp_associations = gauge(
+        &mut reg,
+        "ringress_listener_sctp_associations",
+        "SCTP associations open now (SCTP listeners, both styles)",
     );
     let up = gauge(
         &mut reg,
@@ -103,9 +108,13 @@ pub fn render_metrics(server: &Server) -> String {
             .inc_by(s.bytes_out.load(Relaxed));
         up.get_or_create(&lab)
             .set(i64::from(l.state == ListenerState::Serving));
-        if l.config.proto == crate::config::Proto::Udp {
-            udp_sessions.get_or_create(&lab).set(s.active() as i64);
-        }
+        match l.config.proto {
+            crate::config::Proto::Udp => udp_sessions.get_or_create(&lab).set(s.active() as i64),
+            crate::config::Proto::Sctp => {
+                sctp_associations.get_or_create(&lab).set(s.active() as i64)
+            }
+            crate::config::Proto::Tcp => 0,
+        };
         for (kind, v) in [
             ("upstream_refused", &s.upstream_refused),
             ("upstream_timeout", &s.upstream_timeouts),
@@ -115,6 +124,7 @@ pub fn render_metrics(server: &Server) -> String {
             ("truncated_datagram", &s.truncated),
             ("session_limit", &s.session_limit),
             ("send_dropped", &s.send_drops),
+            ("message_too_big", &s.message_too_big),
         ] {
             let mut k = lab.clone();
             k.push(("kind".into(), kind.into()));

@@ -89,6 +89,71 @@ pub enum SocketSpec {
         /// Sockets to create.
         count: usize,
     },
+    /// `count` SCTP listening sockets of `style` on `addr` (one-to-one: listen(2)
+    /// with `backlog`; one-to-many: listen(2) to accept associations), each with
+    /// SO_REUSEADDR and SO_REUSEPORT and the options of [`crate::sctp::configure`].
+    SctpListeners {
+        /// Local address to bind.
+        addr: SocketAddr,
+        /// listen(2) backlog (associations).
+        backlog: u32,
+        /// Sockets to create, at least 1.
+        count: usize,
+        /// One-to-one or one-to-many.
+        style: crate::sctp::Style,
+        /// Streams and buffer sizes.
+        opts: crate::sctp::SocketOpts,
+    },
+    /// `count` unbound one-to-one SCTP sockets of `addr`'s family (upstream pools).
+    SctpClients {
+        /// The address family is taken from this address; nothing is bound.
+        family_of: SocketAddr,
+        /// Sockets to create.
+        count: usize,
+        /// Streams and buffer sizes.
+        opts: crate::sctp::SocketOpts,
+    },
+}
+
+/// The kind of client socket an upstream pool holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientProto {
+    /// TCP (SOCK_STREAM).
+    Tcp,
+    /// UDP (SOCK_DGRAM).
+    Udp,
+    /// One-to-one SCTP with these options.
+    Sctp(crate::sctp::SocketOpts),
+}
+
+impl ClientProto {
+    /// A non-blocking, close-on-exec, unbound socket of this kind for `addr`'s
+    /// family, made in the calling thread's namespace.
+    ///
+    /// # Errors
+    /// socket(2) or, for SCTP, setsockopt(2) failed.
+    pub fn socket(self, addr: SocketAddr) -> io::Result<Socket> {
+        match self {
+            ClientProto::Tcp => tcp_socket(addr),
+            ClientProto::Udp => udp_socket(addr),
+            ClientProto::Sctp(opts) => {
+                crate::sctp::socket(addr, crate::sctp::Style::OneToOne, &opts)
+            }
+        }
+    }
+
+    /// The binder request for `count` sockets of this kind.
+    fn spec(self, family_of: SocketAddr, count: usize) -> SocketSpec {
+        match self {
+            ClientProto::Tcp => SocketSpec::TcpClients { family_of, count },
+            ClientProto::Udp => SocketSpec::UdpClients { family_of, count },
+            ClientProto::Sctp(opts) => SocketSpec::SctpClients {
+                family_of,
+                count,
+                opts,
+            },
+        }
+    }
 }
 
 impl SocketSpec {
@@ -99,6 +164,8 @@ impl SocketSpec {
             SocketSpec::TcpClients { family_of, .. } => *family_of,
             SocketSpec::UdpSockets { addr, .. } => *addr,
             SocketSpec::UdpClients { family_of, .. } => *family_of,
+            SocketSpec::SctpListeners { addr, .. } => *addr,
+            SocketSpec::SctpClients { family_of, .. } => *family_of,
         }
     }
 }
@@ -155,7 +222,7 @@ pub struct SocketPool {
     netns: PathBuf,
     label: String,
     family_of: SocketAddr,
-    udp: bool,
+    proto: ClientProto,
     target: usize,
     fds: Mutex<Vec<OwnedFd>>,
     refilling: AtomicBool,
@@ -177,15 +244,15 @@ impl fmt::Debug for SocketPool {
 }
 
 impl SocketPool {
-    /// An empty pool for TCP (or, with `udp`, UDP) sockets of `family_of`'s family
-    /// in namespace file `netns` (labelled `label` in errors), for listener `owner`,
-    /// kept at `target` sockets.
+    /// An empty pool for `proto` sockets of `family_of`'s family in namespace file
+    /// `netns` (labelled `label` in errors), for listener `owner`, kept at `target`
+    /// sockets.
     pub fn new(
         owner: String,
         netns: PathBuf,
         label: String,
         family_of: SocketAddr,
-        udp: bool,
+        proto: ClientProto,
         target: usize,
     ) -> SocketPool {
         SocketPool {
@@ -193,7 +260,7 @@ impl SocketPool {
             netns,
             label,
             family_of,
-            udp,
+            proto,
             target: target.max(2),
             fds: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
@@ -488,17 +555,7 @@ impl BinderState {
             owner: pool.owner.clone(),
             netns_label: pool.label.clone(),
             netns: Some(pool.netns.clone()),
-            spec: if pool.udp {
-                SocketSpec::UdpClients {
-                    family_of: pool.family_of,
-                    count: missing,
-                }
-            } else {
-                SocketSpec::TcpClients {
-                    family_of: pool.family_of,
-                    count: missing,
-                }
-            },
+            spec: pool.proto.spec(pool.family_of, missing),
             reply: mpsc::sync_channel(1).0,
         };
         let r = if missing == 0 {
@@ -595,6 +652,38 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
         SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
         SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
+        SocketSpec::SctpClients {
+            family_of,
+            count,
+            opts,
+        } => (0..count)
+            .map(|_| {
+                ClientProto::Sctp(opts)
+                    .socket(family_of)
+                    .map(OwnedFd::from)
+                    .map_err(|e| ("socket", e))
+            })
+            .collect(),
+        SocketSpec::SctpListeners {
+            addr,
+            backlog,
+            count,
+            style,
+            opts,
+        } => {
+            let mut fds = Vec::with_capacity(count);
+            for _ in 0..count.max(1) {
+                let s = crate::sctp::socket(addr, style, &opts).map_err(|e| ("socket", e))?;
+                s.set_reuse_address(true)
+                    .and_then(|_| s.set_reuse_port(true))
+                    .map_err(|e| ("setsockopt", e))?;
+                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+                s.listen(backlog.min(i32::MAX as u32) as i32)
+                    .map_err(|e| ("listen", e))?;
+                fds.push(OwnedFd::from(s));
+            }
+            Ok(fds)
+        }
         SocketSpec::UdpSockets { addr, count } => {
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
@@ -745,7 +834,7 @@ mod tests {
             "/proc/self/ns/net".into(),
             "self".into(),
             "127.0.0.1:1".parse().unwrap(),
-            false,
+            ClientProto::Tcp,
             4,
         );
         assert!(pool.wants_refill());

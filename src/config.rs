@@ -92,21 +92,25 @@ impl fmt::Display for IoChoice {
     }
 }
 
-/// The transport protocol of a listener. Only TCP for now.
+/// The transport protocol of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
     /// TCP (`SOCK_STREAM`).
     Tcp,
     /// UDP (`SOCK_DGRAM`): actions `echo` and `proxy` (per-client sessions).
     Udp,
+    /// SCTP (RFC 9260), one-to-one or one-to-many: actions `echo` and `proxy`,
+    /// messages kept whole with their stream id and PPID.
+    Sctp,
 }
 
 impl Proto {
-    /// The config spelling, `"tcp"` or `"udp"`.
+    /// The config spelling, `"tcp"`, `"udp"` or `"sctp"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
         }
     }
 }
@@ -114,17 +118,18 @@ impl Proto {
 impl FromStr for Proto {
     type Err = String;
 
-    /// Parses `"tcp"` or `"udp"`.
+    /// Parses `"tcp"`, `"udp"` or `"sctp"`.
     ///
     /// # Errors
-    /// `proto "sctp" is not supported yet` for `"sctp"`, and an "unknown proto"
-    /// message for anything else.
+    /// An "unknown proto" message for anything else.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            "sctp" => Err(format!("proto {s:?} is not supported yet")),
-            _ => Err(format!("unknown proto {s:?} (expected \"tcp\" or \"udp\")")),
+            "sctp" => Ok(Proto::Sctp),
+            _ => Err(format!(
+                "unknown proto {s:?} (expected \"tcp\", \"udp\" or \"sctp\")"
+            )),
         }
     }
 }
@@ -192,6 +197,47 @@ pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
 /// Default and largest `max_datagram_bytes` of a UDP listener (bytes): the largest
 /// UDP payload over IPv4 (65,535 - 8 - 20).
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;
+/// Default `sctp_streams`: outbound and most inbound streams per association (count).
+pub const DEFAULT_SCTP_STREAMS: u16 = 16;
+/// Default `max_message_bytes` of an SCTP listener (bytes).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest accepted `max_message_bytes` (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The SCTP settings of a listener (`proto = "sctp"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SctpConfig {
+    /// `sctp_style`: `"one-to-one"` (SOCK_STREAM, default) or `"one-to-many"`
+    /// (SOCK_SEQPACKET).
+    pub style: crate::sctp::Style,
+    /// `sctp_streams`: outbound and most inbound streams (SCTP_INITMSG), 1..=65535,
+    /// default [`DEFAULT_SCTP_STREAMS`].
+    pub streams: u16,
+    /// `max_message_bytes`: the largest message reassembled (bytes, default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]); a larger one aborts its association.
+    pub max_message_bytes: usize,
+}
+
+impl Default for SctpConfig {
+    fn default() -> Self {
+        SctpConfig {
+            style: crate::sctp::Style::OneToOne,
+            streams: DEFAULT_SCTP_STREAMS,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+impl SctpConfig {
+    /// Socket options for this listener's sockets (and its upstream sockets): the
+    /// stream count, and buffers that hold a whole message.
+    pub fn socket_opts(&self) -> crate::sctp::SocketOpts {
+        crate::sctp::SocketOpts {
+            streams: self.streams,
+            buffer_bytes: self.max_message_bytes.max(256 * 1024),
+        }
+    }
+}
 
 impl Action {
     /// The config spelling of the action: `"echo"`, `"respond"` or `"http"`.
@@ -265,6 +311,8 @@ pub struct ListenerConfig {
     /// UDP: largest datagram accepted (bytes, 1..=[`MAX_DATAGRAM_BYTES`]); larger
     /// ones are dropped and counted, never forwarded truncated.
     pub max_datagram_bytes: usize,
+    /// SCTP: style, streams and largest message (defaults for other protocols).
+    pub sctp: SctpConfig,
 }
 
 impl ListenerConfig {
@@ -533,6 +581,9 @@ struct RawListener {
     session_idle_timeout_ms: Option<Spanned<i64>>,
     max_sessions: Option<Spanned<i64>>,
     max_datagram_bytes: Option<Spanned<i64>>,
+    sctp_style: Option<Spanned<String>>,
+    sctp_streams: Option<Spanned<i64>>,
+    max_message_bytes: Option<Spanned<i64>>,
 }
 
 /// Maps byte offsets in the config text to 1-based line numbers.
@@ -1021,6 +1072,7 @@ fn convert_listener(
         DEFAULT_BACKLOG,
         "",
     )?;
+    let sctp = convert_sctp(cx, &scope, raw)?;
 
     Ok(ListenerConfig {
         name,
@@ -1032,10 +1084,58 @@ fn convert_listener(
         line,
         netns_line,
         max_datagram_bytes,
+        sctp,
     })
 }
 
-/// Keys and actions that only make sense for one protocol.
+/// The `sctp_style`, `sctp_streams` and `max_message_bytes` keys (checked to be on
+/// an SCTP listener by [`check_proto_keys`]).
+fn convert_sctp(
+    cx: &Ctx<'_>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<SctpConfig, ConfigError> {
+    let style = match &raw.sctp_style {
+        None => crate::sctp::Style::OneToOne,
+        Some(s) => match s.get_ref().as_str() {
+            "one-to-one" => crate::sctp::Style::OneToOne,
+            "one-to-many" => crate::sctp::Style::OneToMany,
+            other => {
+                return Err(cx.invalid(
+                    s.span(),
+                    scope(),
+                    "sctp_style",
+                    format!(
+                        "unknown SCTP style {other:?} (expected \"one-to-one\" or \"one-to-many\")"
+                    ),
+                ))
+            }
+        },
+    };
+    let streams = cx.ranged(
+        &raw.sctp_streams,
+        scope(),
+        "sctp_streams",
+        1..=u16::MAX,
+        DEFAULT_SCTP_STREAMS,
+        "",
+    )?;
+    let max_message_bytes = cx.ranged(
+        &raw.max_message_bytes,
+        scope(),
+        "max_message_bytes",
+        1..=MAX_MESSAGE_BYTES,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "",
+    )?;
+    Ok(SctpConfig {
+        style,
+        streams,
+        max_message_bytes,
+    })
+}
+
+/// Keys and actions that only make sense for some protocols.
 fn check_proto_keys(
     cx: &Ctx<'_>,
     scope: &dyn Fn() -> Scope,
@@ -1043,56 +1143,83 @@ fn check_proto_keys(
     action: &Action,
     raw: &RawListener,
 ) -> Result<(), ConfigError> {
+    use Proto::{Sctp, Tcp, Udp};
     let span_of = |x: &Option<Spanned<i64>>| x.as_ref().map(|v| v.span());
-    match proto {
-        Proto::Udp => {
-            if let Some(a) = &raw.action {
-                if !matches!(action, Action::Echo | Action::Proxy(_)) {
-                    return Err(cx.invalid(
-                        a.span(),
-                        scope(),
-                        "action",
-                        format!(
-                            "action {:?} is not available for proto \"udp\" (use \"echo\" or \"proxy\")",
-                            action.kind()
-                        ),
-                    ));
-                }
-            }
-            let tcp_only = [
-                ("backlog", span_of(&raw.backlog)),
-                ("connect_timeout_ms", span_of(&raw.connect_timeout_ms)),
-                ("idle_timeout_ms", span_of(&raw.idle_timeout_ms)),
-                ("buffer_bytes", span_of(&raw.buffer_bytes)),
-                (
-                    "proxy_protocol",
-                    raw.proxy_protocol.as_ref().map(|x| x.span()),
+    if let Some(a) = &raw.action {
+        if proto != Tcp && !matches!(action, Action::Echo | Action::Proxy(_)) {
+            return Err(cx.invalid(
+                a.span(),
+                scope(),
+                "action",
+                format!(
+                    "action {:?} is not available for proto \"{proto}\" (use \"echo\" or \"proxy\")",
+                    action.kind()
                 ),
-            ];
-            if let Some((key, Some(span))) = tcp_only.into_iter().find(|(_, s)| s.is_some()) {
-                return Err(cx.invalid(
-                    span,
-                    scope(),
-                    key,
-                    format!("`{key}` is for TCP listeners only"),
-                ));
-            }
+            ));
         }
-        Proto::Tcp => {
-            let udp_only = [
-                (
-                    "session_idle_timeout_ms",
-                    span_of(&raw.session_idle_timeout_ms),
-                ),
-                ("max_sessions", span_of(&raw.max_sessions)),
-                ("max_datagram_bytes", span_of(&raw.max_datagram_bytes)),
-            ];
-            if let Some((key, Some(span))) = udp_only.into_iter().find(|(_, s)| s.is_some()) {
+    }
+    // (key, where it is, the protocols it is for, how to name them)
+    let keys: [(&str, Option<Range<usize>>, &[Proto], &str); 11] = [
+        ("backlog", span_of(&raw.backlog), &[Tcp, Sctp], "TCP and SCTP"),
+        (
+            "connect_timeout_ms",
+            span_of(&raw.connect_timeout_ms),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "idle_timeout_ms",
+            span_of(&raw.idle_timeout_ms),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "buffer_bytes",
+            span_of(&raw.buffer_bytes),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "proxy_protocol",
+            raw.proxy_protocol.as_ref().map(|x| x.span()),
+            &[Tcp],
+            "TCP",
+        ),
+        (
+            "session_idle_timeout_ms",
+            span_of(&raw.session_idle_timeout_ms),
+            &[Udp],
+            "UDP",
+        ),
+        ("max_sessions", span_of(&raw.max_sessions), &[Udp], "UDP"),
+        (
+            "max_datagram_bytes",
+            span_of(&raw.max_datagram_bytes),
+            &[Udp],
+            "UDP",
+        ),
+        (
+            "sctp_style",
+            raw.sctp_style.as_ref().map(|x| x.span()),
+            &[Sctp],
+            "SCTP",
+        ),
+        ("sctp_streams", span_of(&raw.sctp_streams), &[Sctp], "SCTP"),
+        (
+            "max_message_bytes",
+            span_of(&raw.max_message_bytes),
+            &[Sctp],
+            "SCTP",
+        ),
+    ];
+    for (key, span, protos, names) in keys {
+        if let Some(span) = span {
+            if !protos.contains(&proto) {
                 return Err(cx.invalid(
                     span,
                     scope(),
                     key,
-                    format!("`{key}` is for UDP listeners only"),
+                    format!("`{key}` is for {names} listeners only"),
                 ));
             }
         }
@@ -1451,10 +1578,8 @@ action = "echo"
         }
         assert!("URING".parse::<IoChoice>().is_err());
         assert_eq!(Proto::Tcp.to_string(), "tcp");
-        assert_eq!(
-            "sctp".parse::<Proto>().unwrap_err(),
-            "proto \"sctp\" is not supported yet"
-        );
+        assert_eq!("sctp".parse::<Proto>().unwrap(), Proto::Sctp);
+        assert!("SCTP".parse::<Proto>().unwrap_err().contains("\"sctp\""));
         assert_eq!("udp".parse::<Proto>().unwrap(), Proto::Udp);
         assert_eq!(Action::Echo.kind(), "echo");
         assert_eq!(Action::Http.kind(), "http");
@@ -1541,7 +1666,7 @@ action = "echo"
         err(
             "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nbacklog = 5\n",
             5,
-            &["key `backlog`", "TCP listeners only"],
+            &["key `backlog`", "TCP and SCTP listeners only"],
         );
         err(
             "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nmax_datagram_bytes = 5\n",
@@ -1559,10 +1684,47 @@ action = "echo"
             panic!("not a proxy")
         };
         assert_eq!((p.max_sessions, p.session_idle_timeout_ms), (7, 9));
+        let sc = parse(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"[::]:1\"\naction = \"echo\"\n\
+             sctp_style = \"one-to-many\"\nsctp_streams = 8\nmax_message_bytes = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(sc.listeners[0].proto, Proto::Sctp);
+        assert_eq!(
+            sc.listeners[0].sctp,
+            SctpConfig {
+                style: crate::sctp::Style::OneToMany,
+                streams: 8,
+                max_message_bytes: 1000
+            }
+        );
+        let d = parse("[[listener]]\nproto = \"sctp\"\nlisten = \"[::]:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\n")
+            .unwrap();
+        assert_eq!(d.listeners[0].sctp, SctpConfig::default());
         err(
-            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
-            2,
-            &["key `proto`", "proto \"sctp\" is not supported yet"],
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n",
+            4,
+            &["key `action`", "not available for proto \"sctp\""],
+        );
+        err(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_style = \"many\"\n",
+            5,
+            &["key `sctp_style`", "\"one-to-many\""],
+        );
+        err(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_streams = 0\n",
+            5,
+            &["key `sctp_streams`", "between 1 and 65535"],
+        );
+        err(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_streams = 4\n",
+            4,
+            &["key `sctp_streams`", "SCTP listeners only"],
+        );
+        err(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\nproxy_protocol = \"v2\"\n",
+            6,
+            &["key `proxy_protocol`", "TCP listeners only"],
         );
         err(
             "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nbacklog = 0\n",

@@ -109,6 +109,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             line: i + 1,
             netns_line: i + 1,
             max_datagram_bytes: crate::config::MAX_DATAGRAM_BYTES,
+            sctp: Default::default(),
         })
         .collect();
     let cfg = Config {

@@ -19,6 +19,7 @@ pub mod eventfd;
 pub mod netns;
 pub mod procstat;
 pub mod proto;
+pub mod sctp;
 pub mod sdnotify;
 pub mod server;
 pub mod signals;

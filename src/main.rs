@@ -35,6 +35,10 @@ enum Cmd {
         /// Override runtime.workers.
         #[arg(long)]
         workers: Option<usize>,
+        /// Serve the other listeners when one needs a protocol this kernel lacks
+        /// (SCTP without the sctp module); without it such a listener fails the start.
+        #[arg(long)]
+        skip_unavailable: bool,
     },
     /// Validate CONFIG (syntax, keys, addresses, namespaces) and exit; non-zero on error.
     Check {
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
             config,
             io,
             workers,
+            skip_unavailable,
         } => {
             let mut cfg = match load(&config) {
                 Ok(c) => c,
@@ -112,7 +117,8 @@ fn main() -> ExitCode {
                 eprintln!("error: blocking signals: {e}");
                 return ExitCode::FAILURE;
             }
-            let server = match Server::start(&cfg, io) {
+            let opts = ringress::server::StartOptions { skip_unavailable };
+            let server = match Server::start_with(&cfg, io, opts) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: {e}");

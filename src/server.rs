@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use crate::binder::{BindError, Binder, SocketSpec};
+use crate::binder::{BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
@@ -45,6 +45,32 @@ pub enum StartError {
     /// A thread, ring or epoll instance could not be created.
     #[error("starting workers: {0}")]
     Workers(#[source] std::io::Error),
+    /// The kernel lacks a listener's protocol (SCTP: socket(2) fails with
+    /// EPROTONOSUPPORT where `CONFIG_IP_SCTP` is off or the module is not loaded).
+    #[error(
+        "listener {listener}: proto \"{proto}\" is unavailable: this kernel has no {upper} support \
+         ({source}); load its module (modprobe {proto}), or run with --skip-unavailable to serve \
+         the other listeners without it",
+        upper = proto.as_str().to_uppercase()
+    )]
+    Unavailable {
+        /// The listener.
+        listener: String,
+        /// Its protocol.
+        proto: Proto,
+        /// The socket(2) error.
+        #[source]
+        source: BindError,
+    },
+}
+
+/// How [`Server::start_with`] treats listeners it cannot serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// A listener whose protocol this kernel lacks (SCTP without the sctp module)
+    /// is logged and left down instead of failing the start or reload
+    /// (`ringress run --skip-unavailable`).
+    pub skip_unavailable: bool,
 }
 
 /// Whether a listener is accepting.
@@ -79,6 +105,7 @@ pub struct Server {
     driver: DriverKind,
     cfg: Config,
     next_id: u64,
+    opts: StartOptions,
 }
 
 /// A listener's namespace file, protocol and address.
@@ -155,6 +182,19 @@ impl Server {
     /// # Errors
     /// [`StartError`], naming the listener, namespace and errno where there is one.
     pub fn start(cfg: &Config, io: Option<IoChoice>) -> Result<Server, StartError> {
+        Server::start_with(cfg, io, StartOptions::default())
+    }
+
+    /// [`Server::start`] with options (see [`StartOptions`]).
+    ///
+    /// # Errors
+    /// As [`Server::start`]; [`StartError::Unavailable`] when a listener's protocol
+    /// is missing from the kernel and `opts.skip_unavailable` is off.
+    pub fn start_with(
+        cfg: &Config,
+        io: Option<IoChoice>,
+        opts: StartOptions,
+    ) -> Result<Server, StartError> {
         let driver = driver::resolve(io.unwrap_or(cfg.runtime.io)).map_err(StartError::Driver)?;
         let binder = Binder::start().map_err(StartError::Workers)?;
         let mut server = Server {
@@ -164,6 +204,7 @@ impl Server {
             driver,
             cfg: cfg.clone(),
             next_id: 0,
+            opts,
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
@@ -236,6 +277,21 @@ impl Server {
             }
             match self.bind(l) {
                 Ok(b) => out.push(Ok(b)),
+                Err(e) if e.step == "socket" && crate::sctp::is_unsupported(&e.source) => {
+                    let e = StartError::Unavailable {
+                        listener: l.name.clone(),
+                        proto: l.proto,
+                        source: e,
+                    };
+                    if !self.opts.skip_unavailable {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "listener not served (--skip-unavailable)");
+                    out.push(Err(format!(
+                        "unavailable: this kernel has no {} support",
+                        l.proto.as_str().to_uppercase()
+                    )));
+                }
                 Err(e) if p.template.is_some() => {
                     tracing::warn!(error = %e, "template instance not bound");
                     out.push(Err(e.to_string()));
@@ -261,6 +317,18 @@ impl Server {
                 addr: l.listen,
                 count,
             },
+            Proto::Sctp => SocketSpec::SctpListeners {
+                addr: l.listen,
+                backlog: l.backlog,
+                // A one-to-many socket carries every association and its
+                // reassembly state: one worker owns it.
+                count: match l.sctp.style {
+                    crate::sctp::Style::OneToOne => count,
+                    crate::sctp::Style::OneToMany => 1,
+                },
+                style: l.sctp.style,
+                opts: l.sctp.socket_opts(),
+            },
         };
         let fds = self
             .binder
@@ -277,7 +345,11 @@ impl Server {
                 Some(Arc::new(UpstreamSet::new(
                     p.upstreams.clone(),
                     ns,
-                    l.proto == Proto::Udp,
+                    match l.proto {
+                        Proto::Tcp => ClientProto::Tcp,
+                        Proto::Udp => ClientProto::Udp,
+                        Proto::Sctp => ClientProto::Sctp(l.sctp.socket_opts()),
+                    },
                     &l.name,
                     &self.binder,
                 )?))
@@ -303,6 +375,7 @@ impl Server {
             upstream,
             proto: l.proto,
             max_datagram: l.max_datagram_bytes,
+            sctp: l.sctp,
             stats: Default::default(),
         });
         for (w, fd) in self.workers.iter().zip(fds) {

@@ -65,6 +65,8 @@ struct Worker {
     ctx: WorkerCtx,
     listeners: Slab<EListener>,
     by_id: ListenerIds,
+    /// One-to-many SCTP listeners: each is one session in `conns`.
+    many_by_id: ListenerIds,
     conns: Slab<EConn>,
     scratch: Vec<u8>,
     ready: VecDeque<Key>,
@@ -109,6 +111,7 @@ impl Worker {
             ctx,
             listeners: Slab::default(),
             by_id: Default::default(),
+            many_by_id: Default::default(),
             conns: Slab::default(),
             scratch: vec![0; SCRATCH],
             ready: VecDeque::new(),
@@ -291,6 +294,16 @@ impl Worker {
                     self.udp_by_id.insert(id, k);
                     self.udp_ready.push_back((K_UDP_LISTENER, k));
                 }
+                Command::AddListener { id, fd, shared }
+                    if shared.proto == Proto::Sctp
+                        && shared.sctp.style == crate::sctp::Style::OneToMany =>
+                {
+                    let conn = Conn::open_many(fd, shared, &self.ctx.stats);
+                    if let Some(k) = self.add_conn(conn) {
+                        self.many_by_id.insert(id, k);
+                        self.drive(k);
+                    }
+                }
                 Command::AddListener { id, fd, shared } => {
                     let k = self.listeners.insert(EListener {
                         fd,
@@ -324,10 +337,18 @@ impl Worker {
                         }
                         self.udp.listeners.remove(k);
                     }
+                    if let Some(k) = self.many_by_id.remove(&id) {
+                        // Its queued replies go out, then the socket closes.
+                        if let Some(c) = self.conns.get_mut(k) {
+                            c.conn.io.close();
+                        }
+                        self.drive(k);
+                    }
                 }
                 Command::Shutdown => {
                     self.shutting_down = true;
                     self.by_id.clear();
+                    self.many_by_id.clear();
                     for k in self.listeners.keys() {
                         self.listeners.remove(k);
                     }
@@ -389,22 +410,55 @@ impl Worker {
                 Some(l) => l.shared.clone(),
                 None => return,
             };
-            let ck = self.conns.insert(EConn {
-                conn: Conn::open(fd, shared, &self.ctx.stats),
-                ready: [(true, true), (false, false)],
-                hup: [false; 2],
-            });
-            let c = self.conns.get_mut(ck).expect("just inserted");
-            let fd = c.conn.legs[0].fd.as_ref().expect("accepted socket");
-            if let Err(e) = register(&self.ep, fd, K_CLIENT, ck) {
-                tracing::warn!(error = %e, "epoll_ctl(ADD) on connection failed; closing it");
-                self.conns.remove(ck);
-                continue;
+            let conn = Conn::open(fd, shared, &self.ctx.stats);
+            if let Some(ck) = self.add_conn(conn) {
+                self.drive(ck);
             }
-            self.drive(ck);
         }
         // Budget spent: more may be waiting; continue next turn.
         self.ready_listeners.push_back(k);
+    }
+
+    /// Adds a session (accepted, peeled off, or a one-to-many socket) and
+    /// registers its client socket; `None` (session dropped) if that fails.
+    fn add_conn(&mut self, conn: Conn) -> Option<Key> {
+        let ck = self.conns.insert(EConn {
+            conn,
+            ready: [(true, true), (false, false)],
+            hup: [false; 2],
+        });
+        let c = self.conns.get_mut(ck)?;
+        let fd = c.conn.legs[0].fd.as_ref()?;
+        if let Err(e) = register(&self.ep, fd, K_CLIENT, ck) {
+            tracing::warn!(error = %e, "epoll_ctl(ADD) on connection failed; closing it");
+            self.conns.remove(ck);
+            return None;
+        }
+        Some(ck)
+    }
+
+    /// Peels associations off session `k`'s one-to-many socket into sessions of
+    /// their own (one-to-many proxy).
+    fn peel_off(&mut self, k: Key, assocs: Vec<i32>) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let (Some(fd), shared) = (c.conn.legs[0].raw(), c.conn.listener.clone()) else {
+            return;
+        };
+        for assoc in assocs {
+            match crate::sctp::peeloff(fd, assoc) {
+                Ok(nfd) => {
+                    let conn = Conn::open(nfd, shared.clone(), &self.ctx.stats);
+                    if let Some(nk) = self.add_conn(conn) {
+                        self.ready.push_back(nk);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %shared.name, assoc, error = %e, "SCTP peel-off failed")
+                }
+            }
+        }
     }
 
     /// Reads the datagrams waiting on a UDP listener or upstream socket (up to
@@ -473,7 +527,7 @@ impl Worker {
     /// Runs session `k`'s requested operations until they would block, the budget
     /// is spent, or it closes.
     fn drive(&mut self, k: Key) {
-        let Some(c) = self.conns.get_mut(k) else {
+        let Some(mut c) = self.conns.get_mut(k) else {
             return;
         };
         for _ in 0..BUDGET {
@@ -499,13 +553,25 @@ impl Worker {
                 progress = true;
             }
             for side in [Side::Client, Side::Upstream] {
-                let ops = step_side(c, side, &mut self.scratch);
+                let ops = if c.conn.is_message_leg(side) {
+                    step_message_side(c, side, &mut self.scratch)
+                } else {
+                    step_side(c, side, &mut self.scratch)
+                };
                 if ops > 0 {
                     self.ctx.stats.submitted.fetch_add(ops as u64, Relaxed);
                     progress = true;
                 }
             }
             c.conn.shutdown_drained();
+            let peel = c.conn.take_peel_offs();
+            if !peel.is_empty() {
+                self.peel_off(k, peel);
+                let Some(again) = self.conns.get_mut(k) else {
+                    return;
+                };
+                c = again;
+            }
             if !progress {
                 if c.conn.finished() {
                     c.conn.linger_if_aborting();
@@ -572,6 +638,68 @@ fn finish_connect(c: &mut EConn) {
             Completion::Error(e.raw_os_error().unwrap_or(libc::EIO)),
         ),
     }
+}
+
+/// One message sent and one piece received on SCTP leg `side` if wanted and
+/// possible; returns the syscalls made (0: nothing could progress). A short read
+/// ends a message, not the socket's queue, so only EAGAIN clears readability.
+fn step_message_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
+    let i = side.index();
+    let Some(fd) = c.conn.legs[i].raw() else {
+        return 0;
+    };
+    let mut ops = 0;
+    if c.ready[i].1 {
+        let r = c
+            .conn
+            .with_next_message(side, |data, info, flags, space| {
+                crate::sctp::send(fd, data, info, flags, space)
+            });
+        if let Some(r) = r {
+            ops += 1;
+            match r {
+                Ok(_) => c.conn.message_sent(side),
+                Err(e) => match e.raw_os_error().unwrap_or(libc::EIO) {
+                    libc::EAGAIN => {
+                        c.ready[i].1 = false;
+                        ops -= 1;
+                    }
+                    libc::EINTR => {}
+                    errno => {
+                        c.conn.send_failed(side, errno);
+                        if c.conn.finished() {
+                            return ops;
+                        }
+                    }
+                },
+            }
+        }
+    }
+    c.conn.shutdown_drained();
+    if c.ready[i].0 && c.conn.wants_recv(side) {
+        ops += 1;
+        let Some(space) = c.conn.legs[i].msg.as_mut() else {
+            return ops;
+        };
+        match crate::sctp::recv(fd, scratch, space) {
+            Ok((n, flags, info)) => {
+                c.conn.take_recv_request(side);
+                c.conn.complete_message(side, &scratch[..n], flags, info);
+            }
+            Err(e) => match e.raw_os_error().unwrap_or(libc::EIO) {
+                libc::EAGAIN => {
+                    c.ready[i].0 = false;
+                    ops -= 1;
+                }
+                libc::EINTR => {}
+                errno => {
+                    c.conn.take_recv_request(side);
+                    c.conn.complete(side, Completion::Error(errno));
+                }
+            },
+        }
+    }
+    ops
 }
 
 /// One send and one receive on `side` if wanted and possible; returns the

@@ -45,9 +45,10 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::{Action, IoChoice};
+use crate::config::{Action, IoChoice, Proto, SctpConfig};
 pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
-use crate::proto::{Completion, ConnInfo, Session, SessionIo, Side};
+use crate::proto::{Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side};
+use crate::sctp::{MsgInfo, MsgSpace};
 pub use upstream::UpstreamSet;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
@@ -145,8 +146,10 @@ pub struct ListenerStats {
     /// UDP datagrams of new clients dropped at `max_sessions`.
     pub session_limit: AtomicU64,
     /// UDP datagrams dropped because the socket buffer was full (EAGAIN) or the
-    /// send failed.
+    /// send failed; SCTP one-to-many messages whose send failed (association gone).
     pub send_drops: AtomicU64,
+    /// SCTP messages larger than `max_message_bytes` (their association was aborted).
+    pub message_too_big: AtomicU64,
 }
 
 impl ListenerStats {
@@ -174,6 +177,8 @@ pub struct ListenerShared {
     pub proto: crate::config::Proto,
     /// UDP: largest datagram accepted (bytes).
     pub max_datagram: usize,
+    /// SCTP: style, streams, largest message.
+    pub sctp: SctpConfig,
     /// Its counters.
     pub stats: ListenerStats,
 }
@@ -465,6 +470,11 @@ pub(crate) struct Leg {
     /// The connect destination; boxed so that its address stays put while an
     /// io_uring CONNECT SQE points at it.
     pub dest: Option<Box<socket2::SockAddr>>,
+    /// SCTP: the socket carries whole messages; its recvmsg/sendmsg headers and
+    /// control buffers, boxed so that io_uring SQEs may point at them.
+    pub msg: Option<Box<MsgSpace>>,
+    /// SCTP: the message being sent (stays put until its send completes).
+    pub sending_msg: Option<OutMessage>,
 }
 
 impl Leg {
@@ -476,6 +486,8 @@ impl Leg {
             write_shut: false,
             connecting: false,
             dest: None,
+            msg: None,
+            sending_msg: None,
         }
     }
 
@@ -516,14 +528,41 @@ pub(crate) struct Conn {
     worker: Arc<WorkerStats>,
     /// Waiting in the worker's list of sessions for an upstream socket.
     parked: bool,
+    /// The session of a whole one-to-many SCTP socket (not one connection: it is
+    /// not counted as accepted, and its associations are counted instead).
+    pub many: bool,
 }
 
 impl Conn {
     /// Wraps a freshly accepted socket and runs the session's `on_open`.
     pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>, worker: &Arc<WorkerStats>) -> Conn {
-        listener.stats.accepted.fetch_add(1, Relaxed);
-        worker.sessions.fetch_add(1, Relaxed);
-        set_nodelay(fd.as_raw_fd());
+        Conn::open_as(fd, listener, worker, false)
+    }
+
+    /// Wraps a one-to-many SCTP listener socket: one session for all of its
+    /// associations.
+    pub fn open_many(
+        fd: OwnedFd,
+        listener: Arc<ListenerShared>,
+        worker: &Arc<WorkerStats>,
+    ) -> Conn {
+        Conn::open_as(fd, listener, worker, true)
+    }
+
+    fn open_as(
+        fd: OwnedFd,
+        listener: Arc<ListenerShared>,
+        worker: &Arc<WorkerStats>,
+        many: bool,
+    ) -> Conn {
+        if !many {
+            listener.stats.accepted.fetch_add(1, Relaxed);
+            worker.sessions.fetch_add(1, Relaxed);
+        }
+        let sctp = listener.proto == Proto::Sctp;
+        if !sctp {
+            set_nodelay(fd.as_raw_fd());
+        }
         let info = if Session::needs_info(&listener.action) {
             let s = socket2::SockRef::from(&fd);
             ConnInfo {
@@ -536,9 +575,22 @@ impl Conn {
                 local: None,
             }
         };
+        let session = if sctp {
+            Session::Sctp(Box::new(SctpSession::new(
+                &listener.action,
+                &listener.sctp,
+                many,
+            )))
+        } else {
+            Session::new(&listener.action)
+        };
+        let mut client = Leg::new(Some(fd));
+        if sctp {
+            client.msg = Some(MsgSpace::new());
+        }
         let mut c = Conn {
-            legs: [Leg::new(Some(fd)), Leg::new(None)],
-            session: Session::new(&listener.action),
+            legs: [client, Leg::new(None)],
+            session,
             io: SessionIo::default(),
             listener,
             failed: false,
@@ -546,6 +598,7 @@ impl Conn {
             timer: None,
             worker: worker.clone(),
             parked: false,
+            many,
         };
         c.session
             .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
@@ -560,6 +613,10 @@ impl Conn {
             Completion::Recv(d) if side == Side::Client => {
                 st.bytes_in.fetch_add(d.len() as u64, Relaxed);
             }
+            Completion::Message(p) if side == Side::Client && !p.notification => {
+                st.bytes_in.fetch_add(p.data.len() as u64, Relaxed);
+            }
+            Completion::Error(_) if self.many => {}
             Completion::Error(errno) => {
                 self.failed = true;
                 if side == Side::Upstream && self.legs[1].connecting {
@@ -579,6 +636,127 @@ impl Conn {
             _ => {}
         }
         self.session.on_complete(side, c, &mut self.io);
+        self.take_sctp_events();
+    }
+
+    /// Counts what an SCTP session noted: messages over the limit, and (one-to-many)
+    /// associations that came up or ended.
+    fn take_sctp_events(&mut self) {
+        let st = &self.listener.stats;
+        let io = &mut self.io;
+        if io.too_big > 0 {
+            st.message_too_big
+                .fetch_add(u64::from(std::mem::take(&mut io.too_big)), Relaxed);
+        }
+        if io.assoc_up > 0 {
+            st.accepted
+                .fetch_add(u64::from(std::mem::take(&mut io.assoc_up)), Relaxed);
+        }
+        if io.assoc_down > 0 {
+            st.closed
+                .fetch_add(u64::from(std::mem::take(&mut io.assoc_down)), Relaxed);
+        }
+    }
+
+    /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
+    pub fn is_message_leg(&self, side: Side) -> bool {
+        self.legs[side.index()].msg.is_some()
+    }
+
+    /// Reports a receive on an SCTP leg: `n` bytes of `data` with recvmsg `flags`
+    /// (MSG_EOR, MSG_NOTIFICATION) and `info`; 0 bytes is the end of the association.
+    pub fn complete_message(&mut self, side: Side, data: &[u8], flags: i32, info: MsgInfo) {
+        if data.is_empty() {
+            self.complete(side, Completion::Eof);
+            return;
+        }
+        self.complete(
+            side,
+            Completion::Message(Piece {
+                data,
+                info,
+                eor: flags & libc::MSG_EOR != 0,
+                notification: flags & crate::sctp::MSG_NOTIFICATION != 0,
+            }),
+        );
+    }
+
+    /// The recvmsg header of SCTP leg `side`, for a receive of up to `len` bytes
+    /// into `buf` (null: io_uring picks a provided buffer). Valid until the leg goes.
+    pub fn recv_header(&mut self, side: Side, buf: *mut u8, len: usize) -> Option<*mut libc::msghdr> {
+        let m = self.legs[side.index()].msg.as_mut()?;
+        Some(m.prepare_recv(buf, len))
+    }
+
+    /// `(flags, info)` of the last receive on SCTP leg `side`.
+    pub fn received(&self, side: Side) -> (i32, MsgInfo) {
+        self.legs[side.index()]
+            .msg
+            .as_ref()
+            .map_or((0, MsgInfo::default()), |m| m.received())
+    }
+
+    /// Calls `f` with the next message to send on SCTP leg `side` (its bytes,
+    /// stream/PPID/association, `snd_flags`) and the leg's header space, taking it
+    /// from the session's queue if none is being sent. The message stays put until
+    /// [`Conn::message_sent`] or [`Conn::send_failed`]. `None`: nothing to send or
+    /// the leg is not ready.
+    pub fn with_next_message<R>(
+        &mut self,
+        side: Side,
+        f: impl FnOnce(&[u8], MsgInfo, u16, &mut MsgSpace) -> R,
+    ) -> Option<R> {
+        let i = side.index();
+        let leg = &mut self.legs[i];
+        if !leg.ready() {
+            return None;
+        }
+        if leg.sending_msg.is_none() {
+            let io = &mut self.io.legs[i];
+            let m = io.msgs.pop_front()?;
+            io.msg_bytes -= m.data.len();
+            io.in_flight = m.data.len();
+            leg.sending_msg = Some(m);
+        }
+        let (Some(m), Some(space)) = (&leg.sending_msg, leg.msg.as_mut()) else {
+            return None;
+        };
+        Some(f(&m.data, m.info, m.flags, space))
+    }
+
+    /// The message from [`Conn::with_next_message`] on `side` was sent whole.
+    pub fn message_sent(&mut self, side: Side) {
+        let i = side.index();
+        let n = self.legs[i].sending_msg.take().map_or(0, |m| m.data.len());
+        self.io.legs[i].in_flight = 0;
+        if side == Side::Client {
+            self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        self.session
+            .on_complete(side, Completion::Sent(n), &mut self.io);
+        self.take_sctp_events();
+    }
+
+    /// A send on `side` failed with `errno`. On a one-to-many socket only that
+    /// message is lost (its association is gone) and counted; otherwise the
+    /// session is told (and ends).
+    pub fn send_failed(&mut self, side: Side, errno: i32) {
+        if !self.many {
+            self.complete(side, Completion::Error(errno));
+            return;
+        }
+        let i = side.index();
+        self.legs[i].sending_msg = None;
+        self.io.legs[i].in_flight = 0;
+        self.listener.stats.send_drops.fetch_add(1, Relaxed);
+        tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
+        self.session
+            .on_complete(side, Completion::Sent(0), &mut self.io);
+    }
+
+    /// Associations the session asked to peel off (one-to-many proxy).
+    pub fn take_peel_offs(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.io.peel_off)
     }
 
     /// Whether the session asked for an upstream it does not have yet.
@@ -724,8 +902,14 @@ impl Conn {
         let addr = *self.upstream.get_or_insert_with(|| set.pick());
         match set.socket_for(addr, wake) {
             upstream::GetSocket::Ready(fd) => {
-                set_nodelay(fd.as_raw_fd());
+                let sctp = self.listener.proto == Proto::Sctp;
+                if !sctp {
+                    set_nodelay(fd.as_raw_fd());
+                }
                 let leg = &mut self.legs[1];
+                if sctp {
+                    leg.msg = Some(MsgSpace::new());
+                }
                 leg.fd = Some(fd);
                 leg.connecting = true;
                 leg.dest = Some(Box::new(addr.into()));
@@ -748,6 +932,9 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if self.many {
+            return;
+        }
         let s = &self.listener.stats;
         s.closed.fetch_add(1, Relaxed);
         self.worker.sessions.fetch_sub(1, Relaxed);

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::binder::{Binder, SocketPool};
+use crate::binder::{Binder, ClientProto, SocketPool};
 
 /// How long an upstream that refused or timed out is skipped (ms).
 pub const UPSTREAM_BACKOFF_MS: u64 = 3000;
@@ -49,8 +48,8 @@ pub struct UpstreamSet {
     /// Pools for an upstream namespace: index 0 IPv4, 1 IPv6.
     pools: Option<[Arc<SocketPool>; 2]>,
     binder: Option<Binder>,
-    /// UDP sockets (for UDP proxy sessions) instead of TCP.
-    udp: bool,
+    /// The kind of socket an upstream is reached with.
+    proto: ClientProto,
 }
 
 impl std::fmt::Debug for UpstreamSet {
@@ -65,7 +64,7 @@ impl std::fmt::Debug for UpstreamSet {
 impl UpstreamSet {
     /// Upstreams `addrs` in the root namespace (`netns = None`) or in namespace file
     /// `netns` (labelled `label` in errors), whose pools `binder` fills, reached
-    /// over TCP, or over UDP with `udp`.
+    /// with `proto` sockets (TCP, UDP, or SCTP one-to-one).
     /// Pools of the families in use are filled before this returns.
     ///
     /// # Errors
@@ -73,7 +72,7 @@ impl UpstreamSet {
     pub fn new(
         addrs: Vec<SocketAddr>,
         netns: Option<(PathBuf, String)>,
-        udp: bool,
+        proto: ClientProto,
         owner: &str,
         binder: &Binder,
     ) -> Result<UpstreamSet, crate::binder::BindError> {
@@ -88,7 +87,7 @@ impl UpstreamSet {
                         path.clone(),
                         label.clone(),
                         fam,
-                        udp,
+                        proto,
                         POOL_TARGET,
                     ))
                 };
@@ -108,7 +107,7 @@ impl UpstreamSet {
             epoch: Instant::now(),
             binder: pools.as_ref().map(|_| binder.clone()),
             pools,
-            udp,
+            proto,
         })
     }
 
@@ -140,16 +139,7 @@ impl UpstreamSet {
     /// when an empty pool has been refilled.
     pub fn socket_for(&self, addr: SocketAddr, wake: &Arc<OwnedFd>) -> GetSocket {
         let Some(pools) = &self.pools else {
-            let (ty, proto) = if self.udp {
-                (Type::DGRAM, Protocol::UDP)
-            } else {
-                (Type::STREAM, Protocol::TCP)
-            };
-            return match Socket::new(
-                Domain::for_address(addr),
-                ty.nonblocking().cloexec(),
-                Some(proto),
-            ) {
+            return match self.proto.socket(addr) {
                 Ok(s) => GetSocket::Ready(s.into()),
                 Err(e) => GetSocket::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
             };

@@ -282,6 +282,8 @@ struct Worker {
     ctx: WorkerCtx,
     listeners: Slab<UListener>,
     by_id: ListenerIds,
+    /// One-to-many SCTP listeners: each is one session in `conns`.
+    many_by_id: ListenerIds,
     conns: Slab<UConn>,
     multishot_accept: bool,
     /// Connections whose receive found no buffer (ENOBUFS), to re-arm.
@@ -347,6 +349,7 @@ impl Worker {
             ctx,
             listeners: Slab::default(),
             by_id: Default::default(),
+            many_by_id: Default::default(),
             conns: Slab::default(),
             multishot_accept: true,
             starved: Vec::new(),
@@ -546,6 +549,15 @@ impl Worker {
                     self.udp_by_id.insert(id, k);
                     self.arm_udp(K_UDP_LISTENER, k);
                 }
+                Command::AddListener { id, fd, shared }
+                    if shared.proto == Proto::Sctp
+                        && shared.sctp.style == crate::sctp::Style::OneToMany =>
+                {
+                    let conn = Conn::open_many(fd, shared, &self.ctx.stats);
+                    let k = self.insert_conn(conn);
+                    self.many_by_id.insert(id, k);
+                    self.drive(k);
+                }
                 Command::AddListener { id, fd, shared } => {
                     let k = self.listeners.insert(UListener {
                         fd,
@@ -566,6 +578,13 @@ impl Worker {
                             self.udp_close(K_UDP_UPSTREAM, uk);
                         }
                         self.udp_close(K_UDP_LISTENER, k);
+                    }
+                    if let Some(k) = self.many_by_id.remove(&id) {
+                        // Its queued replies go out, then the socket closes.
+                        if let Some(c) = self.conns.get_mut(k) {
+                            c.conn.io.close();
+                        }
+                        self.drive(k);
                     }
                 }
                 Command::Shutdown => self.shutdown(),
@@ -776,15 +795,8 @@ impl Worker {
                 drop(fd);
             } else {
                 let shared = l.shared.clone();
-                let ck = self.conns.insert(UConn {
-                    conn: Conn::open(fd, shared, &self.ctx.stats),
-                    ops: 0,
-                    recv_armed: [false; 2],
-                    drained: [false; 2],
-                    send_armed: [false; 2],
-                    connect_armed: false,
-                    closing: false,
-                });
+                let conn = Conn::open(fd, shared, &self.ctx.stats);
+                let ck = self.insert_conn(conn);
                 self.drive(ck);
             }
         } else {
@@ -823,13 +835,63 @@ impl Worker {
         }
     }
 
+    /// Adds a session (accepted, peeled off, or a one-to-many socket).
+    fn insert_conn(&mut self, conn: Conn) -> Key {
+        self.conns.insert(UConn {
+            conn,
+            ops: 0,
+            recv_armed: [false; 2],
+            drained: [false; 2],
+            send_armed: [false; 2],
+            connect_armed: false,
+            closing: false,
+        })
+    }
+
+    /// Peels associations off session `k`'s one-to-many socket into sessions of
+    /// their own (one-to-many proxy).
+    fn peel_off(&mut self, k: Key, assocs: Vec<i32>) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let (Some(fd), shared) = (c.conn.legs[0].raw(), c.conn.listener.clone()) else {
+            return;
+        };
+        for assoc in assocs {
+            match crate::sctp::peeloff(fd, assoc) {
+                Ok(nfd) => {
+                    let conn = Conn::open(nfd, shared.clone(), &self.ctx.stats);
+                    let nk = self.insert_conn(conn);
+                    self.drive(nk);
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %shared.name, assoc, error = %e, "SCTP peel-off failed")
+                }
+            }
+        }
+    }
+
     fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
         let mut starved = false;
         if let Some(c) = self.conns.get_mut(k) {
             c.ops -= 1;
             c.recv_armed[side.index()] = false;
-            if !c.closing {
+            if !c.closing && c.conn.is_message_leg(side) && (res >= 0 || -res == libc::ENOBUFS) {
+                if res == libc::ENOBUFS.wrapping_neg() {
+                    starved = true;
+                    self.ctx.stats.enobufs.fetch_add(1, Relaxed);
+                    c.conn.io.side(side).recv();
+                    self.starved.push(k);
+                } else {
+                    let (mflags, info) = c.conn.received(side);
+                    let data = match bid {
+                        Some(bid) => self.bufs.data(bid, res as usize),
+                        None => &[][..],
+                    };
+                    c.conn.complete_message(side, data, mflags, info);
+                }
+            } else if !c.closing {
                 if res > 0 {
                     c.drained[side.index()] = (res as usize) < BUF_SIZE;
                     if let Some(bid) = bid {
@@ -863,10 +925,12 @@ impl Worker {
             c.ops -= 1;
             c.send_armed[side.index()] = false;
             if !c.closing {
-                if res >= 0 {
+                if res >= 0 && c.conn.is_message_leg(side) {
+                    c.conn.message_sent(side);
+                } else if res >= 0 {
                     c.conn.sent(side, res as usize);
                 } else if -res != libc::ECANCELED {
-                    c.conn.complete(side, Completion::Error(-res));
+                    c.conn.send_failed(side, -res);
                 }
             }
         }
@@ -931,11 +995,44 @@ impl Worker {
             }
         }
         c.conn.shutdown_drained();
+        let peel = c.conn.take_peel_offs();
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
             let Some(fd) = c.conn.legs[i].raw().map(types::Fd) else {
                 continue;
             };
+            if c.conn.is_message_leg(side) {
+                if !c.send_armed[i] {
+                    // The header, its control buffer and the message stay put in
+                    // the leg until the CQE (Conn::with_next_message).
+                    let hdr = c.conn.with_next_message(side, |data, info, flags, space| {
+                        space.prepare_send(data, info, flags)
+                    });
+                    if let Some(hdr) = hdr {
+                        let e = opcode::SendMsg::new(fd, hdr)
+                            .flags(libc::MSG_NOSIGNAL as u32)
+                            .build()
+                            .user_data(token(K_SEND + i as u8, k));
+                        c.send_armed[i] = true;
+                        c.ops += 1;
+                        entries[i] = Some(e);
+                    }
+                }
+                if !c.recv_armed[i] && c.conn.take_recv_request(side) {
+                    // Null buffer: the kernel picks one from the ring (BUFFER_SELECT).
+                    if let Some(hdr) = c.conn.recv_header(side, std::ptr::null_mut(), BUF_SIZE) {
+                        let e = opcode::RecvMsg::new(fd, hdr)
+                            .buf_group(BGID)
+                            .build()
+                            .flags(squeue::Flags::BUFFER_SELECT)
+                            .user_data(token(K_RECV + i as u8, k));
+                        c.recv_armed[i] = true;
+                        c.ops += 1;
+                        entries[2 + i] = Some(e);
+                    }
+                }
+                continue;
+            }
             if !c.send_armed[i] {
                 if let Some(buf) = c.conn.next_send(side) {
                     let len = buf.len().min(u32::MAX as usize) as u32;
@@ -966,6 +1063,9 @@ impl Worker {
         self.timers.sync(k, &mut c.conn);
         for e in entries.into_iter().flatten() {
             self.push(e);
+        }
+        if !peel.is_empty() {
+            self.peel_off(k, peel);
         }
     }
 

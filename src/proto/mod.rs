@@ -13,14 +13,17 @@
 mod http;
 pub mod proxy;
 pub mod proxy_header;
+pub mod sctp;
 pub mod udp;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::config::Action;
 pub use http::HttpSession;
 pub use proxy::ProxySession;
+pub use sctp::{OutMessage, Piece, SctpSession};
 
 /// Largest number of bytes an echo or http session lets wait in its send queue
 /// before it stops asking for more input (back-pressure toward a client that does
@@ -66,6 +69,9 @@ pub enum Completion<'a> {
     Timeout,
     /// An operation failed with this errno (for example ECONNRESET, ECONNREFUSED).
     Error(i32),
+    /// A receive on an SCTP socket returned a piece of a message, or a
+    /// notification (never empty; end of association is [`Completion::Eof`]).
+    Message(Piece<'a>),
 }
 
 /// The requests a session makes of one of its sockets, and its send queue.
@@ -79,6 +85,10 @@ pub struct ConnIo {
     pub(crate) want_recv: bool,
     /// Shut down the write side (send FIN) once the queue is drained.
     pub(crate) shutdown_write: bool,
+    /// Whole messages queued on an SCTP socket, sent in order after `out`.
+    pub(crate) msgs: VecDeque<OutMessage>,
+    /// Payload bytes in `msgs`.
+    pub(crate) msg_bytes: usize,
 }
 
 impl ConnIo {
@@ -97,9 +107,16 @@ impl ConnIo {
         self.shutdown_write = true;
     }
 
-    /// Bytes queued or in flight, not yet reported sent.
+    /// Queues one whole SCTP message (sent with one sendmsg(2), its stream id,
+    /// PPID and association in an SCTP_SNDINFO).
+    pub fn send_message(&mut self, m: OutMessage) {
+        self.msg_bytes += m.data.len();
+        self.msgs.push_back(m);
+    }
+
+    /// Bytes (and message payload bytes) queued or in flight, not yet reported sent.
     pub fn unsent(&self) -> usize {
-        self.out.len() + self.in_flight
+        self.out.len() + self.msg_bytes + self.in_flight
     }
 }
 
@@ -117,6 +134,14 @@ pub struct SessionIo {
     pub(crate) abort: bool,
     pub(crate) connect: bool,
     pub(crate) deadline: Option<Instant>,
+    /// SCTP: messages over `max_message_bytes` since the driver last looked (count).
+    pub(crate) too_big: u32,
+    /// SCTP one-to-many: associations that came up / ended since the driver last
+    /// looked (counts).
+    pub(crate) assoc_up: u32,
+    pub(crate) assoc_down: u32,
+    /// SCTP one-to-many proxy: associations to peel off into their own sessions.
+    pub(crate) peel_off: Vec<i32>,
 }
 
 impl SessionIo {
@@ -144,6 +169,8 @@ impl SessionIo {
         self.close();
         for l in &mut self.legs {
             l.out.clear();
+            l.msgs.clear();
+            l.msg_bytes = 0;
         }
     }
 
@@ -189,6 +216,9 @@ pub enum Session {
     Http(HttpSession),
     /// Bytes both ways between the client and an upstream.
     Proxy(Box<ProxySession>),
+    /// SCTP echo or proxy of whole messages (one association, or a one-to-many
+    /// socket).
+    Sctp(Box<SctpSession>),
 }
 
 /// How much input a `respond` session reads and discards before closing anyway (bytes).
@@ -218,6 +248,7 @@ impl Session {
                 io.client().recv();
             }
             Session::Proxy(p) => p.on_open(info, netns, io),
+            Session::Sctp(s) => s.on_open(io),
         }
     }
 
@@ -228,9 +259,10 @@ impl Session {
 
     /// Called for every completion of this session.
     pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
-        if let Session::Proxy(p) = self {
-            p.on_complete(side, c, io);
-            return;
+        match self {
+            Session::Proxy(p) => return p.on_complete(side, c, io),
+            Session::Sctp(s) => return s.on_complete(side, c, io),
+            _ => {}
         }
         match c {
             Completion::Error(_) | Completion::Timeout => {
@@ -273,7 +305,7 @@ impl Session {
                 Completion::Sent(_) => resume_below_window(io),
                 _ => {}
             },
-            Session::Proxy(_) => {}
+            Session::Proxy(_) | Session::Sctp(_) => {}
         }
     }
 }

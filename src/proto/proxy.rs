@@ -116,6 +116,8 @@ impl ProxySession {
                 }
             }
             Completion::Error(_) => io.abort(),
+            // SCTP pieces go to SctpSession, never here.
+            Completion::Message(_) => {}
         }
     }
 }

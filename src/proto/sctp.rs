@@ -1,0 +1,416 @@
+//! SCTP sessions: echo and proxy of whole messages, without I/O.
+//!
+//! The driver reports each piece a receive returned ([`Piece`]: bytes, stream id,
+//! PPID, association, whether it ends the message (MSG_EOR) and whether it is a
+//! notification (MSG_NOTIFICATION)). The session reassembles pieces into whole
+//! messages up to `max_message_bytes`, then queues them whole
+//! ([`crate::proto::ConnIo::send_message`]): back on the same stream with the
+//! same PPID for echo, to the other side with the same stream and PPID for proxy.
+//! A message larger than the limit aborts its association (on a one-to-many
+//! socket: an `SCTP_ABORT` send to that association only) and is counted.
+//!
+//! Notifications (association change, shutdown, peer address change) are logged
+//! at debug and never taken for data. On a one-to-many socket an association that
+//! ends drops its partial message, and, for `proxy`, a new association is peeled
+//! off into its own one-to-one session ([`SessionIo::peel_off`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Completion, SessionIo, Side, SEND_WINDOW};
+use crate::config::{Action, ProxyConfig, SctpConfig};
+use crate::sctp::{self, MsgInfo, Notification};
+
+/// One piece of a received SCTP message, or a notification.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    /// The bytes received (never empty).
+    pub data: &'a [u8],
+    /// Stream id, PPID and association (from SCTP_RCVINFO).
+    pub info: MsgInfo,
+    /// MSG_EOR: this piece ends its message.
+    pub eor: bool,
+    /// MSG_NOTIFICATION: an event from the SCTP stack, not user data.
+    pub notification: bool,
+}
+
+/// A message waiting to be sent whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutMessage {
+    /// The payload.
+    pub data: Vec<u8>,
+    /// Stream id, PPID and (one-to-many) association.
+    pub info: MsgInfo,
+    /// `snd_flags` ([`sctp::SCTP_ABORT`] to abort the association).
+    pub flags: u16,
+}
+
+/// A message being reassembled.
+#[derive(Debug, Default)]
+struct Partial {
+    data: Vec<u8>,
+    info: MsgInfo,
+    /// Over the limit: the rest of the message is discarded.
+    dropping: bool,
+}
+
+/// Consecutive receive errors a one-to-many socket tolerates before it gives up.
+const MANY_ERROR_LIMIT: u32 = 100;
+
+/// The state of one SCTP association (one-to-one), or of a whole one-to-many
+/// socket (`many`).
+#[derive(Debug)]
+pub struct SctpSession {
+    proxy: Option<Arc<ProxyConfig>>,
+    max_message: usize,
+    window: usize,
+    many: bool,
+    /// Messages being reassembled per side, by association (0 on one-to-one).
+    partial: [HashMap<i32, Partial>; 2],
+    connected: bool,
+    eof: [bool; 2],
+    errors_in_a_row: u32,
+}
+
+impl SctpSession {
+    /// A session for `action` (echo or proxy) with `cfg`'s limits; `many` for the
+    /// session of a one-to-many listener socket.
+    pub fn new(action: &Action, cfg: &SctpConfig, many: bool) -> SctpSession {
+        let proxy = match action {
+            Action::Proxy(p) => Some(p.clone()),
+            _ => None,
+        };
+        let window = proxy.as_ref().map_or(SEND_WINDOW, |p| p.buffer_bytes);
+        SctpSession {
+            proxy,
+            max_message: cfg.max_message_bytes,
+            // A whole message must fit, or reading would stop for good.
+            window: window.max(cfg.max_message_bytes),
+            many,
+            partial: Default::default(),
+            connected: false,
+            eof: [false; 2],
+            errors_in_a_row: 0,
+        }
+    }
+
+    /// Whether the upstream association is established (proxy).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether this is a proxy session of a one-to-one association.
+    fn proxying(&self) -> bool {
+        self.proxy.is_some() && !self.many
+    }
+
+    /// Called once when the session starts.
+    pub fn on_open(&mut self, io: &mut SessionIo) {
+        match &self.proxy {
+            Some(p) if !self.many => {
+                io.connect();
+                io.set_deadline(Some(
+                    Instant::now() + Duration::from_millis(p.connect_timeout_ms),
+                ));
+            }
+            _ => io.client().recv(),
+        }
+    }
+
+    /// Called for every completion.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+        match c {
+            Completion::Message(p) if p.notification => {
+                self.on_notification(side, &p, io);
+                self.resume(io);
+            }
+            Completion::Message(p) => {
+                self.errors_in_a_row = 0;
+                self.on_piece(side, &p, io);
+                self.touch(io);
+                self.resume(io);
+            }
+            Completion::Recv(_) => {} // byte receives are not used on SCTP legs
+            Completion::Sent(_) => {
+                self.touch(io);
+                self.resume(io);
+            }
+            Completion::Connected => {
+                self.connected = true;
+                io.set_deadline(None);
+                self.touch(io);
+                self.resume(io);
+            }
+            Completion::Eof if self.many => io.close(),
+            Completion::Eof => {
+                self.eof[side.index()] = true;
+                if self.proxying() {
+                    // SCTP has no half-close: the other association is shut down
+                    // gracefully once its queue drains, and its end closes us.
+                    io.side(side.other()).shutdown_write();
+                    if self.eof[side.other().index()] || !self.connected {
+                        io.close();
+                    }
+                } else {
+                    io.close();
+                }
+            }
+            Completion::Error(errno) if self.many => {
+                self.errors_in_a_row += 1;
+                tracing::debug!(errno, "one-to-many SCTP receive failed");
+                if self.errors_in_a_row >= MANY_ERROR_LIMIT {
+                    io.abort();
+                } else {
+                    self.resume(io);
+                }
+            }
+            Completion::Timeout => {
+                let stuck = io.legs.iter().any(|l| l.unsent() > 0);
+                if self.connected && !stuck {
+                    // Idle with nothing pending: shut both associations down cleanly.
+                    io.close();
+                } else {
+                    io.abort();
+                }
+            }
+            Completion::Error(_) => io.abort(),
+        }
+    }
+
+    /// Moves the idle deadline (proxy with `idle_timeout_ms`).
+    fn touch(&self, io: &mut SessionIo) {
+        if let Some(p) = &self.proxy {
+            if self.connected && p.idle_timeout_ms > 0 {
+                io.set_deadline(Some(
+                    Instant::now() + Duration::from_millis(p.idle_timeout_ms),
+                ));
+            }
+        }
+    }
+
+    /// Asks for a receive on every side whose destination has room.
+    fn resume(&self, io: &mut SessionIo) {
+        if io.closing() {
+            return;
+        }
+        if !self.proxying() {
+            if io.client().unsent() < self.window {
+                io.client().recv();
+            }
+            return;
+        }
+        if !self.connected {
+            return;
+        }
+        for s in [Side::Client, Side::Upstream] {
+            if !self.eof[s.index()] && io.side(s.other()).unsent() < self.window {
+                io.side(s).recv();
+            }
+        }
+    }
+
+    fn on_piece(&mut self, side: Side, p: &Piece<'_>, io: &mut SessionIo) {
+        let key = if self.many { p.info.assoc } else { 0 };
+        let part = self.partial[side.index()].entry(key).or_default();
+        if part.data.is_empty() && !part.dropping {
+            part.info = p.info;
+        }
+        if !part.dropping && part.data.len() + p.data.len() > self.max_message {
+            io.too_big += 1;
+            tracing::debug!(
+                assoc = p.info.assoc,
+                limit = self.max_message,
+                "SCTP message larger than max_message_bytes; aborting its association"
+            );
+            if !self.many {
+                io.abort();
+                return;
+            }
+            part.dropping = true;
+            part.data = Vec::new();
+            io.client().send_message(OutMessage {
+                data: Vec::new(),
+                info: MsgInfo {
+                    assoc: p.info.assoc,
+                    ..MsgInfo::default()
+                },
+                flags: sctp::SCTP_ABORT,
+            });
+        }
+        if part.dropping {
+            if p.eor {
+                self.partial[side.index()].remove(&key);
+            }
+            return;
+        }
+        part.data.extend_from_slice(p.data);
+        if !p.eor {
+            return;
+        }
+        let Some(whole) = self.partial[side.index()].remove(&key) else {
+            return;
+        };
+        if self.proxying() {
+            io.side(side.other()).send_message(OutMessage {
+                data: whole.data,
+                info: MsgInfo {
+                    assoc: 0,
+                    ..whole.info
+                },
+                flags: 0,
+            });
+        } else {
+            io.client().send_message(OutMessage {
+                data: whole.data,
+                info: whole.info,
+                flags: 0,
+            });
+        }
+    }
+
+    fn on_notification(&mut self, side: Side, p: &Piece<'_>, io: &mut SessionIo) {
+        let n = Notification::parse(p.data);
+        tracing::debug!(?side, notification = ?n, "SCTP notification");
+        match n {
+            Some(Notification::AssocChange { state, assoc }) if self.many => match state {
+                sctp::SCTP_COMM_UP => {
+                    io.assoc_up += 1;
+                    if self.proxy.is_some() {
+                        io.peel_off.push(assoc);
+                    }
+                }
+                sctp::SCTP_COMM_LOST | sctp::SCTP_SHUTDOWN_COMP => {
+                    io.assoc_down += 1;
+                    self.partial[0].remove(&assoc);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Completion, Session};
+
+    fn cfg(max: usize) -> SctpConfig {
+        SctpConfig {
+            max_message_bytes: max,
+            ..SctpConfig::default()
+        }
+    }
+
+    fn piece(data: &[u8], stream: u16, ppid: u32, assoc: i32, eor: bool) -> Completion<'_> {
+        Completion::Message(Piece {
+            data,
+            info: MsgInfo {
+                stream,
+                ppid,
+                assoc,
+            },
+            eor,
+            notification: false,
+        })
+    }
+
+    #[test]
+    fn echo_reassembles_and_keeps_stream_and_ppid() {
+        let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
+        let mut io = SessionIo::default();
+        s.on_open(&mut io);
+        assert!(io.client().want_recv);
+        s.on_complete(Side::Client, piece(b"hel", 3, 77, 0, false), &mut io);
+        assert!(io.client().msgs.is_empty(), "no partial message is sent");
+        s.on_complete(Side::Client, piece(b"lo", 3, 77, 0, true), &mut io);
+        let m = io.client().msgs.pop_front().unwrap();
+        assert_eq!(m.data, b"hello");
+        assert_eq!((m.info.stream, m.info.ppid), (3, 77));
+    }
+
+    #[test]
+    fn too_big_aborts_one_to_one_and_counts() {
+        let mut s = SctpSession::new(&Action::Echo, &cfg(4), false);
+        let mut io = SessionIo::default();
+        s.on_complete(Side::Client, piece(b"abc", 0, 0, 0, false), &mut io);
+        s.on_complete(Side::Client, piece(b"de", 0, 0, 0, true), &mut io);
+        assert!(io.abort && io.too_big == 1);
+    }
+
+    #[test]
+    fn one_to_many_keeps_associations_apart_and_aborts_only_the_big_one() {
+        let mut s = SctpSession::new(&Action::Echo, &cfg(4), true);
+        let mut io = SessionIo::default();
+        s.on_complete(Side::Client, piece(b"ab", 1, 5, 10, false), &mut io);
+        s.on_complete(Side::Client, piece(b"xyz", 2, 6, 11, false), &mut io);
+        s.on_complete(Side::Client, piece(b"c", 1, 5, 10, true), &mut io);
+        let m = io.client().msgs.pop_front().unwrap();
+        assert_eq!((m.data.as_slice(), m.info.assoc, m.info.stream), (&b"abc"[..], 10, 1));
+        // association 11 goes over the limit: an abort for it alone.
+        s.on_complete(Side::Client, piece(b"zz", 2, 6, 11, false), &mut io);
+        let a = io.client().msgs.pop_front().unwrap();
+        assert_eq!((a.flags, a.info.assoc), (sctp::SCTP_ABORT, 11));
+        assert!(!io.abort && io.too_big == 1);
+        s.on_complete(Side::Client, piece(b"end", 2, 6, 11, true), &mut io);
+        assert!(io.client().msgs.is_empty(), "the rest of the big one is dropped");
+    }
+
+    #[test]
+    fn notifications_are_not_data() {
+        let mut s = SctpSession::new(&Action::Echo, &cfg(100), true);
+        let mut io = SessionIo::default();
+        let mut n = vec![0u8; 20];
+        n[0..2].copy_from_slice(&sctp::SCTP_ASSOC_CHANGE.to_ne_bytes());
+        s.on_complete(
+            Side::Client,
+            Completion::Message(Piece {
+                data: &n,
+                info: MsgInfo::default(),
+                eor: true,
+                notification: true,
+            }),
+            &mut io,
+        );
+        assert!(io.client().msgs.is_empty());
+        assert_eq!(io.assoc_up, 1);
+        assert!(io.client().want_recv);
+    }
+
+    #[test]
+    fn proxy_forwards_both_ways_and_propagates_shutdown() {
+        let p = ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 4096,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 0,
+            max_sessions: 1,
+        };
+        let a = Action::Proxy(Arc::new(p));
+        let mut s = Session::Sctp(Box::new(SctpSession::new(&a, &cfg(100), false)));
+        let mut io = SessionIo::default();
+        let Session::Sctp(inner) = &mut s else {
+            unreachable!()
+        };
+        inner.on_open(&mut io);
+        assert!(io.connect && !io.client().want_recv);
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        assert!(io.client().want_recv && io.side(Side::Upstream).want_recv);
+        s.on_complete(Side::Client, piece(b"req", 4, 9, 0, true), &mut io);
+        let m = io.side(Side::Upstream).msgs.pop_front().unwrap();
+        assert_eq!((m.data.as_slice(), m.info.stream, m.info.ppid), (&b"req"[..], 4, 9));
+        s.on_complete(Side::Upstream, piece(b"rsp", 5, 10, 0, true), &mut io);
+        let m = io.client().msgs.pop_front().unwrap();
+        assert_eq!((m.info.stream, m.info.ppid), (5, 10));
+        s.on_complete(Side::Client, Completion::Eof, &mut io);
+        assert!(io.side(Side::Upstream).shutdown_write && !io.close);
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        assert!(io.close);
+    }
+}
