@@ -1073,6 +1073,17 @@ fn convert_listener(
         "",
     )?;
     let sctp = convert_sctp(cx, &scope, raw)?;
+    if let (Some(st), Action::Proxy(_)) = (&raw.sctp_style, &action) {
+        if sctp.style == crate::sctp::Style::OneToMany {
+            return Err(cx.invalid(
+                st.span(),
+                scope(),
+                "sctp_style",
+                "action \"proxy\" needs sctp_style = \"one-to-one\" (one upstream association per \
+                 client association); a one-to-many listener serves action \"echo\"",
+            ));
+        }
+    }
 
     Ok(ListenerConfig {
         name,
@@ -1160,7 +1171,12 @@ fn check_proto_keys(
     }
     // (key, where it is, the protocols it is for, how to name them)
     let keys: [(&str, Option<Range<usize>>, &[Proto], &str); 11] = [
-        ("backlog", span_of(&raw.backlog), &[Tcp, Sctp], "TCP and SCTP"),
+        (
+            "backlog",
+            span_of(&raw.backlog),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
         (
             "connect_timeout_ms",
             span_of(&raw.connect_timeout_ms),
@@ -1710,6 +1726,11 @@ action = "echo"
             "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_style = \"many\"\n",
             5,
             &["key `sctp_style`", "\"one-to-many\""],
+        );
+        err(
+            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\nsctp_style = \"one-to-many\"\n",
+            6,
+            &["key `sctp_style`", "needs sctp_style = \"one-to-one\""],
         );
         err(
             "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_streams = 0\n",

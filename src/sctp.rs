@@ -31,9 +31,6 @@ pub const SCTP_EVENTS: libc::c_int = 11;
 /// `SCTP_RECVRCVINFO` (32, Linux 3.19): int, 1 adds an `SCTP_RCVINFO` control
 /// message ([`RcvInfo`]) to every received data message.
 pub const SCTP_RECVRCVINFO: libc::c_int = 32;
-/// `SCTP_SOCKOPT_PEELOFF_FLAGS` (122, Linux 4.13): getsockopt that branches one
-/// association of a one-to-many socket off into its own one-to-one socket.
-pub const SCTP_SOCKOPT_PEELOFF_FLAGS: libc::c_int = 122;
 
 /// Control message type `SCTP_SNDINFO` (enum sctp_cmsg_type, Linux 3.19): a
 /// [`SndInfo`] on sendmsg(2).
@@ -136,15 +133,6 @@ pub struct RcvInfo {
     pub rcv_assoc_id: i32,
 }
 
-/// `sctp_peeloff_flags_arg_t` (Linux 4.13).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct PeeloffFlagsArg {
-    assoc_id: i32,
-    sd: libc::c_int,
-    flags: libc::c_uint,
-}
-
 /// Where a message goes or came from: stream id, PPID and association.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MsgInfo {
@@ -237,7 +225,7 @@ pub fn socket(addr: SocketAddr, style: Style, opts: &SocketOpts) -> io::Result<S
 /// both ways, SCTP_RECVRCVINFO on, SCTP_NODELAY on, notifications of association
 /// change, peer address change and shutdown (RFC 6458 6.2), and send/receive
 /// buffers of `opts.buffer_bytes` (the kernel doubles and caps them, socket(7)).
-/// Accepted and peeled-off sockets inherit all of this from their listener.
+/// Accepted sockets inherit all of this from their listener.
 ///
 /// # Errors
 /// The failing setsockopt(2).
@@ -284,35 +272,6 @@ pub fn is_unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EPROTONOSUPPORT) | Some(libc::ESOCKTNOSUPPORT) | Some(libc::EAFNOSUPPORT)
     )
-}
-
-/// Branches association `assoc` of one-to-many socket `fd` off into a new
-/// one-to-one socket (non-blocking, close-on-exec), RFC 6458 9.2.
-///
-/// # Errors
-/// EINVAL: no such association; other getsockopt(2) errors.
-pub fn peeloff(fd: RawFd, assoc: i32) -> io::Result<std::os::fd::OwnedFd> {
-    let mut arg = PeeloffFlagsArg {
-        assoc_id: assoc,
-        sd: -1,
-        flags: (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as libc::c_uint,
-    };
-    let mut len = size_of::<PeeloffFlagsArg>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `arg`, which is that large.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            SOL_SCTP,
-            SCTP_SOCKOPT_PEELOFF_FLAGS,
-            (&mut arg as *mut PeeloffFlagsArg).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel installed this new fd for us; nobody else owns it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(arg.sd) })
 }
 
 /// Control-message room for one `SCTP_RCVINFO` (bytes, 8-byte aligned storage).
@@ -380,7 +339,8 @@ impl MsgSpace {
     /// back (MSG_EOR, [`MSG_NOTIFICATION`], the [`RcvInfo`]).
     pub fn received(&self) -> (libc::c_int, MsgInfo) {
         let mut info = MsgInfo::default();
-        let len = (self.recv_hdr.msg_controllen as usize).min(size_of::<[u64; RECV_CONTROL_WORDS]>());
+        let len =
+            (self.recv_hdr.msg_controllen as usize).min(size_of::<[u64; RECV_CONTROL_WORDS]>());
         // SAFETY: the control storage is ours and `len` bytes of it were written.
         let ctl = unsafe { std::slice::from_raw_parts(self.recv_ctl.as_ptr().cast::<u8>(), len) };
         if let Some(r) = parse_rcvinfo(ctl) {
@@ -551,7 +511,6 @@ mod tests {
         assert_eq!(size_of::<InitMsg>(), 8);
         assert_eq!(size_of::<SndInfo>(), 16);
         assert_eq!(size_of::<RcvInfo>(), 28);
-        assert_eq!(size_of::<PeeloffFlagsArg>(), 12);
         // SAFETY: arithmetic only.
         let space = unsafe { libc::CMSG_SPACE(size_of::<RcvInfo>() as u32) } as usize;
         assert!(space <= RECV_CONTROL_WORDS * 8);
@@ -576,7 +535,10 @@ mod tests {
         let off = size_of::<libc::cmsghdr>();
         // SAFETY: the data follows the header inside `bytes`.
         let snd: SndInfo = unsafe { std::ptr::read_unaligned(bytes[off..].as_ptr().cast()) };
-        assert_eq!((snd.snd_sid, snd.snd_ppid, snd.snd_assoc_id), (7, 0x0102_0304, 42));
+        assert_eq!(
+            (snd.snd_sid, snd.snd_ppid, snd.snd_assoc_id),
+            (7, 0x0102_0304, 42)
+        );
     }
 
     #[test]

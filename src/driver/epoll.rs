@@ -419,7 +419,7 @@ impl Worker {
         self.ready_listeners.push_back(k);
     }
 
-    /// Adds a session (accepted, peeled off, or a one-to-many socket) and
+    /// Adds a session (accepted, or a one-to-many socket) and
     /// registers its client socket; `None` (session dropped) if that fails.
     fn add_conn(&mut self, conn: Conn) -> Option<Key> {
         let ck = self.conns.insert(EConn {
@@ -435,30 +435,6 @@ impl Worker {
             return None;
         }
         Some(ck)
-    }
-
-    /// Peels associations off session `k`'s one-to-many socket into sessions of
-    /// their own (one-to-many proxy).
-    fn peel_off(&mut self, k: Key, assocs: Vec<i32>) {
-        let Some(c) = self.conns.get_mut(k) else {
-            return;
-        };
-        let (Some(fd), shared) = (c.conn.legs[0].raw(), c.conn.listener.clone()) else {
-            return;
-        };
-        for assoc in assocs {
-            match crate::sctp::peeloff(fd, assoc) {
-                Ok(nfd) => {
-                    let conn = Conn::open(nfd, shared.clone(), &self.ctx.stats);
-                    if let Some(nk) = self.add_conn(conn) {
-                        self.ready.push_back(nk);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %shared.name, assoc, error = %e, "SCTP peel-off failed")
-                }
-            }
-        }
     }
 
     /// Reads the datagrams waiting on a UDP listener or upstream socket (up to
@@ -527,7 +503,7 @@ impl Worker {
     /// Runs session `k`'s requested operations until they would block, the budget
     /// is spent, or it closes.
     fn drive(&mut self, k: Key) {
-        let Some(mut c) = self.conns.get_mut(k) else {
+        let Some(c) = self.conns.get_mut(k) else {
             return;
         };
         for _ in 0..BUDGET {
@@ -564,14 +540,6 @@ impl Worker {
                 }
             }
             c.conn.shutdown_drained();
-            let peel = c.conn.take_peel_offs();
-            if !peel.is_empty() {
-                self.peel_off(k, peel);
-                let Some(again) = self.conns.get_mut(k) else {
-                    return;
-                };
-                c = again;
-            }
             if !progress {
                 if c.conn.finished() {
                     c.conn.linger_if_aborting();
@@ -650,11 +618,9 @@ fn step_message_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
     };
     let mut ops = 0;
     if c.ready[i].1 {
-        let r = c
-            .conn
-            .with_next_message(side, |data, info, flags, space| {
-                crate::sctp::send(fd, data, info, flags, space)
-            });
+        let r = c.conn.with_next_message(side, |data, info, flags, space| {
+            crate::sctp::send(fd, data, info, flags, space)
+        });
         if let Some(r) = r {
             ops += 1;
             match r {

@@ -47,7 +47,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Action, IoChoice, Proto, SctpConfig};
 pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
-use crate::proto::{Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side};
+use crate::proto::{
+    Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side,
+};
 use crate::sctp::{MsgInfo, MsgSpace};
 pub use upstream::UpstreamSet;
 
@@ -683,7 +685,12 @@ impl Conn {
 
     /// The recvmsg header of SCTP leg `side`, for a receive of up to `len` bytes
     /// into `buf` (null: io_uring picks a provided buffer). Valid until the leg goes.
-    pub fn recv_header(&mut self, side: Side, buf: *mut u8, len: usize) -> Option<*mut libc::msghdr> {
+    pub fn recv_header(
+        &mut self,
+        side: Side,
+        buf: *mut u8,
+        len: usize,
+    ) -> Option<*mut libc::msghdr> {
         let m = self.legs[side.index()].msg.as_mut()?;
         Some(m.prepare_recv(buf, len))
     }
@@ -752,11 +759,6 @@ impl Conn {
         tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
         self.session
             .on_complete(side, Completion::Sent(0), &mut self.io);
-    }
-
-    /// Associations the session asked to peel off (one-to-many proxy).
-    pub fn take_peel_offs(&mut self) -> Vec<i32> {
-        std::mem::take(&mut self.io.peel_off)
     }
 
     /// Whether the session asked for an upstream it does not have yet.

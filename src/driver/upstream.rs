@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-
 use crate::binder::{Binder, ClientProto, SocketPool};
 
 /// How long an upstream that refused or timed out is skipped (ms).

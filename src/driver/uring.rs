@@ -835,7 +835,7 @@ impl Worker {
         }
     }
 
-    /// Adds a session (accepted, peeled off, or a one-to-many socket).
+    /// Adds a session (accepted, or a one-to-many socket).
     fn insert_conn(&mut self, conn: Conn) -> Key {
         self.conns.insert(UConn {
             conn,
@@ -846,29 +846,6 @@ impl Worker {
             connect_armed: false,
             closing: false,
         })
-    }
-
-    /// Peels associations off session `k`'s one-to-many socket into sessions of
-    /// their own (one-to-many proxy).
-    fn peel_off(&mut self, k: Key, assocs: Vec<i32>) {
-        let Some(c) = self.conns.get_mut(k) else {
-            return;
-        };
-        let (Some(fd), shared) = (c.conn.legs[0].raw(), c.conn.listener.clone()) else {
-            return;
-        };
-        for assoc in assocs {
-            match crate::sctp::peeloff(fd, assoc) {
-                Ok(nfd) => {
-                    let conn = Conn::open(nfd, shared.clone(), &self.ctx.stats);
-                    let nk = self.insert_conn(conn);
-                    self.drive(nk);
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %shared.name, assoc, error = %e, "SCTP peel-off failed")
-                }
-            }
-        }
     }
 
     fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
@@ -995,7 +972,6 @@ impl Worker {
             }
         }
         c.conn.shutdown_drained();
-        let peel = c.conn.take_peel_offs();
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
             let Some(fd) = c.conn.legs[i].raw().map(types::Fd) else {
@@ -1063,9 +1039,6 @@ impl Worker {
         self.timers.sync(k, &mut c.conn);
         for e in entries.into_iter().flatten() {
             self.push(e);
-        }
-        if !peel.is_empty() {
-            self.peel_off(k, peel);
         }
     }
 

@@ -140,8 +140,6 @@ pub struct SessionIo {
     /// looked (counts).
     pub(crate) assoc_up: u32,
     pub(crate) assoc_down: u32,
-    /// SCTP one-to-many proxy: associations to peel off into their own sessions.
-    pub(crate) peel_off: Vec<i32>,
 }
 
 impl SessionIo {

@@ -11,8 +11,9 @@
 //!
 //! Notifications (association change, shutdown, peer address change) are logged
 //! at debug and never taken for data. On a one-to-many socket an association that
-//! ends drops its partial message, and, for `proxy`, a new association is peeled
-//! off into its own one-to-one session ([`SessionIo::peel_off`]).
+//! ends drops its partial message. A one-to-many socket only echoes (config
+//! rejects `proxy` there: peeling an association off needs the socket's
+//! namespace, which a worker never enters).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -274,12 +275,7 @@ impl SctpSession {
         tracing::debug!(?side, notification = ?n, "SCTP notification");
         match n {
             Some(Notification::AssocChange { state, assoc }) if self.many => match state {
-                sctp::SCTP_COMM_UP => {
-                    io.assoc_up += 1;
-                    if self.proxy.is_some() {
-                        io.peel_off.push(assoc);
-                    }
-                }
+                sctp::SCTP_COMM_UP => io.assoc_up += 1,
                 sctp::SCTP_COMM_LOST | sctp::SCTP_SHUTDOWN_COMP => {
                     io.assoc_down += 1;
                     self.partial[0].remove(&assoc);
@@ -347,14 +343,20 @@ mod tests {
         s.on_complete(Side::Client, piece(b"xyz", 2, 6, 11, false), &mut io);
         s.on_complete(Side::Client, piece(b"c", 1, 5, 10, true), &mut io);
         let m = io.client().msgs.pop_front().unwrap();
-        assert_eq!((m.data.as_slice(), m.info.assoc, m.info.stream), (&b"abc"[..], 10, 1));
+        assert_eq!(
+            (m.data.as_slice(), m.info.assoc, m.info.stream),
+            (&b"abc"[..], 10, 1)
+        );
         // association 11 goes over the limit: an abort for it alone.
         s.on_complete(Side::Client, piece(b"zz", 2, 6, 11, false), &mut io);
         let a = io.client().msgs.pop_front().unwrap();
         assert_eq!((a.flags, a.info.assoc), (sctp::SCTP_ABORT, 11));
         assert!(!io.abort && io.too_big == 1);
         s.on_complete(Side::Client, piece(b"end", 2, 6, 11, true), &mut io);
-        assert!(io.client().msgs.is_empty(), "the rest of the big one is dropped");
+        assert!(
+            io.client().msgs.is_empty(),
+            "the rest of the big one is dropped"
+        );
     }
 
     #[test]
@@ -404,7 +406,10 @@ mod tests {
         assert!(io.client().want_recv && io.side(Side::Upstream).want_recv);
         s.on_complete(Side::Client, piece(b"req", 4, 9, 0, true), &mut io);
         let m = io.side(Side::Upstream).msgs.pop_front().unwrap();
-        assert_eq!((m.data.as_slice(), m.info.stream, m.info.ppid), (&b"req"[..], 4, 9));
+        assert_eq!(
+            (m.data.as_slice(), m.info.stream, m.info.ppid),
+            (&b"req"[..], 4, 9)
+        );
         s.on_complete(Side::Upstream, piece(b"rsp", 5, 10, 0, true), &mut io);
         let m = io.client().msgs.pop_front().unwrap();
         assert_eq!((m.info.stream, m.info.ppid), (5, 10));

@@ -293,6 +293,15 @@ impl Ringress {
 
 impl Drop for Ringress {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The server's side of a failure: the tail of its log.
+            let log = self.stderr();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- ringress log (last 80 lines) ---\n{}",
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            );
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
