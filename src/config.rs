@@ -1146,6 +1146,9 @@ fn convert_sctp(
     })
 }
 
+/// A key, where it is in the file, the protocols it is for, and how to name them.
+type KeyRule<'a> = (&'a str, Option<Range<usize>>, &'a [Proto], &'a str);
+
 /// Keys and actions that only make sense for some protocols.
 fn check_proto_keys(
     cx: &Ctx<'_>,
@@ -1170,7 +1173,7 @@ fn check_proto_keys(
         }
     }
     // (key, where it is, the protocols it is for, how to name them)
-    let keys: [(&str, Option<Range<usize>>, &[Proto], &str); 11] = [
+    let keys: [KeyRule<'_>; 11] = [
         (
             "backlog",
             span_of(&raw.backlog),

@@ -339,6 +339,8 @@ impl MsgSpace {
     /// back (MSG_EOR, [`MSG_NOTIFICATION`], the [`RcvInfo`]).
     pub fn received(&self) -> (libc::c_int, MsgInfo) {
         let mut info = MsgInfo::default();
+        // msg_controllen is size_t on glibc, socklen_t on musl.
+        #[allow(clippy::unnecessary_cast)]
         let len =
             (self.recv_hdr.msg_controllen as usize).min(size_of::<[u64; RECV_CONTROL_WORDS]>());
         // SAFETY: the control storage is ours and `len` bytes of it were written.
@@ -526,10 +528,11 @@ mod tests {
         };
         let hdr = s.prepare_send(b"x", info, 0);
         // SAFETY: reading the header we just built.
+        #[allow(clippy::unnecessary_cast)] // size_t on glibc, socklen_t on musl
         let (ctl, len) = unsafe { ((*hdr).msg_control, (*hdr).msg_controllen as usize) };
         // SAFETY: the control storage is `len` bytes long.
         let bytes = unsafe { std::slice::from_raw_parts(ctl.cast::<u8>(), len) };
-        // Reuse the parser by rewriting the type: layouts differ, so check fields.
+        // SAFETY: the buffer starts with the cmsghdr written by prepare_send.
         let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!((c.cmsg_level, c.cmsg_type), (IPPROTO_SCTP, SCTP_SNDINFO));
         let off = size_of::<libc::cmsghdr>();

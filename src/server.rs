@@ -60,7 +60,7 @@ pub enum StartError {
         proto: Proto,
         /// The socket(2) error.
         #[source]
-        source: BindError,
+        source: Box<BindError>,
     },
 }
 
@@ -281,7 +281,7 @@ impl Server {
                     let e = StartError::Unavailable {
                         listener: l.name.clone(),
                         proto: l.proto,
-                        source: e,
+                        source: Box::new(e),
                     };
                     if !self.opts.skip_unavailable {
                         return Err(e);

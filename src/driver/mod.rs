@@ -683,6 +683,7 @@ impl Conn {
         );
     }
 
+    #[cfg(feature = "uring")]
     /// The recvmsg header of SCTP leg `side`, for a receive of up to `len` bytes
     /// into `buf` (null: io_uring picks a provided buffer). Valid until the leg goes.
     pub fn recv_header(
@@ -695,6 +696,7 @@ impl Conn {
         Some(m.prepare_recv(buf, len))
     }
 
+    #[cfg(feature = "uring")]
     /// `(flags, info)` of the last receive on SCTP leg `side`.
     pub fn received(&self, side: Side) -> (i32, MsgInfo) {
         self.legs[side.index()]
