@@ -1,4 +1,5 @@
-//! `ringress-load`: a load generator for echo servers, TCP ping-pong or paced UDP.
+//! `ringress-load`: a load generator for echo servers, TCP or SCTP ping-pong, or
+//! paced UDP.
 //!
 //! **TCP** (the default): every connection sends one message of `--size` bytes,
 //! waits until the whole message has come back (and checks it), and sends the next
@@ -7,6 +8,18 @@
 //! and one edge-triggered epoll instance, so hundreds of connections need one thread.
 //! A connection that fails (reset, EOF, wrong bytes, connect error) counts one
 //! error and is reconnected.
+//!
+//! **SCTP** (`--sctp`): the same ping-pong over `--connections` one-to-one SCTP
+//! associations (SOCK_STREAM, [`ringress::sctp::socket`]: 16 streams, SCTP_NODELAY,
+//! association and shutdown notifications). Connection `i` (0-based, counted over
+//! all threads) sends each message whole with one sendmsg on stream `i % 8` with PPID
+//! `(i << 16) | (n & 0xffff)`, `n` being its message counter; the echo is read with
+//! recvmsg until MSG_EOR, and a round trip counts only if the echo has the same
+//! bytes, the same length, the same stream and the same PPID (otherwise: one error,
+//! the association is closed and made again). Notifications are skipped, except
+//! those that end the association (COMM_LOST, SHUTDOWN_COMP, CANT_STR_ASSOC, a
+//! shutdown event), which count as an error like recvmsg returning 0 (the server
+//! ended the association), ECONNRESET or a failed association setup.
 //!
 //! **UDP** (`--udp`): `--connections` connected UDP sockets send datagrams of
 //! `--size` bytes (at least 16) at a total of `--rate` datagrams per second, round
@@ -22,7 +35,8 @@
 //! Output: a human summary on stderr and one machine-readable line on stdout:
 //! `RESULT rps=... p50_us=... p99_us=... p999_us=... max_us=... errors=... msgs=...`
 //! (`rps` is messages per second, for UDP replies per second; latencies are round
-//! trips in microseconds). UDP adds `sent= received= loss_pct= offered_pps=
+//! trips in microseconds; `errors` counts failed connections or associations,
+//! including connect errors, for UDP bad or failed datagrams). UDP adds `sent= received= loss_pct= offered_pps=
 //! sent_pps= skipped=`; the drops the kernel counted (receive buffer full,
 //! /proc/net/udp) at the server's sockets bound to the port of `--addr` and at ours,
 //! `server_sock_drops= client_sock_drops=`; and the change of the namespace's UDP
@@ -38,16 +52,19 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use ringress::sctp::{self, MsgInfo, MsgSpace, Notification, SocketOpts, Style};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// TCP ping-pong load, or paced UDP load (`--udp`), against an echo server.
+/// TCP ping-pong load, SCTP ping-pong (`--sctp`) or paced UDP load (`--udp`), against
+/// an echo server.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
     /// Address of the echo server.
     #[arg(long, default_value = "127.0.0.1:7000")]
     addr: SocketAddr,
-    /// Concurrent connections (in total, over all threads); with --udp, sockets.
+    /// Concurrent connections (in total, over all threads); with --sctp,
+    /// associations; with --udp, sockets.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
     /// Message size in bytes.
@@ -63,8 +80,12 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
     /// UDP: send paced datagrams instead of TCP ping-pong.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sctp")]
     udp: bool,
+    /// SCTP: ping-pong whole messages over one-to-one SCTP associations (stream
+    /// i % 8, PPID checked) instead of TCP.
+    #[arg(long)]
+    sctp: bool,
     /// UDP: datagrams per second, in total over all sockets and threads.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
@@ -165,6 +186,8 @@ enum Phase {
 struct Conn {
     sock: Socket,
     phase: Phase,
+    /// SCTP: the stream and PPID of the current message (see the module docs).
+    info: MsgInfo,
     /// Bytes of the current message written.
     wpos: usize,
     /// Bytes of the current echo read.
@@ -172,10 +195,17 @@ struct Conn {
     started: Instant,
 }
 
-fn connect(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_nonblocking(true)?;
-    s.set_tcp_nodelay(true)?;
+/// Starts a non-blocking connect to `addr`: TCP with TCP_NODELAY, or (with `sctp`)
+/// a one-to-one SCTP association with [`sctp::socket`]'s settings.
+fn connect(addr: SocketAddr, sctp: bool) -> io::Result<Socket> {
+    let s = if sctp {
+        sctp::socket(addr, Style::OneToOne, &SocketOpts::default())?
+    } else {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_nonblocking(true)?;
+        s.set_tcp_nodelay(true)?;
+        s
+    };
     match s.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -200,6 +230,11 @@ struct Worker {
     measure_from: Instant,
     /// Pending reconnects (slot indices).
     retry: Vec<usize>,
+    /// The index (over all threads) of this worker's slot 0: slot + first = `i`.
+    first: usize,
+    /// SCTP: the msghdr, iovec and control room of the one sendmsg or recvmsg in
+    /// flight (each completes before the next, so one per thread).
+    space: Box<MsgSpace>,
 }
 
 /// What to do with a connection after driving it.
@@ -210,8 +245,9 @@ enum Outcome {
 
 impl Worker {
     fn open(&mut self, slot: usize) {
-        match connect(self.args.addr) {
+        match connect(self.args.addr, self.args.sctp) {
             Ok(sock) => {
+                let i = self.first + slot;
                 if let Err(e) = self.epoll.add(&sock, EpollEvent::new(EVENTS, slot as u64)) {
                     self.fail_connect(slot, format!("epoll_ctl: {e}"));
                     return;
@@ -219,6 +255,11 @@ impl Worker {
                 self.conns[slot] = Some(Conn {
                     sock,
                     phase: Phase::Connecting,
+                    info: MsgInfo {
+                        stream: (i % 8) as u16,
+                        ppid: (i as u32) << 16,
+                        assoc: 0,
+                    },
                     wpos: 0,
                     rpos: 0,
                     started: Instant::now(),
@@ -240,8 +281,6 @@ impl Worker {
         let Some(c) = self.conns[slot].as_mut() else {
             return;
         };
-        let size = self.payload.len();
-        let mut outcome = Outcome::Ok;
         if let Phase::Connecting = c.phase {
             match c.sock.take_error() {
                 Ok(None) => {}
@@ -252,63 +291,19 @@ impl Worker {
                     return;
                 }
             }
-            // Not connected yet (spurious wake-up)?
+            // Not connected yet (spurious wake-up; for SCTP, e.g. writable while
+            // the association is still being set up)?
             if c.sock.peer_addr().is_err() {
                 return;
             }
             c.phase = Phase::Running;
             c.started = Instant::now();
         }
-        'conn: loop {
-            // Write what is left of the message.
-            while c.wpos < size {
-                match (&c.sock).write(&self.payload[c.wpos..]) {
-                    Ok(n) => c.wpos += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        outcome = Outcome::Failed(format!("write: {e}"));
-                        break 'conn;
-                    }
-                }
-            }
-            // Read the echo.
-            loop {
-                if c.rpos == size {
-                    break;
-                }
-                let want = (size - c.rpos).min(self.rbuf.len());
-                match (&c.sock).read(&mut self.rbuf[..want]) {
-                    Ok(0) => {
-                        outcome = Outcome::Failed("server closed the connection (EOF)".into());
-                        break 'conn;
-                    }
-                    Ok(n) => {
-                        if self.rbuf[..n] != self.payload[c.rpos..c.rpos + n] {
-                            outcome = Outcome::Failed("echo differs from what was sent".into());
-                            break 'conn;
-                        }
-                        c.rpos += n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'conn,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        outcome = Outcome::Failed(format!("read: {e}"));
-                        break 'conn;
-                    }
-                }
-            }
-            // A whole round trip: record it and start the next message at once.
-            let now = Instant::now();
-            if c.started >= self.measure_from {
-                self.hist
-                    .record(now.duration_since(c.started).as_nanos() as u64);
-                self.counters.msgs += 1;
-            }
-            c.started = now;
-            c.wpos = 0;
-            c.rpos = 0;
-        }
+        let outcome = if self.args.sctp {
+            self.pump_sctp(slot)
+        } else {
+            self.pump_tcp(slot)
+        };
         if let Outcome::Failed(msg) = outcome {
             self.counters.errors += 1;
             self.counters.last_error = Some(msg);
@@ -316,6 +311,129 @@ impl Worker {
                 let _ = self.epoll.delete(&c.sock);
             }
             self.retry.push(slot);
+        }
+    }
+
+    /// Records the round trip connection `c` just completed (if it started after
+    /// the warm-up) and starts its next message.
+    fn round_trip(c: &mut Conn, hist: &mut Histogram, counters: &mut Counters, from: Instant) {
+        let now = Instant::now();
+        if c.started >= from {
+            hist.record(now.duration_since(c.started).as_nanos() as u64);
+            counters.msgs += 1;
+        }
+        c.started = now;
+        c.wpos = 0;
+        c.rpos = 0;
+    }
+
+    /// TCP: writes and reads running connection `slot` until it would block.
+    fn pump_tcp(&mut self, slot: usize) -> Outcome {
+        let Some(c) = self.conns[slot].as_mut() else {
+            return Outcome::Ok;
+        };
+        let size = self.payload.len();
+        loop {
+            // Write what is left of the message.
+            while c.wpos < size {
+                match (&c.sock).write(&self.payload[c.wpos..]) {
+                    Ok(n) => c.wpos += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Outcome::Failed(format!("write: {e}")),
+                }
+            }
+            // Read the echo.
+            while c.rpos < size {
+                let want = (size - c.rpos).min(self.rbuf.len());
+                match (&c.sock).read(&mut self.rbuf[..want]) {
+                    Ok(0) => {
+                        return Outcome::Failed("server closed the connection (EOF)".into());
+                    }
+                    Ok(n) => {
+                        if self.rbuf[..n] != self.payload[c.rpos..c.rpos + n] {
+                            return Outcome::Failed("echo differs from what was sent".into());
+                        }
+                        c.rpos += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Ok,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Outcome::Failed(format!("read: {e}")),
+                }
+            }
+            // A whole round trip: record it and start the next message at once.
+            Worker::round_trip(c, &mut self.hist, &mut self.counters, self.measure_from);
+        }
+    }
+
+    /// SCTP: sends the current message of running association `slot` (whole, one
+    /// sendmsg), reads its echo until MSG_EOR and checks bytes, length, stream and
+    /// PPID, and repeats until a call would block.
+    fn pump_sctp(&mut self, slot: usize) -> Outcome {
+        let Some(c) = self.conns[slot].as_mut() else {
+            return Outcome::Ok;
+        };
+        let fd = c.sock.as_raw_fd();
+        let size = self.payload.len();
+        loop {
+            if c.wpos < size {
+                match sctp::send(fd, &self.payload, c.info, 0, &mut self.space) {
+                    Ok(n) if n == size => c.wpos = size,
+                    Ok(n) => {
+                        return Outcome::Failed(format!(
+                            "sendmsg took {n} of a {size}-byte message"
+                        ))
+                    }
+                    // No room in the send buffer: EPOLLOUT wakes us.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Ok,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Outcome::Failed(format!("sendmsg: {e}")),
+                }
+            }
+            // Read the echo, piece by piece, up to MSG_EOR.
+            loop {
+                let (n, flags, info) = match sctp::recv(fd, &mut self.rbuf, &mut self.space) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Ok,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Outcome::Failed(format!("recvmsg: {e}")),
+                };
+                if flags & sctp::MSG_NOTIFICATION != 0 {
+                    if let Some(why) = sctp_ended(&self.rbuf[..n]) {
+                        return Outcome::Failed(why.into());
+                    }
+                    continue;
+                }
+                if n == 0 {
+                    return Outcome::Failed("server ended the association (recvmsg 0)".into());
+                }
+                if c.rpos + n > size || self.rbuf[..n] != self.payload[c.rpos..c.rpos + n] {
+                    return Outcome::Failed(format!(
+                        "echo differs from what was sent ({} bytes or more to a {size}-byte \
+                         message, or other bytes)",
+                        c.rpos + n
+                    ));
+                }
+                c.rpos += n;
+                if flags & libc::MSG_EOR == 0 {
+                    continue;
+                }
+                if c.rpos != size {
+                    return Outcome::Failed(format!(
+                        "echo of {} bytes to a {size}-byte message",
+                        c.rpos
+                    ));
+                }
+                if (info.stream, info.ppid) != (c.info.stream, c.info.ppid) {
+                    return Outcome::Failed(format!(
+                        "echo on stream {} with PPID {:#x}, sent on stream {} with PPID {:#x}",
+                        info.stream, info.ppid, c.info.stream, c.info.ppid
+                    ));
+                }
+                break;
+            }
+            Worker::round_trip(c, &mut self.hist, &mut self.counters, self.measure_from);
+            c.info.ppid = (c.info.ppid & !0xffff) | (c.info.ppid.wrapping_add(1) & 0xffff);
         }
     }
 
@@ -368,8 +486,17 @@ fn main() -> ExitCode {
     if args.udp {
         return udp_main(&args);
     }
+    if args.sctp && args.size > SCTP_MAX_MESSAGE {
+        eprintln!("error: with --sctp, --size must be at most {SCTP_MAX_MESSAGE}");
+        return ExitCode::from(2);
+    }
     // Fail fast with a clear message when nothing listens.
-    if let Err(e) = TcpStream::connect_timeout(&args.addr, Duration::from_secs(2)) {
+    let probe = if args.sctp {
+        sctp_probe(args.addr)
+    } else {
+        TcpStream::connect_timeout(&args.addr, Duration::from_secs(2)).map(drop)
+    };
+    if let Err(e) = probe {
         eprintln!("error: cannot connect to {}: {e}", args.addr);
         return ExitCode::FAILURE;
     }
@@ -379,6 +506,7 @@ fn main() -> ExitCode {
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let deadline = measure_from + Duration::from_secs_f64(args.duration);
     let mut joins = Vec::new();
+    let mut first = 0;
     for t in 0..threads {
         let share = args.connections / threads + usize::from(t < args.connections % threads);
         let epoll = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
@@ -393,12 +521,20 @@ fn main() -> ExitCode {
             epoll,
             conns: (0..share).map(|_| None).collect(),
             payload: payload.clone(),
-            rbuf: vec![0u8; args.size.clamp(1, 256 * 1024)],
+            // SCTP: room for a whole notification too (they are < 200 bytes).
+            rbuf: vec![
+                0u8;
+                args.size
+                    .clamp(if args.sctp { 1024 } else { 1 }, 256 * 1024)
+            ],
             hist: Histogram::new(),
             counters: Counters::default(),
             measure_from,
             retry: Vec::new(),
+            first,
+            space: MsgSpace::new(),
         };
+        first += share;
         let spawned = std::thread::Builder::new()
             .name(format!("load-{t}"))
             .spawn(move || w.run(deadline));
@@ -436,10 +572,15 @@ fn main() -> ExitCode {
     let us = |ns: u64| ns as f64 / 1e3;
     let rps = c.msgs as f64 / secs;
     eprintln!(
-        "ringress-load: {} conns x {} B to {} for {:.1} s on {} thread(s): {} round trips, \
+        "ringress-load: {} {} x {} B to {} for {:.1} s on {} thread(s): {} round trips, \
          {:.0} msg/s, {:.1} MB/s each way; latency p50 {:.1} us, p99 {:.1} us, max {:.1} us; \
          {} errors ({} connect)",
         args.connections,
+        if args.sctp {
+            "SCTP associations"
+        } else {
+            "TCP conns"
+        },
         args.size,
         args.addr,
         secs,
@@ -482,6 +623,59 @@ fn main() -> ExitCode {
 
 /// Bytes of the header every UDP datagram starts with: sequence number and send
 /// time (ns since the run started), both little-endian u64.
+/// Largest `--size` with `--sctp` (bytes): ringress's default `max_message_bytes`,
+/// and it fits the send buffer [`SocketOpts::default`] asks for, so one sendmsg
+/// takes a whole message.
+const SCTP_MAX_MESSAGE: usize = 256 * 1024;
+
+/// Why a notification (its bytes) ends the association, if it does: association
+/// lost, shut down, or never set up.
+fn sctp_ended(b: &[u8]) -> Option<&'static str> {
+    match Notification::parse(b)? {
+        Notification::AssocChange { state, .. } => match state {
+            sctp::SCTP_COMM_LOST => Some("association lost (SCTP_COMM_LOST: aborted or timed out)"),
+            sctp::SCTP_SHUTDOWN_COMP => Some("server shut the association down (SHUTDOWN_COMP)"),
+            sctp::SCTP_CANT_STR_ASSOC => Some("association setup failed (SCTP_CANT_STR_ASSOC)"),
+            _ => None,
+        },
+        Notification::Shutdown { .. } => Some("server shut the association down (shutdown event)"),
+        Notification::Other(_) => None,
+    }
+}
+
+/// Sets up one SCTP association to `addr` within 2 s and closes it again.
+fn sctp_probe(addr: SocketAddr) -> io::Result<()> {
+    let s = connect(addr, true)?;
+    // Not POLLOUT: an SCTP socket is writable while its association is being set
+    // up. The COMM_UP notification makes it readable; a failure sets POLLERR.
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let give_up = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(e) = s.take_error()? {
+            return Err(e);
+        }
+        if s.peer_addr().is_ok() {
+            return Ok(());
+        }
+        let left = give_up.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no SCTP association within 2 s",
+            ));
+        }
+        // SAFETY: one live pollfd; waits at most 50 ms.
+        if unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(50) as libc::c_int) } > 0 {
+            // Readable but not connected (a notification before COMM_UP?): no spin.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 const UDP_HEADER: usize = 16;
 /// Catch-up limit of a late sender: at most this much of the schedule at once.
 const UDP_MAX_BURST: Duration = Duration::from_millis(2);
