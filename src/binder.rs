@@ -204,8 +204,18 @@ struct Request {
     reply: mpsc::SyncSender<Result<Vec<OwnedFd>, BindError>>,
 }
 
+/// Called by the binder with the socket a peel-off produced (or its error).
+pub type PeelReply = Box<dyn FnOnce(io::Result<OwnedFd>) + Send>;
+
 enum Msg {
     Create(Request),
+    /// Peel association `assoc` off one-to-many socket `fd` (a dup) in `netns`.
+    Peeloff {
+        netns: Option<PathBuf>,
+        fd: OwnedFd,
+        assoc: i32,
+        reply: PeelReply,
+    },
     Forget(PathBuf),
     /// Fill a pool; reply when asked to (synchronous fill).
     Fill(
@@ -400,6 +410,14 @@ impl Binder {
                             let result = state.serve(&req);
                             let _ = req.reply.send(result);
                         }
+                        Ok(Msg::Peeloff {
+                            netns,
+                            fd,
+                            assoc,
+                            reply,
+                        }) => {
+                            reply(state.peeloff(netns.as_deref(), &fd, assoc));
+                        }
                         Ok(Msg::Forget(path)) => {
                             state.cache.remove(&path);
                         }
@@ -505,6 +523,26 @@ impl Binder {
         }
     }
 
+    /// Asks the binder to branch association `assoc` of one-to-many SCTP socket
+    /// `fd` (a duplicate; the binder closes it) off into a one-to-one socket, inside
+    /// namespace file `netns` (`None`: the root namespace): Linux refuses a
+    /// peel-off from another namespace than the socket's (EINVAL). `reply` gets the
+    /// new socket on the binder thread. Never blocks.
+    ///
+    /// # Errors
+    /// Through `reply`: entering the namespace or the peel-off failed (EINVAL: no
+    /// such association any more), or the binder is gone.
+    pub fn peel_off(&self, netns: Option<PathBuf>, fd: OwnedFd, assoc: i32, reply: PeelReply) {
+        if let Err(mpsc::SendError(Msg::Peeloff { reply, .. })) = self.tx.send(Msg::Peeloff {
+            netns,
+            fd,
+            assoc,
+            reply,
+        }) {
+            reply(Err(io::Error::other("binder thread is gone")));
+        }
+    }
+
     /// Drops the cached fd of namespace file `path`, if any (when its last user is
     /// gone, or it was deleted).
     pub fn forget(&self, path: &Path) {
@@ -546,6 +584,21 @@ impl BinderState {
                 result.map_err(|(s, e)| err(s, e))
             }
         }
+    }
+
+    /// Peels `assoc` off `fd` from inside `netns`, then returns to the root.
+    fn peeloff(&mut self, netns: Option<&Path>, fd: &OwnedFd, assoc: i32) -> io::Result<OwnedFd> {
+        let Some(path) = netns else {
+            return crate::sctp::peeloff(fd.as_raw_fd(), assoc);
+        };
+        let ctx = |step: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("{step} {}: {e}", path.display()))
+        };
+        let ns = self.namespace(path).map_err(|e| ctx("enter", e))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| ctx("enter", e.into()))?;
+        let r = crate::sctp::peeloff(fd.as_raw_fd(), assoc);
+        self.return_to_root();
+        r.map_err(|e| ctx(&format!("peel off association {assoc} in"), e))
     }
 
     /// Fills `pool` up to its target in its namespace; wakes its waiters.

@@ -1073,17 +1073,6 @@ fn convert_listener(
         "",
     )?;
     let sctp = convert_sctp(cx, &scope, raw)?;
-    if let (Some(st), Action::Proxy(_)) = (&raw.sctp_style, &action) {
-        if sctp.style == crate::sctp::Style::OneToMany {
-            return Err(cx.invalid(
-                st.span(),
-                scope(),
-                "sctp_style",
-                "action \"proxy\" needs sctp_style = \"one-to-one\" (one upstream association per \
-                 client association); a one-to-many listener serves action \"echo\"",
-            ));
-        }
-    }
 
     Ok(ListenerConfig {
         name,
@@ -1729,11 +1718,6 @@ action = "echo"
             "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_style = \"many\"\n",
             5,
             &["key `sctp_style`", "\"one-to-many\""],
-        );
-        err(
-            "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\nsctp_style = \"one-to-many\"\n",
-            6,
-            &["key `sctp_style`", "needs sctp_style = \"one-to-one\""],
         );
         err(
             "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsctp_streams = 0\n",

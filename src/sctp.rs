@@ -28,6 +28,9 @@ pub const SCTP_INITMSG: libc::c_int = 2;
 pub const SCTP_NODELAY: libc::c_int = 3;
 /// `SCTP_EVENTS` (11, Linux 2.6): [`EventSubscribe`], which notifications arrive.
 pub const SCTP_EVENTS: libc::c_int = 11;
+/// `SCTP_SOCKOPT_PEELOFF_FLAGS` (122, Linux 4.13): getsockopt that branches one
+/// association of a one-to-many socket off into its own one-to-one socket.
+pub const SCTP_SOCKOPT_PEELOFF_FLAGS: libc::c_int = 122;
 /// `SCTP_RECVRCVINFO` (32, Linux 3.19): int, 1 adds an `SCTP_RCVINFO` control
 /// message ([`RcvInfo`]) to every received data message.
 pub const SCTP_RECVRCVINFO: libc::c_int = 32;
@@ -43,6 +46,10 @@ pub const MSG_NOTIFICATION: libc::c_int = 0x8000;
 /// `SCTP_ABORT` (0x0004) in [`SndInfo::snd_flags`]: abort the association
 /// (one-to-many sockets).
 pub const SCTP_ABORT: u16 = 0x0004;
+/// `SCTP_EOF` (MSG_FIN, 0x0200) in [`SndInfo::snd_flags`]: shut the association
+/// down gracefully (one-to-many and peeled-off sockets; shutdown(2) on
+/// one-to-one ones).
+pub const SCTP_EOF: u16 = 0x0200;
 
 /// Notification types (`enum sctp_sn_type`, base 1 << 15, Linux 2.6).
 pub const SCTP_ASSOC_CHANGE: u16 = 0x8001;
@@ -131,6 +138,16 @@ pub struct RcvInfo {
     pub rcv_context: u32,
     /// Association (meaningful on one-to-many sockets).
     pub rcv_assoc_id: i32,
+}
+
+/// `sctp_peeloff_flags_arg_t` (Linux 4.13): association in, new fd out, with
+/// SOCK_NONBLOCK / SOCK_CLOEXEC for it.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct PeeloffFlagsArg {
+    assoc_id: i32,
+    sd: libc::c_int,
+    flags: libc::c_uint,
 }
 
 /// Where a message goes or came from: stream id, PPID and association.
@@ -272,6 +289,40 @@ pub fn is_unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EPROTONOSUPPORT) | Some(libc::ESOCKTNOSUPPORT) | Some(libc::EAFNOSUPPORT)
     )
+}
+
+/// Branches association `assoc` of one-to-many socket `fd` off into a new
+/// one-to-one socket (non-blocking, close-on-exec), RFC 6458 9.2, with
+/// `SCTP_SOCKOPT_PEELOFF_FLAGS`. Linux only allows it from the socket's own
+/// network namespace (EINVAL otherwise): workers ask the binder
+/// ([`crate::binder::Binder::peel_off`]).
+///
+/// # Errors
+/// EINVAL: no such association, or called from another namespace; EBUSY: a
+/// sender waits on the association.
+pub fn peeloff(fd: RawFd, assoc: i32) -> io::Result<std::os::fd::OwnedFd> {
+    let mut arg = PeeloffFlagsArg {
+        assoc_id: assoc,
+        sd: -1,
+        flags: (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as libc::c_uint,
+    };
+    let mut len = size_of::<PeeloffFlagsArg>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `arg`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_SCTP,
+            SCTP_SOCKOPT_PEELOFF_FLAGS,
+            (&mut arg as *mut PeeloffFlagsArg).cast(),
+            &mut len,
+        )
+    };
+    // Linux returns the new fd (also in `sd`), not 0, on success.
+    if r < 0 || arg.sd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel installed this new fd for us; nobody else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(arg.sd) })
 }
 
 /// Control-message room for one `SCTP_RCVINFO` (bytes, 8-byte aligned storage).
@@ -513,6 +564,7 @@ mod tests {
         assert_eq!(size_of::<InitMsg>(), 8);
         assert_eq!(size_of::<SndInfo>(), 16);
         assert_eq!(size_of::<RcvInfo>(), 28);
+        assert_eq!(size_of::<PeeloffFlagsArg>(), 12);
         // SAFETY: arithmetic only.
         let space = unsafe { libc::CMSG_SPACE(size_of::<RcvInfo>() as u32) } as usize;
         assert!(space <= RECV_CONTROL_WORDS * 8);

@@ -376,6 +376,13 @@ impl Server {
             proto: l.proto,
             max_datagram: l.max_datagram_bytes,
             sctp: l.sctp,
+            peel: (l.proto == Proto::Sctp
+                && l.sctp.style == crate::sctp::Style::OneToMany
+                && matches!(l.action, Action::Proxy(_)))
+            .then(|| crate::driver::PeelSource {
+                binder: self.binder.clone(),
+                netns: self.cfg.netns_path(&l),
+            }),
             stats: Default::default(),
         });
         for (w, fd) in self.workers.iter().zip(fds) {

@@ -557,17 +557,34 @@ fn proxy_across_namespaces(driver: &str) {
     let un = netns(&format!("spu-{driver}"));
     let (lp, up) = (port(), port());
     let upstream = SctpUpstream::spawn(&un, format!("[::]:{up}").parse().unwrap());
-    let cfg = with_workers(&listener(
-        "px",
-        Some(&cn),
-        &format!("[::]:{lp}"),
-        &format!(
-            "action = \"proxy\"\nupstream = \"127.0.0.1:{up}\"\nupstream_netns = \"{}\"",
-            un.name()
+    let cfg = with_workers(&format!(
+        "{}{}",
+        listener(
+            "px",
+            Some(&cn),
+            &format!("[::]:{lp}"),
+            &format!(
+                "action = \"proxy\"\nupstream = \"127.0.0.1:{up}\"\nupstream_netns = \"{}\"",
+                un.name()
+            ),
         ),
+        listener(
+            "pxmany",
+            Some(&cn),
+            &format!("0.0.0.0:{}", lp + 1000),
+            &format!(
+                "action = \"proxy\"\nsctp_style = \"one-to-many\"\nupstream = \"[::1]:{up}\"\nupstream_netns = \"{}\"",
+                un.name()
+            ),
+        )
     ));
     let r = Ringress::start(&format!("spx-{driver}"), driver, &cfg);
-    for target in [format!("[::1]:{lp}"), format!("127.0.0.1:{lp}")] {
+    // One-to-one, IPv6 and IPv4; then one-to-many (each association peeled off).
+    for target in [
+        format!("[::1]:{lp}"),
+        format!("127.0.0.1:{lp}"),
+        format!("127.0.0.1:{}", lp + 1000),
+    ] {
         let mut c = Peer::new(sctp_connect(Some(&cn), target.parse().unwrap()).unwrap());
         // Stream id and PPID are kept both ways (the upstream shifts them on reply).
         for k in 0..8u16 {

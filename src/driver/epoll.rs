@@ -170,6 +170,7 @@ impl Worker {
                     K_WAKE => {
                         drain_eventfd(self.ctx.wake.as_raw_fd());
                         self.commands();
+                        self.peeled();
                     }
                     K_LISTENER => self.accept(k),
                     K_UDP_LISTENER | K_UDP_UPSTREAM => self.udp_drain(kind, k),
@@ -437,6 +438,31 @@ impl Worker {
         Some(ck)
     }
 
+    /// Starts sessions for the associations the binder peeled off (one-to-many
+    /// proxy) and lets their one-to-many sockets be read again.
+    fn peeled(&mut self) {
+        for p in self.ctx.take_peeled() {
+            // The listener went meanwhile: the new socket closes, aborting it.
+            let Some(c) = self.conns.get_mut(p.conn) else {
+                continue;
+            };
+            c.conn.peel_finished();
+            let shared = c.conn.listener.clone();
+            match p.result {
+                Ok(fd) => {
+                    let conn = Conn::open_peeled(fd, shared, &self.ctx.stats);
+                    if let Some(nk) = self.add_conn(conn) {
+                        self.drive(nk);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %shared.name, error = %e, "SCTP peel-off failed")
+                }
+            }
+            self.drive(p.conn);
+        }
+    }
+
     /// Reads the datagrams waiting on a UDP listener or upstream socket (up to
     /// [`UDP_BUDGET`], then yields) and hands them to the shared UDP logic.
     fn udp_drain(&mut self, kind: u8, k: Key) {
@@ -540,6 +566,7 @@ impl Worker {
                 }
             }
             c.conn.shutdown_drained();
+            self.ctx.request_peel_offs(k, &mut c.conn);
             if !progress {
                 if c.conn.finished() {
                     c.conn.linger_if_aborting();

@@ -181,9 +181,33 @@ pub struct ListenerShared {
     pub max_datagram: usize,
     /// SCTP: style, streams, largest message.
     pub sctp: SctpConfig,
+    /// SCTP one-to-many proxy: who peels associations off, and in which namespace.
+    pub peel: Option<PeelSource>,
     /// Its counters.
     pub stats: ListenerStats,
 }
+
+/// Where a one-to-many SCTP proxy listener's associations are peeled off: the
+/// binder, inside the listener's namespace (`None`: the root namespace).
+#[derive(Debug, Clone)]
+pub struct PeelSource {
+    /// The binder thread.
+    pub binder: crate::binder::Binder,
+    /// The listener's namespace file.
+    pub netns: Option<std::path::PathBuf>,
+}
+
+/// A peel-off the binder finished for a worker's one-to-many session.
+pub(crate) struct Peeled {
+    /// The one-to-many session.
+    pub conn: Key,
+    /// The new one-to-one socket, or why there is none.
+    pub result: io::Result<OwnedFd>,
+}
+
+/// Peel-offs finished by the binder, waiting for their worker (which the binder
+/// wakes through its eventfd).
+pub(crate) type PeelMailbox = Arc<std::sync::Mutex<Vec<Peeled>>>;
 
 /// Counters of one worker (counts).
 #[derive(Debug, Default)]
@@ -314,6 +338,7 @@ fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<W
                 rx,
                 wake: w2,
                 stats: s2,
+                peeled: Default::default(),
             };
             match kind {
                 #[cfg(feature = "uring")]
@@ -368,6 +393,47 @@ pub(crate) struct WorkerCtx {
     pub rx: mpsc::Receiver<Command>,
     pub wake: Arc<OwnedFd>,
     pub stats: Arc<WorkerStats>,
+    /// Peel-offs finished by the binder for this worker.
+    pub peeled: PeelMailbox,
+}
+
+impl WorkerCtx {
+    /// Hands session `k`'s peel-off requests to the binder; each answer lands in
+    /// this worker's mailbox and wakes it. A request that cannot even be made is
+    /// finished at once (the session reads again).
+    pub fn request_peel_offs(&self, k: Key, c: &mut Conn) {
+        let assocs = c.take_peel_offs();
+        for assoc in assocs {
+            let dup = c.legs[0].fd.as_ref().map(OwnedFd::try_clone);
+            match (&c.listener.peel, dup) {
+                (Some(src), Some(Ok(fd))) => {
+                    let (mailbox, wake_fd) = (self.peeled.clone(), self.wake.clone());
+                    src.binder.peel_off(
+                        src.netns.clone(),
+                        fd,
+                        assoc,
+                        Box::new(move |result| {
+                            mailbox
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(Peeled { conn: k, result });
+                            wake(wake_fd.as_raw_fd());
+                        }),
+                    );
+                }
+                (_, dup) => {
+                    tracing::warn!(listener = %c.listener.name, assoc, error = ?dup.map(|d| d.err()),
+                        "cannot ask for an SCTP peel-off");
+                    c.peel_finished();
+                }
+            }
+        }
+    }
+
+    /// Takes the finished peel-offs.
+    pub fn take_peeled(&self) -> Vec<Peeled> {
+        std::mem::take(&mut *self.peeled.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A slot-map key: index in the low 32 bits, generation above, so that a stale
@@ -504,6 +570,17 @@ impl Leg {
     }
 }
 
+/// How a session's client socket came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opened {
+    /// accept(2).
+    Accepted,
+    /// A one-to-many SCTP listener socket itself.
+    Many,
+    /// Peeled off a one-to-many SCTP socket.
+    Peeled,
+}
+
 /// What [`Conn::start_connect`] got.
 pub(crate) enum ConnectStart {
     /// The socket is in the upstream leg; issue the connect to `leg.dest`.
@@ -538,7 +615,17 @@ pub(crate) struct Conn {
 impl Conn {
     /// Wraps a freshly accepted socket and runs the session's `on_open`.
     pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>, worker: &Arc<WorkerStats>) -> Conn {
-        Conn::open_as(fd, listener, worker, false)
+        Conn::open_as(fd, listener, worker, Opened::Accepted)
+    }
+
+    /// Wraps an association peeled off a one-to-many SCTP socket (one-to-many
+    /// proxy): a session of its own, counted as accepted.
+    pub fn open_peeled(
+        fd: OwnedFd,
+        listener: Arc<ListenerShared>,
+        worker: &Arc<WorkerStats>,
+    ) -> Conn {
+        Conn::open_as(fd, listener, worker, Opened::Peeled)
     }
 
     /// Wraps a one-to-many SCTP listener socket: one session for all of its
@@ -548,15 +635,16 @@ impl Conn {
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
     ) -> Conn {
-        Conn::open_as(fd, listener, worker, true)
+        Conn::open_as(fd, listener, worker, Opened::Many)
     }
 
     fn open_as(
         fd: OwnedFd,
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
-        many: bool,
+        how: Opened,
     ) -> Conn {
+        let many = how == Opened::Many;
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
@@ -578,11 +666,12 @@ impl Conn {
             }
         };
         let session = if sctp {
-            Session::Sctp(Box::new(SctpSession::new(
-                &listener.action,
-                &listener.sctp,
-                many,
-            )))
+            let s = SctpSession::new(&listener.action, &listener.sctp, many);
+            Session::Sctp(Box::new(if how == Opened::Peeled {
+                s.peeled_off()
+            } else {
+                s
+            }))
         } else {
             Session::new(&listener.action)
         };
@@ -657,6 +746,10 @@ impl Conn {
         if io.assoc_down > 0 {
             st.closed
                 .fetch_add(u64::from(std::mem::take(&mut io.assoc_down)), Relaxed);
+        }
+        if io.dropped > 0 {
+            st.send_drops
+                .fetch_add(u64::from(std::mem::take(&mut io.dropped)), Relaxed);
         }
     }
 
@@ -744,6 +837,19 @@ impl Conn {
         self.session
             .on_complete(side, Completion::Sent(n), &mut self.io);
         self.take_sctp_events();
+    }
+
+    /// Associations the session asked to peel off (one-to-many proxy).
+    pub fn take_peel_offs(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.io.peel_off)
+    }
+
+    /// One peel-off asked for by this session ended (the new session, if any, is
+    /// the driver's): the one-to-many socket may be read again when none is left.
+    pub fn peel_finished(&mut self) {
+        if let Session::Sctp(s) = &mut self.session {
+            s.on_peeled(&mut self.io);
+        }
     }
 
     /// A send on `side` failed with `errno`. On a one-to-many socket only that

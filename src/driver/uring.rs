@@ -512,6 +512,7 @@ impl Worker {
                 }
                 drain_eventfd(self.ctx.wake.as_raw_fd());
                 self.commands();
+                self.peeled();
                 if !self.shutting_down {
                     self.arm_wake();
                 }
@@ -848,6 +849,30 @@ impl Worker {
         })
     }
 
+    /// Starts sessions for the associations the binder peeled off (one-to-many
+    /// proxy) and lets their one-to-many sockets be read again.
+    fn peeled(&mut self) {
+        for p in self.ctx.take_peeled() {
+            // The listener went meanwhile: the new socket closes, aborting it.
+            let Some(c) = self.conns.get_mut(p.conn) else {
+                continue;
+            };
+            c.conn.peel_finished();
+            let shared = c.conn.listener.clone();
+            match p.result {
+                Ok(fd) => {
+                    let conn = Conn::open_peeled(fd, shared, &self.ctx.stats);
+                    let nk = self.insert_conn(conn);
+                    self.drive(nk);
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %shared.name, error = %e, "SCTP peel-off failed")
+                }
+            }
+            self.drive(p.conn);
+        }
+    }
+
     fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
         let mut starved = false;
@@ -1037,6 +1062,7 @@ impl Worker {
             }
         }
         self.timers.sync(k, &mut c.conn);
+        self.ctx.request_peel_offs(k, &mut c.conn);
         for e in entries.into_iter().flatten() {
             self.push(e);
         }

@@ -140,6 +140,11 @@ pub struct SessionIo {
     /// looked (counts).
     pub(crate) assoc_up: u32,
     pub(crate) assoc_down: u32,
+    /// SCTP one-to-many proxy: associations to peel off into their own sessions.
+    pub(crate) peel_off: Vec<i32>,
+    /// SCTP one-to-many proxy: messages that arrived on the shared socket for an
+    /// association that could not be peeled off, dropped (count).
+    pub(crate) dropped: u32,
 }
 
 impl SessionIo {

@@ -11,9 +11,11 @@
 //!
 //! Notifications (association change, shutdown, peer address change) are logged
 //! at debug and never taken for data. On a one-to-many socket an association that
-//! ends drops its partial message. A one-to-many socket only echoes (config
-//! rejects `proxy` there: peeling an association off needs the socket's
-//! namespace, which a worker never enters).
+//! ends drops its partial message. For `proxy` on a one-to-many socket each new
+//! association (SCTP_COMM_UP) is peeled off into a one-to-one session of its own
+//! ([`SessionIo`]'s peel-off requests, served by the binder, since Linux peels off
+//! only inside the socket's namespace); the shared socket is not read while a
+//! peel-off is pending, so the association's queued messages move with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,6 +74,12 @@ pub struct SctpSession {
     connected: bool,
     eof: [bool; 2],
     errors_in_a_row: u32,
+    /// One-to-many proxy: peel-offs asked for and not finished yet.
+    peels_pending: u32,
+    /// The client socket was peeled off a one-to-many socket: it keeps that
+    /// style, so its end shows only as a notification (recvmsg never returns 0)
+    /// and shutdown(2) does nothing on it; SCTP_EOF ends it instead.
+    peeled: bool,
 }
 
 impl SctpSession {
@@ -93,6 +101,29 @@ impl SctpSession {
             connected: false,
             eof: [false; 2],
             errors_in_a_row: 0,
+            peels_pending: 0,
+            peeled: false,
+        }
+    }
+
+    /// Marks the client socket as peeled off a one-to-many socket.
+    pub fn peeled_off(mut self) -> SctpSession {
+        self.peeled = true;
+        self
+    }
+
+    /// Ends the association on `side` gracefully once its queue drains: SHUTDOWN
+    /// through shutdown(2) on a one-to-one socket, an empty message with SCTP_EOF
+    /// on a peeled-off one (RFC 6458 5.3.4).
+    fn end_side(&self, side: Side, io: &mut SessionIo) {
+        if side == Side::Client && self.peeled {
+            io.client().send_message(OutMessage {
+                data: Vec::new(),
+                info: MsgInfo::default(),
+                flags: sctp::SCTP_EOF,
+            });
+        } else {
+            io.side(side).shutdown_write();
         }
     }
 
@@ -149,7 +180,7 @@ impl SctpSession {
                 if self.proxying() {
                     // SCTP has no half-close: the other association is shut down
                     // gracefully once its queue drains, and its end closes us.
-                    io.side(side.other()).shutdown_write();
+                    self.end_side(side.other(), io);
                     if self.eof[side.other().index()] || !self.connected {
                         io.close();
                     }
@@ -190,9 +221,15 @@ impl SctpSession {
         }
     }
 
+    /// A peel-off asked for by this one-to-many session ended.
+    pub fn on_peeled(&mut self, io: &mut SessionIo) {
+        self.peels_pending = self.peels_pending.saturating_sub(1);
+        self.resume(io);
+    }
+
     /// Asks for a receive on every side whose destination has room.
     fn resume(&self, io: &mut SessionIo) {
-        if io.closing() {
+        if io.closing() || self.peels_pending > 0 {
             return;
         }
         if !self.proxying() {
@@ -212,6 +249,11 @@ impl SctpSession {
     }
 
     fn on_piece(&mut self, side: Side, p: &Piece<'_>, io: &mut SessionIo) {
+        if self.many && self.proxy.is_some() {
+            // Its association could not be peeled off: nowhere to forward it.
+            io.dropped += 1;
+            return;
+        }
         let key = if self.many { p.info.assoc } else { 0 };
         let part = self.partial[side.index()].entry(key).or_default();
         if part.data.is_empty() && !part.dropping {
@@ -275,10 +317,30 @@ impl SctpSession {
         tracing::debug!(?side, notification = ?n, "SCTP notification");
         match n {
             Some(Notification::AssocChange { state, assoc }) if self.many => match state {
+                // Proxy: the peeled-off session counts itself.
+                sctp::SCTP_COMM_UP if self.proxy.is_some() => {
+                    self.peels_pending += 1;
+                    io.peel_off.push(assoc);
+                }
                 sctp::SCTP_COMM_UP => io.assoc_up += 1,
-                sctp::SCTP_COMM_LOST | sctp::SCTP_SHUTDOWN_COMP => {
+                sctp::SCTP_COMM_LOST | sctp::SCTP_SHUTDOWN_COMP if self.proxy.is_none() => {
                     io.assoc_down += 1;
                     self.partial[0].remove(&assoc);
+                }
+                _ => {}
+            },
+            // One association per socket: its end, as seen by the stack. A
+            // one-to-one socket also reports it by recvmsg returning 0 or an
+            // error, a peeled-off one only this way.
+            Some(Notification::Shutdown { .. }) if !self.many && !self.eof[side.index()] => {
+                self.on_complete(side, Completion::Eof, io)
+            }
+            Some(Notification::AssocChange { state, .. }) if !self.many => match state {
+                sctp::SCTP_COMM_LOST => {
+                    self.on_complete(side, Completion::Error(libc::ECONNRESET), io)
+                }
+                sctp::SCTP_SHUTDOWN_COMP if !self.eof[side.index()] => {
+                    self.on_complete(side, Completion::Eof, io)
                 }
                 _ => {}
             },
