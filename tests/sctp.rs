@@ -319,45 +319,57 @@ fn echo_one_to_one_v4_v6_root_and_namespace(driver: &str) {
 
 fn echo_one_to_many_v4_v6(driver: &str) {
     let ns = netns(&format!("s1m-{driver}"));
-    let p = port();
+    let (p, proot) = (port(), port());
     let admin = format!("127.0.0.1:{}", free_port());
+    let many = "action = \"echo\"\nsctp_style = \"one-to-many\"\nsctp_streams = 8";
     let cfg = format!(
         "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&listener(
-            "many",
-            Some(&ns),
-            &format!("[::]:{p}"),
-            "action = \"echo\"\nsctp_style = \"one-to-many\"\nsctp_streams = 8"
+        with_workers(&format!(
+            "{}{}",
+            listener("many", Some(&ns), &format!("[::]:{p}"), many),
+            listener("manyroot", None, &format!("[::]:{proot}"), many)
         ))
     );
     let r = Ringress::start(&format!("s1m-{driver}"), driver, &cfg);
     let admin: SocketAddr = admin.parse().unwrap();
-    let mut peers: Vec<Peer> = [format!("127.0.0.1:{p}"), format!("[::1]:{p}")]
+    for (name, n, port) in [("many", Some(&ns), p), ("manyroot", None, proot)] {
+        // Three associations on one socket: IPv4, IPv6, IPv4 again.
+        let mut peers: Vec<Peer> = [
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+            format!("127.0.0.1:{port}"),
+        ]
         .iter()
-        .chain([format!("127.0.0.1:{p}")].iter())
-        .map(|a| Peer::new(sctp_connect(Some(&ns), a.parse().unwrap()).unwrap()))
+        .map(|a| Peer::new(sctp_connect(n, a.parse().unwrap()).unwrap()))
         .collect();
-    // Interleave the associations: each reply goes back to its own sender.
-    for round in 0..20u32 {
-        for (i, peer) in peers.iter_mut().enumerate() {
-            let data = payload(10 + round as usize * 50, (i as u64) << 32 | round as u64);
-            peer.send(&data, (round % 8) as u16, round * 10 + i as u32);
+        // Interleave the associations: each reply goes back to its own sender.
+        for round in 0..20u32 {
+            for (i, peer) in peers.iter_mut().enumerate() {
+                let data = payload(10 + round as usize * 50, (i as u64) << 32 | round as u64);
+                peer.send(&data, (round % 8) as u16, round * 10 + i as u32);
+            }
+            for (i, peer) in peers.iter_mut().enumerate() {
+                let data = payload(10 + round as usize * 50, (i as u64) << 32 | round as u64);
+                peer.expect(&data, (round % 8) as u16, round * 10 + i as u32);
+            }
         }
-        for (i, peer) in peers.iter_mut().enumerate() {
-            let data = payload(10 + round as usize * 50, (i as u64) << 32 | round as u64);
-            peer.expect(&data, (round % 8) as u16, round * 10 + i as u32);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while scrape(admin, "ringress_listener_sctp_associations", name, None) != 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: 3 associations not shown"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while scrape(admin, "ringress_listener_sctp_associations", "many", None) != 3.0 {
-        assert!(Instant::now() < deadline, "3 associations not shown");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(peers);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while scrape(admin, "ringress_listener_sctp_associations", "many", None) != 0.0 {
-        assert!(Instant::now() < deadline, "associations not counted down");
-        std::thread::sleep(Duration::from_millis(50));
+        drop(peers);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while scrape(admin, "ringress_listener_sctp_associations", name, None) != 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: associations not counted down"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     assert!(r.stop().success());
 }

@@ -442,9 +442,75 @@ mod tests {
         assert!(io.client().want_recv);
     }
 
+    fn notification(ty: u16, state: u16) -> Vec<u8> {
+        let mut n = vec![0u8; 20];
+        n[0..2].copy_from_slice(&ty.to_ne_bytes());
+        n[8..10].copy_from_slice(&state.to_ne_bytes());
+        n
+    }
+
+    fn note(n: &[u8]) -> Completion<'_> {
+        Completion::Message(Piece {
+            data: n,
+            info: MsgInfo::default(),
+            eor: true,
+            notification: true,
+        })
+    }
+
     #[test]
-    fn proxy_forwards_both_ways_and_propagates_shutdown() {
-        let p = ProxyConfig {
+    fn association_end_notifications_end_one_to_one_sessions() {
+        // A lost association aborts (the peer sees an abort, not a clean end).
+        let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
+        let mut io = SessionIo::default();
+        let lost = notification(sctp::SCTP_ASSOC_CHANGE, sctp::SCTP_COMM_LOST);
+        s.on_complete(Side::Client, note(&lost), &mut io);
+        assert!(io.abort);
+        // The peer's SHUTDOWN ends an echo session cleanly.
+        let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
+        let mut io = SessionIo::default();
+        let shut = notification(sctp::SCTP_SHUTDOWN_EVENT, 0);
+        s.on_complete(Side::Client, note(&shut), &mut io);
+        assert!(io.close && !io.abort);
+    }
+
+    #[test]
+    fn peeled_off_client_is_ended_with_sctp_eof() {
+        let a = Action::Proxy(Arc::new(proxy_cfg()));
+        let mut s = SctpSession::new(&a, &cfg(100), false).peeled_off();
+        let mut io = SessionIo::default();
+        s.on_open(&mut io);
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        let m = io.client().msgs.pop_front().expect("an SCTP_EOF message");
+        assert_eq!((m.flags, m.data.len()), (sctp::SCTP_EOF, 0));
+        assert!(
+            !io.client().shutdown_write,
+            "shutdown(2) does nothing there"
+        );
+    }
+
+    #[test]
+    fn one_to_many_proxy_pauses_reading_until_peel_off_ends() {
+        let a = Action::Proxy(Arc::new(proxy_cfg()));
+        let mut s = SctpSession::new(&a, &cfg(100), true);
+        let mut io = SessionIo::default();
+        s.on_open(&mut io);
+        io.client().want_recv = false;
+        let mut up = notification(sctp::SCTP_ASSOC_CHANGE, sctp::SCTP_COMM_UP);
+        up[16..20].copy_from_slice(&33i32.to_ne_bytes());
+        s.on_complete(Side::Client, note(&up), &mut io);
+        assert_eq!(io.peel_off, vec![33]);
+        assert!(
+            !io.client().want_recv,
+            "no read while the peel-off is pending"
+        );
+        s.on_peeled(&mut io);
+        assert!(io.client().want_recv);
+    }
+
+    fn proxy_cfg() -> ProxyConfig {
+        ProxyConfig {
             upstreams: vec!["127.0.0.1:1".parse().unwrap()],
             upstream_netns: None,
             upstream_netns_path: None,
@@ -455,8 +521,12 @@ mod tests {
             proxy_protocol: None,
             session_idle_timeout_ms: 0,
             max_sessions: 1,
-        };
-        let a = Action::Proxy(Arc::new(p));
+        }
+    }
+
+    #[test]
+    fn proxy_forwards_both_ways_and_propagates_shutdown() {
+        let a = Action::Proxy(Arc::new(proxy_cfg()));
         let mut s = Session::Sctp(Box::new(SctpSession::new(&a, &cfg(100), false)));
         let mut io = SessionIo::default();
         let Session::Sctp(inner) = &mut s else {
