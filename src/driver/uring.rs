@@ -86,6 +86,10 @@ pub struct RingFeatures {
 
 /// Builds a ring with the best setup flags this kernel takes.
 ///
+/// With the environment variable `RINGRESS_URING_SETUP=plain` no setup flag is
+/// tried (for tests and debugging: the flavour in which an SCTP accept completes
+/// with EINTR most often, see `Worker::on_accept`).
+///
 /// # Errors
 /// io_uring_setup(2) failed even with no flags (ENOSYS, EPERM, ENOMEM).
 pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
@@ -95,8 +99,10 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
         (false, false, true),
         (false, false, false),
     ];
+    let plain = std::env::var_os("RINGRESS_URING_SETUP").is_some_and(|v| v == "plain");
+    let attempts = if plain { &attempts[3..] } else { &attempts[..] };
     let mut last = None;
-    for (si, dt, coop) in attempts {
+    for &(si, dt, coop) in attempts {
         let mut b = IoUring::builder();
         if si {
             b.setup_single_issuer();
@@ -826,6 +832,11 @@ impl Worker {
                     self.push(e);
                 }
                 return;
+            } else if errno == libc::EINTR {
+                // SCTP's accept checks for a pending signal before it checks for
+                // a non-blocking call, and io_uring's task-work notification counts
+                // as one: the accept is simply asked again.
+                tracing::debug!(listener = %l.shared.name, "accept interrupted (EINTR); re-armed");
             } else if !accept_error_benign(errno) {
                 l.shared.stats.accept_errors.fetch_add(1, Relaxed);
                 tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
