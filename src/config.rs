@@ -235,6 +235,7 @@ impl SctpConfig {
         crate::sctp::SocketOpts {
             streams: self.streams,
             buffer_bytes: self.max_message_bytes.max(256 * 1024),
+            max_message: self.max_message_bytes,
         }
     }
 }

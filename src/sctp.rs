@@ -189,6 +189,10 @@ pub struct SocketOpts {
     /// SO_SNDBUF / SO_RCVBUF asked for (bytes): at least the largest message, so a
     /// whole message fits a send.
     pub buffer_bytes: usize,
+    /// The largest message that must fit one send (bytes): Linux refuses a message
+    /// longer than the send buffer (EMSGSIZE), so the buffer the kernel grants is
+    /// checked against it.
+    pub max_message: usize,
 }
 
 impl Default for SocketOpts {
@@ -196,6 +200,7 @@ impl Default for SocketOpts {
         SocketOpts {
             streams: 16,
             buffer_bytes: 256 * 1024,
+            max_message: 256 * 1024,
         }
     }
 }
@@ -234,7 +239,7 @@ pub fn socket(addr: SocketAddr, style: Style, opts: &SocketOpts) -> io::Result<S
         ty.nonblocking().cloexec(),
         Some(Protocol::from(IPPROTO_SCTP)),
     )?;
-    configure(s.as_raw_fd(), opts)?;
+    configure(std::os::fd::AsFd::as_fd(&s), opts)?;
     Ok(s)
 }
 
@@ -245,8 +250,11 @@ pub fn socket(addr: SocketAddr, style: Style, opts: &SocketOpts) -> io::Result<S
 /// Accepted sockets inherit all of this from their listener.
 ///
 /// # Errors
-/// The failing setsockopt(2).
-pub fn configure(fd: RawFd, opts: &SocketOpts) -> io::Result<()> {
+/// The failing setsockopt(2); EMSGSIZE, with a message naming the sysctl, when
+/// the send buffer the kernel grants (capped by `net.core.wmem_max`, then
+/// doubled) is smaller than `opts.max_message`.
+pub fn configure(sock: std::os::fd::BorrowedFd<'_>, opts: &SocketOpts) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
     let init = InitMsg {
         sinit_num_ostreams: opts.streams,
         sinit_max_instreams: opts.streams,
@@ -264,9 +272,22 @@ pub fn configure(fd: RawFd, opts: &SocketOpts) -> io::Result<()> {
     };
     setsockopt(fd, SOL_SCTP, SCTP_EVENTS, &ev)?;
     let buf = opts.buffer_bytes.min(i32::MAX as usize) as libc::c_int;
-    // Best effort: the kernel caps these at net.core.[wr]mem_max.
+    // The kernel caps these at net.core.[wr]mem_max; what it granted is read back.
     let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &buf);
     let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &buf);
+    let granted = socket2::SockRef::from(&sock).send_buffer_size()?;
+    if granted < opts.max_message {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "max_message_bytes {} is larger than the SCTP send buffer the kernel grants \
+                 ({granted} bytes; raise net.core.wmem_max to at least {}, or lower max_message_bytes): \
+                 Linux refuses a message longer than the send buffer",
+                opts.max_message,
+                opts.max_message.div_ceil(2)
+            ),
+        ));
+    }
     Ok(())
 }
 

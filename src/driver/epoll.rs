@@ -446,7 +446,8 @@ impl Worker {
             let Some(c) = self.conns.get_mut(p.conn) else {
                 continue;
             };
-            c.conn.peel_finished();
+            c.conn
+                .peel_finished(p.result.as_ref().err().map(|_| p.assoc));
             let shared = c.conn.listener.clone();
             match p.result {
                 Ok(fd) => {

@@ -201,6 +201,8 @@ pub struct PeelSource {
 pub(crate) struct Peeled {
     /// The one-to-many session.
     pub conn: Key,
+    /// The association.
+    pub assoc: i32,
     /// The new one-to-one socket, or why there is none.
     pub result: io::Result<OwnedFd>,
 }
@@ -416,15 +418,19 @@ impl WorkerCtx {
                             mailbox
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .push(Peeled { conn: k, result });
+                                .push(Peeled {
+                                    conn: k,
+                                    assoc,
+                                    result,
+                                });
                             wake(wake_fd.as_raw_fd());
                         }),
                     );
                 }
                 (_, dup) => {
                     tracing::warn!(listener = %c.listener.name, assoc, error = ?dup.map(|d| d.err()),
-                        "cannot ask for an SCTP peel-off");
-                    c.peel_finished();
+                        "cannot ask for an SCTP peel-off; aborting the association");
+                    c.peel_finished(Some(assoc));
                 }
             }
         }
@@ -751,6 +757,10 @@ impl Conn {
             st.send_drops
                 .fetch_add(u64::from(std::mem::take(&mut io.dropped)), Relaxed);
         }
+        if std::mem::take(&mut io.lost) {
+            st.resets.fetch_add(1, Relaxed);
+            self.failed = true;
+        }
     }
 
     /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
@@ -846,9 +856,10 @@ impl Conn {
 
     /// One peel-off asked for by this session ended (the new session, if any, is
     /// the driver's): the one-to-many socket may be read again when none is left.
-    pub fn peel_finished(&mut self) {
+    /// `failed`: the association that could not be peeled off (it is aborted).
+    pub fn peel_finished(&mut self, failed: Option<i32>) {
         if let Session::Sctp(s) = &mut self.session {
-            s.on_peeled(&mut self.io);
+            s.on_peeled(failed, &mut self.io);
         }
     }
 
@@ -856,6 +867,22 @@ impl Conn {
     /// message is lost (its association is gone) and counted; otherwise the
     /// session is told (and ends).
     pub fn send_failed(&mut self, side: Side, errno: i32) {
+        let ended = matches!(&self.session, Session::Sctp(s) if s.ended(side));
+        if ended {
+            // The peer shut the association down (SCTP has no half-close): what
+            // is still queued toward it cannot go; drop it and let the session end.
+            let i = side.index();
+            let io = &mut self.io.legs[i];
+            let n = 1 + io.msgs.len();
+            io.msgs.clear();
+            io.msg_bytes = 0;
+            io.in_flight = 0;
+            self.legs[i].sending_msg = None;
+            self.listener.stats.send_drops.fetch_add(n as u64, Relaxed);
+            self.session
+                .on_complete(side, Completion::Sent(0), &mut self.io);
+            return;
+        }
         if !self.many {
             self.complete(side, Completion::Error(errno));
             return;
@@ -871,7 +898,11 @@ impl Conn {
 
     /// Whether the session asked for an upstream it does not have yet.
     fn awaiting_upstream(&self) -> bool {
-        matches!(&self.session, Session::Proxy(p) if !p.connected())
+        match &self.session {
+            Session::Proxy(p) => !p.connected(),
+            Session::Sctp(s) => s.is_proxy() && !s.connected(),
+            _ => false,
+        }
     }
 
     fn upstream_failed(&mut self, errno: i32) {
@@ -1043,6 +1074,12 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if self.many {
+            // A one-to-many echo socket takes its associations with it. (For
+            // proxy, the peeled-off sessions count themselves.)
+            let s = &self.listener.stats;
+            if self.listener.peel.is_none() {
+                s.closed.fetch_add(s.active(), Relaxed);
+            }
             return;
         }
         let s = &self.listener.stats;

@@ -269,6 +269,8 @@ struct UConn {
     /// The last receive on that side was short: the socket is probably empty.
     drained: [bool; 2],
     send_armed: [bool; 2],
+    /// The send slot holds a back-off timer after EAGAIN, not a send.
+    send_retry: [bool; 2],
     connect_armed: bool,
     closing: bool,
 }
@@ -301,6 +303,8 @@ struct Worker {
     overflow: VecDeque<squeue::Entry>,
     /// Timespec storage for pause timers (must outlive the SQE).
     pause_ts: Box<types::Timespec>,
+    /// Timespec storage for the back-off of a send that found no room.
+    retry_ts: Box<types::Timespec>,
     wake_armed: bool,
     in_flight: usize,
     shutting_down: bool,
@@ -363,6 +367,7 @@ impl Worker {
             timers: Timers::default(),
             overflow: VecDeque::new(),
             pause_ts: Box::new(types::Timespec::new().nsec((ACCEPT_PAUSE_MS * 1_000_000) as u32)),
+            retry_ts: Box::new(types::Timespec::new().nsec((SEND_RETRY_MS * 1_000_000) as u32)),
             wake_armed: false,
             in_flight: 0,
             shutting_down: false,
@@ -378,8 +383,10 @@ impl Worker {
             self.overflow.push_back(e);
             return;
         }
-        // SAFETY: every buffer an entry points to (send slices, timespec) is owned
-        // by the worker and kept alive and unmoved until the entry's CQE.
+        // SAFETY: every buffer an entry points to (send slices, SCTP messages and
+        // their boxed msghdr/iovec/control space in the session's Leg, timespecs,
+        // connect addresses) is owned by the worker and kept alive and unmoved
+        // until the entry's CQE (sessions close only when their ops reach 0).
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.overflow.push_back(e);
         }
@@ -772,9 +779,17 @@ impl Worker {
         }
         l.armed = true;
         let fd = types::Fd(l.fd.as_raw_fd());
+        // SCTP sockets must be non-blocking: a send that waits for room is punted
+        // to an io-wq thread, which would block on a blocking socket (a thread per
+        // stalled association); non-blocking, it completes with EAGAIN instead.
+        let nonblock = if l.shared.proto == Proto::Sctp {
+            libc::SOCK_NONBLOCK
+        } else {
+            0
+        };
         let e = if multishot {
             opcode::AcceptMulti::new(fd)
-                .flags(libc::SOCK_CLOEXEC)
+                .flags(libc::SOCK_CLOEXEC | nonblock)
                 .build()
         } else {
             opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
@@ -855,6 +870,7 @@ impl Worker {
             recv_armed: [false; 2],
             drained: [false; 2],
             send_armed: [false; 2],
+            send_retry: [false; 2],
             connect_armed: false,
             closing: false,
         })
@@ -868,7 +884,8 @@ impl Worker {
             let Some(c) = self.conns.get_mut(p.conn) else {
                 continue;
             };
-            c.conn.peel_finished();
+            c.conn
+                .peel_finished(p.result.as_ref().err().map(|_| p.assoc));
             let shared = c.conn.listener.clone();
             match p.result {
                 Ok(fd) => {
@@ -935,9 +952,26 @@ impl Worker {
 
     fn on_send(&mut self, k: Key, side: Side, res: i32) {
         if let Some(c) = self.conns.get_mut(k) {
+            let i = side.index();
             c.ops -= 1;
-            c.send_armed[side.index()] = false;
-            if !c.closing {
+            c.send_armed[i] = false;
+            if std::mem::take(&mut c.send_retry[i]) {
+                // The back-off timer of an EAGAIN send ended (-ETIME), or was
+                // cancelled: drive() sends the same bytes again.
+            } else if !c.closing && res == -libc::EAGAIN {
+                // The kernel had no room yet (an SCTP message is sent whole, and
+                // POLLOUT only means "some room"; a send retried in io-wq on a
+                // non-blocking socket ends here). Nothing was sent: wait a little,
+                // then send the same bytes again. The send slot stays taken.
+                c.send_retry[i] = true;
+                c.send_armed[i] = true;
+                c.ops += 1;
+                let e = opcode::Timeout::new(&*self.retry_ts as *const types::Timespec)
+                    .build()
+                    .user_data(token(K_SEND + i as u8, k));
+                self.push(e);
+                return;
+            } else if !c.closing {
                 if res >= 0 && c.conn.is_message_leg(side) {
                     c.conn.message_sent(side);
                 } else if res >= 0 {
@@ -1008,6 +1042,8 @@ impl Worker {
             }
         }
         c.conn.shutdown_drained();
+        // Before arming: a request that ends at once lets the session read again.
+        self.ctx.request_peel_offs(k, &mut c.conn);
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
             let Some(fd) = c.conn.legs[i].raw().map(types::Fd) else {
@@ -1073,7 +1109,6 @@ impl Worker {
             }
         }
         self.timers.sync(k, &mut c.conn);
-        self.ctx.request_peel_offs(k, &mut c.conn);
         for e in entries.into_iter().flatten() {
             self.push(e);
         }
@@ -1122,6 +1157,9 @@ fn side_of(i: u8) -> Side {
         Side::Upstream
     }
 }
+
+/// How long a send that found no room (EAGAIN) waits before it is tried again (ms).
+const SEND_RETRY_MS: u64 = 1;
 
 /// How often a shutting-down worker checks whether its ops have drained.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);

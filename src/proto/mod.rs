@@ -142,9 +142,11 @@ pub struct SessionIo {
     pub(crate) assoc_down: u32,
     /// SCTP one-to-many proxy: associations to peel off into their own sessions.
     pub(crate) peel_off: Vec<i32>,
-    /// SCTP one-to-many proxy: messages that arrived on the shared socket for an
-    /// association that could not be peeled off, dropped (count).
+    /// SCTP: messages dropped because nobody can take them (an association that
+    /// could not be peeled off, or a side that has ended) (count).
     pub(crate) dropped: u32,
+    /// SCTP: the association was lost (COMM_LOST: aborted by the peer or failed).
+    pub(crate) lost: bool,
 }
 
 impl SessionIo {

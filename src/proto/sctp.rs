@@ -76,6 +76,8 @@ pub struct SctpSession {
     errors_in_a_row: u32,
     /// One-to-many proxy: peel-offs asked for and not finished yet.
     peels_pending: u32,
+    /// Bytes held in partial messages, all associations together.
+    partial_bytes: usize,
     /// The client socket was peeled off a one-to-many socket: it keeps that
     /// style, so its end shows only as a notification (recvmsg never returns 0)
     /// and shutdown(2) does nothing on it; SCTP_EOF ends it instead.
@@ -102,6 +104,7 @@ impl SctpSession {
             eof: [false; 2],
             errors_in_a_row: 0,
             peels_pending: 0,
+            partial_bytes: 0,
             peeled: false,
         }
     }
@@ -130,6 +133,11 @@ impl SctpSession {
     /// Whether the upstream association is established (proxy).
     pub fn connected(&self) -> bool {
         self.connected
+    }
+
+    /// Whether this session proxies (to an upstream association).
+    pub fn is_proxy(&self) -> bool {
+        self.proxying()
     }
 
     /// Whether this is a proxy session of a one-to-one association.
@@ -221,10 +229,33 @@ impl SctpSession {
         }
     }
 
-    /// A peel-off asked for by this one-to-many session ended.
-    pub fn on_peeled(&mut self, io: &mut SessionIo) {
+    /// A peel-off asked for by this one-to-many session ended; `failed` names the
+    /// association if it could not be peeled off: it is aborted (it would
+    /// otherwise stay open with nobody to serve it).
+    pub fn on_peeled(&mut self, failed: Option<i32>, io: &mut SessionIo) {
         self.peels_pending = self.peels_pending.saturating_sub(1);
+        if let Some(assoc) = failed {
+            io.client().send_message(OutMessage {
+                data: Vec::new(),
+                info: MsgInfo {
+                    assoc,
+                    ..MsgInfo::default()
+                },
+                flags: sctp::SCTP_ABORT,
+            });
+        }
         self.resume(io);
+    }
+
+    /// Whether the association on `side` has ended (its peer shut it down): sends
+    /// toward it can only fail.
+    pub fn ended(&self, side: Side) -> bool {
+        !self.many && self.eof[side.index()]
+    }
+
+    /// Most bytes all partial messages of a one-to-many socket may hold together.
+    fn partial_budget(&self) -> usize {
+        (4 * self.max_message).max(1 << 20)
     }
 
     /// Asks for a receive on every side whose destination has room.
@@ -254,13 +285,22 @@ impl SctpSession {
             io.dropped += 1;
             return;
         }
+        if self.proxying() && self.eof[side.other().index()] {
+            // That side has ended (SCTP has no half-close: it takes no more data).
+            io.dropped += 1;
+            return;
+        }
         let key = if self.many { p.info.assoc } else { 0 };
+        // One-to-many: every association may hold a partial message; together they
+        // may not hold more than the budget.
+        let over_budget = self.many && self.partial_bytes + p.data.len() > self.partial_budget();
         let part = self.partial[side.index()].entry(key).or_default();
         if part.data.is_empty() && !part.dropping {
             part.info = p.info;
         }
-        if !part.dropping && part.data.len() + p.data.len() > self.max_message {
+        if !part.dropping && (part.data.len() + p.data.len() > self.max_message || over_budget) {
             io.too_big += 1;
+            self.partial_bytes -= part.data.len();
             tracing::debug!(
                 assoc = p.info.assoc,
                 limit = self.max_message,
@@ -288,12 +328,14 @@ impl SctpSession {
             return;
         }
         part.data.extend_from_slice(p.data);
+        self.partial_bytes += p.data.len();
         if !p.eor {
             return;
         }
         let Some(whole) = self.partial[side.index()].remove(&key) else {
             return;
         };
+        self.partial_bytes -= whole.data.len();
         if self.proxying() {
             io.side(side.other()).send_message(OutMessage {
                 data: whole.data,
@@ -325,7 +367,9 @@ impl SctpSession {
                 sctp::SCTP_COMM_UP => io.assoc_up += 1,
                 sctp::SCTP_COMM_LOST | sctp::SCTP_SHUTDOWN_COMP if self.proxy.is_none() => {
                     io.assoc_down += 1;
-                    self.partial[0].remove(&assoc);
+                    if let Some(p) = self.partial[0].remove(&assoc) {
+                        self.partial_bytes -= p.data.len();
+                    }
                 }
                 _ => {}
             },
@@ -337,6 +381,7 @@ impl SctpSession {
             }
             Some(Notification::AssocChange { state, .. }) if !self.many => match state {
                 sctp::SCTP_COMM_LOST => {
+                    io.lost = true;
                     self.on_complete(side, Completion::Error(libc::ECONNRESET), io)
                 }
                 sctp::SCTP_SHUTDOWN_COMP if !self.eof[side.index()] => {
@@ -505,7 +550,7 @@ mod tests {
             !io.client().want_recv,
             "no read while the peel-off is pending"
         );
-        s.on_peeled(&mut io);
+        s.on_peeled(None, &mut io);
         assert!(io.client().want_recv);
     }
 
