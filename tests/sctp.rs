@@ -44,6 +44,7 @@ sctp_tests!(
     large_message_whole_and_limit_aborts,
     proxy_across_namespaces,
     idle_associations_stay_within_thread_budget,
+    slow_reader_gets_every_message,
 );
 
 /// The output of this binary run under user-mode Linux, once per process.
@@ -476,6 +477,65 @@ fn large_message_whole_and_limit_aborts(driver: &str) {
     assert!(r.stop().success());
 }
 
+/// A client that stops reading while it sends: the echo's sends find no room
+/// (EAGAIN: a message is sent whole, and the socket is "writable" as soon as any
+/// room frees); they must wait and go on, never fail or drop a message.
+fn slow_reader_gets_every_message(driver: &str) {
+    let ns = netns(&format!("sslow-{driver}"));
+    let p = port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n{}",
+        with_workers(&listener(
+            "slow",
+            Some(&ns),
+            &format!("127.0.0.1:{p}"),
+            "action = \"echo\""
+        ))
+    );
+    let r = Ringress::start(&format!("sslow-{driver}"), driver, &cfg);
+    let s = sctp_connect(Some(&ns), format!("127.0.0.1:{p}").parse().unwrap()).unwrap();
+    let reader = s.try_clone().unwrap();
+    const N: u32 = 40;
+    const SIZE: usize = 100 * 1024;
+    let writer = std::thread::spawn(move || {
+        let mut w = Peer::new(s);
+        for i in 0..N {
+            w.send(&payload(SIZE, i as u64), (i % 4) as u16, i);
+        }
+        w
+    });
+    // Read nothing for a while: the server's send buffer and our receive
+    // buffer fill up, and its sends have to wait.
+    std::thread::sleep(Duration::from_secs(2));
+    let threads_stalled = r.threads();
+    let mut rd = Peer::new(reader);
+    for i in 0..N {
+        rd.expect(&payload(SIZE, i as u64), (i % 4) as u16, i);
+    }
+    drop(writer.join().unwrap());
+    // With RUST_LOG=ringress=trace the io_uring driver logs each wait.
+    eprintln!(
+        "sends that found no room: {}",
+        r.stderr().matches("send found no room").count()
+    );
+    let admin: SocketAddr = admin.parse().unwrap();
+    assert_eq!(
+        scrape(
+            admin,
+            "ringress_listener_errors_total",
+            "slow",
+            Some("reset")
+        ),
+        0.0
+    );
+    assert_eq!(
+        threads_stalled, 4,
+        "threads while sends waited (an io_uring send blocked in a kernel worker?)"
+    );
+    assert!(r.stop().success());
+}
+
 /// An SCTP upstream in `ns`: answers each message on stream+1 with PPID+1000 and
 /// the bytes reversed; a message with PPID 999 makes it abort the association.
 /// Records every (stream, PPID) it received and whether each association ended
@@ -746,6 +806,37 @@ fn uring_plain_ring_serves_sctp_accepts() {
         );
         assert!(!log.contains("accept failed"), "{log}");
         assert!(r.stop().success());
+    });
+}
+
+/// A `max_message_bytes` larger than the send buffer the kernel grants could never
+/// be sent whole (Linux refuses a message longer than the send buffer): the start
+/// fails and says which knob to turn.
+#[test]
+fn max_message_beyond_send_buffer_is_refused() {
+    run_or_delegate("max_message_beyond_send_buffer_is_refused", || {
+        require_root();
+        let dir = TempDir::new("sctp-bigmsg");
+        let cfg = dir.0.join("c.toml");
+        let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[listener]]\nname = \"huge\"\nproto = \"sctp\"\nlisten = \"127.0.0.1:{}\"\n\
+                 action = \"echo\"\nmax_message_bytes = {}\n",
+                port(),
+                wmem_max * 4
+            ),
+        )
+        .unwrap();
+        let (code, _, err) = ringress_cmd(&["run", cfg.to_str().unwrap()]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("listener huge"), "{err}");
+        assert!(err.contains("net.core.wmem_max"), "{err}");
     });
 }
 

@@ -963,6 +963,7 @@ impl Worker {
                 // POLLOUT only means "some room"; a send retried in io-wq on a
                 // non-blocking socket ends here). Nothing was sent: wait a little,
                 // then send the same bytes again. The send slot stays taken.
+                tracing::trace!(listener = %c.conn.listener.name, "send found no room (EAGAIN); retrying in {SEND_RETRY_MS} ms");
                 c.send_retry[i] = true;
                 c.send_armed[i] = true;
                 c.ops += 1;
