@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ringress::config::{Config, IoChoice};
+use ringress::config::{Config, IoChoice, Proto};
 use ringress::{control, demo, server::Server, signals};
 
 /// ringress: an L4 ingress server for TCP listeners in many network namespaces,
@@ -84,6 +84,16 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match load(&config) {
             Ok(cfg) => {
+                // Valid, but `run` would refuse it here: say so now.
+                if let Err(e) = ringress::sctp::available() {
+                    for l in cfg.listeners.iter().filter(|l| l.proto == Proto::Sctp) {
+                        eprintln!(
+                            "warning: listener {}: this kernel has no SCTP support ({e}); \
+                             `run` fails unless given --skip-unavailable",
+                            l.name
+                        );
+                    }
+                }
                 println!(
                     "{}: ok ({} listener{})",
                     config.display(),

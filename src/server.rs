@@ -49,9 +49,12 @@ pub enum StartError {
     /// EPROTONOSUPPORT where `CONFIG_IP_SCTP` is off or the module is not loaded).
     #[error(
         "listener {listener}: proto \"{proto}\" is unavailable: this kernel has no {upper} support \
-         ({source}); load its module (modprobe {proto}), or run with --skip-unavailable to serve \
-         the other listeners without it",
-        upper = proto.as_str().to_uppercase()
+         (socket {addr} in netns {netns}: {errno}); load its module (modprobe {proto}), or run \
+         with --skip-unavailable to serve the other listeners without it",
+        upper = proto.as_str().to_uppercase(),
+        addr = source.addr,
+        netns = source.netns,
+        errno = source.source
     )]
     Unavailable {
         /// The listener.
