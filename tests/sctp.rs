@@ -481,7 +481,13 @@ fn large_message_whole_and_limit_aborts(driver: &str) {
 /// (EAGAIN: a message is sent whole, and the socket is "writable" as soon as any
 /// room frees); they must wait and go on, never fail or drop a message.
 fn slow_reader_gets_every_message(driver: &str) {
-    let ns = netns(&format!("sslow-{driver}"));
+    for style in ["one-to-one", "one-to-many"] {
+        slow_reader_on(driver, style);
+    }
+}
+
+fn slow_reader_on(driver: &str, style: &str) {
+    let ns = netns(&format!("sslow-{driver}-{}", &style[7..]));
     let p = port();
     let admin = format!("127.0.0.1:{}", free_port());
     let cfg = format!(
@@ -490,10 +496,10 @@ fn slow_reader_gets_every_message(driver: &str) {
             "slow",
             Some(&ns),
             &format!("127.0.0.1:{p}"),
-            "action = \"echo\""
+            &format!("action = \"echo\"\nsctp_style = \"{style}\"")
         ))
     );
-    let r = Ringress::start(&format!("sslow-{driver}"), driver, &cfg);
+    let r = Ringress::start(&format!("sslow-{driver}-{style}"), driver, &cfg);
     let s = sctp_connect(Some(&ns), format!("127.0.0.1:{p}").parse().unwrap()).unwrap();
     let reader = s.try_clone().unwrap();
     const N: u32 = 40;
@@ -509,9 +515,26 @@ fn slow_reader_gets_every_message(driver: &str) {
     // buffer fill up, and its sends have to wait.
     std::thread::sleep(Duration::from_secs(2));
     let threads_stalled = r.threads();
+    // Streams are ordered each on its own: across streams SCTP may deliver in
+    // another order than sent. Match each echo by its PPID.
     let mut rd = Peer::new(reader);
-    for i in 0..N {
-        rd.expect(&payload(SIZE, i as u64), (i % 4) as u16, i);
+    let mut last_on_stream = [None::<u32>; 4];
+    let mut seen = [false; N as usize];
+    for _ in 0..N {
+        let Got::Msg(d, info) = rd.recv() else {
+            panic!("association ended early")
+        };
+        let i = info.ppid;
+        assert!(i < N && !seen[i as usize], "unexpected PPID {i}");
+        seen[i as usize] = true;
+        assert_eq!(info.stream as u32, i % 4, "message {i} on another stream");
+        assert!(d == payload(SIZE, i as u64), "message {i} bytes");
+        let st = info.stream as usize;
+        assert!(
+            last_on_stream[st].is_none_or(|l| l < i),
+            "stream {st} out of order"
+        );
+        last_on_stream[st] = Some(i);
     }
     drop(writer.join().unwrap());
     // With RUST_LOG=ringress=trace the io_uring driver logs each wait.

@@ -271,6 +271,8 @@ struct UConn {
     send_armed: [bool; 2],
     /// The send slot holds a back-off timer after EAGAIN, not a send.
     send_retry: [bool; 2],
+    /// The receive in flight is a multishot RECVMSG (one-to-many echo socket).
+    recv_multi: [bool; 2],
     connect_armed: bool,
     closing: bool,
 }
@@ -283,6 +285,9 @@ struct Worker {
     udp_bufs: Option<BufRing>,
     /// The RECVMSG template (name and control sizes) every UDP receive points to.
     udp_msghdr: Box<libc::msghdr>,
+    /// The multishot RECVMSG template of one-to-many SCTP sockets: no name, room
+    /// for one SCTP_RCVINFO.
+    many_msghdr: Box<libc::msghdr>,
     udp: UdpState,
     udp_by_id: ListenerIds,
     /// UDP sockets whose receive found no buffer: re-armed after the batch.
@@ -348,11 +353,15 @@ impl Worker {
         let mut udp_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         udp_msghdr.msg_namelen = udp::NAME_SPACE as _;
         udp_msghdr.msg_controllen = udp::CONTROL_SPACE as _;
+        // SAFETY: as above.
+        let mut many_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        many_msghdr.msg_controllen = (crate::sctp::RECV_CONTROL_WORDS * 8) as _;
         Ok(Worker {
             ring,
             bufs,
             udp_bufs: None,
             udp_msghdr,
+            many_msghdr,
             udp: UdpState::default(),
             udp_by_id: Default::default(),
             udp_starved: Vec::new(),
@@ -871,6 +880,7 @@ impl Worker {
             drained: [false; 2],
             send_armed: [false; 2],
             send_retry: [false; 2],
+            recv_multi: [false; 2],
             connect_armed: false,
             closing: false,
         })
@@ -901,7 +911,71 @@ impl Worker {
         }
     }
 
+    /// One CQE of the multishot RECVMSG of a one-to-many echo socket: a piece of a
+    /// message (or a notification) laid out as io_uring_recvmsg_out, name, control
+    /// (SCTP_RCVINFO), payload. The receive is cancelled when the session stops
+    /// asking for more (its window is full); the last CQE lacks F_MORE.
+    fn on_recv_multi(&mut self, k: Key, side: Side, res: i32, flags: u32) {
+        let i = side.index();
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let mut starved = false;
+        if let Some(c) = self.conns.get_mut(k) {
+            if !more {
+                c.ops -= 1;
+                c.recv_armed[i] = false;
+                c.recv_multi[i] = false;
+            }
+            if c.closing {
+                // Cancelled or not, nothing more goes to a closing session.
+            } else if let (true, Some(bid)) = (res >= 0, bid) {
+                let raw = self.bufs.data(bid, res as usize);
+                if let Ok(out) = types::RecvMsgOut::parse(raw, &self.many_msghdr) {
+                    let info = crate::sctp::parse_rcvinfo(out.control_data())
+                        .map(|r| crate::sctp::MsgInfo {
+                            stream: r.rcv_sid,
+                            ppid: r.rcv_ppid,
+                            assoc: r.rcv_assoc_id,
+                        })
+                        .unwrap_or_default();
+                    c.conn
+                        .complete_message(side, out.payload_data(), out.flags() as i32, info);
+                }
+                // Still running but no longer wanted: stop it (its last CQEs may
+                // still carry data, which the session takes).
+                if more && !c.conn.take_recv_request(side) && !c.closing {
+                    let e = opcode::AsyncCancel::new(token(K_RECV + i as u8, k))
+                        .build()
+                        .user_data(token(K_CANCEL, k));
+                    self.push(e);
+                }
+            } else if res == -libc::ENOBUFS {
+                starved = true;
+                self.ctx.stats.enobufs.fetch_add(1, Relaxed);
+                c.conn.io.side(side).recv();
+                self.starved.push(k);
+            } else if res < 0 && res != -libc::ECANCELED {
+                c.conn.complete(side, Completion::Error(-res));
+            }
+        }
+        if let Some(bid) = bid {
+            self.bufs.push(bid);
+        }
+        // Replies queued by this piece go out now (the receive stays armed).
+        if !starved {
+            self.drive(k);
+        }
+    }
+
     fn on_recv(&mut self, k: Key, side: Side, res: i32, flags: u32) {
+        if self
+            .conns
+            .get_mut(k)
+            .is_some_and(|c| c.recv_multi[side.index()])
+        {
+            self.on_recv_multi(k, side, res, flags);
+            return;
+        }
         let bid = cqueue::buffer_select(flags);
         let mut starved = false;
         if let Some(c) = self.conns.get_mut(k) {
@@ -1067,7 +1141,21 @@ impl Worker {
                         entries[i] = Some(e);
                     }
                 }
-                if !c.recv_armed[i] && c.conn.take_recv_request(side) {
+                // A one-to-many echo socket carries every association's messages:
+                // a multishot RECVMSG (Linux 6.0) takes them in batches, one CQE
+                // each, instead of one ring round trip per message. (Not for proxy:
+                // reading must stop while a peel-off is pending.)
+                let multi = c.conn.many && c.conn.listener.peel.is_none();
+                if !c.recv_armed[i] && multi && c.conn.take_recv_request(side) {
+                    // The template only gives sizes; it lives as long as the worker.
+                    let e = opcode::RecvMsgMulti::new(fd, &*self.many_msghdr, BGID)
+                        .build()
+                        .user_data(token(K_RECV + i as u8, k));
+                    c.recv_armed[i] = true;
+                    c.recv_multi[i] = true;
+                    c.ops += 1;
+                    entries[2 + i] = Some(e);
+                } else if !c.recv_armed[i] && c.conn.take_recv_request(side) {
                     // Null buffer: the kernel picks one from the ring (BUFFER_SELECT).
                     if let Some(hdr) = c.conn.recv_header(side, std::ptr::null_mut(), BUF_SIZE) {
                         let e = opcode::RecvMsg::new(fd, hdr)
