@@ -558,9 +558,10 @@ impl Server {
                     self.install(p, Ok(b));
                 }
                 Err(e) => {
-                    let retry =
-                        matches!(e.errno(), Some(libc::ENOENT | libc::EADDRNOTAVAIL) | None)
-                            || e.source.kind() == std::io::ErrorKind::InvalidInput;
+                    // A namespace still being set up (`ip netns add` mounts it after
+                    // creating the file; its addresses may come later): try again.
+                    let retry = e.step == "enter"
+                        || matches!(e.errno(), Some(libc::ENOENT | libc::EADDRNOTAVAIL));
                     tracing::debug!(error = %e, retry, "binding in a new namespace");
                     done &= !retry;
                     if !retry {

@@ -45,6 +45,7 @@ sctp_tests!(
     proxy_across_namespaces,
     idle_associations_stay_within_thread_budget,
     slow_reader_gets_every_message,
+    one_to_many_stalled_association_is_aborted,
 );
 
 /// The output of this binary run under user-mode Linux, once per process.
@@ -556,6 +557,80 @@ fn slow_reader_on(driver: &str, style: &str) {
         threads_stalled, 4,
         "threads while sends waited (an io_uring send blocked in a kernel worker?)"
     );
+    assert!(r.stop().success());
+}
+
+/// On a one-to-many socket every association shares the send buffer: one that
+/// floods and never reads fills it. After the stall limit (5 s) it is aborted and
+/// counted, and the other associations are answered again.
+fn one_to_many_stalled_association_is_aborted(driver: &str) {
+    let ns = netns(&format!("sstall-{driver}"));
+    let p = port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n{}",
+        with_workers(&listener(
+            "stall",
+            Some(&ns),
+            &format!("127.0.0.1:{p}"),
+            "action = \"echo\"\nsctp_style = \"one-to-many\""
+        ))
+    );
+    let r = Ringress::start(&format!("sstall-{driver}"), driver, &cfg);
+    let addr: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+    let mut good = Peer::new(sctp_connect(Some(&ns), addr).unwrap());
+    good.send(b"before", 1, 1);
+    good.expect(b"before", 1, 1);
+    // The bad client: sends 100 KiB messages and never reads, until its sends
+    // block for good or fail (its association gets aborted), at most 40 s.
+    let bad = sctp_connect(Some(&ns), addr).unwrap();
+    let bad_reader = bad.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut space = MsgSpace::new();
+        let data = payload(100 * 1024, 3);
+        let info = MsgInfo::default();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut sent = 0;
+        while Instant::now() < deadline && sent < 200 {
+            match sctp::send(bad.as_raw_fd(), &data, info, 0, &mut space) {
+                Ok(_) => sent += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let _ = wait_fd(bad.as_raw_fd(), libc::POLLOUT, 1);
+                }
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    // Let the flood fill the server's send buffer, then ask the good client's
+    // question: it is answered once the bad association is aborted.
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    good.send(b"after", 2, 2);
+    good.expect(b"after", 2, 2);
+    eprintln!("answered {:?} after the flood began to stall", t0.elapsed());
+    let mut badr = Peer::new(bad_reader);
+    loop {
+        match badr.recv() {
+            Got::Msg(..) => continue, // echoes sent before the abort
+            Got::Aborted => break,
+            Got::Shutdown => panic!("the flooding association ended cleanly, not aborted"),
+        }
+    }
+    let sent = flood.join().unwrap();
+    assert!(sent > 5, "the flood sent only {sent} messages");
+    let admin: SocketAddr = admin.parse().unwrap();
+    assert!(
+        scrape(
+            admin,
+            "ringress_listener_errors_total",
+            "stall",
+            Some("send_dropped")
+        ) >= 1.0
+    );
+    assert!(r
+        .stderr()
+        .contains("aborted so the others on its socket can go on"));
     assert!(r.stop().success());
 }
 

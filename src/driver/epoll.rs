@@ -58,6 +58,11 @@ struct EConn {
     /// The peer's FIN or an error was signalled (EPOLLRDHUP/HUP/ERR) per side: a
     /// short read then does not mean the socket is drained.
     hup: [bool; 2],
+    /// An SCTP send found no room: try again at this time even without a new
+    /// EPOLLOUT edge (a message goes whole; "writable" only means "some room").
+    retry_at: Option<Instant>,
+    /// Listed in the worker's `send_retries`.
+    retry_listed: bool,
 }
 
 struct Worker {
@@ -75,6 +80,8 @@ struct Worker {
     paused: Vec<(Instant, Key)>,
     /// Sessions waiting for an upstream socket from a namespace pool.
     parked: Vec<Key>,
+    /// Sessions with an SCTP send to try again at their `retry_at`.
+    send_retries: Vec<Key>,
     timers: Timers,
     udp: UdpState,
     udp_by_id: ListenerIds,
@@ -118,6 +125,7 @@ impl Worker {
             ready_listeners: VecDeque::new(),
             paused: Vec::new(),
             parked: Vec::new(),
+            send_retries: Vec::new(),
             timers: Timers::default(),
             udp: UdpState::default(),
             udp_by_id: Default::default(),
@@ -138,6 +146,18 @@ impl Worker {
             } else {
                 let t = self.pause_timeout();
                 let now = Instant::now();
+                let t = match self.next_send_retry() {
+                    Some(r) => {
+                        let ms = (r.saturating_duration_since(now).as_millis().min(1000) as u16)
+                            .saturating_add(1);
+                        if t == EpollTimeout::NONE || EpollTimeout::from(ms) < t {
+                            EpollTimeout::from(ms)
+                        } else {
+                            t
+                        }
+                    }
+                    None => t,
+                };
                 let next = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -229,6 +249,7 @@ impl Worker {
                 }
                 self.drive(k);
             }
+            self.due_send_retries();
             for _ in 0..self.ready_listeners.len() {
                 if let Some(k) = self.ready_listeners.pop_front() {
                     self.accept(k);
@@ -236,6 +257,39 @@ impl Worker {
             }
             for _ in 0..self.ready.len() {
                 if let Some(k) = self.ready.pop_front() {
+                    self.drive(k);
+                }
+            }
+        }
+    }
+
+    /// The earliest time an SCTP send is to be tried again, if any.
+    fn next_send_retry(&mut self) -> Option<Instant> {
+        let conns = &mut self.conns;
+        self.send_retries
+            .iter()
+            .filter_map(|&k| conns.get_mut(k).and_then(|c| c.retry_at))
+            .min()
+    }
+
+    /// Tries again the SCTP sends whose back-off has passed.
+    fn due_send_retries(&mut self) {
+        if self.send_retries.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for k in std::mem::take(&mut self.send_retries) {
+            let Some(c) = self.conns.get_mut(k) else {
+                continue;
+            };
+            match c.retry_at {
+                Some(t) if t > now => self.send_retries.push(k),
+                _ => {
+                    c.retry_at = None;
+                    c.retry_listed = false;
+                    for r in &mut c.ready {
+                        r.1 = true;
+                    }
                     self.drive(k);
                 }
             }
@@ -427,6 +481,8 @@ impl Worker {
             conn,
             ready: [(true, true), (false, false)],
             hup: [false; 2],
+            retry_at: None,
+            retry_listed: false,
         });
         let c = self.conns.get_mut(ck)?;
         let fd = c.conn.legs[0].fd.as_ref()?;
@@ -568,6 +624,10 @@ impl Worker {
             }
             c.conn.shutdown_drained();
             self.ctx.request_peel_offs(k, &mut c.conn);
+            if c.retry_at.is_some() && !c.retry_listed {
+                c.retry_listed = true;
+                self.send_retries.push(k);
+            }
             if !progress {
                 if c.conn.finished() {
                     c.conn.linger_if_aborting();
@@ -653,10 +713,17 @@ fn step_message_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
             ops += 1;
             match r {
                 Ok(_) => c.conn.message_sent(side),
-                Err(e) => match e.raw_os_error().unwrap_or(libc::EIO) {
+                Err(e) => match e.raw_os_error().unwrap_or(libc::EAGAIN) {
                     libc::EAGAIN => {
-                        c.ready[i].1 = false;
-                        ops -= 1;
+                        let wait = c.conn.send_would_block(side);
+                        if wait.is_zero() {
+                            // The queue changed (a stalled association was
+                            // aborted): the next send can go now.
+                        } else {
+                            c.ready[i].1 = false;
+                            c.retry_at = Some(Instant::now() + wait);
+                            ops -= 1;
+                        }
                     }
                     libc::EINTR => {}
                     errno => {

@@ -55,6 +55,11 @@ pub use upstream::UpstreamSet;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
 pub const ACCEPT_PAUSE_MS: u64 = 100;
+/// Longest wait between tries of a send that finds no room (ms, a power of two).
+pub const SEND_RETRY_MAX_MS: u64 = 64;
+/// How long a one-to-many SCTP socket waits for room for one association's
+/// message before it aborts that association.
+pub const SEND_STALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// Which driver a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,6 +554,8 @@ pub(crate) struct Leg {
     pub msg: Option<Box<MsgSpace>>,
     /// SCTP: the message being sent (stays put until its send completes).
     pub sending_msg: Option<OutMessage>,
+    /// Since when, and how many times in a row, a send found no room (EAGAIN).
+    pub blocked: Option<(Instant, u32)>,
 }
 
 impl Leg {
@@ -562,6 +569,7 @@ impl Leg {
             dest: None,
             msg: None,
             sending_msg: None,
+            blocked: None,
         }
     }
 
@@ -839,6 +847,7 @@ impl Conn {
     /// The message from [`Conn::with_next_message`] on `side` was sent whole.
     pub fn message_sent(&mut self, side: Side) {
         let i = side.index();
+        self.legs[i].blocked = None;
         let n = self.legs[i].sending_msg.take().map_or(0, |m| m.data.len());
         self.io.legs[i].in_flight = 0;
         if side == Side::Client {
@@ -847,6 +856,58 @@ impl Conn {
         self.session
             .on_complete(side, Completion::Sent(n), &mut self.io);
         self.take_sctp_events();
+    }
+
+    /// A send on `side` found no room (EAGAIN; nothing was sent). Returns how long
+    /// to wait before the same send is tried again: 1 ms, doubling up to
+    /// [`SEND_RETRY_MAX_MS`], or zero when the send queue changed and the next send
+    /// can go now. On a one-to-many socket the room is shared by every association
+    /// (net.sctp.sndbuf_policy 0): an association whose peer has not taken a
+    /// message for [`SEND_STALL_LIMIT`] would hold up all the others, so it is
+    /// aborted (SCTP_ABORT) and its queued messages dropped and counted.
+    pub fn send_would_block(&mut self, side: Side) -> Duration {
+        let i = side.index();
+        let now = Instant::now();
+        let (since, tries) = self.legs[i].blocked.unwrap_or((now, 0));
+        self.legs[i].blocked = Some((since, tries + 1));
+        if self.many && now.duration_since(since) >= SEND_STALL_LIMIT && self.send_stalled(side) {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(1u64 << tries.min(SEND_RETRY_MAX_MS.trailing_zeros()))
+    }
+
+    /// The message being sent on one-to-many leg `side` found no room for
+    /// [`SEND_STALL_LIMIT`]: its association is aborted (an SCTP_ABORT goes first)
+    /// and every message queued for it dropped and counted. `false` if nothing
+    /// was being sent.
+    pub fn send_stalled(&mut self, side: Side) -> bool {
+        let i = side.index();
+        let Some(head) = self.legs[i].sending_msg.take() else {
+            return false;
+        };
+        let assoc = head.info.assoc;
+        let io = &mut self.io.legs[i];
+        let before = io.msgs.len();
+        io.msgs.retain(|m| m.info.assoc != assoc);
+        io.msg_bytes = io.msgs.iter().map(|m| m.data.len()).sum();
+        io.in_flight = 0;
+        let dropped = 1 + before - io.msgs.len();
+        io.msgs.push_front(OutMessage {
+            data: Vec::new(),
+            info: MsgInfo {
+                assoc,
+                ..MsgInfo::default()
+            },
+            flags: crate::sctp::SCTP_ABORT,
+        });
+        self.legs[i].blocked = None;
+        self.listener
+            .stats
+            .send_drops
+            .fetch_add(dropped as u64, Relaxed);
+        tracing::warn!(listener = %self.listener.name, assoc, dropped,
+            "SCTP association took no data for {SEND_STALL_LIMIT:?}; aborted so the others on its socket can go on");
+        true
     }
 
     /// Associations the session asked to peel off (one-to-many proxy).
@@ -930,6 +991,7 @@ impl Conn {
     /// Reports that `n` bytes of [`Conn::next_send`]'s slice on `side` were sent.
     pub fn sent(&mut self, side: Side, n: usize) {
         let leg = &mut self.legs[side.index()];
+        leg.blocked = None;
         leg.sent += n;
         if leg.sent >= leg.sending.len() {
             leg.sending.clear();

@@ -72,6 +72,8 @@ const UDP_BUF_SIZE: usize = 16 + udp::NAME_SPACE + udp::CONTROL_SPACE + 65_536;
 /// poll at once instead of trying the receive first.
 const RECVSEND_POLL_FIRST: u16 = 1;
 const K_SEND1: u8 = K_SEND + 1;
+/// The LINK_TIMEOUT bounding a send on a one-to-many socket (its CQE is ignored).
+const K_STALL: u8 = 14;
 
 /// The setup flags chosen, for logs.
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +275,8 @@ struct UConn {
     send_retry: [bool; 2],
     /// The receive in flight is a multishot RECVMSG (one-to-many echo socket).
     recv_multi: [bool; 2],
+    /// A cancel of that multishot RECVMSG is on its way.
+    recv_cancel: [bool; 2],
     connect_armed: bool,
     closing: bool,
 }
@@ -288,6 +292,8 @@ struct Worker {
     /// The multishot RECVMSG template of one-to-many SCTP sockets: no name, room
     /// for one SCTP_RCVINFO.
     many_msghdr: Box<libc::msghdr>,
+    /// Multishot RECVMSG works here (Linux 6.0+); false after an EINVAL.
+    many_multishot: bool,
     udp: UdpState,
     udp_by_id: ListenerIds,
     /// UDP sockets whose receive found no buffer: re-armed after the batch.
@@ -308,8 +314,12 @@ struct Worker {
     overflow: VecDeque<squeue::Entry>,
     /// Timespec storage for pause timers (must outlive the SQE).
     pause_ts: Box<types::Timespec>,
-    /// Timespec storage for the back-off of a send that found no room.
-    retry_ts: Box<types::Timespec>,
+    /// Timespec storage of the stall guard of one-to-many sends.
+    stall_ts: Box<types::Timespec>,
+    /// Timespec storage for the back-offs of a send that found no room: 1, 2, 4,
+    /// ... [`super::SEND_RETRY_MAX_MS`] ms. Never resized, so the elements stay put
+    /// while Timeout SQEs point at them.
+    retry_ts: Vec<types::Timespec>,
     wake_armed: bool,
     in_flight: usize,
     shutting_down: bool,
@@ -362,6 +372,7 @@ impl Worker {
             udp_bufs: None,
             udp_msghdr,
             many_msghdr,
+            many_multishot: true,
             udp: UdpState::default(),
             udp_by_id: Default::default(),
             udp_starved: Vec::new(),
@@ -376,7 +387,10 @@ impl Worker {
             timers: Timers::default(),
             overflow: VecDeque::new(),
             pause_ts: Box::new(types::Timespec::new().nsec((ACCEPT_PAUSE_MS * 1_000_000) as u32)),
-            retry_ts: Box::new(types::Timespec::new().nsec((SEND_RETRY_MS * 1_000_000) as u32)),
+            stall_ts: Box::new(types::Timespec::from(super::SEND_STALL_LIMIT)),
+            retry_ts: (0..=super::SEND_RETRY_MAX_MS.trailing_zeros())
+                .map(|e| types::Timespec::new().nsec((1u32 << e) * 1_000_000))
+                .collect(),
             wake_armed: false,
             in_flight: 0,
             shutting_down: false,
@@ -881,6 +895,7 @@ impl Worker {
             send_armed: [false; 2],
             send_retry: [false; 2],
             recv_multi: [false; 2],
+            recv_cancel: [false; 2],
             connect_armed: false,
             closing: false,
         })
@@ -925,9 +940,15 @@ impl Worker {
                 c.ops -= 1;
                 c.recv_armed[i] = false;
                 c.recv_multi[i] = false;
+                c.recv_cancel[i] = false;
             }
             if c.closing {
                 // Cancelled or not, nothing more goes to a closing session.
+            } else if res == -libc::EINVAL && !more && self.many_multishot {
+                // Multishot RECVMSG came with Linux 6.0: use single-shot receives.
+                tracing::info!(worker = self.ctx.index, "multishot RECVMSG rejected (EINVAL): using single-shot receives on one-to-many SCTP sockets");
+                self.many_multishot = false;
+                c.conn.io.side(side).recv();
             } else if let (true, Some(bid)) = (res >= 0, bid) {
                 let raw = self.bufs.data(bid, res as usize);
                 if let Ok(out) = types::RecvMsgOut::parse(raw, &self.many_msghdr) {
@@ -942,20 +963,34 @@ impl Worker {
                         .complete_message(side, out.payload_data(), out.flags() as i32, info);
                 }
                 // Still running but no longer wanted: stop it (its last CQEs may
-                // still carry data, which the session takes).
-                if more && !c.conn.take_recv_request(side) && !c.closing {
-                    let e = opcode::AsyncCancel::new(token(K_RECV + i as u8, k))
-                        .build()
-                        .user_data(token(K_CANCEL, k));
-                    self.push(e);
+                // still carry data, which the session takes). Once a cancel is on
+                // its way, a request made meanwhile is kept for the re-arm.
+                let wanted = c.conn.take_recv_request(side);
+                if more && !c.closing {
+                    if c.recv_cancel[i] {
+                        if wanted {
+                            c.conn.io.side(side).recv();
+                        }
+                    } else if !wanted {
+                        c.recv_cancel[i] = true;
+                        let e = opcode::AsyncCancel::new(token(K_RECV + i as u8, k))
+                            .build()
+                            .user_data(token(K_CANCEL, k));
+                        self.push(e);
+                    }
+                } else if wanted {
+                    // The last CQE: drive() below re-arms.
+                    c.conn.io.side(side).recv();
                 }
             } else if res == -libc::ENOBUFS {
                 starved = true;
                 self.ctx.stats.enobufs.fetch_add(1, Relaxed);
                 c.conn.io.side(side).recv();
                 self.starved.push(k);
-            } else if res < 0 && res != -libc::ECANCELED {
+            } else if res < 0 && res != -libc::ECANCELED && res != -libc::EAGAIN {
                 c.conn.complete(side, Completion::Error(-res));
+            } else if res == -libc::EAGAIN && !more {
+                c.conn.io.side(side).recv();
             }
         }
         if let Some(bid) = bid {
@@ -981,7 +1016,14 @@ impl Worker {
         if let Some(c) = self.conns.get_mut(k) {
             c.ops -= 1;
             c.recv_armed[side.index()] = false;
-            if !c.closing && c.conn.is_message_leg(side) && (res >= 0 || -res == libc::ENOBUFS) {
+            if !c.closing && c.conn.is_message_leg(side) && res == -libc::EAGAIN {
+                // A receive retried in io-wq on a non-blocking socket after a
+                // spurious wake-up: nothing was read; ask again.
+                c.conn.io.side(side).recv();
+            } else if !c.closing
+                && c.conn.is_message_leg(side)
+                && (res >= 0 || -res == libc::ENOBUFS)
+            {
                 if res == libc::ENOBUFS.wrapping_neg() {
                     starved = true;
                     self.ctx.stats.enobufs.fetch_add(1, Relaxed);
@@ -1032,20 +1074,28 @@ impl Worker {
             if std::mem::take(&mut c.send_retry[i]) {
                 // The back-off timer of an EAGAIN send ended (-ETIME), or was
                 // cancelled: drive() sends the same bytes again.
+            } else if !c.closing && res == -libc::ECANCELED && c.conn.many {
+                // Not closing, so the stall guard (LINK_TIMEOUT) cancelled it.
+                c.conn.send_stalled(side);
             } else if !c.closing && res == -libc::EAGAIN {
                 // The kernel had no room yet (an SCTP message is sent whole, and
                 // POLLOUT only means "some room"; a send retried in io-wq on a
-                // non-blocking socket ends here). Nothing was sent: wait a little,
-                // then send the same bytes again. The send slot stays taken.
-                tracing::trace!(listener = %c.conn.listener.name, "send found no room (EAGAIN); retrying in {SEND_RETRY_MS} ms");
-                c.send_retry[i] = true;
-                c.send_armed[i] = true;
-                c.ops += 1;
-                let e = opcode::Timeout::new(&*self.retry_ts as *const types::Timespec)
-                    .build()
-                    .user_data(token(K_SEND + i as u8, k));
-                self.push(e);
-                return;
+                // non-blocking socket ends here). Nothing was sent: wait a little
+                // (doubling), then send again. The send slot stays taken.
+                let wait = c.conn.send_would_block(side);
+                tracing::trace!(listener = %c.conn.listener.name, ?wait, "send found no room (EAGAIN)");
+                if !wait.is_zero() {
+                    let level = (wait.as_millis() as u64).trailing_zeros() as usize;
+                    let ts = &self.retry_ts[level.min(self.retry_ts.len() - 1)];
+                    c.send_retry[i] = true;
+                    c.send_armed[i] = true;
+                    c.ops += 1;
+                    let e = opcode::Timeout::new(ts as *const types::Timespec)
+                        .build()
+                        .user_data(token(K_SEND + i as u8, k));
+                    self.push(e);
+                    return;
+                }
             } else if !c.closing {
                 if res >= 0 && c.conn.is_message_leg(side) {
                     c.conn.message_sent(side);
@@ -1090,6 +1140,8 @@ impl Worker {
             return;
         }
         let mut entries: [Option<squeue::Entry>; 5] = Default::default();
+        // A LINK_TIMEOUT to push right after the send on side 0 / 1.
+        let mut stall_guard: [Option<squeue::Entry>; 2] = Default::default();
         if c.conn.take_connect_request() {
             match c.conn.start_connect(&self.ctx.wake) {
                 ConnectStart::Go => {
@@ -1132,10 +1184,23 @@ impl Worker {
                         space.prepare_send(data, info, flags)
                     });
                     if let Some(hdr) = hdr {
-                        let e = opcode::SendMsg::new(fd, hdr)
+                        let mut e = opcode::SendMsg::new(fd, hdr)
                             .flags(libc::MSG_NOSIGNAL as u32)
                             .build()
                             .user_data(token(K_SEND + i as u8, k));
+                        if c.conn.many {
+                            // The send buffer of a one-to-many socket is shared by
+                            // its associations, and io_uring keeps a send that finds
+                            // no room waiting: bound the wait (Linux 5.5 link
+                            // timeout); a send cancelled by it means that message's
+                            // association took nothing for SEND_STALL_LIMIT.
+                            e = e.flags(squeue::Flags::IO_LINK);
+                            stall_guard[i] = Some(
+                                opcode::LinkTimeout::new(&*self.stall_ts as *const types::Timespec)
+                                    .build()
+                                    .user_data(token(K_STALL, k)),
+                            );
+                        }
                         c.send_armed[i] = true;
                         c.ops += 1;
                         entries[i] = Some(e);
@@ -1145,7 +1210,7 @@ impl Worker {
                 // a multishot RECVMSG (Linux 6.0) takes them in batches, one CQE
                 // each, instead of one ring round trip per message. (Not for proxy:
                 // reading must stop while a peel-off is pending.)
-                let multi = c.conn.many && c.conn.listener.peel.is_none();
+                let multi = self.many_multishot && c.conn.many && c.conn.listener.peel.is_none();
                 if !c.recv_armed[i] && multi && c.conn.take_recv_request(side) {
                     // The template only gives sizes; it lives as long as the worker.
                     let e = opcode::RecvMsgMulti::new(fd, &*self.many_msghdr, BGID)
@@ -1198,7 +1263,9 @@ impl Worker {
             }
         }
         self.timers.sync(k, &mut c.conn);
-        for e in entries.into_iter().flatten() {
+        let [s0, s1, r0, r1, conn] = entries;
+        let [g0, g1] = stall_guard;
+        for e in [s0, g0, s1, g1, r0, r1, conn].into_iter().flatten() {
             self.push(e);
         }
     }
@@ -1246,9 +1313,6 @@ fn side_of(i: u8) -> Side {
         Side::Upstream
     }
 }
-
-/// How long a send that found no room (EAGAIN) waits before it is tried again (ms).
-const SEND_RETRY_MS: u64 = 1;
 
 /// How often a shutting-down worker checks whether its ops have drained.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);

@@ -253,11 +253,6 @@ impl SctpSession {
         !self.many && self.eof[side.index()]
     }
 
-    /// Most bytes all partial messages of a one-to-many socket may hold together.
-    fn partial_budget(&self) -> usize {
-        (4 * self.max_message).max(1 << 20)
-    }
-
     /// Asks for a receive on every side whose destination has room.
     fn resume(&self, io: &mut SessionIo) {
         if io.closing() || self.peels_pending > 0 {
@@ -293,8 +288,11 @@ impl SctpSession {
         let key = if self.many { p.info.assoc } else { 0 };
         // One-to-many: every association may hold a partial message; together they
         // may not hold more than the budget.
-        let over_budget = self.many && self.partial_bytes + p.data.len() > self.partial_budget();
         let part = self.partial[side.index()].entry(key).or_default();
+        // A whole message in one piece needs no buffering: never over budget.
+        let over_budget = self.many
+            && !(part.data.is_empty() && p.eor)
+            && self.partial_bytes + p.data.len() > (4 * self.max_message).max(1 << 20);
         if part.data.is_empty() && !part.dropping {
             part.info = p.info;
         }
