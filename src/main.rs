@@ -7,10 +7,10 @@ use clap::{Parser, Subcommand};
 use ringress::config::{Config, IoChoice, Proto};
 use ringress::{control, demo, server::Server, signals};
 
-/// ringress: an L4 ingress server for TCP listeners in many network namespaces,
-/// served by per-core io_uring rings (or epoll).
+/// ringress: an L4 ingress server for TCP, UDP and SCTP listeners in many network
+/// namespaces, served by per-core io_uring rings (or epoll).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace (or a tracing filter such as
     /// "ringress=debug"). RUST_LOG overrides it.

@@ -289,7 +289,9 @@ impl Server {
                     if !self.opts.skip_unavailable {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, "listener not served (--skip-unavailable)");
+                    tracing::warn!(listener = %l.name, proto = %l.proto,
+                        "listener not served: this kernel has no {} support (skipped: --skip-unavailable)",
+                        l.proto.as_str().to_uppercase());
                     out.push(Err(format!(
                         "unavailable: this kernel has no {} support",
                         l.proto.as_str().to_uppercase()

@@ -58,7 +58,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// TCP ping-pong load, SCTP ping-pong (`--sctp`) or paced UDP load (`--udp`), against
 /// an echo server.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Address of the echo server.
     #[arg(long, default_value = "127.0.0.1:7000")]
@@ -497,7 +497,12 @@ fn main() -> ExitCode {
         TcpStream::connect_timeout(&args.addr, Duration::from_secs(2)).map(drop)
     };
     if let Err(e) = probe {
-        eprintln!("error: cannot connect to {}: {e}", args.addr);
+        let hint = if args.sctp && ringress::sctp::is_unsupported(&e) {
+            " (this kernel has no SCTP: run it inside tools/uml-run, whose Linux 6.1 has it)"
+        } else {
+            ""
+        };
+        eprintln!("error: cannot connect to {}: {e}{hint}", args.addr);
         return ExitCode::FAILURE;
     }
     let threads = args.threads.min(args.connections);
