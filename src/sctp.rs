@@ -410,21 +410,13 @@ impl MsgSpace {
     /// What the last receive said: `(flags, info)` from the header the kernel wrote
     /// back (MSG_EOR, [`MSG_NOTIFICATION`], the [`RcvInfo`]).
     pub fn received(&self) -> (libc::c_int, MsgInfo) {
-        let mut info = MsgInfo::default();
         // msg_controllen is size_t on glibc, socklen_t on musl.
         #[allow(clippy::unnecessary_cast)]
         let len =
             (self.recv_hdr.msg_controllen as usize).min(size_of::<[u64; RECV_CONTROL_WORDS]>());
         // SAFETY: the control storage is ours and `len` bytes of it were written.
         let ctl = unsafe { std::slice::from_raw_parts(self.recv_ctl.as_ptr().cast::<u8>(), len) };
-        if let Some(r) = parse_rcvinfo(ctl) {
-            info = MsgInfo {
-                stream: r.rcv_sid,
-                ppid: r.rcv_ppid,
-                assoc: r.rcv_assoc_id,
-            };
-        }
-        (self.recv_hdr.msg_flags, info)
+        (self.recv_hdr.msg_flags, msg_info(ctl))
     }
 
     /// Points the send header at `data` with an `SCTP_SNDINFO` for `info` (and
@@ -469,6 +461,16 @@ impl MsgSpace {
         }
         &self.send_hdr
     }
+}
+
+/// Stream id, PPID and association from the `SCTP_RCVINFO` in received control
+/// bytes (all zero when there is none, e.g. for a notification).
+pub fn msg_info(ctl: &[u8]) -> MsgInfo {
+    parse_rcvinfo(ctl).map_or_else(MsgInfo::default, |r| MsgInfo {
+        stream: r.rcv_sid,
+        ppid: r.rcv_ppid,
+        assoc: r.rcv_assoc_id,
+    })
 }
 
 /// Finds an `SCTP_RCVINFO` in received control bytes.

@@ -952,13 +952,7 @@ impl Worker {
             } else if let (true, Some(bid)) = (res >= 0, bid) {
                 let raw = self.bufs.data(bid, res as usize);
                 if let Ok(out) = types::RecvMsgOut::parse(raw, &self.many_msghdr) {
-                    let info = crate::sctp::parse_rcvinfo(out.control_data())
-                        .map(|r| crate::sctp::MsgInfo {
-                            stream: r.rcv_sid,
-                            ppid: r.rcv_ppid,
-                            assoc: r.rcv_assoc_id,
-                        })
-                        .unwrap_or_default();
+                    let info = crate::sctp::msg_info(out.control_data());
                     c.conn
                         .complete_message(side, out.payload_data(), out.flags() as i32, info);
                 }
