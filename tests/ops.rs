@@ -115,8 +115,7 @@ fn glob_follows_namespaces_as_they_come_and_go(driver: &str) {
         spaces.push(ns);
     }
     assert_eq!(r.threads(), threads);
-    std::thread::sleep(Duration::from_millis(200));
-    let fds_before = r.fds();
+    let fds_before = r.settled_fds();
     // Delete 20: their listeners close and their fds go.
     let gone: Vec<TempNetns> = spaces.drain(..20).collect();
     drop(gone);

@@ -393,8 +393,7 @@ fn two_thousand_concurrent_sessions_then_fds_return(driver: &str) {
         let s = connect_in(Some(&cn), listen_addr()).unwrap();
         assert!(echo_roundtrip(s, &payload(100, i)) == payload(100, i));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let base = r.fds();
+    let base = r.settled_fds();
     // 2,000 sessions open at once: connect all, then send on all, then read all.
     // Under user-mode Linux (one CPU, syscalls ~60x slower, a thread per upstream
     // connection in this test) 2,000 outgrow the test upstream's read timeout: 250.
@@ -438,7 +437,9 @@ fn two_thousand_concurrent_sessions_then_fds_return(driver: &str) {
     }
     assert!(
         now <= base,
-        "fds did not return to the baseline: {now} vs {base}"
+        "fds did not return to the baseline: {now} vs {base}: {}\n{}",
+        r.fd_kinds(),
+        r.stderr()
     );
     assert!(r.stop().success());
 }

@@ -809,7 +809,7 @@ fn idle_associations_stay_within_thread_budget(driver: &str) {
     );
     let r = Ringress::start(&format!("sidle-{driver}"), driver, &cfg);
     let admin: SocketAddr = admin.parse().unwrap();
-    let fds_before = r.fds();
+    let fds_before = r.settled_fds();
     const N: usize = 500;
     let mut peers = Vec::with_capacity(N);
     for i in 0..N {

@@ -247,6 +247,43 @@ impl Ringress {
         ringress::procstat::open_fds(self.pid()).unwrap()
     }
 
+    /// What the server's fds are, counted by kind ("socket", "anon_inode:[eventfd]",
+    /// a path...), for failure messages.
+    pub fn fd_kinds(&self) -> String {
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) {
+            for e in dir.flatten() {
+                let t = std::fs::read_link(e.path())
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let kind = if t.starts_with("socket:") {
+                    "socket".to_string()
+                } else {
+                    t
+                };
+                *kinds.entry(kind).or_default() += 1;
+            }
+        }
+        format!("{kinds:?}")
+    }
+
+    /// The server's open fds once the count holds still (three equal readings
+    /// 100 ms apart, at most 5 s): a baseline not taken while a socket pool refills
+    /// in the background (which, on one slow CPU under user-mode Linux, can take
+    /// longer than a fixed pause).
+    pub fn settled_fds(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = self.fds();
+        let mut same = 0;
+        while same < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.fds();
+            same = if now == last { same + 1 } else { 0 };
+            last = now;
+        }
+        last
+    }
+
     /// CPU time (user + system) the server has used so far, in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
