@@ -602,7 +602,24 @@ impl BinderState {
     }
 
     /// Fills `pool` up to its target in its namespace; wakes its waiters.
+    ///
+    /// Sockets taken while a refill runs do not start another refill, and the
+    /// running one counted what was missing when it began: so once it ends, the
+    /// pool is topped up again here if it is short (a few passes at most), and an
+    /// idle pool is full.
     fn fill(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+        let mut out = self.fill_once(pool);
+        for _ in 0..3 {
+            if out.is_err() || !pool.wants_refill() {
+                break;
+            }
+            out = self.fill_once(pool);
+        }
+        out
+    }
+
+    /// One refill of `pool` to its target.
+    fn fill_once(&mut self, pool: &SocketPool) -> Result<(), BindError> {
         let missing = pool.target.saturating_sub(pool.len());
         let req = Request {
             owner: pool.owner.clone(),
