@@ -573,32 +573,42 @@ impl BinderState {
             netns: req.netns_label.clone(),
             source,
         };
-        match &req.netns {
-            None => create_sockets(&req.spec).map_err(|(s, e)| err(s, e)),
-            Some(path) => {
-                let ns = self.namespace(path).map_err(|e| err("enter", e))?;
-                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| err("enter", io::Error::from(e)))?;
-                let result = create_sockets(&req.spec);
-                self.return_to_root();
-                result.map_err(|(s, e)| err(s, e))
-            }
-        }
+        self.in_netns(req.netns.as_deref(), || create_sockets(&req.spec))
+            .map_err(|(s, e)| err(s, e))
+    }
+
+    /// Runs `f` inside namespace file `netns` (`None`: here, the root namespace)
+    /// and returns to the root namespace afterwards (or aborts the process).
+    ///
+    /// # Errors
+    /// `("enter", errno)` when the namespace cannot be opened or entered; else
+    /// `f`'s error.
+    fn in_netns<T>(
+        &mut self,
+        netns: Option<&Path>,
+        f: impl FnOnce() -> Result<T, (&'static str, io::Error)>,
+    ) -> Result<T, (&'static str, io::Error)> {
+        let Some(path) = netns else {
+            return f();
+        };
+        let ns = self.namespace(path).map_err(|e| ("enter", e))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| ("enter", e.into()))?;
+        let result = f();
+        self.return_to_root();
+        result
     }
 
     /// Peels `assoc` off `fd` from inside `netns`, then returns to the root.
     fn peeloff(&mut self, netns: Option<&Path>, fd: &OwnedFd, assoc: i32) -> io::Result<OwnedFd> {
-        let Some(path) = netns else {
-            return crate::sctp::peeloff(fd.as_raw_fd(), assoc);
-        };
-        let ctx = |step: &str, e: io::Error| {
-            io::Error::new(e.kind(), format!("{step} {}: {e}", path.display()))
-        };
-        let ns = self.namespace(path).map_err(|e| ctx("enter", e))?;
-        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| ctx("enter", e.into()))?;
-        let r = crate::sctp::peeloff(fd.as_raw_fd(), assoc);
-        self.return_to_root();
-        r.map_err(|e| ctx(&format!("peel off association {assoc} in"), e))
+        let step = format!("peel off association {assoc} in");
+        self.in_netns(netns, || {
+            crate::sctp::peeloff(fd.as_raw_fd(), assoc).map_err(|e| ("peel off", e))
+        })
+        .map_err(|(s, e)| {
+            let step = if s == "enter" { "enter" } else { step.as_str() };
+            let place = netns.map_or_else(|| "root".into(), |p| p.display().to_string());
+            io::Error::new(e.kind(), format!("{step} {place}: {e}"))
+        })
     }
 
     /// Fills `pool` up to its target in its namespace; wakes its waiters.
@@ -705,20 +715,7 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
             addr,
             backlog,
             count,
-        } => {
-            let mut fds = Vec::with_capacity(count);
-            for _ in 0..count.max(1) {
-                let s = tcp_socket(addr).map_err(|e| ("socket", e))?;
-                s.set_reuse_address(true)
-                    .and_then(|_| s.set_reuse_port(true))
-                    .map_err(|e| ("setsockopt", e))?;
-                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
-                s.listen(backlog.min(i32::MAX as u32) as i32)
-                    .map_err(|e| ("listen", e))?;
-                fds.push(OwnedFd::from(s));
-            }
-            Ok(fds)
-        }
+        } => listening(count, addr, backlog, tcp_socket),
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
         SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
         SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
@@ -726,34 +723,16 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
             family_of,
             count,
             opts,
-        } => (0..count)
-            .map(|_| {
-                ClientProto::Sctp(opts)
-                    .socket(family_of)
-                    .map(OwnedFd::from)
-                    .map_err(|e| ("socket", e))
-            })
-            .collect(),
+        } => unbound(count, family_of, |a| ClientProto::Sctp(opts).socket(a)),
         SocketSpec::SctpListeners {
             addr,
             backlog,
             count,
             style,
             opts,
-        } => {
-            let mut fds = Vec::with_capacity(count);
-            for _ in 0..count.max(1) {
-                let s = crate::sctp::socket(addr, style, &opts).map_err(|e| ("socket", e))?;
-                s.set_reuse_address(true)
-                    .and_then(|_| s.set_reuse_port(true))
-                    .map_err(|e| ("setsockopt", e))?;
-                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
-                s.listen(backlog.min(i32::MAX as u32) as i32)
-                    .map_err(|e| ("listen", e))?;
-                fds.push(OwnedFd::from(s));
-            }
-            Ok(fds)
-        }
+        } => listening(count, addr, backlog, |a| {
+            crate::sctp::socket(a, style, &opts)
+        }),
         SocketSpec::UdpSockets { addr, count } => {
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
@@ -776,7 +755,7 @@ fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'static str, io::
 fn unbound(
     count: usize,
     family_of: SocketAddr,
-    make: fn(SocketAddr) -> io::Result<Socket>,
+    make: impl Fn(SocketAddr) -> io::Result<Socket>,
 ) -> Result<Vec<OwnedFd>, (&'static str, io::Error)> {
     (0..count)
         .map(|_| {
@@ -785,6 +764,28 @@ fn unbound(
                 .map_err(|e| ("socket", e))
         })
         .collect()
+}
+
+/// `count` (at least 1) sockets from `make(addr)`, each with SO_REUSEADDR and
+/// SO_REUSEPORT, bound to `addr` and listening with `backlog` (TCP, SCTP).
+fn listening(
+    count: usize,
+    addr: SocketAddr,
+    backlog: u32,
+    make: impl Fn(SocketAddr) -> io::Result<Socket>,
+) -> Result<Vec<OwnedFd>, (&'static str, io::Error)> {
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let s = make(addr).map_err(|e| ("socket", e))?;
+        s.set_reuse_address(true)
+            .and_then(|_| s.set_reuse_port(true))
+            .map_err(|e| ("setsockopt", e))?;
+        s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+        s.listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(|e| ("listen", e))?;
+        fds.push(OwnedFd::from(s));
+    }
+    Ok(fds)
 }
 
 /// A non-blocking, close-on-exec UDP socket of `addr`'s family.
