@@ -441,9 +441,34 @@ impl WorkerCtx {
         }
     }
 
-    /// Takes the finished peel-offs.
-    pub fn take_peeled(&self) -> Vec<Peeled> {
-        std::mem::take(&mut *self.peeled.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Ends the peel-offs the binder finished: tells each one-to-many session in
+    /// `slab` (whose [`Conn`] `conn` gives), which may read again, and opens a
+    /// session for each new socket. Returns `(one-to-many session, new session)`
+    /// pairs for the driver to add and drive. A socket whose one-to-many session
+    /// has gone (listener removed) is closed, which aborts its association.
+    pub fn finish_peel_offs<T>(
+        &self,
+        slab: &mut Slab<T>,
+        conn: impl Fn(&mut T) -> &mut Conn,
+    ) -> Vec<(Key, Option<Conn>)> {
+        let done = std::mem::take(&mut *self.peeled.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut out = Vec::with_capacity(done.len());
+        for p in done {
+            let Some(c) = slab.get_mut(p.conn).map(&conn) else {
+                continue;
+            };
+            c.peel_finished(p.result.as_ref().err().map(|_| p.assoc));
+            let shared = c.listener.clone();
+            let new = match p.result {
+                Ok(fd) => Some(Conn::open_peeled(fd, shared, &self.stats)),
+                Err(e) => {
+                    tracing::warn!(listener = %shared.name, error = %e, "SCTP peel-off failed");
+                    None
+                }
+            };
+            out.push((p.conn, new));
+        }
+        out
     }
 }
 

@@ -904,25 +904,12 @@ impl Worker {
     /// Starts sessions for the associations the binder peeled off (one-to-many
     /// proxy) and lets their one-to-many sockets be read again.
     fn peeled(&mut self) {
-        for p in self.ctx.take_peeled() {
-            // The listener went meanwhile: the new socket closes, aborting it.
-            let Some(c) = self.conns.get_mut(p.conn) else {
-                continue;
-            };
-            c.conn
-                .peel_finished(p.result.as_ref().err().map(|_| p.assoc));
-            let shared = c.conn.listener.clone();
-            match p.result {
-                Ok(fd) => {
-                    let conn = Conn::open_peeled(fd, shared, &self.ctx.stats);
-                    let nk = self.insert_conn(conn);
-                    self.drive(nk);
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %shared.name, error = %e, "SCTP peel-off failed")
-                }
+        for (k, new) in self.ctx.finish_peel_offs(&mut self.conns, |c| &mut c.conn) {
+            if let Some(conn) = new {
+                let nk = self.insert_conn(conn);
+                self.drive(nk);
             }
-            self.drive(p.conn);
+            self.drive(k);
         }
     }
 

@@ -179,6 +179,19 @@ impl SessionIo {
         }
     }
 
+    /// A proxy session's deadline passed: when `connected` and nothing is pending
+    /// either way, it was idle: both sides end cleanly. Otherwise (connect
+    /// timeout, or bytes a peer will not take, e.g. a reader stalled on a zero
+    /// window, for which a graceful close would wait forever) both are reset.
+    pub fn proxy_timeout(&mut self, connected: bool) {
+        let stuck = self.legs.iter().any(|l| l.unsent() > 0);
+        if connected && !stuck {
+            self.close();
+        } else {
+            self.abort();
+        }
+    }
+
     /// Opens the upstream connection; [`Completion::Connected`] or
     /// [`Completion::Error`] on [`Side::Upstream`] follows.
     pub fn connect(&mut self) {

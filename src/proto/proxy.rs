@@ -103,18 +103,7 @@ impl ProxySession {
                     io.close();
                 }
             }
-            Completion::Timeout => {
-                let stuck = io.legs.iter().any(|l| l.unsent() > 0);
-                if self.connected && !stuck {
-                    // Idle with nothing pending: end both connections cleanly.
-                    io.close();
-                } else {
-                    // Connect timeout, or idle with bytes a peer will not take (a
-                    // reader stalled on a zero window): a graceful close would wait
-                    // for it forever.
-                    io.abort();
-                }
-            }
+            Completion::Timeout => io.proxy_timeout(self.connected),
             Completion::Error(_) => io.abort(),
             // SCTP pieces go to SctpSession, never here.
             Completion::Message(_) => {}

@@ -205,15 +205,7 @@ impl SctpSession {
                     self.resume(io);
                 }
             }
-            Completion::Timeout => {
-                let stuck = io.legs.iter().any(|l| l.unsent() > 0);
-                if self.connected && !stuck {
-                    // Idle with nothing pending: shut both associations down cleanly.
-                    io.close();
-                } else {
-                    io.abort();
-                }
-            }
+            Completion::Timeout => io.proxy_timeout(self.connected),
             Completion::Error(_) => io.abort(),
         }
     }
