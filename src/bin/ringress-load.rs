@@ -97,6 +97,44 @@ struct Args {
     tick_us: u64,
 }
 
+/// Runs `run` on a new thread named `load-T`.
+///
+/// # Errors
+/// The thread could not be spawned (printed; the exit code to return).
+fn spawn_load<R: Send + 'static>(
+    t: usize,
+    run: impl FnOnce() -> R + Send + 'static,
+) -> Result<std::thread::JoinHandle<R>, ExitCode> {
+    std::thread::Builder::new()
+        .name(format!("load-{t}"))
+        .spawn(run)
+        .map_err(|e| {
+            eprintln!("error: spawning thread: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Joins the load threads: merges their latency histograms and hands each
+/// thread's counters to `add`.
+///
+/// # Errors
+/// A load thread panicked (printed; the exit code to return).
+fn join_load<C>(
+    joins: Vec<std::thread::JoinHandle<(Histogram, C)>>,
+    mut add: impl FnMut(C),
+) -> Result<Histogram, ExitCode> {
+    let mut hist = Histogram::new();
+    for j in joins {
+        let (h, k) = j.join().map_err(|_| {
+            eprintln!("error: a load thread panicked");
+            ExitCode::FAILURE
+        })?;
+        hist.merge(&h);
+        add(k);
+    }
+    Ok(hist)
+}
+
 /// A log-linear latency histogram over nanoseconds: exact below 1024 ns, then 512
 /// sub-buckets per power of two (relative error below 0.2 %).
 #[derive(Clone)]
@@ -540,36 +578,23 @@ fn main() -> ExitCode {
             space: MsgSpace::new(),
         };
         first += share;
-        let spawned = std::thread::Builder::new()
-            .name(format!("load-{t}"))
-            .spawn(move || w.run(deadline));
-        match spawned {
+        match spawn_load(t, move || w.run(deadline)) {
             Ok(j) => joins.push(j),
-            Err(e) => {
-                eprintln!("error: spawning thread: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         }
     }
-    let mut hist = Histogram::new();
     let mut c = Counters::default();
-    for j in joins {
-        match j.join() {
-            Ok((h, k)) => {
-                hist.merge(&h);
-                c.msgs += k.msgs;
-                c.errors += k.errors;
-                c.connect_errors += k.connect_errors;
-                if k.last_error.is_some() {
-                    c.last_error = k.last_error;
-                }
-            }
-            Err(_) => {
-                eprintln!("error: a load thread panicked");
-                return ExitCode::FAILURE;
-            }
+    let hist = match join_load(joins, |k: Counters| {
+        c.msgs += k.msgs;
+        c.errors += k.errors;
+        c.connect_errors += k.connect_errors;
+        if k.last_error.is_some() {
+            c.last_error = k.last_error;
         }
-    }
+    }) {
+        Ok(h) => h,
+        Err(code) => return code,
+    };
     let secs = Instant::now()
         .saturating_duration_since(measure_from)
         .as_secs_f64()
@@ -1118,40 +1143,27 @@ fn udp_main(args: &Args) -> ExitCode {
             }
         };
         next_id += share as u32;
-        let spawned = std::thread::Builder::new()
-            .name(format!("load-{t}"))
-            .spawn(move || w.run());
-        match spawned {
+        match spawn_load(t, move || w.run()) {
             Ok(j) => joins.push(j),
-            Err(e) => {
-                eprintln!("error: spawning thread: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         }
     }
-    let mut hist = Histogram::new();
     let mut c = UdpCounters::default();
-    for j in joins {
-        match j.join() {
-            Ok((h, k)) => {
-                hist.merge(&h);
-                c.sent += k.sent;
-                c.received += k.received;
-                c.sent_all += k.sent_all;
-                c.received_all += k.received_all;
-                c.skipped += k.skipped;
-                c.client_drops += k.client_drops;
-                c.errors += k.errors;
-                if k.last_error.is_some() {
-                    c.last_error = k.last_error;
-                }
-            }
-            Err(_) => {
-                eprintln!("error: a load thread panicked");
-                return ExitCode::FAILURE;
-            }
+    let hist = match join_load(joins, |k: UdpCounters| {
+        c.sent += k.sent;
+        c.received += k.received;
+        c.sent_all += k.sent_all;
+        c.received_all += k.received_all;
+        c.skipped += k.skipped;
+        c.client_drops += k.client_drops;
+        c.errors += k.errors;
+        if k.last_error.is_some() {
+            c.last_error = k.last_error;
         }
-    }
+    }) {
+        Ok(h) => h,
+        Err(code) => return code,
+    };
     let snmp1 = udp_snmp();
     let server_drops = listener_drops(args.addr.port()).saturating_sub(server_drops0);
     let secs = send_end
