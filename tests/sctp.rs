@@ -276,6 +276,17 @@ fn with_workers(listeners: &str) -> String {
     format!("[runtime]\nworkers = 2\n\n{listeners}")
 }
 
+/// Starts ringress (2 workers) with `listeners` and an admin endpoint on a free
+/// port; returns the server and the admin address.
+fn start_with_admin(tag: &str, driver: &str, listeners: &str) -> (Ringress, SocketAddr) {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n{}",
+        with_workers(listeners)
+    );
+    (Ringress::start(tag, driver, &cfg), admin)
+}
+
 // -------------------------------------------------------------------- tests
 
 fn echo_one_to_one_v4_v6_root_and_namespace(driver: &str) {
@@ -322,18 +333,16 @@ fn echo_one_to_one_v4_v6_root_and_namespace(driver: &str) {
 fn echo_one_to_many_v4_v6(driver: &str) {
     let ns = netns(&format!("s1m-{driver}"));
     let (p, proot) = (port(), port());
-    let admin = format!("127.0.0.1:{}", free_port());
     let many = "action = \"echo\"\nsctp_style = \"one-to-many\"\nsctp_streams = 8";
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&format!(
+    let (r, admin) = start_with_admin(
+        &format!("s1m-{driver}"),
+        driver,
+        &format!(
             "{}{}",
             listener("many", Some(&ns), &format!("[::]:{p}"), many),
             listener("manyroot", None, &format!("[::]:{proot}"), many)
-        ))
+        ),
     );
-    let r = Ringress::start(&format!("s1m-{driver}"), driver, &cfg);
-    let admin: SocketAddr = admin.parse().unwrap();
     for (name, n, port) in [("many", Some(&ns), p), ("manyroot", None, proot)] {
         // Three associations on one socket: IPv4, IPv6, IPv4 again.
         let mut peers: Vec<Peer> = [
@@ -437,10 +446,10 @@ fn thousand_messages_over_eight_streams(driver: &str) {
 fn large_message_whole_and_limit_aborts(driver: &str) {
     let ns = netns(&format!("sbig-{driver}"));
     let (p1, p2) = (port(), port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&format!(
+    let (r, admin) = start_with_admin(
+        &format!("sbig-{driver}"),
+        driver,
+        &format!(
             "{}{}",
             listener("big", Some(&ns), &format!("[::]:{p1}"), "action = \"echo\""),
             listener(
@@ -449,10 +458,8 @@ fn large_message_whole_and_limit_aborts(driver: &str) {
                 &format!("[::]:{p2}"),
                 "action = \"echo\"\nmax_message_bytes = 4000"
             )
-        ))
+        ),
     );
-    let r = Ringress::start(&format!("sbig-{driver}"), driver, &cfg);
-    let admin: SocketAddr = admin.parse().unwrap();
     let mut p = Peer::new(sctp_connect(Some(&ns), format!("[::1]:{p1}").parse().unwrap()).unwrap());
     let big = payload(200 * 1024, 7);
     p.send(&big, 3, 42);
@@ -490,17 +497,16 @@ fn slow_reader_gets_every_message(driver: &str) {
 fn slow_reader_on(driver: &str, style: &str) {
     let ns = netns(&format!("sslow-{driver}-{}", &style[7..]));
     let p = port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&listener(
+    let (r, admin) = start_with_admin(
+        &format!("sslow-{driver}-{style}"),
+        driver,
+        &listener(
             "slow",
             Some(&ns),
             &format!("127.0.0.1:{p}"),
-            &format!("action = \"echo\"\nsctp_style = \"{style}\"")
-        ))
+            &format!("action = \"echo\"\nsctp_style = \"{style}\""),
+        ),
     );
-    let r = Ringress::start(&format!("sslow-{driver}-{style}"), driver, &cfg);
     let s = sctp_connect(Some(&ns), format!("127.0.0.1:{p}").parse().unwrap()).unwrap();
     let reader = s.try_clone().unwrap();
     const N: u32 = 40;
@@ -543,7 +549,6 @@ fn slow_reader_on(driver: &str, style: &str) {
         "sends that found no room: {}",
         r.stderr().matches("send found no room").count()
     );
-    let admin: SocketAddr = admin.parse().unwrap();
     assert_eq!(
         scrape(
             admin,
@@ -566,17 +571,16 @@ fn slow_reader_on(driver: &str, style: &str) {
 fn one_to_many_stalled_association_is_aborted(driver: &str) {
     let ns = netns(&format!("sstall-{driver}"));
     let p = port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&listener(
+    let (r, admin) = start_with_admin(
+        &format!("sstall-{driver}"),
+        driver,
+        &listener(
             "stall",
             Some(&ns),
             &format!("127.0.0.1:{p}"),
-            "action = \"echo\"\nsctp_style = \"one-to-many\""
-        ))
+            "action = \"echo\"\nsctp_style = \"one-to-many\"",
+        ),
     );
-    let r = Ringress::start(&format!("sstall-{driver}"), driver, &cfg);
     let addr: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
     let mut good = Peer::new(sctp_connect(Some(&ns), addr).unwrap());
     good.send(b"before", 1, 1);
@@ -619,7 +623,6 @@ fn one_to_many_stalled_association_is_aborted(driver: &str) {
     }
     let sent = flood.join().unwrap();
     assert!(sent > 5, "the flood sent only {sent} messages");
-    let admin: SocketAddr = admin.parse().unwrap();
     assert!(
         scrape(
             admin,
@@ -797,18 +800,16 @@ fn proxy_across_namespaces(driver: &str) {
 fn idle_associations_stay_within_thread_budget(driver: &str) {
     let ns = netns(&format!("sidle-{driver}"));
     let p = port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}",
-        with_workers(&listener(
+    let (r, admin) = start_with_admin(
+        &format!("sidle-{driver}"),
+        driver,
+        &listener(
             "idle",
             Some(&ns),
             &format!("127.0.0.1:{p}"),
-            "action = \"echo\"\nbacklog = 1024"
-        ))
+            "action = \"echo\"\nbacklog = 1024",
+        ),
     );
-    let r = Ringress::start(&format!("sidle-{driver}"), driver, &cfg);
-    let admin: SocketAddr = admin.parse().unwrap();
     let fds_before = r.settled_fds();
     const N: usize = 500;
     let mut peers = Vec::with_capacity(N);
