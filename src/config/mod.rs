@@ -1,0 +1,576 @@
+//! The configuration file: parsing, validation and compiler-style error messages.
+//!
+//! The file is TOML:
+//!
+//! ```toml
+//! netns_dir = "/run/netns"   # optional; where bare namespace names (and globs) are resolved
+//!
+//! [runtime]
+//! workers = 2                # optional; 1..=1024, default: online CPUs
+//! io = "auto"                # optional; "uring" | "epoll" | "auto"
+//! shutdown_timeout_ms = 10000 # optional; how long open connections may finish (ms)
+//!
+//! [admin]
+//! listen = "127.0.0.1:9900"  # optional table; GET /metrics, /status, /healthz
+//!
+//! [[listener]]
+//! name = "alpha"             # optional, unique; default "{netns or root}-{proto}-{listen}"
+//! netns = "ns-alpha"         # optional; a name under netns_dir, an absolute path, or a glob
+//! proto = "tcp"              # optional; "tcp" (default) | "udp" | "sctp"
+//! listen = "[::]:8080"       # required; a socket address, IPv4 or IPv6
+//! action = "echo"            # required; "echo" | "respond" | "http" | "proxy"
+//!                            #   (UDP and SCTP: "echo" | "proxy")
+//! respond = "ack"            # required iff action = "respond"; non-empty
+//! backlog = 1024             # optional, TCP and SCTP; listen(2) backlog, 1..=65535
+//! ```
+//!
+//! `action = "proxy"` takes `upstream = "ADDR:PORT"` or `upstreams = [...]`
+//! (round-robin) and optionally `upstream_netns`; TCP and SCTP proxies also
+//! `connect_timeout_ms` (default 5000), `idle_timeout_ms` (default 0 = none) and
+//! `buffer_bytes` (window per direction, default 64 KiB), TCP ones `proxy_protocol`
+//! (`"v1"` | `"v2"`). UDP listeners take `max_datagram_bytes` (default 65507) and,
+//! when proxying, `session_idle_timeout_ms` (default 30000) and `max_sessions`
+//! (default 65536). SCTP listeners take `sctp_style` (`"one-to-one"` (default) |
+//! `"one-to-many"`), `sctp_streams` (default 16) and `max_message_bytes` (default
+//! 256 KiB). A key given for a protocol or action it does not apply to is an error.
+//!
+//! [`Config::parse`] and [`Config::load`] check everything that can be checked from
+//! the text alone; [`Config::check_namespaces`] additionally checks that every
+//! namespace exists. Every error names the file, the 1-based line and the key at
+//! fault, like a compiler diagnostic: `ringress.toml:9: listener #2: key `respond`: ...`.
+//!
+//! Layout: `raw` is the serde form of the file (with spans), `validate` turns it
+//! into the types below, `diag` holds [`ConfigError`] and the span-to-line mapping.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::netns::{check_netns, NetnsRef, DEFAULT_NETNS_DIR};
+
+mod diag;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use diag::ConfigError;
+
+use diag::Lines;
+use raw::RawConfig;
+use validate::{check_unique, convert_listener, convert_runtime, Ctx};
+
+/// Largest accepted `workers` value.
+pub const MAX_WORKERS: usize = 1024;
+/// Default `listen(2)` backlog of a listener.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Largest accepted `backlog` value.
+pub const MAX_BACKLOG: u32 = 65535;
+
+/// Which I/O driver the workers use (`[runtime] io`, or `--io` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoChoice {
+    /// io_uring; fail at startup if the kernel or build does not support it.
+    Uring,
+    /// epoll with non-blocking syscalls.
+    Epoll,
+    /// io_uring when available, otherwise epoll.
+    Auto,
+}
+
+impl IoChoice {
+    /// The config spelling: `"uring"`, `"epoll"` or `"auto"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoChoice::Uring => "uring",
+            IoChoice::Epoll => "epoll",
+            IoChoice::Auto => "auto",
+        }
+    }
+}
+
+impl FromStr for IoChoice {
+    type Err = String;
+
+    /// Parses `"uring"`, `"epoll"` or `"auto"` (exact, lower case).
+    ///
+    /// # Errors
+    /// A message naming the value and the accepted spellings.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" => Ok(IoChoice::Uring),
+            "epoll" => Ok(IoChoice::Epoll),
+            "auto" => Ok(IoChoice::Auto),
+            _ => Err(format!(
+                "unknown io driver {s:?} (expected \"uring\", \"epoll\" or \"auto\")"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for IoChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transport protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP (`SOCK_STREAM`).
+    Tcp,
+    /// UDP (`SOCK_DGRAM`): actions `echo` and `proxy` (per-client sessions).
+    Udp,
+    /// SCTP (RFC 9260), one-to-one or one-to-many: actions `echo` and `proxy`,
+    /// messages kept whole with their stream id and PPID.
+    Sctp,
+}
+
+impl Proto {
+    /// The config spelling, `"tcp"`, `"udp"` or `"sctp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+
+    /// Parses `"tcp"`, `"udp"` or `"sctp"`.
+    ///
+    /// # Errors
+    /// An "unknown proto" message for anything else.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            "sctp" => Ok(Proto::Sctp),
+            _ => Err(format!(
+                "unknown proto {s:?} (expected \"tcp\", \"udp\" or \"sctp\")"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a listener does with each accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send every received byte back.
+    Echo,
+    /// Send these bytes (never empty), then close.
+    Respond(Vec<u8>),
+    /// Answer HTTP/1.x requests.
+    Http,
+    /// Forward bytes both ways to an upstream.
+    Proxy(Arc<ProxyConfig>),
+}
+
+/// Default `connect_timeout_ms` of a proxy listener (ms).
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default `buffer_bytes` of a proxy listener: the window of each direction (bytes).
+pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
+/// Smallest and largest accepted `buffer_bytes` (bytes).
+pub const BUFFER_BYTES_RANGE: (usize, usize) = (4096, 64 << 20);
+/// Largest accepted timeout in ms (one day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+/// The upstream side of `action = "proxy"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Upstream addresses (`upstream = "A"` or `upstreams = ["A", "B"]`), used
+    /// round-robin; one that just refused or timed out is skipped for a few seconds.
+    pub upstreams: Vec<SocketAddr>,
+    /// Namespace of the upstreams; `None` is the namespace ringress started in.
+    pub upstream_netns: Option<NetnsRef>,
+    /// Resolved namespace file of `upstream_netns` (set by [`Config::parse`]).
+    pub upstream_netns_path: Option<PathBuf>,
+    /// 1-based line of the `upstream_netns` key (0 when absent), for errors.
+    pub upstream_netns_line: usize,
+    /// How long a connect to an upstream may take before the client is closed (ms).
+    pub connect_timeout_ms: u64,
+    /// Close a session with no traffic for this long (ms); 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Window of each direction (bytes): a side stops reading while the other side
+    /// has this much unsent.
+    pub buffer_bytes: usize,
+    /// PROXY protocol header to send to the upstream first, if any (TCP only).
+    pub proxy_protocol: Option<crate::proto::proxy_header::ProxyProtocol>,
+    /// UDP: a client session with no datagram either way for this long ends (ms).
+    pub session_idle_timeout_ms: u64,
+    /// UDP: most client sessions of the listener at once (count); datagrams of new
+    /// clients beyond it are dropped and counted.
+    pub max_sessions: usize,
+}
+
+/// Default `session_idle_timeout_ms` of a UDP proxy listener (ms).
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Default `max_sessions` of a UDP proxy listener (count).
+pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
+/// Default and largest `max_datagram_bytes` of a UDP listener (bytes): the largest
+/// UDP payload over IPv4 (65,535 - 8 - 20).
+pub const MAX_DATAGRAM_BYTES: usize = 65_507;
+/// Default `sctp_streams`: outbound and most inbound streams per association (count).
+pub const DEFAULT_SCTP_STREAMS: u16 = 16;
+/// Default `max_message_bytes` of an SCTP listener (bytes).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest accepted `max_message_bytes` (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The SCTP settings of a listener (`proto = "sctp"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SctpConfig {
+    /// `sctp_style`: `"one-to-one"` (SOCK_STREAM, default) or `"one-to-many"`
+    /// (SOCK_SEQPACKET).
+    pub style: crate::sctp::Style,
+    /// `sctp_streams`: outbound and most inbound streams (SCTP_INITMSG), 1..=65535,
+    /// default [`DEFAULT_SCTP_STREAMS`].
+    pub streams: u16,
+    /// `max_message_bytes`: the largest message reassembled (bytes, default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]); a larger one aborts its association.
+    pub max_message_bytes: usize,
+}
+
+impl Default for SctpConfig {
+    fn default() -> Self {
+        SctpConfig {
+            style: crate::sctp::Style::OneToOne,
+            streams: DEFAULT_SCTP_STREAMS,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+impl SctpConfig {
+    /// Socket options for this listener's sockets (and its upstream sockets): the
+    /// stream count, and buffers that hold a whole message.
+    pub fn socket_opts(&self) -> crate::sctp::SocketOpts {
+        crate::sctp::SocketOpts {
+            streams: self.streams,
+            buffer_bytes: self.max_message_bytes.max(256 * 1024),
+            max_message: self.max_message_bytes,
+        }
+    }
+}
+
+impl Action {
+    /// The config spelling of the action: `"echo"`, `"respond"` or `"http"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Echo => "echo",
+            Action::Respond(_) => "respond",
+            Action::Http => "http",
+            Action::Proxy(_) => "proxy",
+        }
+    }
+}
+
+/// The `[runtime]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    /// Number of worker threads, 1..=[`MAX_WORKERS`].
+    pub workers: usize,
+    /// Which I/O driver the workers use.
+    pub io: IoChoice,
+    /// On SIGTERM/SIGINT, how long open connections may go on before they are
+    /// closed (ms); default [`DEFAULT_SHUTDOWN_TIMEOUT_MS`].
+    pub shutdown_timeout_ms: u64,
+}
+
+/// Default `[runtime] shutdown_timeout_ms` (ms).
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+impl Default for Runtime {
+    /// [`default_workers`] workers, [`IoChoice::Auto`], a 10 s shutdown timeout.
+    fn default() -> Self {
+        Runtime {
+            workers: default_workers(),
+            io: IoChoice::Auto,
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        }
+    }
+}
+
+/// The default worker count: the number of CPUs this process may run on
+/// (`std::thread::available_parallelism`), 1 if unknown, at most [`MAX_WORKERS`].
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS)
+}
+
+/// One validated `[[listener]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique name: as given, or derived as `"{netns or root}-{proto}-{listen}"`,
+    /// e.g. `"ns-a-tcp-[::]:8080"` or `"root-tcp-127.0.0.1:7000"`.
+    pub name: String,
+    /// The namespace to listen in; `None` is the namespace ringress started in.
+    pub netns: Option<NetnsRef>,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Address and port to bind (port 0 picks an ephemeral port).
+    pub listen: SocketAddr,
+    /// What to do with each connection.
+    pub action: Action,
+    /// `listen(2)` backlog, 1..=[`MAX_BACKLOG`].
+    pub backlog: u32,
+    /// 1-based line of the `[[listener]]` header (or of the `{` of an inline table)
+    /// in the config file.
+    pub line: usize,
+    /// 1-based line of the `netns` key (the listener's `line` when there is none),
+    /// for errors about the namespace.
+    pub netns_line: usize,
+    /// UDP: largest datagram accepted (bytes, 1..=[`MAX_DATAGRAM_BYTES`]); larger
+    /// ones are dropped and counted, never forwarded truncated.
+    pub max_datagram_bytes: usize,
+    /// SCTP: style, streams and largest message (defaults for other protocols).
+    pub sctp: SctpConfig,
+}
+
+impl ListenerConfig {
+    /// The namespace label for logs and derived names: the namespace name or path
+    /// as given, or `"root"` when the listener has no `netns`.
+    pub fn netns_label(&self) -> String {
+        self.netns
+            .as_ref()
+            .map_or_else(|| "root".to_string(), NetnsRef::label)
+    }
+}
+
+/// A validated configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file the configuration came from (as given; used in messages).
+    pub source: PathBuf,
+    /// Directory under which bare namespace names are resolved (default
+    /// [`DEFAULT_NETNS_DIR`]).
+    pub netns_dir: PathBuf,
+    /// The `[runtime]` settings, with defaults filled in.
+    pub runtime: Runtime,
+    /// The listeners in file order; at least one, names unique.
+    pub listeners: Vec<ListenerConfig>,
+    /// `[admin] listen`: where /metrics, /status and /healthz are served; `None`
+    /// (the default) serves nothing.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    /// No listeners, default runtime, names resolved under [`DEFAULT_NETNS_DIR`],
+    /// no admin endpoint; for building a config in code (`..Default::default()`).
+    fn default() -> Self {
+        Config {
+            source: PathBuf::from("<built-in>"),
+            netns_dir: PathBuf::from(DEFAULT_NETNS_DIR),
+            runtime: Runtime::default(),
+            listeners: Vec::new(),
+            admin: None,
+        }
+    }
+}
+
+/// Which listener an error is about: by name (given or derived) or, when no name
+/// is known yet, by its 1-based position in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerId {
+    /// The listener's name; displays as `listener "NAME"`.
+    Name(String),
+    /// 1-based index among the `[[listener]]` tables; displays as `listener #N`.
+    Index(usize),
+}
+
+impl fmt::Display for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenerId::Name(n) => write!(f, "listener {n:?}"),
+            ListenerId::Index(i) => write!(f, "listener #{i}"),
+        }
+    }
+}
+
+/// Where in the file an [`ConfigError::Invalid`] key lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A top-level key such as `netns_dir`.
+    Top,
+    /// A key of the `[runtime]` table.
+    Runtime,
+    /// A key of a `[[listener]]` table.
+    Listener(ListenerId),
+}
+
+impl fmt::Display for Scope {
+    /// Empty, `[runtime]: ` or `listener "NAME": ` (a prefix for messages).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Top => Ok(()),
+            Scope::Runtime => f.write_str("[runtime]: "),
+            Scope::Listener(id) => write!(f, "{id}: "),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path` (see [`Config::parse`]).
+    /// Namespaces are not checked; see [`Config::check_namespaces`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Io`] if the file cannot be read or is not UTF-8, otherwise
+    /// as [`Config::parse`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `source` names the file in messages and
+    /// is stored in [`Config::source`]. Fills in defaults (workers, io, proto,
+    /// backlog, listener names, proxy, UDP and SCTP settings). Namespaces are not
+    /// checked.
+    ///
+    /// # Errors
+    /// - [`ConfigError::Parse`]: malformed TOML or a value of the wrong TOML type;
+    /// - [`ConfigError::UnknownKey`]: a key the format does not define;
+    /// - [`ConfigError::Invalid`]: a bad value (out of range, an unknown spelling,
+    ///   a bad socket address or namespace name), a missing `listen`, `action`,
+    ///   `respond` or upstream, a key or action given for a protocol or action it
+    ///   does not apply to (e.g. `respond` with an action other than "respond",
+    ///   `max_sessions` on a TCP listener), a duplicate listener name, or two
+    ///   listeners on the same non-zero-port address and protocol in the same
+    ///   namespace;
+    /// - [`ConfigError::NoListeners`]: no `[[listener]]` table.
+    ///
+    /// The first error in file order is returned.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let cx = Ctx {
+            file: source,
+            lines: Lines { text },
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(e))?;
+
+        let netns_dir = match &raw.netns_dir {
+            None => PathBuf::from(DEFAULT_NETNS_DIR),
+            Some(d) => {
+                let s = d.get_ref();
+                if s.is_empty() || s.contains('\0') {
+                    return Err(cx.invalid(
+                        d.span(),
+                        Scope::Top,
+                        "netns_dir",
+                        "must be a non-empty path without NUL bytes",
+                    ));
+                }
+                PathBuf::from(s)
+            }
+        };
+
+        let runtime = match &raw.runtime {
+            None => Runtime::default(),
+            Some(rt) => convert_runtime(&cx, rt.get_ref())?,
+        };
+
+        let mut listeners = Vec::with_capacity(raw.listener.len());
+        for (i, l) in raw.listener.iter().enumerate() {
+            listeners.push(convert_listener(&cx, i + 1, l.span(), l.get_ref())?);
+        }
+        if listeners.is_empty() {
+            return Err(ConfigError::NoListeners {
+                file: source.to_path_buf(),
+            });
+        }
+
+        check_unique(&cx, &raw.listener, &listeners)?;
+        for l in &mut listeners {
+            if let Action::Proxy(p) = &mut l.action {
+                if let Some(ns) = &p.upstream_netns {
+                    let path = ns.path_in(&netns_dir);
+                    Arc::make_mut(p).upstream_netns_path = Some(path);
+                }
+            }
+        }
+
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => {
+                let l = &a.get_ref().listen;
+                Some(l.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                    cx.invalid(
+                        l.span(),
+                        Scope::Top,
+                        "admin.listen",
+                        format!(
+                            "invalid socket address {:?} (expected e.g. \"127.0.0.1:9900\")",
+                            l.get_ref()
+                        ),
+                    )
+                })?)
+            }
+        };
+
+        Ok(Config {
+            source: source.to_path_buf(),
+            netns_dir,
+            runtime,
+            listeners,
+            admin,
+        })
+    }
+
+    /// Checks that every listener's namespace exists and is a network namespace
+    /// file ([`check_netns`] on [`Config::netns_path`]). Listeners without `netns`
+    /// are skipped.
+    ///
+    /// # Errors
+    /// [`ConfigError::Netns`] for the first listener (in file order) whose
+    /// namespace is missing, unreadable or not a namespace.
+    pub fn check_namespaces(&self) -> Result<(), ConfigError> {
+        for l in &self.listeners {
+            let mut refs = Vec::with_capacity(2);
+            if let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) {
+                // A template's namespaces are found at run time.
+                if !ns.is_glob() {
+                    refs.push(("netns", l.netns_line, ns, path));
+                }
+            }
+            if let Action::Proxy(p) = &l.action {
+                if let (Some(ns), Some(path)) = (&p.upstream_netns, &p.upstream_netns_path) {
+                    refs.push(("upstream_netns", p.upstream_netns_line, ns, path.clone()));
+                }
+            }
+            for (key, line, ns, path) in refs {
+                if let Err(source) = check_netns(&path) {
+                    return Err(ConfigError::Netns {
+                        file: self.source.clone(),
+                        line,
+                        listener: ListenerId::Name(l.name.clone()),
+                        key,
+                        label: ns.label().into(),
+                        path: path.into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The namespace file of listener `l`: its `netns` name resolved under
+    /// [`Config::netns_dir`], or its path as given; `None` when it has no `netns`.
+    pub fn netns_path(&self, l: &ListenerConfig) -> Option<PathBuf> {
+        l.netns.as_ref().map(|n| n.path_in(&self.netns_dir))
+    }
+}

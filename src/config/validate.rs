@@ -1,0 +1,724 @@
+//! Conversion of the raw form ([`super::raw`]) into the validated types, with an
+//! error naming the line and key of the first problem.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use super::diag::Lines;
+use super::raw::{RawListener, RawRuntime};
+use super::{
+    default_workers, Action, ConfigError, IoChoice, ListenerConfig, ListenerId, Proto, ProxyConfig,
+    Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG, DEFAULT_BUFFER_BYTES,
+    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SESSIONS,
+    DEFAULT_SCTP_STREAMS, DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS,
+    MAX_BACKLOG, MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
+};
+use crate::netns::NetnsRef;
+
+/// Builds errors that all name the same file.
+pub(super) struct Ctx<'a> {
+    pub(super) file: &'a Path,
+    pub(super) lines: Lines<'a>,
+}
+
+impl Ctx<'_> {
+    /// The integer at key `key` (in `scope`) if it lies in `range`, `default` when
+    /// the key is absent; otherwise an error like "must be between 1 and 1024, got
+    /// 0", `unit` (e.g. " (ms)") after the bounds.
+    fn ranged<T>(
+        &self,
+        v: &Option<Spanned<i64>>,
+        scope: Scope,
+        key: &'static str,
+        range: std::ops::RangeInclusive<T>,
+        default: T,
+        unit: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: TryFrom<i64> + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(x) = v else { return Ok(default) };
+        match T::try_from(*x.get_ref()) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.invalid(
+                x.span(),
+                scope,
+                key,
+                format!(
+                    "must be between {} and {}{unit}, got {}",
+                    range.start(),
+                    range.end(),
+                    x.get_ref()
+                ),
+            )),
+        }
+    }
+
+    pub(super) fn invalid(
+        &self,
+        span: Range<usize>,
+        scope: Scope,
+        key: &'static str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line: self.lines.of_span(span),
+            scope,
+            key,
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn toml_error(&self, e: toml::de::Error) -> ConfigError {
+        let line = e.span().map_or(1, |s| self.lines.of_span(s));
+        let message = e.message().trim_end().to_string();
+        // The key path is only reachable through Display without input: it ends
+        // with a line "in `a.b`".
+        let mut bare = e.clone();
+        bare.set_input(None);
+        let path = bare
+            .to_string()
+            .lines()
+            .rev()
+            .find_map(|l| {
+                l.strip_prefix("in `")
+                    .and_then(|r| r.strip_suffix('`'))
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            if let Some((key, tail)) = rest.split_once('`') {
+                let table = match path.as_str() {
+                    "" => "the top-level table".to_string(),
+                    "runtime" => "[runtime]".to_string(),
+                    "listener" => "[[listener]]".to_string(),
+                    p => format!("[{p}]"),
+                };
+                let expected = tail
+                    .trim_start_matches(',')
+                    .trim()
+                    .strip_prefix("expected ")
+                    .unwrap_or("")
+                    .to_string();
+                return ConfigError::UnknownKey {
+                    file: self.file.to_path_buf(),
+                    line,
+                    key: key.to_string(),
+                    table,
+                    expected,
+                };
+            }
+        }
+        ConfigError::Parse {
+            file: self.file.to_path_buf(),
+            line,
+            key: (!path.is_empty()).then_some(path),
+            message,
+        }
+    }
+}
+
+pub(super) fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, ConfigError> {
+    let workers = cx.ranged(
+        &rt.workers,
+        Scope::Runtime,
+        "workers",
+        1..=MAX_WORKERS,
+        default_workers(),
+        "",
+    )?;
+    let io = match &rt.io {
+        None => IoChoice::Auto,
+        Some(s) => s
+            .get_ref()
+            .parse()
+            .map_err(|m: String| cx.invalid(s.span(), Scope::Runtime, "io", m))?,
+    };
+    let shutdown_timeout_ms = cx.ranged(
+        &rt.shutdown_timeout_ms,
+        Scope::Runtime,
+        "shutdown_timeout_ms",
+        0..=MAX_TIMEOUT_MS,
+        DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        " (ms)",
+    )?;
+    Ok(Runtime {
+        workers,
+        io,
+        shutdown_timeout_ms,
+    })
+}
+
+pub(super) fn convert_listener(
+    cx: &Ctx<'_>,
+    index: usize,
+    span: Range<usize>,
+    raw: &RawListener,
+) -> Result<ListenerConfig, ConfigError> {
+    let line = cx.lines.of_span(span.clone());
+
+    // Until the name is known, errors name the listener by explicit name or index.
+    let explicit = raw.name.as_ref().map(|n| n.get_ref().clone());
+    let early_id = || match &explicit {
+        Some(n) => ListenerId::Name(n.clone()),
+        None => ListenerId::Index(index),
+    };
+    let early = || Scope::Listener(early_id());
+
+    if let Some(n) = &raw.name {
+        let s = n.get_ref();
+        if s.is_empty() {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                "listener name is empty",
+            ));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                format!("listener name {s:?} contains control characters"),
+            ));
+        }
+        if s.contains('@') {
+            return Err(cx.invalid(
+                n.span(),
+                Scope::Listener(ListenerId::Index(index)),
+                "name",
+                format!(
+                    "listener name {s:?} contains '@', which is kept for template instances (NAME@NAMESPACE)"
+                ),
+            ));
+        }
+    }
+
+    let netns_line = raw
+        .netns
+        .as_ref()
+        .map_or(line, |n| cx.lines.of_span(n.span()));
+    let netns = match &raw.netns {
+        None => None,
+        Some(n) => Some(
+            NetnsRef::parse(n.get_ref()).map_err(|m| cx.invalid(n.span(), early(), "netns", m))?,
+        ),
+    };
+
+    let proto = match &raw.proto {
+        None => Proto::Tcp,
+        Some(p) => p
+            .get_ref()
+            .parse()
+            .map_err(|m: String| cx.invalid(p.span(), early(), "proto", m))?,
+    };
+
+    let listen =
+        match &raw.listen {
+            None => return Err(cx.invalid(
+                span,
+                early(),
+                "listen",
+                "missing required key (a socket address such as \"0.0.0.0:8080\" or \"[::]:8080\")",
+            )),
+            Some(a) => a.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                cx.invalid(
+                    a.span(),
+                    early(),
+                    "listen",
+                    format!(
+                    "invalid socket address {:?} (expected e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
+                    a.get_ref()
+                ),
+                )
+            })?,
+        };
+
+    let name = explicit.clone().unwrap_or_else(|| {
+        let ns = netns
+            .as_ref()
+            .map_or_else(|| "root".to_string(), NetnsRef::label);
+        format!("{ns}-{proto}-{listen}")
+    });
+    let scope = || Scope::Listener(ListenerId::Name(name.clone()));
+
+    let action = match &raw.action {
+        None => {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                "action",
+                "missing required key (\"echo\", \"respond\", \"http\" or \"proxy\")",
+            ))
+        }
+        Some(a) => match a.get_ref().as_str() {
+            "echo" => Action::Echo,
+            "http" => Action::Http,
+            "respond" => match &raw.respond {
+                None => {
+                    return Err(cx.invalid(
+                        a.span(),
+                        scope(),
+                        "respond",
+                        "action \"respond\" needs a `respond` key",
+                    ))
+                }
+                Some(r) if r.get_ref().is_empty() => {
+                    return Err(cx.invalid(
+                        r.span(),
+                        scope(),
+                        "respond",
+                        "the response must not be empty",
+                    ))
+                }
+                Some(r) => Action::Respond(r.get_ref().as_bytes().to_vec()),
+            },
+            "proxy" => Action::Proxy(Arc::new(convert_proxy(cx, a.span(), &scope, raw)?)),
+            other => {
+                return Err(cx.invalid(
+                    a.span(),
+                    scope(),
+                    "action",
+                    format!(
+                        "unknown action {other:?} (expected \"echo\", \"respond\", \"http\" or \"proxy\")"
+                    ),
+                ))
+            }
+        },
+    };
+    if let (Some(r), false) = (&raw.respond, matches!(action, Action::Respond(_))) {
+        return Err(cx.invalid(
+            r.span(),
+            scope(),
+            "respond",
+            format!(
+                "`respond` is only allowed with action = \"respond\" (this listener's action is {:?})",
+                action.kind()
+            ),
+        ));
+    }
+
+    if !matches!(action, Action::Proxy(_)) {
+        if let Some((key, span)) = proxy_only_keys(raw).into_iter().next() {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                key,
+                format!(
+                    "`{key}` is only allowed with action = \"proxy\" (this listener's action is {:?})",
+                    action.kind()
+                ),
+            ));
+        }
+    }
+
+    check_proto_keys(cx, &scope, proto, &action, raw)?;
+    let max_datagram_bytes = cx.ranged(
+        &raw.max_datagram_bytes,
+        scope(),
+        "max_datagram_bytes",
+        1..=MAX_DATAGRAM_BYTES,
+        MAX_DATAGRAM_BYTES,
+        "",
+    )?;
+
+    let backlog = cx.ranged(
+        &raw.backlog,
+        scope(),
+        "backlog",
+        1..=MAX_BACKLOG,
+        DEFAULT_BACKLOG,
+        "",
+    )?;
+    let sctp = convert_sctp(cx, &scope, raw)?;
+
+    Ok(ListenerConfig {
+        name,
+        netns,
+        proto,
+        listen,
+        action,
+        backlog,
+        line,
+        netns_line,
+        max_datagram_bytes,
+        sctp,
+    })
+}
+
+/// The `sctp_style`, `sctp_streams` and `max_message_bytes` keys (checked to be on
+/// an SCTP listener by [`check_proto_keys`]).
+fn convert_sctp(
+    cx: &Ctx<'_>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<SctpConfig, ConfigError> {
+    let style = match &raw.sctp_style {
+        None => crate::sctp::Style::OneToOne,
+        Some(s) => match s.get_ref().as_str() {
+            "one-to-one" => crate::sctp::Style::OneToOne,
+            "one-to-many" => crate::sctp::Style::OneToMany,
+            other => {
+                return Err(cx.invalid(
+                    s.span(),
+                    scope(),
+                    "sctp_style",
+                    format!(
+                        "unknown SCTP style {other:?} (expected \"one-to-one\" or \"one-to-many\")"
+                    ),
+                ))
+            }
+        },
+    };
+    let streams = cx.ranged(
+        &raw.sctp_streams,
+        scope(),
+        "sctp_streams",
+        1..=u16::MAX,
+        DEFAULT_SCTP_STREAMS,
+        "",
+    )?;
+    let max_message_bytes = cx.ranged(
+        &raw.max_message_bytes,
+        scope(),
+        "max_message_bytes",
+        1..=MAX_MESSAGE_BYTES,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "",
+    )?;
+    Ok(SctpConfig {
+        style,
+        streams,
+        max_message_bytes,
+    })
+}
+
+/// A key, where it is in the file, the protocols it is for, and how to name them.
+type KeyRule<'a> = (&'a str, Option<Range<usize>>, &'a [Proto], &'a str);
+
+/// Keys and actions that only make sense for some protocols.
+fn check_proto_keys(
+    cx: &Ctx<'_>,
+    scope: &dyn Fn() -> Scope,
+    proto: Proto,
+    action: &Action,
+    raw: &RawListener,
+) -> Result<(), ConfigError> {
+    use Proto::{Sctp, Tcp, Udp};
+    let span_of = |x: &Option<Spanned<i64>>| x.as_ref().map(|v| v.span());
+    if let Some(a) = &raw.action {
+        if proto != Tcp && !matches!(action, Action::Echo | Action::Proxy(_)) {
+            return Err(cx.invalid(
+                a.span(),
+                scope(),
+                "action",
+                format!(
+                    "action {:?} is not available for proto \"{proto}\" (use \"echo\" or \"proxy\")",
+                    action.kind()
+                ),
+            ));
+        }
+    }
+    // (key, where it is, the protocols it is for, how to name them)
+    let keys: [KeyRule<'_>; 11] = [
+        (
+            "backlog",
+            span_of(&raw.backlog),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "connect_timeout_ms",
+            span_of(&raw.connect_timeout_ms),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "idle_timeout_ms",
+            span_of(&raw.idle_timeout_ms),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "buffer_bytes",
+            span_of(&raw.buffer_bytes),
+            &[Tcp, Sctp],
+            "TCP and SCTP",
+        ),
+        (
+            "proxy_protocol",
+            raw.proxy_protocol.as_ref().map(|x| x.span()),
+            &[Tcp],
+            "TCP",
+        ),
+        (
+            "session_idle_timeout_ms",
+            span_of(&raw.session_idle_timeout_ms),
+            &[Udp],
+            "UDP",
+        ),
+        ("max_sessions", span_of(&raw.max_sessions), &[Udp], "UDP"),
+        (
+            "max_datagram_bytes",
+            span_of(&raw.max_datagram_bytes),
+            &[Udp],
+            "UDP",
+        ),
+        (
+            "sctp_style",
+            raw.sctp_style.as_ref().map(|x| x.span()),
+            &[Sctp],
+            "SCTP",
+        ),
+        ("sctp_streams", span_of(&raw.sctp_streams), &[Sctp], "SCTP"),
+        (
+            "max_message_bytes",
+            span_of(&raw.max_message_bytes),
+            &[Sctp],
+            "SCTP",
+        ),
+    ];
+    for (key, span, protos, names) in keys {
+        if let Some(span) = span {
+            if !protos.contains(&proto) {
+                return Err(cx.invalid(
+                    span,
+                    scope(),
+                    key,
+                    format!("`{key}` is for {names} listeners only"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rejects duplicate names, then two listeners on the same address (non-zero
+/// port) and protocol in the same namespace reference.
+pub(super) fn check_unique(
+    cx: &Ctx<'_>,
+    raw: &[Spanned<RawListener>],
+    listeners: &[ListenerConfig],
+) -> Result<(), ConfigError> {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (r, l) in raw.iter().zip(listeners) {
+        if let Some(&first) = names.get(l.name.as_str()) {
+            let (span, how) = match &r.get_ref().name {
+                Some(n) => (n.span(), String::new()),
+                None => (
+                    r.span(),
+                    "; the name is derived from netns, proto and listen: give one of them a distinct `name`"
+                        .to_string(),
+                ),
+            };
+            return Err(cx.invalid(
+                span,
+                Scope::Listener(ListenerId::Name(l.name.clone())),
+                "name",
+                format!(
+                    "duplicate listener name {:?} (first defined at line {first}){how}",
+                    l.name
+                ),
+            ));
+        }
+        names.insert(&l.name, l.line);
+    }
+
+    let mut addrs: HashMap<(Option<&NetnsRef>, Proto, SocketAddr), &ListenerConfig> =
+        HashMap::new();
+    for (r, l) in raw.iter().zip(listeners) {
+        if l.listen.port() == 0 {
+            continue;
+        }
+        let key = (l.netns.as_ref(), l.proto, l.listen);
+        if let Some(first) = addrs.get(&key) {
+            let span = r.get_ref().listen.as_ref().map_or(r.span(), |s| s.span());
+            return Err(cx.invalid(
+                span,
+                Scope::Listener(ListenerId::Name(l.name.clone())),
+                "listen",
+                format!(
+                    "{} {} in namespace {:?} is already used by listener {:?} (line {})",
+                    l.proto,
+                    l.listen,
+                    l.netns_label(),
+                    first.name,
+                    first.line
+                ),
+            ));
+        }
+        addrs.insert(key, l);
+    }
+    Ok(())
+}
+
+/// The proxy-only keys present in `raw`, with their spans.
+fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
+    let mut v = Vec::new();
+    if let Some(x) = &raw.upstream {
+        v.push(("upstream", x.span()));
+    }
+    if let Some(x) = &raw.upstreams {
+        v.push(("upstreams", x.span()));
+    }
+    if let Some(x) = &raw.upstream_netns {
+        v.push(("upstream_netns", x.span()));
+    }
+    for (k, x) in [
+        ("connect_timeout_ms", &raw.connect_timeout_ms),
+        ("idle_timeout_ms", &raw.idle_timeout_ms),
+        ("buffer_bytes", &raw.buffer_bytes),
+    ] {
+        if let Some(x) = x {
+            v.push((k, x.span()));
+        }
+    }
+    if let Some(x) = &raw.proxy_protocol {
+        v.push(("proxy_protocol", x.span()));
+    }
+    for (k, x) in [
+        ("session_idle_timeout_ms", &raw.session_idle_timeout_ms),
+        ("max_sessions", &raw.max_sessions),
+    ] {
+        if let Some(x) = x {
+            v.push((k, x.span()));
+        }
+    }
+    v
+}
+
+/// Validates the proxy keys of a listener whose `action = "proxy"` is at `action_span`.
+fn convert_proxy(
+    cx: &Ctx<'_>,
+    action_span: Range<usize>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<ProxyConfig, ConfigError> {
+    let addr = |s: &Spanned<String>, key: &'static str| {
+        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+            cx.invalid(
+                s.span(),
+                scope(),
+                key,
+                format!(
+                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
+                    s.get_ref()
+                ),
+            )
+        })
+    };
+    let upstreams = match (&raw.upstream, &raw.upstreams) {
+        (Some(u), None) => vec![addr(u, "upstream")?],
+        (None, Some(list)) => {
+            if list.get_ref().is_empty() {
+                return Err(cx.invalid(list.span(), scope(), "upstreams", "the list is empty"));
+            }
+            list.get_ref()
+                .iter()
+                .map(|u| addr(u, "upstreams"))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (Some(u), Some(_)) => {
+            return Err(cx.invalid(
+                u.span(),
+                scope(),
+                "upstream",
+                "give either `upstream` or `upstreams`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(cx.invalid(
+                action_span,
+                scope(),
+                "upstream",
+                "action \"proxy\" needs `upstream = \"ADDR:PORT\"` or `upstreams = [...]`",
+            ))
+        }
+    };
+    let upstream_netns = match &raw.upstream_netns {
+        None => None,
+        Some(n) => match NetnsRef::parse(n.get_ref()) {
+            Ok(r) if r.is_glob() => {
+                return Err(cx.invalid(
+                    n.span(),
+                    scope(),
+                    "upstream_netns",
+                    "must name one namespace, not a glob",
+                ))
+            }
+            Ok(r) => Some(r),
+            Err(m) => return Err(cx.invalid(n.span(), scope(), "upstream_netns", m)),
+        },
+    };
+    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64, min: u64| {
+        cx.ranged(v, scope(), key, min..=MAX_TIMEOUT_MS, default, " (ms)")
+    };
+    let connect_timeout_ms = ms(
+        &raw.connect_timeout_ms,
+        "connect_timeout_ms",
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        1,
+    )?;
+    let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
+    let session_idle_timeout_ms = ms(
+        &raw.session_idle_timeout_ms,
+        "session_idle_timeout_ms",
+        DEFAULT_SESSION_IDLE_TIMEOUT_MS,
+        1,
+    )?;
+    let max_sessions = cx.ranged(
+        &raw.max_sessions,
+        scope(),
+        "max_sessions",
+        1..=(1 << 24),
+        DEFAULT_MAX_SESSIONS,
+        "",
+    )?;
+    let buffer_bytes = cx.ranged(
+        &raw.buffer_bytes,
+        scope(),
+        "buffer_bytes",
+        BUFFER_BYTES_RANGE.0..=BUFFER_BYTES_RANGE.1,
+        DEFAULT_BUFFER_BYTES,
+        " (bytes)",
+    )?;
+    use crate::proto::proxy_header::ProxyProtocol;
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => None,
+        Some(p) => match p.get_ref().as_str() {
+            "v1" => Some(ProxyProtocol::V1),
+            "v2" => Some(ProxyProtocol::V2),
+            other => {
+                return Err(cx.invalid(
+                    p.span(),
+                    scope(),
+                    "proxy_protocol",
+                    format!("unknown PROXY protocol version {other:?} (expected \"v1\" or \"v2\")"),
+                ))
+            }
+        },
+    };
+    Ok(ProxyConfig {
+        upstreams,
+        upstream_netns,
+        upstream_netns_path: None,
+        upstream_netns_line: raw
+            .upstream_netns
+            .as_ref()
+            .map_or(0, |n| cx.lines.of_span(n.span())),
+        connect_timeout_ms,
+        idle_timeout_ms,
+        buffer_bytes,
+        proxy_protocol,
+        session_idle_timeout_ms,
+        max_sessions,
+    })
+}
