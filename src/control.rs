@@ -49,6 +49,9 @@ pub enum Exit {
     Clean,
     /// A second signal asked to stop at once.
     Forced,
+    /// A worker's backend failed (its listeners were no longer served); the others
+    /// were shut down gracefully.
+    WorkerFailed,
 }
 
 struct Pending {
@@ -133,6 +136,16 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                             }
                             continue;
                         }
+                        if crate::driver::worker_failed() {
+                            if draining.is_none() {
+                                tracing::error!("a worker stopped; shutting down (exit status 1)");
+                                sdnotify::notify_or_log("STOPPING=1");
+                                server.stop_accepting();
+                                let t = server.config().runtime.shutdown_timeout_ms;
+                                draining = Some(Instant::now() + Duration::from_millis(t));
+                            }
+                            continue;
+                        }
                         if draining.is_some() {
                             tracing::warn!(signal = %sig, "second signal: exiting now");
                             return Ok(Exit::Forced);
@@ -205,6 +218,9 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                     tracing::warn!(open, "shutdown timeout: closing the remaining connections");
                 }
                 server.shutdown();
+                if crate::driver::worker_failed() {
+                    return Ok(Exit::WorkerFailed);
+                }
                 return Ok(Exit::Clean);
             }
         }

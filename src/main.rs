@@ -145,6 +145,7 @@ fn main() -> ExitCode {
                 Ok(control::Exit::Clean) => ExitCode::SUCCESS,
                 // A second signal: leave now, without waiting for the workers.
                 Ok(control::Exit::Forced) => std::process::exit(130),
+                Ok(control::Exit::WorkerFailed) => ExitCode::from(1),
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE

@@ -578,6 +578,120 @@ pub fn send(
     }
 }
 
+/// recvmsg(2) memory of one SCTP socket: msghdr, one iovec, control room for
+/// SCTP_RCVINFO. Boxed, so that an io_uring RECVMSG may point at it.
+pub struct RecvHeader {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    ctl: [u64; RECV_CONTROL_WORDS],
+}
+
+impl std::fmt::Debug for RecvHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecvHeader")
+    }
+}
+
+impl RecvHeader {
+    /// A zeroed header.
+    pub fn new() -> Box<RecvHeader> {
+        // SAFETY: msghdr and iovec are plain C structs for which all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+
+    /// Points the header at `buf` (null with `len` for io_uring's buffer
+    /// selection) and at the control storage; returns it.
+    pub fn prepare(&mut self, buf: *mut u8, len: usize) -> *mut libc::msghdr {
+        self.iov = libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: len,
+        };
+        self.ctl = [0; RECV_CONTROL_WORDS];
+        self.hdr.msg_name = std::ptr::null_mut();
+        self.hdr.msg_namelen = 0;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        self.hdr.msg_control = self.ctl.as_mut_ptr().cast();
+        self.hdr.msg_controllen = size_of::<[u64; RECV_CONTROL_WORDS]>() as _;
+        self.hdr.msg_flags = 0;
+        &mut self.hdr
+    }
+
+    /// What the last receive said: `(flags, info)`.
+    pub fn received(&self) -> (libc::c_int, MsgInfo) {
+        #[allow(clippy::unnecessary_cast)]
+        let len = (self.hdr.msg_controllen as usize).min(size_of::<[u64; RECV_CONTROL_WORDS]>());
+        // SAFETY: the control storage is ours and `len` bytes of it were written.
+        let ctl = unsafe { std::slice::from_raw_parts(self.ctl.as_ptr().cast::<u8>(), len) };
+        (self.hdr.msg_flags, msg_info(ctl))
+    }
+}
+
+/// sendmsg(2) memory of one SCTP socket: msghdr, one iovec, one SCTP_SNDINFO.
+pub struct SendHeader {
+    space: Box<MsgSpace>,
+}
+
+impl std::fmt::Debug for SendHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SendHeader")
+    }
+}
+
+impl SendHeader {
+    /// A zeroed header.
+    pub fn new() -> Box<SendHeader> {
+        Box::new(SendHeader {
+            space: MsgSpace::new(),
+        })
+    }
+
+    /// Points the header at `data` with an SCTP_SNDINFO; returns it.
+    pub fn prepare(&mut self, data: &[u8], info: MsgInfo, flags: u16) -> *const libc::msghdr {
+        self.space.prepare_send(data, info, flags)
+    }
+}
+
+/// recvmsg(2) with a [`RecvHeader`].
+///
+/// # Errors
+/// The recvmsg(2) errno.
+pub fn recv_with(
+    fd: RawFd,
+    buf: &mut [u8],
+    h: &mut RecvHeader,
+) -> io::Result<(usize, i32, MsgInfo)> {
+    let hdr = h.prepare(buf.as_mut_ptr(), buf.len());
+    // SAFETY: the header points at `buf` and the header's control storage.
+    let n = unsafe { libc::recvmsg(fd, hdr, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (flags, info) = h.received();
+    Ok((n as usize, flags, info))
+}
+
+/// sendmsg(2) with a [`SendHeader`].
+///
+/// # Errors
+/// The sendmsg(2) errno.
+pub fn send_with(
+    fd: RawFd,
+    data: &[u8],
+    info: MsgInfo,
+    flags: u16,
+    h: &mut SendHeader,
+) -> io::Result<usize> {
+    let hdr = h.prepare(data, info, flags);
+    // SAFETY: the header points at `data` and the header's control storage.
+    let n = unsafe { libc::sendmsg(fd, hdr, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

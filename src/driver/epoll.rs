@@ -1,808 +1,637 @@
-//! The epoll driver: one epoll instance per worker, edge-triggered.
+//! The epoll backend: one epoll instance per worker, edge-triggered.
 //!
-//! It performs the same operations as the io_uring driver and reports the same
-//! completions to the same sessions. Every operation tries the syscall first and
-//! waits for readiness only after EAGAIN (as mio does): a socket is registered
-//! once, for `EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET`, and the worker remembers
-//! per socket whether it was last seen readable and writable.
+//! It performs the worker's [`Op`]s with non-blocking syscalls and reports the
+//! same [`Event`]s as the io_uring backend. Every operation tries its syscall
+//! first and waits for readiness only after EAGAIN (as mio does): a socket is
+//! registered once, for `EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET`, and the
+//! backend remembers whether it was last seen readable and writable. An operation
+//! on a socket known to be ready runs inside [`Backend::submit`], so a session's
+//! next step runs in the same turn.
 //!
-//! Fairness: one connection runs at most [`BUDGET`] operations per turn, then goes
-//! to the back of a ready queue, so that a fast sender cannot starve the others.
+//! Fairness: one socket runs at most [`BUDGET`] operations per turn (one
+//! [`Backend::wait`]); the rest wait in a run queue for the next turn, so that a
+//! fast sender cannot starve the others. Multishot accepts and datagram receives
+//! take at most [`ACCEPT_BUDGET`] / [`DATAGRAM_BUDGET`] per run.
+//!
+//! Receive buffers come from two free lists (stream pieces of [`RECV_BUF_SIZE`],
+//! datagrams of the largest UDP payload plus one byte), grown on demand: the
+//! worker returns every buffer after handling its event, so they stay few.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use nix::sys::socket::MsgFlags;
+use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned};
+use super::slab::{Key, Slab};
+use super::udp;
 
-use super::udp::{self, After, Datagram, UdpState};
-use super::{
-    accept_error_benign, accept_error_pauses, drain_eventfd, token, untoken, Command, Conn,
-    ConnectStart, Key, ListenerIds, ListenerShared, Slab, Timers, WorkerCtx, ACCEPT_PAUSE_MS,
-};
-use crate::config::Proto;
-use crate::proto::{Completion, Side};
-
-/// Operations one connection may run per turn before yielding (count).
+/// Operations one socket may run per turn before yielding (count).
 pub const BUDGET: usize = 16;
-/// Connections one listener may accept per turn before yielding (count).
-const ACCEPT_BUDGET: usize = 64;
-/// Size of the worker's receive scratch buffer (bytes), as the io_uring buffers.
-const SCRATCH: usize = 16 * 1024;
+/// Connections one listener may accept per run before yielding (count).
+pub const ACCEPT_BUDGET: usize = 64;
+/// Datagrams one socket may take per run before yielding (count).
+pub const DATAGRAM_BUDGET: usize = 64;
+/// Size of each stream receive buffer (bytes), as the io_uring buffers.
+pub const RECV_BUF_SIZE: usize = 16 * 1024;
 
-const K_LISTENER: u8 = 1;
-const K_CLIENT: u8 = 2;
-const K_WAKE: u8 = 3;
-const K_UPSTREAM: u8 = 4;
-const K_UDP_LISTENER: u8 = 5;
-const K_UDP_UPSTREAM: u8 = 6;
-/// Datagrams one UDP socket may take per turn before yielding (count).
-const UDP_BUDGET: usize = 64;
+const GROUP_STREAM: u16 = 0;
+const GROUP_DATAGRAM: u16 = 1;
 
-struct EListener {
-    fd: OwnedFd,
-    shared: Arc<ListenerShared>,
-    paused_until: Option<Instant>,
+/// What the backend knows of one registered socket.
+#[derive(Debug)]
+struct FdState {
+    readable: bool,
+    writable: bool,
+    /// The peer's FIN or an error was signalled (EPOLLRDHUP/HUP/ERR): a short
+    /// read then does not mean the socket is drained (no new edge will come).
+    hup: bool,
+    /// The operation waiting for the socket to become readable.
+    reader: Option<Key>,
+    /// The operation waiting for the socket to become writable.
+    writer: Option<Key>,
+    /// The turn `ran` counts for.
+    turn: u64,
+    /// Operations run on this socket in `turn`.
+    ran: usize,
 }
 
-struct EConn {
-    conn: Conn,
-    /// Last known readiness per side: (readable, writable).
-    ready: [(bool, bool); 2],
-    /// The peer's FIN or an error was signalled (EPOLLRDHUP/HUP/ERR) per side: a
-    /// short read then does not mean the socket is drained.
-    hup: [bool; 2],
-    /// An SCTP send found no room: try again at this time even without a new
-    /// EPOLLOUT edge (a message goes whole; "writable" only means "some room").
-    retry_at: Option<Instant>,
-    /// Listed in the worker's `send_retries`.
-    retry_listed: bool,
+/// One operation in flight.
+#[derive(Debug)]
+struct EOp {
+    token: u64,
+    op: Op,
+    /// A connect is in progress (EINPROGRESS).
+    connecting: bool,
 }
 
-struct Worker {
+/// A free list of equal buffers.
+#[derive(Debug, Default)]
+struct Pool {
+    bufs: Vec<Box<[u8]>>,
+    free: Vec<u16>,
+    size: usize,
+}
+
+impl Pool {
+    fn new(size: usize) -> Pool {
+        Pool {
+            bufs: Vec::new(),
+            free: Vec::new(),
+            size,
+        }
+    }
+
+    /// A free buffer's id (a new one if none is free); `None` past 65,536.
+    fn take(&mut self) -> Option<u16> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        let id = u16::try_from(self.bufs.len()).ok()?;
+        self.bufs.push(vec![0; self.size].into_boxed_slice());
+        Some(id)
+    }
+}
+
+/// The epoll backend of one worker.
+pub struct EpollBackend {
     ep: Epoll,
-    ctx: WorkerCtx,
-    listeners: Slab<EListener>,
-    by_id: ListenerIds,
-    /// One-to-many SCTP listeners: each is one session in `conns`.
-    many_by_id: ListenerIds,
-    conns: Slab<EConn>,
-    scratch: Vec<u8>,
-    ready: VecDeque<Key>,
-    ready_listeners: VecDeque<Key>,
-    /// Listeners pausing their accepts (EMFILE...), with the end of the pause.
-    paused: Vec<(Instant, Key)>,
-    /// Sessions waiting for an upstream socket from a namespace pool.
-    parked: Vec<Key>,
-    /// Sessions with an SCTP send to try again at their `retry_at`.
-    send_retries: Vec<Key>,
-    timers: Timers,
-    udp: UdpState,
-    udp_by_id: ListenerIds,
-    /// UDP sockets with datagrams possibly left after their budget: (kind, key).
-    udp_ready: VecDeque<(u8, Key)>,
-    /// Receive buffer for datagrams (the largest UDP payload, plus one byte so
-    /// that a larger one shows as MSG_TRUNC).
-    dgram: Vec<u8>,
-    shutting_down: bool,
+    ops: Slab<EOp>,
+    fds: HashMap<RawFd, FdState>,
+    /// Operations to run in the next turn.
+    run: VecDeque<Key>,
+    /// Events ready to be reported.
+    done: Vec<Event>,
+    pools: [Pool; 2],
+    turn: u64,
+    events: Vec<EpollEvent>,
 }
 
-/// Runs a worker on the calling thread until [`Command::Shutdown`].
-pub(crate) fn run(ctx: WorkerCtx, ready: SyncSender<io::Result<()>>) {
-    super::serve(Worker::new(ctx), ready, |mut w| w.run());
-}
-
-fn errno_of(e: nix::Error) -> i32 {
-    e as i32
-}
-
-impl Worker {
-    fn new(ctx: WorkerCtx) -> io::Result<Worker> {
-        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        ep.add(
-            ctx.wake.as_fd(),
-            EpollEvent::new(
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
-                token(K_WAKE, Key { idx: 0, gen: 0 }),
-            ),
-        )
-        .map_err(io::Error::from)?;
-        Ok(Worker {
-            ep,
-            ctx,
-            listeners: Slab::default(),
-            by_id: Default::default(),
-            many_by_id: Default::default(),
-            conns: Slab::default(),
-            scratch: vec![0; SCRATCH],
-            ready: VecDeque::new(),
-            ready_listeners: VecDeque::new(),
-            paused: Vec::new(),
-            parked: Vec::new(),
-            send_retries: Vec::new(),
-            timers: Timers::default(),
-            udp: UdpState::default(),
-            udp_by_id: Default::default(),
-            udp_ready: VecDeque::new(),
-            dgram: vec![0; crate::config::MAX_DATAGRAM_BYTES + 1],
-            shutting_down: false,
+impl EpollBackend {
+    /// A backend with a new epoll instance.
+    ///
+    /// # Errors
+    /// epoll_create1(2) failed (EMFILE, ENOMEM).
+    pub fn new() -> io::Result<EpollBackend> {
+        Ok(EpollBackend {
+            ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?,
+            ops: Slab::default(),
+            fds: HashMap::new(),
+            run: VecDeque::new(),
+            done: Vec::new(),
+            pools: [
+                Pool::new(RECV_BUF_SIZE),
+                Pool::new(crate::config::MAX_DATAGRAM_BYTES + 1),
+            ],
+            turn: 0,
+            events: vec![EpollEvent::empty(); 256],
         })
     }
 
-    fn run(&mut self) {
-        let mut events = vec![EpollEvent::empty(); 256];
-        loop {
-            let busy = !self.ready.is_empty()
-                || !self.ready_listeners.is_empty()
-                || !self.udp_ready.is_empty();
-            let timeout = if busy {
-                EpollTimeout::ZERO
-            } else {
-                let t = self.pause_timeout();
-                let now = Instant::now();
-                let t = match self.next_send_retry() {
-                    Some(r) => {
-                        let ms = (r.saturating_duration_since(now).as_millis().min(1000) as u16)
-                            .saturating_add(1);
-                        if t == EpollTimeout::NONE || EpollTimeout::from(ms) < t {
-                            EpollTimeout::from(ms)
-                        } else {
-                            t
-                        }
-                    }
-                    None => t,
-                };
-                let next = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                match next {
-                    Some(d) => {
-                        let ms = (d.as_millis().min(1000) as u16).saturating_add(1);
-                        if t == EpollTimeout::NONE || EpollTimeout::from(ms) < t {
-                            EpollTimeout::from(ms)
-                        } else {
-                            t
-                        }
-                    }
-                    None => t,
-                }
-            };
-            let n = match self.ep.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(nix::Error::EINTR) => 0,
-                Err(e) => {
-                    tracing::error!(worker = self.ctx.index, error = %e, "epoll_wait failed; worker stops");
-                    return;
-                }
-            };
-            self.ctx.stats.completed.fetch_add(n as u64, Relaxed);
-            for ev in &events[..n] {
-                let (kind, k) = untoken(ev.data());
-                let f = ev.events();
-                match kind {
-                    K_WAKE => {
-                        drain_eventfd(self.ctx.wake.as_raw_fd());
-                        self.commands();
-                        self.peeled();
-                    }
-                    K_LISTENER => self.accept(k),
-                    K_UDP_LISTENER | K_UDP_UPSTREAM => self.udp_drain(kind, k),
-                    K_CLIENT | K_UPSTREAM => {
-                        let side = if kind == K_CLIENT {
-                            Side::Client
-                        } else {
-                            Side::Upstream
-                        };
-                        if let Some(c) = self.conns.get_mut(k) {
-                            let hup = EpollFlags::EPOLLRDHUP
-                                | EpollFlags::EPOLLHUP
-                                | EpollFlags::EPOLLERR;
-                            c.hup[side.index()] |= f.intersects(hup);
-                            let r = &mut c.ready[side.index()];
-                            if f.intersects(EpollFlags::EPOLLIN | hup) {
-                                r.0 = true;
-                            }
-                            if f.intersects(
-                                EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
-                            ) {
-                                r.1 = true;
-                            }
-                            if side == Side::Upstream && c.conn.legs[1].connecting && r.1 {
-                                finish_connect(c);
-                            }
-                            self.drive(k);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if self.shutting_down {
-                return;
-            }
-            self.unpause();
-            let now = Instant::now();
-            for k in self.timers.expired(now, &mut self.conns, |c| &mut c.conn) {
-                if let Some(c) = self.conns.get_mut(k) {
-                    c.conn.complete(Side::Client, Completion::Timeout);
-                }
-                self.drive(k);
-            }
-            for uk in self.udp.sweep(now) {
-                // Dropping the socket takes it out of the epoll set.
-                self.udp.upstreams.remove(uk);
-            }
-            for _ in 0..self.udp_ready.len() {
-                if let Some((kind, k)) = self.udp_ready.pop_front() {
-                    self.udp_drain(kind, k);
-                }
-            }
-            for k in std::mem::take(&mut self.parked) {
-                if let Some(c) = self.conns.get_mut(k) {
-                    c.conn.unpark();
-                }
-                self.drive(k);
-            }
-            self.due_send_retries();
-            for _ in 0..self.ready_listeners.len() {
-                if let Some(k) = self.ready_listeners.pop_front() {
-                    self.accept(k);
-                }
-            }
-            for _ in 0..self.ready.len() {
-                if let Some(k) = self.ready.pop_front() {
-                    self.drive(k);
-                }
-            }
+    /// Registers `fd` (once) for every readiness, edge-triggered.
+    fn register(&mut self, fd: RawFd) -> io::Result<()> {
+        if self.fds.contains_key(&fd) {
+            return Ok(());
         }
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        // SAFETY: the worker keeps `fd` open while an operation on it is in flight
+        // and closes it through `Backend::close`, which removes it from the set.
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        self.ep
+            .add(bfd, EpollEvent::new(flags, fd as u64))
+            .map_err(io::Error::from)?;
+        self.fds.insert(
+            fd,
+            FdState {
+                readable: true,
+                writable: true,
+                hup: false,
+                reader: None,
+                writer: None,
+                turn: 0,
+                ran: 0,
+            },
+        );
+        Ok(())
     }
 
-    /// The earliest time an SCTP send is to be tried again, if any.
-    fn next_send_retry(&mut self) -> Option<Instant> {
-        let conns = &mut self.conns;
-        self.send_retries
-            .iter()
-            .filter_map(|&k| conns.get_mut(k).and_then(|c| c.retry_at))
-            .min()
-    }
-
-    /// Tries again the SCTP sends whose back-off has passed.
-    fn due_send_retries(&mut self) {
-        if self.send_retries.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        for k in std::mem::take(&mut self.send_retries) {
-            let Some(c) = self.conns.get_mut(k) else {
-                continue;
-            };
-            match c.retry_at {
-                Some(t) if t > now => self.send_retries.push(k),
-                _ => {
-                    c.retry_at = None;
-                    c.retry_listed = false;
-                    for r in &mut c.ready {
-                        r.1 = true;
-                    }
-                    self.drive(k);
-                }
-            }
-        }
-    }
-
-    /// How long until the earliest paused listener may accept again.
-    fn pause_timeout(&self) -> EpollTimeout {
-        match self.paused.iter().map(|&(t, _)| t).min() {
-            None => EpollTimeout::NONE,
-            Some(t) => {
-                let wait = t.saturating_duration_since(Instant::now());
-                EpollTimeout::from(wait.as_millis().min(1000) as u16 + 1)
-            }
-        }
-    }
-
-    /// Listeners whose accept pause is over accept again. Only paused listeners
-    /// are looked at, so a loop turn costs nothing per listener.
-    fn unpause(&mut self) {
-        if self.paused.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let mut still = Vec::new();
-        for (t, k) in std::mem::take(&mut self.paused) {
-            if t > now {
-                still.push((t, k));
-            } else if let Some(l) = self.listeners.get_mut(k) {
-                l.paused_until = None;
-                self.ready_listeners.push_back(k);
-            }
-        }
-        self.paused = still;
-    }
-
-    fn commands(&mut self) {
-        while let Ok(cmd) = self.ctx.rx.try_recv() {
-            match cmd {
-                Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
-                    let name = shared.name.clone();
-                    let k = self.udp.add_listener(fd, shared);
-                    let Some(l) = self.udp.listeners.get_mut(k) else {
-                        continue;
-                    };
-                    if let Err(e) = self.ep.add(
-                        l.fd.as_fd(),
-                        EpollEvent::new(
-                            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
-                            token(K_UDP_LISTENER, k),
-                        ),
-                    ) {
-                        tracing::error!(listener = %name, error = %e, "epoll_ctl(ADD) on udp listener failed");
-                        self.udp.listeners.remove(k);
-                        continue;
-                    }
-                    self.udp_by_id.insert(id, k);
-                    self.udp_ready.push_back((K_UDP_LISTENER, k));
-                }
-                Command::AddListener { id, fd, shared }
-                    if shared.proto == Proto::Sctp
-                        && shared.sctp.style == crate::sctp::Style::OneToMany =>
-                {
-                    let conn = Conn::open_many(fd, shared, &self.ctx.stats);
-                    if let Some(k) = self.add_conn(conn) {
-                        self.many_by_id.insert(id, k);
-                        self.drive(k);
-                    }
-                }
-                Command::AddListener { id, fd, shared } => {
-                    let k = self.listeners.insert(EListener {
-                        fd,
-                        shared,
-                        paused_until: None,
-                    });
-                    let l = self.listeners.get_mut(k).expect("just inserted");
-                    if let Err(e) = self.ep.add(
-                        l.fd.as_fd(),
-                        EpollEvent::new(
-                            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
-                            token(K_LISTENER, k),
-                        ),
-                    ) {
-                        tracing::error!(listener = %l.shared.name, error = %e, "epoll_ctl(ADD) on listener failed");
-                        self.listeners.remove(k);
-                        continue;
-                    }
-                    self.by_id.insert(id, k);
-                    // Connections may already wait in the backlog: try at once.
-                    self.ready_listeners.push_back(k);
-                }
-                Command::RemoveListener { id } => {
-                    // Closing an fd removes it from the epoll set.
-                    if let Some(k) = self.by_id.remove(&id) {
-                        self.listeners.remove(k);
-                    }
-                    if let Some(k) = self.udp_by_id.remove(&id) {
-                        for uk in self.udp.end_sessions(k) {
-                            self.udp.upstreams.remove(uk);
-                        }
-                        self.udp.listeners.remove(k);
-                    }
-                    if let Some(k) = self.many_by_id.remove(&id) {
-                        // Its queued replies go out, then the socket closes.
-                        if let Some(c) = self.conns.get_mut(k) {
-                            c.conn.io.close();
-                        }
-                        self.drive(k);
-                    }
-                }
-                Command::Shutdown => {
-                    self.shutting_down = true;
-                    self.by_id.clear();
-                    self.many_by_id.clear();
-                    for k in self.listeners.keys() {
-                        self.listeners.remove(k);
-                    }
-                    for k in self.conns.keys() {
-                        self.conns.remove(k);
-                    }
-                    self.udp = UdpState::default();
-                    self.udp_by_id.clear();
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, k: Key) {
-        let Some(l) = self.listeners.get_mut(k) else {
+    /// Ends operation `k` with `res`: its memory goes back in the event.
+    fn finish(&mut self, k: Key, res: i32, buf: Option<BufRef>, meta: Meta) {
+        let Some(o) = self.ops.remove(k) else {
             return;
         };
-        if l.paused_until.is_some() {
-            return;
+        let fd = op_fd(&o.op);
+        if let Some(st) = self.fds.get_mut(&fd) {
+            if st.reader == Some(k) {
+                st.reader = None;
+            }
+            if st.writer == Some(k) {
+                st.writer = None;
+            }
         }
-        let lfd = l.fd.as_raw_fd();
+        self.done.push(Event {
+            token: o.token,
+            res,
+            more: false,
+            buf,
+            meta,
+            owned: owned_of(o.op),
+        });
+    }
+
+    /// Reports one shot of multishot operation `k`.
+    fn shot(&mut self, k: Key, res: i32, buf: Option<BufRef>, meta: Meta) {
+        if let Some(o) = self.ops.get(k) {
+            self.done.push(Event {
+                token: o.token,
+                res,
+                more: true,
+                buf,
+                meta,
+                owned: Owned::None,
+            });
+        }
+    }
+
+    /// Runs operation `k` now if its socket's budget for this turn allows, else
+    /// queues it for the next turn.
+    fn try_run(&mut self, k: Key) {
+        let Some(o) = self.ops.get(k) else {
+            return;
+        };
+        let fd = op_fd(&o.op);
+        let turn = self.turn;
+        if let Some(st) = self.fds.get_mut(&fd) {
+            if st.turn != turn {
+                st.turn = turn;
+                st.ran = 0;
+            }
+            if st.ran >= BUDGET {
+                self.run.push_back(k);
+                return;
+            }
+            st.ran += 1;
+        }
+        self.exec(k);
+    }
+
+    /// Parks operation `k` until its socket becomes readable (`read`) or writable.
+    fn park(&mut self, k: Key, fd: RawFd, read: bool) {
+        if let Some(st) = self.fds.get_mut(&fd) {
+            if read {
+                st.reader = Some(k);
+            } else {
+                st.writer = Some(k);
+            }
+        }
+    }
+
+    /// Performs operation `k` (see [`Op`] for what each reports).
+    fn exec(&mut self, k: Key) {
+        let Some(o) = self.ops.get_mut(k) else {
+            return;
+        };
+        let fd = op_fd(&o.op);
+        let Some(st) = self.fds.get_mut(&fd) else {
+            self.finish(k, -libc::EBADF, None, Meta::None);
+            return;
+        };
+        let (readable, writable, hup) = (st.readable, st.writable, st.hup);
+        match &mut o.op {
+            Op::Accept { .. } => self.exec_accept(k, fd, readable),
+            Op::PollIn { .. } => {
+                if readable {
+                    if let Some(st) = self.fds.get_mut(&fd) {
+                        st.readable = false;
+                    }
+                    self.shot(k, 0, None, Meta::None);
+                }
+                self.park(k, fd, true);
+            }
+            Op::Recv { .. } => {
+                if !readable {
+                    return self.park(k, fd, true);
+                }
+                let Some(id) = self.pools[0].take() else {
+                    return self.finish(k, -libc::ENOBUFS, None, Meta::None);
+                };
+                let buf = &mut self.pools[0].bufs[usize::from(id)];
+                match nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::empty()) {
+                    Ok(n) => {
+                        // A short read drained the socket (as nginx assumes): the
+                        // next edge says when more arrives. Not after a FIN or an
+                        // error, which has no new edge.
+                        if n < buf.len() && !hup {
+                            self.set_readable(fd, false);
+                        }
+                        let b = (n > 0).then_some(buf_ref(GROUP_STREAM, id, 0, n));
+                        if b.is_none() {
+                            self.pools[0].free.push(id);
+                        }
+                        self.finish(k, n as i32, b, Meta::None);
+                    }
+                    Err(e) => {
+                        self.pools[0].free.push(id);
+                        self.after_error(k, fd, e as i32, true);
+                    }
+                }
+            }
+            Op::RecvMsg { hdr, .. } => {
+                if !readable {
+                    return self.park(k, fd, true);
+                }
+                let Some(id) = self.pools[0].take() else {
+                    return self.finish(k, -libc::ENOBUFS, None, Meta::None);
+                };
+                let buf = &mut self.pools[0].bufs[usize::from(id)];
+                // A short read ends a message, not the socket's queue: only EAGAIN
+                // clears readability.
+                match crate::sctp::recv_with(fd, buf, hdr) {
+                    Ok((n, flags, info)) => {
+                        let b = (n > 0).then_some(buf_ref(GROUP_STREAM, id, 0, n));
+                        if b.is_none() {
+                            self.pools[0].free.push(id);
+                        }
+                        self.finish(k, n as i32, b, Meta::Message { flags, info });
+                    }
+                    Err(e) => {
+                        self.pools[0].free.push(id);
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        self.after_error(k, fd, errno, true);
+                    }
+                }
+            }
+            Op::RecvMulti { kind, .. } => {
+                let kind = *kind;
+                self.exec_recv_multi(k, fd, kind, readable);
+            }
+            Op::Send { buf, off, .. } => {
+                if !writable {
+                    return self.park(k, fd, false);
+                }
+                let r = nix::sys::socket::send(
+                    fd,
+                    &buf[*off..],
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                );
+                match r {
+                    Ok(n) => self.finish(k, n as i32, None, Meta::None),
+                    Err(e) => self.after_error(k, fd, e as i32, false),
+                }
+            }
+            Op::SendMsg { msg, hdr, .. } => {
+                // A message goes whole and "writable" only means "some room": a
+                // send that finds no room ends with EAGAIN (the worker backs off)
+                // instead of waiting for an edge that may not mean enough room.
+                let r = crate::sctp::send_with(fd, &msg.data, msg.info, msg.flags, hdr);
+                match r {
+                    Ok(n) => self.finish(k, n as i32, None, Meta::None),
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        if errno == libc::EINTR {
+                            self.run.push_back(k);
+                        } else {
+                            self.finish(k, -errno, None, Meta::None);
+                        }
+                    }
+                }
+            }
+            Op::Connect { addr, .. } => {
+                if o.connecting {
+                    if !writable {
+                        return self.park(k, fd, false);
+                    }
+                    // SAFETY: `fd` is the open socket of this operation.
+                    let s = unsafe { BorrowedFd::borrow_raw(fd) };
+                    let res = match socket2::SockRef::from(&s).take_error() {
+                        Ok(None) => 0,
+                        Ok(Some(e)) | Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    };
+                    return self.finish(k, res, None, Meta::None);
+                }
+                // SAFETY: as above.
+                let s = unsafe { BorrowedFd::borrow_raw(fd) };
+                match socket2::SockRef::from(&s).connect(addr) {
+                    Ok(()) => self.finish(k, 0, None, Meta::None),
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                        o.connecting = true;
+                        if let Some(st) = self.fds.get_mut(&fd) {
+                            st.writable = false;
+                        }
+                        self.park(k, fd, false);
+                    }
+                    Err(e) => {
+                        self.finish(k, -e.raw_os_error().unwrap_or(libc::EIO), None, Meta::None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_readable(&mut self, fd: RawFd, v: bool) {
+        if let Some(st) = self.fds.get_mut(&fd) {
+            st.readable = v;
+        }
+    }
+
+    /// A single-shot receive or send failed with `errno`: EAGAIN parks it until
+    /// the socket is ready again, EINTR runs it again, anything else ends it.
+    fn after_error(&mut self, k: Key, fd: RawFd, errno: i32, read: bool) {
+        match errno {
+            libc::EAGAIN => {
+                if let Some(st) = self.fds.get_mut(&fd) {
+                    if read {
+                        st.readable = false;
+                    } else {
+                        st.writable = false;
+                    }
+                }
+                self.park(k, fd, read);
+            }
+            libc::EINTR => self.run.push_back(k),
+            _ => self.finish(k, -errno, None, Meta::None),
+        }
+    }
+
+    fn exec_accept(&mut self, k: Key, fd: RawFd, readable: bool) {
+        if !readable {
+            return self.park(k, fd, true);
+        }
         for _ in 0..ACCEPT_BUDGET {
-            self.ctx.stats.submitted.fetch_add(1, Relaxed);
-            // SAFETY: accept4 on our listening fd with null address pointers.
-            let fd = unsafe {
+            // SAFETY: accept4 on a listening fd the worker keeps open, with null
+            // address pointers.
+            let n = unsafe {
                 libc::accept4(
-                    lfd,
+                    fd,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
-            if fd < 0 {
-                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                if errno == libc::EAGAIN {
-                    return;
-                }
-                let Some(l) = self.listeners.get_mut(k) else {
-                    return;
-                };
-                if accept_error_pauses(errno) {
-                    l.shared.stats.accept_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
-                        "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
-                    let until = Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS);
-                    l.paused_until = Some(until);
-                    self.paused.push((until, k));
-                    return;
-                }
-                if !accept_error_benign(errno) {
-                    l.shared.stats.accept_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
-                }
+            if n >= 0 {
+                self.shot(k, n, None, Meta::None);
                 continue;
             }
-            // SAFETY: accept4 returned a new fd that nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let shared = match self.listeners.get_mut(k) {
-                Some(l) => l.shared.clone(),
-                None => return,
-            };
-            let conn = Conn::open(fd, shared, &self.ctx.stats);
-            if let Some(ck) = self.add_conn(conn) {
-                self.drive(ck);
+            let errno = io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno == libc::EAGAIN {
+                self.set_readable(fd, false);
+                return self.park(k, fd, true);
             }
-        }
-        // Budget spent: more may be waiting; continue next turn.
-        self.ready_listeners.push_back(k);
-    }
-
-    /// Adds a session (accepted, or a one-to-many socket) and
-    /// registers its client socket; `None` (session dropped) if that fails.
-    fn add_conn(&mut self, conn: Conn) -> Option<Key> {
-        let ck = self.conns.insert(EConn {
-            conn,
-            ready: [(true, true), (false, false)],
-            hup: [false; 2],
-            retry_at: None,
-            retry_listed: false,
-        });
-        let c = self.conns.get_mut(ck)?;
-        let fd = c.conn.legs[0].fd.as_ref()?;
-        if let Err(e) = register(&self.ep, fd, K_CLIENT, ck) {
-            tracing::warn!(error = %e, "epoll_ctl(ADD) on connection failed; closing it");
-            self.conns.remove(ck);
-            return None;
-        }
-        Some(ck)
-    }
-
-    /// Starts sessions for the associations the binder peeled off (one-to-many
-    /// proxy) and lets their one-to-many sockets be read again.
-    fn peeled(&mut self) {
-        for (k, new) in self.ctx.finish_peel_offs(&mut self.conns, |c| &mut c.conn) {
-            if let Some(conn) = new {
-                if let Some(nk) = self.add_conn(conn) {
-                    self.drive(nk);
-                }
+            if super::accept_error_pauses(errno) {
+                // The op ends; the worker pauses and starts a new one.
+                return self.finish(k, -errno, None, Meta::None);
             }
-            self.drive(k);
+            self.shot(k, -errno, None, Meta::None);
         }
+        // Budget spent: more may be waiting; go on next turn.
+        self.run.push_back(k);
     }
 
-    /// Reads the datagrams waiting on a UDP listener or upstream socket (up to
-    /// [`UDP_BUDGET`], then yields) and hands them to the shared UDP logic.
-    fn udp_drain(&mut self, kind: u8, k: Key) {
-        for _ in 0..UDP_BUDGET {
-            let fd = if kind == K_UDP_LISTENER {
-                self.udp.listeners.get_mut(k).map(|l| l.fd.as_raw_fd())
-            } else {
-                self.udp.upstreams.get_mut(k).map(|u| u.fd.as_raw_fd())
-            };
-            let Some(fd) = fd else { return };
-            self.ctx.stats.submitted.fetch_add(1, Relaxed);
-            match udp::recv_datagram(fd, &mut self.dgram) {
-                Ok((n, truncated, from, to)) => {
-                    let d = Datagram {
-                        data: &self.dgram[..n],
-                        from,
-                        to,
-                        truncated,
-                    };
-                    let now = Instant::now();
-                    if kind == K_UDP_LISTENER {
-                        if let After::Watch(uk) =
-                            self.udp.on_listener_datagram(k, &d, &self.ctx.wake, now)
-                        {
-                            self.udp_watch(uk);
-                        }
-                    } else {
-                        self.udp.on_upstream_datagram(k, &d, now);
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    if kind == K_UDP_UPSTREAM {
-                        self.udp
-                            .on_upstream_error(k, e.raw_os_error().unwrap_or(libc::EIO));
-                    }
-                }
-            }
+    fn exec_recv_multi(&mut self, k: Key, fd: RawFd, kind: MultiKind, readable: bool) {
+        if !readable {
+            return self.park(k, fd, true);
         }
-        self.udp_ready.push_back((kind, k));
-    }
-
-    /// Registers a new UDP session's upstream socket.
-    fn udp_watch(&mut self, uk: Key) {
-        let Some(u) = self.udp.upstreams.get_mut(uk) else {
-            return;
+        let g = match kind {
+            MultiKind::Datagram => GROUP_DATAGRAM,
+            MultiKind::SctpMany => GROUP_STREAM,
         };
-        if self
-            .ep
-            .add(
-                u.fd.as_fd(),
-                EpollEvent::new(
-                    EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
-                    token(K_UDP_UPSTREAM, uk),
-                ),
-            )
-            .is_err()
-        {
-            tracing::warn!("epoll_ctl(ADD) on a udp upstream socket failed");
-        }
-    }
-
-    /// Runs session `k`'s requested operations until they would block, the budget
-    /// is spent, or it closes.
-    fn drive(&mut self, k: Key) {
-        let Some(c) = self.conns.get_mut(k) else {
-            return;
-        };
-        for _ in 0..BUDGET {
-            if c.conn.finished() {
-                c.conn.linger_if_aborting();
-                self.conns.remove(k);
-                return;
-            }
-            let mut progress = false;
-            if c.conn.take_connect_request() {
-                match c.conn.start_connect(&self.ctx.wake) {
-                    ConnectStart::Go => start_connect(&self.ep, c, k),
-                    ConnectStart::Wait => {
-                        // Nothing else can move before the upstream socket arrives.
-                        if c.conn.park() {
-                            self.parked.push(k);
-                        }
-                        self.timers.sync(k, &mut c.conn);
-                        return;
-                    }
-                    ConnectStart::Failed => {}
+        for _ in 0..DATAGRAM_BUDGET {
+            let pool = &mut self.pools[usize::from(g)];
+            let Some(id) = pool.take() else {
+                return self.finish(k, -libc::ENOBUFS, None, Meta::None);
+            };
+            let buf = &mut pool.bufs[usize::from(id)];
+            let r = match kind {
+                MultiKind::Datagram => {
+                    udp::recv_datagram(fd, buf).map(|(n, truncated, from, to)| {
+                        (
+                            n,
+                            Meta::Datagram {
+                                from,
+                                to,
+                                truncated,
+                            },
+                        )
+                    })
                 }
-                progress = true;
-            }
-            for side in [Side::Client, Side::Upstream] {
-                let ops = if c.conn.is_message_leg(side) {
-                    step_message_side(c, side, &mut self.scratch)
-                } else {
-                    step_side(c, side, &mut self.scratch)
-                };
-                if ops > 0 {
-                    self.ctx.stats.submitted.fetch_add(ops as u64, Relaxed);
-                    progress = true;
+                MultiKind::SctpMany => {
+                    let mut hdr = crate::sctp::RecvHeader::new();
+                    crate::sctp::recv_with(fd, buf, &mut hdr)
+                        .map(|(n, flags, info)| (n, Meta::Message { flags, info }))
                 }
-            }
-            c.conn.shutdown_drained();
-            self.ctx.request_peel_offs(k, &mut c.conn);
-            if c.retry_at.is_some() && !c.retry_listed {
-                c.retry_listed = true;
-                self.send_retries.push(k);
-            }
-            if !progress {
-                if c.conn.finished() {
-                    c.conn.linger_if_aborting();
-                    self.conns.remove(k);
-                } else {
-                    self.timers.sync(k, &mut c.conn);
-                }
-                return;
-            }
-        }
-        self.timers.sync(k, &mut c.conn);
-        self.ready.push_back(k);
-    }
-}
-
-/// Adds `fd` to the epoll set, edge-triggered, for reads and writes.
-fn register(ep: &Epoll, fd: &OwnedFd, kind: u8, k: Key) -> nix::Result<()> {
-    ep.add(
-        fd.as_fd(),
-        EpollEvent::new(
-            EpollFlags::EPOLLIN
-                | EpollFlags::EPOLLOUT
-                | EpollFlags::EPOLLRDHUP
-                | EpollFlags::EPOLLET,
-            token(kind, k),
-        ),
-    )
-}
-
-/// Registers the upstream socket and starts a non-blocking connect; completes the
-/// session at once when the connect finished or failed synchronously.
-fn start_connect(ep: &Epoll, c: &mut EConn, k: Key) {
-    let leg = &c.conn.legs[1];
-    let (Some(fd), Some(dest)) = (&leg.fd, &leg.dest) else {
-        return;
-    };
-    if let Err(e) = register(ep, fd, K_UPSTREAM, k) {
-        c.conn
-            .complete(Side::Upstream, Completion::Error(errno_of(e)));
-        return;
-    }
-    match socket2::SockRef::from(fd).connect(dest) {
-        Ok(()) => {
-            c.ready[1] = (true, true);
-            c.conn.complete(Side::Upstream, Completion::Connected);
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => c.ready[1] = (false, false),
-        Err(e) => c.conn.complete(
-            Side::Upstream,
-            Completion::Error(e.raw_os_error().unwrap_or(libc::EIO)),
-        ),
-    }
-}
-
-/// The upstream socket became writable while connecting: read SO_ERROR.
-fn finish_connect(c: &mut EConn) {
-    let Some(fd) = &c.conn.legs[1].fd else {
-        return;
-    };
-    match socket2::SockRef::from(fd).take_error() {
-        Ok(None) => c.conn.complete(Side::Upstream, Completion::Connected),
-        Ok(Some(e)) | Err(e) => c.conn.complete(
-            Side::Upstream,
-            Completion::Error(e.raw_os_error().unwrap_or(libc::EIO)),
-        ),
-    }
-}
-
-/// One message sent and one piece received on SCTP leg `side` if wanted and
-/// possible; returns the syscalls made (0: nothing could progress). A short read
-/// ends a message, not the socket's queue, so only EAGAIN clears readability.
-fn step_message_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
-    let i = side.index();
-    let Some(fd) = c.conn.legs[i].raw() else {
-        return 0;
-    };
-    let mut ops = 0;
-    if c.ready[i].1 {
-        let r = c.conn.with_next_message(side, |data, info, flags, space| {
-            crate::sctp::send(fd, data, info, flags, space)
-        });
-        if let Some(r) = r {
-            ops += 1;
+            };
             match r {
-                Ok(_) => c.conn.message_sent(side),
-                Err(e) => match e.raw_os_error().unwrap_or(libc::EAGAIN) {
-                    libc::EAGAIN => {
-                        let wait = c.conn.send_would_block(side);
-                        if wait.is_zero() {
-                            // The queue changed (a stalled association was
-                            // aborted): the next send can go now.
-                        } else {
-                            c.ready[i].1 = false;
-                            c.retry_at = Some(Instant::now() + wait);
-                            ops -= 1;
+                Ok((n, meta)) => {
+                    let b = buf_ref(g, id, 0, n);
+                    self.shot(k, n as i32, Some(b), meta);
+                }
+                Err(e) => {
+                    self.pools[usize::from(g)].free.push(id);
+                    match e.raw_os_error().unwrap_or(libc::EIO) {
+                        libc::EAGAIN => {
+                            self.set_readable(fd, false);
+                            return self.park(k, fd, true);
                         }
+                        libc::EINTR => {}
+                        // An ICMP error on a connected UDP socket: reported, the
+                        // receive goes on.
+                        errno => self.shot(k, -errno, None, Meta::None),
                     }
-                    libc::EINTR => {}
-                    errno => {
-                        c.conn.send_failed(side, errno);
-                        if c.conn.finished() {
-                            return ops;
-                        }
-                    }
-                },
+                }
             }
         }
+        self.run.push_back(k);
     }
-    c.conn.shutdown_drained();
-    if c.ready[i].0 && c.conn.wants_recv(side) {
-        ops += 1;
-        let Some(space) = c.conn.legs[i].msg.as_mut() else {
-            return ops;
-        };
-        match crate::sctp::recv(fd, scratch, space) {
-            Ok((n, flags, info)) => {
-                c.conn.take_recv_request(side);
-                c.conn.complete_message(side, &scratch[..n], flags, info);
-            }
-            Err(e) => match e.raw_os_error().unwrap_or(libc::EIO) {
-                libc::EAGAIN => {
-                    c.ready[i].0 = false;
-                    ops -= 1;
-                }
-                libc::EINTR => {}
-                errno => {
-                    c.conn.take_recv_request(side);
-                    c.conn.complete(side, Completion::Error(errno));
-                }
-            },
-        }
-    }
-    ops
 }
 
-/// One send and one receive on `side` if wanted and possible; returns the
-/// syscalls made (0: nothing could progress).
-fn step_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
-    let i = side.index();
-    let Some(fd) = c.conn.legs[i].raw() else {
-        return 0;
-    };
-    let mut ops = 0;
-    if c.ready[i].1 {
-        if let Some(buf) = c.conn.next_send(side) {
-            ops += 1;
-            match nix::sys::socket::send(fd, buf, MsgFlags::MSG_NOSIGNAL) {
-                Ok(n) => c.conn.sent(side, n),
-                Err(nix::Error::EAGAIN) => {
-                    c.ready[i].1 = false;
-                    ops -= 1;
+/// The socket an operation is on.
+fn op_fd(op: &Op) -> RawFd {
+    match op {
+        Op::Accept { fd }
+        | Op::PollIn { fd }
+        | Op::Recv { fd, .. }
+        | Op::RecvMsg { fd, .. }
+        | Op::RecvMulti { fd, .. }
+        | Op::Send { fd, .. }
+        | Op::SendMsg { fd, .. }
+        | Op::Connect { fd, .. } => *fd,
+    }
+}
+
+/// The memory an ended operation hands back.
+pub(crate) fn owned_of(op: Op) -> Owned {
+    match op {
+        Op::Send { buf, .. } => Owned::Bytes(buf),
+        Op::SendMsg { msg, hdr, .. } => Owned::Message(msg, hdr),
+        Op::RecvMsg { hdr, .. } => Owned::RecvHeader(hdr),
+        Op::Connect { addr, .. } => Owned::Addr(addr),
+        Op::Accept { .. } | Op::PollIn { .. } | Op::Recv { .. } | Op::RecvMulti { .. } => {
+            Owned::None
+        }
+    }
+}
+
+fn buf_ref(group: u16, id: u16, off: usize, len: usize) -> BufRef {
+    BufRef {
+        group,
+        id,
+        off: off as u32,
+        len: len as u32,
+    }
+}
+
+fn key_of(id: OpId) -> Key {
+    Key {
+        idx: id.0 as u32,
+        gen: (id.0 >> 32) as u32,
+    }
+}
+
+impl Backend for EpollBackend {
+    fn caps(&self) -> Caps {
+        Caps {
+            multishot_sctp: false,
+            recv_buf_size: RECV_BUF_SIZE,
+        }
+    }
+
+    fn submit(&mut self, token: u64, op: Op) -> OpId {
+        let fd = op_fd(&op);
+        let reg = self.register(fd);
+        let k = self.ops.insert(EOp {
+            token,
+            op,
+            connecting: false,
+        });
+        match reg {
+            Ok(()) => self.try_run(k),
+            Err(e) => self.finish(k, -e.raw_os_error().unwrap_or(libc::EIO), None, Meta::None),
+        }
+        OpId(u64::from(k.gen) << 32 | u64::from(k.idx))
+    }
+
+    fn cancel(&mut self, id: OpId) {
+        let k = key_of(id);
+        if self.ops.get(k).is_some() {
+            self.finish(k, -libc::ECANCELED, None, Meta::None);
+        }
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
+        self.turn += 1;
+        let busy = !self.done.is_empty() || !self.run.is_empty();
+        let t = match (busy, timeout) {
+            (true, _) => EpollTimeout::ZERO,
+            (false, None) => EpollTimeout::NONE,
+            // Round up, so that a timer is never woken for early.
+            (false, Some(d)) => {
+                EpollTimeout::try_from(d + Duration::from_micros(999)).unwrap_or(EpollTimeout::MAX)
+            }
+        };
+        let n = match self.ep.wait(&mut self.events, t) {
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let hup = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+        for i in 0..n {
+            let ev = self.events[i];
+            let f = ev.events();
+            let Some(st) = self.fds.get_mut(&(ev.data() as RawFd)) else {
+                continue;
+            };
+            st.hup |= f.intersects(hup);
+            if f.intersects(EpollFlags::EPOLLIN | hup) {
+                st.readable = true;
+                if let Some(r) = st.reader.take() {
+                    self.run.push_back(r);
                 }
-                Err(nix::Error::EINTR) => {}
-                Err(e) => {
-                    c.conn.complete(side, Completion::Error(errno_of(e)));
-                    return ops;
+            }
+            if f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                st.writable = true;
+                if let Some(w) = st.writer.take() {
+                    self.run.push_back(w);
                 }
             }
         }
-    }
-    c.conn.shutdown_drained();
-    if c.ready[i].0 && c.conn.wants_recv(side) {
-        ops += 1;
-        match nix::sys::socket::recv(fd, scratch, MsgFlags::empty()) {
-            Ok(0) => {
-                c.conn.take_recv_request(side);
-                c.conn.complete(side, Completion::Eof);
-            }
-            Ok(n) => {
-                // A short read drained the socket (as nginx assumes): the next
-                // edge says when more arrives, so skip the recv that would only
-                // return EAGAIN. Not after a FIN or error, which has no new edge.
-                if n < scratch.len() && !c.hup[i] {
-                    c.ready[i].0 = false;
-                }
-                c.conn.take_recv_request(side);
-                c.conn.complete(side, Completion::Recv(&scratch[..n]));
-            }
-            Err(nix::Error::EAGAIN) => {
-                c.ready[i].0 = false;
-                ops -= 1;
-            }
-            Err(nix::Error::EINTR) => {}
-            Err(e) => {
-                c.conn.take_recv_request(side);
-                c.conn.complete(side, Completion::Error(errno_of(e)));
+        for _ in 0..self.run.len() {
+            if let Some(k) = self.run.pop_front() {
+                self.try_run(k);
             }
         }
+        out.append(&mut self.done);
+        Ok(())
     }
-    ops
+
+    fn ready(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.done);
+    }
+
+    fn data(&self, b: BufRef) -> &[u8] {
+        let buf = &self.pools[usize::from(b.group)].bufs[usize::from(b.id)];
+        &buf[b.off as usize..(b.off + b.len) as usize]
+    }
+
+    fn release(&mut self, b: BufRef) {
+        self.pools[usize::from(b.group)].free.push(b.id);
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        if self.fds.remove(&fd.as_raw_fd()).is_some() {
+            // Closing the fd would remove it too, unless a duplicate (a peel-off
+            // request) keeps the socket open.
+            let _ = self.ep.delete(&fd);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
 }

@@ -2,8 +2,8 @@
 //! (echo it, or forward it through the client's proxy session), the session table,
 //! and the datagram syscalls both drivers use.
 //!
-//! The drivers only receive: io_uring with a multishot RECVMSG from a provided-
-//! buffer ring, epoll with recvmsg(2) until EAGAIN. Sends are sendmsg(2) with
+//! The backends only receive (a multishot [`super::backend::Op::RecvMulti`]:
+//! io_uring RECVMSG from a provided-buffer ring, epoll recvmsg(2) until EAGAIN). Sends are sendmsg(2) with
 //! MSG_DONTWAIT from both drivers: a UDP send never waits for the peer, and a full
 //! socket buffer (EAGAIN) drops the datagram, as the network would. Replies leave
 //! from the address the client sent to: for a wildcard bind, the datagram's
@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use socket2::SockAddr;
 
+use super::backend::OpId;
+use super::shared::{ListenerShared, ListenerStats};
+use super::slab::{Key, Slab};
 use super::upstream::GetSocket;
-use super::{Key, ListenerShared, Slab};
 use crate::config::Action;
 use crate::proto::udp::{Lookup, UdpSessions};
 
@@ -51,11 +53,9 @@ pub(crate) struct UdpListener {
     pub max_datagram: usize,
     /// Proxy sessions by client; `None` for echo.
     pub sessions: Option<UdpSessions<Key>>,
-    /// io_uring: a multishot RECVMSG is in flight on it.
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
-    pub armed: bool,
-    /// Being removed: drop it when its receive has ended.
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
+    /// Its multishot receive, while in flight.
+    pub recv: Option<OpId>,
+    /// Being removed: closed when its receive has ended.
     pub closing: bool,
 }
 
@@ -64,11 +64,9 @@ pub(crate) struct UdpUpstream {
     pub fd: OwnedFd,
     pub listener: Key,
     pub session: u32,
-    /// io_uring: a multishot RECVMSG is in flight on it.
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
-    pub armed: bool,
-    /// Its session ended: drop it when its receive has ended.
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
+    /// Its multishot receive, while in flight.
+    pub recv: Option<OpId>,
+    /// Its session ended: closed when its receive has ended.
     pub closing: bool,
 }
 
@@ -108,7 +106,7 @@ impl UdpState {
             shared,
             max_datagram,
             sessions,
-            armed: false,
+            recv: None,
             closing: false,
         })
     }
@@ -176,7 +174,7 @@ impl UdpState {
                     fd,
                     listener: lk,
                     session: u32::MAX,
-                    armed: false,
+                    recv: None,
                     closing: false,
                 });
                 let id = sessions.insert(from, d.to, uk, now);
@@ -284,7 +282,7 @@ impl UdpState {
     }
 }
 
-fn count_send(st: &super::ListenerStats, r: io::Result<usize>) {
+fn count_send(st: &ListenerStats, r: io::Result<usize>) {
     match r {
         Ok(n) => {
             st.bytes_out.fetch_add(n as u64, Relaxed);
@@ -295,7 +293,7 @@ fn count_send(st: &super::ListenerStats, r: io::Result<usize>) {
     }
 }
 
-fn count_upstream_send(st: &super::ListenerStats, r: io::Result<usize>) {
+fn count_upstream_send(st: &ListenerStats, r: io::Result<usize>) {
     match r {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {

@@ -1,0 +1,666 @@
+//! One session's sockets and its driver-neutral bookkeeping ([`Conn`]).
+//!
+//! A [`Conn`] turns the session's requests ([`SessionIo`]) into what the worker
+//! starts next (bytes to send, a message to send, a receive, a connect) and the
+//! worker's events back into [`Completion`]s, counting bytes and failures. What
+//! the kernel may touch during an operation leaves the [`Leg`] while it is in
+//! flight (moved into the [`super::backend::Op`]) and comes back with its event.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::shared::{ListenerShared, WorkerStats};
+use super::upstream;
+use crate::config::Proto;
+use crate::proto::{
+    Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side,
+};
+use crate::sctp::{MsgInfo, RecvHeader, SendHeader};
+
+/// Longest wait between tries of a send that finds no room (ms, a power of two).
+pub const SEND_RETRY_MAX_MS: u64 = 64;
+/// How long a one-to-many SCTP socket waits for room for one association's
+/// message before it aborts that association.
+pub const SEND_STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// One socket of a session: the client's or the upstream's.
+pub(crate) struct Leg {
+    /// The socket; `None` for an upstream not yet opened.
+    pub fd: Option<OwnedFd>,
+    /// Bytes being sent, from offset `sent`; moved into the send operation while
+    /// one is in flight (empty here meanwhile).
+    pub sending: Vec<u8>,
+    /// Bytes of `sending` already sent.
+    pub sent: usize,
+    /// shutdown(SHUT_WR) was done.
+    pub write_shut: bool,
+    /// A connect is in progress: no send or receive may start yet.
+    pub connecting: bool,
+    /// The connect destination, until the connect operation takes it.
+    pub dest: Option<Box<socket2::SockAddr>>,
+    /// SCTP: the socket carries whole messages (recvmsg/sendmsg).
+    pub message: bool,
+    /// SCTP: the recvmsg header; `None` while a receive has it.
+    pub recv_hdr: Option<Box<RecvHeader>>,
+    /// SCTP: the sendmsg header; `None` while a send has it.
+    pub send_hdr: Option<Box<SendHeader>>,
+    /// SCTP: the message being sent (taken from the queue, not yet sent whole);
+    /// `None` while a send operation holds it.
+    pub sending_msg: Option<OutMessage>,
+    /// Since when, and how many times in a row, a send found no room (EAGAIN).
+    pub blocked: Option<(Instant, u32)>,
+}
+
+impl Leg {
+    fn new(fd: Option<OwnedFd>) -> Leg {
+        Leg {
+            fd,
+            sending: Vec::new(),
+            sent: 0,
+            write_shut: false,
+            connecting: false,
+            dest: None,
+            message: false,
+            recv_hdr: None,
+            send_hdr: None,
+            sending_msg: None,
+            blocked: None,
+        }
+    }
+
+    /// The raw fd, when the leg is open.
+    pub fn raw(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether sends and receives may be issued (open, and not connecting).
+    pub fn ready(&self) -> bool {
+        self.fd.is_some() && !self.connecting
+    }
+
+    /// Makes this an SCTP leg, with its own recvmsg and sendmsg headers.
+    fn set_message(&mut self) {
+        self.message = true;
+        self.recv_hdr = Some(RecvHeader::new());
+        self.send_hdr = Some(SendHeader::new());
+    }
+}
+
+/// How a session's client socket came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opened {
+    /// accept(2).
+    Accepted,
+    /// A one-to-many SCTP listener socket itself.
+    Many,
+    /// Peeled off a one-to-many SCTP socket.
+    Peeled,
+}
+
+/// What [`Conn::start_connect`] got.
+pub(crate) enum ConnectStart {
+    /// The socket is in the upstream leg; issue the connect to `leg.dest`.
+    Go,
+    /// The namespace's socket pool is empty; retry when the worker is woken.
+    Wait,
+    /// No socket could be had; the session was told (Error completion).
+    Failed,
+}
+
+/// One session: its sockets, its protocol state machine and the driver-neutral
+/// I/O state. Both drivers use it, so the bookkeeping is the same for both.
+pub(crate) struct Conn {
+    pub legs: [Leg; 2],
+    pub session: Session,
+    pub io: SessionIo,
+    pub listener: Arc<ListenerShared>,
+    pub failed: bool,
+    /// The upstream address chosen for this session.
+    pub upstream: Option<SocketAddr>,
+    /// The earliest deadline registered in the worker's [`Timers`] for this session.
+    pub timer: Option<Instant>,
+    /// The owning worker's counters (its open-sessions gauge).
+    worker: Arc<WorkerStats>,
+    /// Waiting in the worker's list of sessions for an upstream socket.
+    parked: bool,
+    /// The session of a whole one-to-many SCTP socket (not one connection: it is
+    /// not counted as accepted, and its associations are counted instead).
+    pub many: bool,
+}
+
+impl Conn {
+    /// Wraps a socket that came to be as `how` (accepted, a one-to-many
+    /// listener socket, or peeled off one) and runs the session's `on_open`. A
+    /// one-to-many socket is one session for all of its associations and is not
+    /// counted as accepted (its associations are); the others are.
+    pub fn open(
+        fd: OwnedFd,
+        listener: Arc<ListenerShared>,
+        worker: &Arc<WorkerStats>,
+        how: Opened,
+    ) -> Conn {
+        Conn::open_as(fd, listener, worker, how)
+    }
+
+    fn open_as(
+        fd: OwnedFd,
+        listener: Arc<ListenerShared>,
+        worker: &Arc<WorkerStats>,
+        how: Opened,
+    ) -> Conn {
+        let many = how == Opened::Many;
+        if !many {
+            listener.stats.accepted.fetch_add(1, Relaxed);
+            worker.sessions.fetch_add(1, Relaxed);
+        }
+        let sctp = listener.proto == Proto::Sctp;
+        if !sctp {
+            set_nodelay(fd.as_raw_fd());
+        }
+        let info = if Session::needs_info(&listener.action) {
+            let s = socket2::SockRef::from(&fd);
+            ConnInfo {
+                peer: s.peer_addr().ok().and_then(|a| a.as_socket()),
+                local: s.local_addr().ok().and_then(|a| a.as_socket()),
+            }
+        } else {
+            ConnInfo {
+                peer: None,
+                local: None,
+            }
+        };
+        let session = if sctp {
+            let s = SctpSession::new(&listener.action, &listener.sctp, many);
+            Session::Sctp(Box::new(if how == Opened::Peeled {
+                s.peeled_off()
+            } else {
+                s
+            }))
+        } else {
+            Session::new(&listener.action)
+        };
+        let mut client = Leg::new(Some(fd));
+        if sctp {
+            client.set_message();
+        }
+        let mut c = Conn {
+            legs: [client, Leg::new(None)],
+            session,
+            io: SessionIo::default(),
+            listener,
+            failed: false,
+            upstream: None,
+            timer: None,
+            worker: worker.clone(),
+            parked: false,
+            many,
+        };
+        c.session
+            .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
+        c
+    }
+
+    /// Reports a completion other than a send on `side` to the session, counting
+    /// bytes and upstream failures (and logging those, naming listener and upstream).
+    pub fn complete(&mut self, side: Side, c: Completion<'_>) {
+        let st = &self.listener.stats;
+        match c {
+            Completion::Recv(d) if side == Side::Client => {
+                st.bytes_in.fetch_add(d.len() as u64, Relaxed);
+            }
+            Completion::Message(p) if side == Side::Client && !p.notification => {
+                st.bytes_in.fetch_add(p.data.len() as u64, Relaxed);
+            }
+            Completion::Error(_) if self.many => {}
+            Completion::Error(errno) => {
+                self.failed = true;
+                if side == Side::Upstream && self.legs[1].connecting {
+                    self.upstream_failed(errno);
+                } else if errno == libc::ECONNRESET || errno == libc::EPIPE {
+                    st.resets.fetch_add(1, Relaxed);
+                }
+            }
+            Completion::Timeout if self.legs[1].connecting || self.awaiting_upstream() => {
+                self.failed = true;
+                self.upstream_failed(libc::ETIMEDOUT);
+            }
+            Completion::Connected => {
+                self.legs[1].connecting = false;
+                self.legs[1].dest = None;
+            }
+            _ => {}
+        }
+        self.session.on_complete(side, c, &mut self.io);
+        self.take_sctp_events();
+    }
+
+    /// Counts what an SCTP session noted: messages over the limit, and (one-to-many)
+    /// associations that came up or ended.
+    fn take_sctp_events(&mut self) {
+        let st = &self.listener.stats;
+        let io = &mut self.io;
+        if io.too_big > 0 {
+            st.message_too_big
+                .fetch_add(u64::from(std::mem::take(&mut io.too_big)), Relaxed);
+        }
+        if io.assoc_up > 0 {
+            st.accepted
+                .fetch_add(u64::from(std::mem::take(&mut io.assoc_up)), Relaxed);
+        }
+        if io.assoc_down > 0 {
+            st.closed
+                .fetch_add(u64::from(std::mem::take(&mut io.assoc_down)), Relaxed);
+        }
+        if io.dropped > 0 {
+            st.send_drops
+                .fetch_add(u64::from(std::mem::take(&mut io.dropped)), Relaxed);
+        }
+        if std::mem::take(&mut io.lost) {
+            st.resets.fetch_add(1, Relaxed);
+            self.failed = true;
+        }
+    }
+
+    /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
+    pub fn is_message_leg(&self, side: Side) -> bool {
+        self.legs[side.index()].message
+    }
+
+    /// Reports a receive on an SCTP leg: `n` bytes of `data` with recvmsg `flags`
+    /// (MSG_EOR, MSG_NOTIFICATION) and `info`; 0 bytes is the end of the association.
+    pub fn complete_message(&mut self, side: Side, data: &[u8], flags: i32, info: MsgInfo) {
+        if data.is_empty() {
+            self.complete(side, Completion::Eof);
+            return;
+        }
+        self.complete(
+            side,
+            Completion::Message(Piece {
+                data,
+                info,
+                eor: flags & libc::MSG_EOR != 0,
+                notification: flags & crate::sctp::MSG_NOTIFICATION != 0,
+            }),
+        );
+    }
+
+    /// Takes SCTP leg `side`'s recvmsg header for a receive operation (give it
+    /// back with [`Conn::return_recv_header`]). `None` while a receive has it.
+    pub fn take_recv_header(&mut self, side: Side) -> Option<Box<RecvHeader>> {
+        self.legs[side.index()].recv_hdr.take()
+    }
+
+    /// Gives back the recvmsg header a receive operation held.
+    pub fn return_recv_header(&mut self, side: Side, hdr: Box<RecvHeader>) {
+        self.legs[side.index()].recv_hdr = Some(hdr);
+    }
+
+    /// The next message to send on SCTP leg `side` and the leg's sendmsg header,
+    /// both moved out for the send operation: the one being sent, else the next
+    /// from the session's queue. They come back with [`Conn::message_sent`] or
+    /// [`Conn::restore_message`]. `None`: nothing to send, a send holds them, or
+    /// the leg is not ready.
+    pub fn take_message(&mut self, side: Side) -> Option<(OutMessage, Box<SendHeader>)> {
+        let i = side.index();
+        let leg = &mut self.legs[i];
+        if !leg.ready() || leg.send_hdr.is_none() {
+            return None;
+        }
+        let m = match leg.sending_msg.take() {
+            Some(m) => m,
+            None => {
+                let io = &mut self.io.legs[i];
+                let m = io.msgs.pop_front()?;
+                io.msg_bytes -= m.data.len();
+                io.in_flight = m.data.len();
+                m
+            }
+        };
+        let hdr = leg.send_hdr.take()?;
+        Some((m, hdr))
+    }
+
+    /// A send operation ended without sending its message whole (no room, or
+    /// cancelled): message and header go back to leg `side`; the message is the
+    /// one to send next.
+    pub fn restore_message(&mut self, side: Side, msg: OutMessage, hdr: Box<SendHeader>) {
+        let leg = &mut self.legs[side.index()];
+        leg.sending_msg = Some(msg);
+        leg.send_hdr = Some(hdr);
+    }
+
+    /// The message from [`Conn::take_message`] on `side` was sent whole; its
+    /// header comes back to the leg.
+    pub fn message_sent(&mut self, side: Side, msg: OutMessage, hdr: Box<SendHeader>) {
+        let i = side.index();
+        self.legs[i].blocked = None;
+        self.legs[i].send_hdr = Some(hdr);
+        let n = msg.data.len();
+        self.io.legs[i].in_flight = 0;
+        if side == Side::Client {
+            self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        self.session
+            .on_complete(side, Completion::Sent(n), &mut self.io);
+        self.take_sctp_events();
+    }
+
+    /// A send on `side` found no room (EAGAIN; nothing was sent). Returns how long
+    /// to wait before the same send is tried again: 1 ms, doubling up to
+    /// [`SEND_RETRY_MAX_MS`], or zero when the send queue changed and the next send
+    /// can go now. On a one-to-many socket the room is shared by every association
+    /// (net.sctp.sndbuf_policy 0): an association whose peer has not taken a
+    /// message for [`SEND_STALL_LIMIT`] would hold up all the others, so it is
+    /// aborted (SCTP_ABORT) and its queued messages dropped and counted.
+    pub fn send_would_block(&mut self, side: Side) -> Duration {
+        let i = side.index();
+        let now = Instant::now();
+        let (since, tries) = self.legs[i].blocked.unwrap_or((now, 0));
+        self.legs[i].blocked = Some((since, tries + 1));
+        if self.many && now.duration_since(since) >= SEND_STALL_LIMIT && self.send_stalled(side) {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(1u64 << tries.min(SEND_RETRY_MAX_MS.trailing_zeros()))
+    }
+
+    /// The message being sent on one-to-many leg `side` found no room for
+    /// [`SEND_STALL_LIMIT`]: its association is aborted (an SCTP_ABORT goes first)
+    /// and every message queued for it dropped and counted. `false` if nothing
+    /// was being sent.
+    pub fn send_stalled(&mut self, side: Side) -> bool {
+        let i = side.index();
+        let Some(head) = self.legs[i].sending_msg.take() else {
+            return false;
+        };
+        let assoc = head.info.assoc;
+        let io = &mut self.io.legs[i];
+        let before = io.msgs.len();
+        io.msgs.retain(|m| m.info.assoc != assoc);
+        io.msg_bytes = io.msgs.iter().map(|m| m.data.len()).sum();
+        io.in_flight = 0;
+        let dropped = 1 + before - io.msgs.len();
+        io.msgs.push_front(OutMessage {
+            data: Vec::new(),
+            info: MsgInfo {
+                assoc,
+                ..MsgInfo::default()
+            },
+            flags: crate::sctp::SCTP_ABORT,
+        });
+        self.legs[i].blocked = None;
+        self.listener
+            .stats
+            .send_drops
+            .fetch_add(dropped as u64, Relaxed);
+        tracing::warn!(listener = %self.listener.name, assoc, dropped,
+            "SCTP association took no data for {SEND_STALL_LIMIT:?}; aborted so the others on its socket can go on");
+        true
+    }
+
+    /// Associations the session asked to peel off (one-to-many proxy).
+    pub fn take_peel_offs(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.io.peel_off)
+    }
+
+    /// One peel-off asked for by this session ended (the new session, if any, is
+    /// the driver's): the one-to-many socket may be read again when none is left.
+    /// `failed`: the association that could not be peeled off (it is aborted).
+    pub fn peel_finished(&mut self, failed: Option<i32>) {
+        if let Session::Sctp(s) = &mut self.session {
+            s.on_peeled(failed, &mut self.io);
+        }
+    }
+
+    /// A send on `side` failed with `errno`. On a one-to-many socket only that
+    /// message is lost (its association is gone) and counted; otherwise the
+    /// session is told (and ends).
+    pub fn send_failed(&mut self, side: Side, errno: i32) {
+        let ended = matches!(&self.session, Session::Sctp(s) if s.ended(side));
+        if ended {
+            // The peer shut the association down (SCTP has no half-close): what
+            // is still queued toward it cannot go; drop it and let the session end.
+            let i = side.index();
+            let io = &mut self.io.legs[i];
+            let n = 1 + io.msgs.len();
+            io.msgs.clear();
+            io.msg_bytes = 0;
+            io.in_flight = 0;
+            self.legs[i].sending_msg = None;
+            self.listener.stats.send_drops.fetch_add(n as u64, Relaxed);
+            self.session
+                .on_complete(side, Completion::Sent(0), &mut self.io);
+            return;
+        }
+        if !self.many {
+            self.complete(side, Completion::Error(errno));
+            return;
+        }
+        let i = side.index();
+        self.legs[i].sending_msg = None;
+        self.io.legs[i].in_flight = 0;
+        self.listener.stats.send_drops.fetch_add(1, Relaxed);
+        tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
+        self.session
+            .on_complete(side, Completion::Sent(0), &mut self.io);
+    }
+
+    /// Whether the session asked for an upstream it does not have yet.
+    fn awaiting_upstream(&self) -> bool {
+        match &self.session {
+            Session::Proxy(p) => !p.connected(),
+            Session::Sctp(s) => s.is_proxy() && !s.connected(),
+            _ => false,
+        }
+    }
+
+    fn upstream_failed(&mut self, errno: i32) {
+        let st = &self.listener.stats;
+        match errno {
+            libc::ETIMEDOUT => st.upstream_timeouts.fetch_add(1, Relaxed),
+            libc::ECONNREFUSED => st.upstream_refused.fetch_add(1, Relaxed),
+            _ => st.upstream_errors.fetch_add(1, Relaxed),
+        };
+        // Back off from the upstream only if it was contacted: not when the session
+        // never got a socket to try it with.
+        if self.legs[1].fd.is_some() {
+            if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
+                set.mark_down(addr);
+            }
+        }
+        tracing::warn!(
+            listener = %self.listener.name,
+            upstream = ?self.upstream,
+            error = %std::io::Error::from_raw_os_error(errno),
+            "upstream connect failed; closing the client"
+        );
+    }
+
+    /// Reports that `n` bytes of the send from [`Conn::take_send`] on `side` were
+    /// sent; `buf` is the buffer the operation held (the rest goes next).
+    pub fn sent(&mut self, side: Side, buf: Vec<u8>, n: usize) {
+        let leg = &mut self.legs[side.index()];
+        leg.sending = buf;
+        leg.blocked = None;
+        leg.sent += n;
+        if leg.sent >= leg.sending.len() {
+            leg.sending.clear();
+            leg.sent = 0;
+        }
+        self.io.legs[side.index()].in_flight = leg.sending.len() - leg.sent;
+        if side == Side::Client {
+            self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        self.session
+            .on_complete(side, Completion::Sent(n), &mut self.io);
+    }
+
+    /// The bytes to send next on `side`, moved out for a send operation, with the
+    /// offset to send from: the rest of a short send, else everything the session
+    /// queued since. The buffer comes back with [`Conn::sent`] or
+    /// [`Conn::restore_send`]. `None`: nothing to send, or the leg is not ready.
+    pub fn take_send(&mut self, side: Side) -> Option<(Vec<u8>, usize)> {
+        let i = side.index();
+        let leg = &mut self.legs[i];
+        if !leg.ready() {
+            return None;
+        }
+        if leg.sending.is_empty() {
+            let io = &mut self.io.legs[i];
+            if io.out.is_empty() {
+                return None;
+            }
+            std::mem::swap(&mut leg.sending, &mut io.out);
+            leg.sent = 0;
+            io.in_flight = leg.sending.len();
+        }
+        Some((std::mem::take(&mut leg.sending), leg.sent))
+    }
+
+    /// A send operation ended without sending (EAGAIN, cancelled): its buffer goes
+    /// back to leg `side`, to be sent next.
+    pub fn restore_send(&mut self, side: Side, buf: Vec<u8>) {
+        self.legs[side.index()].sending = buf;
+    }
+
+    /// Whether the session asked for a receive on `side` (and the leg is ready);
+    /// clears the request.
+    pub fn take_recv_request(&mut self, side: Side) -> bool {
+        self.legs[side.index()].ready() && std::mem::take(&mut self.io.legs[side.index()].want_recv)
+    }
+
+    /// Whether a receive on `side` is wanted (without clearing the request).
+    pub fn wants_recv(&self, side: Side) -> bool {
+        self.legs[side.index()].ready() && self.io.legs[side.index()].want_recv
+    }
+
+    /// Shuts down the write side of every leg that asked for it and has drained.
+    /// Errors (peer gone) are ignored: the next operation reports them.
+    pub fn shutdown_drained(&mut self) {
+        for (leg, io) in self.legs.iter_mut().zip(&self.io.legs) {
+            if io.shutdown_write && !leg.write_shut && leg.ready() && io.unsent() == 0 {
+                leg.write_shut = true;
+                if let Some(fd) = leg.raw() {
+                    // SAFETY: shutdown(2) on an fd we own; no pointers.
+                    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                }
+            }
+        }
+    }
+
+    /// Whether the session is done: close asked for and nothing left to send on any
+    /// ready leg, or aborted, or failed.
+    pub fn finished(&self) -> bool {
+        if self.io.abort || self.failed {
+            return true;
+        }
+        self.io.close
+            && self
+                .legs
+                .iter()
+                .zip(&self.io.legs)
+                .all(|(leg, io)| !leg.ready() || io.unsent() == 0)
+    }
+
+    /// Sets SO_LINGER {on, 0} on every open leg when the session aborted, so that
+    /// closing them sends RST (the peers see ECONNRESET, not a clean EOF).
+    pub fn linger_if_aborting(&mut self) {
+        if self.io.abort || self.failed {
+            for leg in &self.legs {
+                if let Some(fd) = &leg.fd {
+                    let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                }
+            }
+        }
+    }
+
+    /// Marks the session as waiting for an upstream socket; `true` if it was not
+    /// already, so that the driver lists it once.
+    pub fn park(&mut self) -> bool {
+        !std::mem::replace(&mut self.parked, true)
+    }
+
+    /// The driver took the session off its waiting list (to drive it again).
+    pub fn unpark(&mut self) {
+        self.parked = false;
+    }
+
+    /// Whether the session asked to connect its upstream; clears the request.
+    pub fn take_connect_request(&mut self) -> bool {
+        std::mem::take(&mut self.io.connect)
+    }
+
+    /// Picks an upstream and gets a socket for it: made here for the root namespace
+    /// (socket(2) is non-blocking), taken from the binder-filled pool otherwise.
+    /// On `Wait` the worker must retry after its next wake-up.
+    pub fn start_connect(&mut self, wake: &Arc<OwnedFd>) -> ConnectStart {
+        let Some(set) = self.listener.upstream.clone() else {
+            self.complete(Side::Upstream, Completion::Error(libc::EINVAL));
+            return ConnectStart::Failed;
+        };
+        let addr = *self.upstream.get_or_insert_with(|| set.pick());
+        match set.socket_for(addr, wake) {
+            upstream::GetSocket::Ready(fd) => {
+                let sctp = self.listener.proto == Proto::Sctp;
+                if !sctp {
+                    set_nodelay(fd.as_raw_fd());
+                }
+                let leg = &mut self.legs[1];
+                if sctp {
+                    leg.set_message();
+                }
+                leg.fd = Some(fd);
+                leg.connecting = true;
+                leg.dest = Some(Box::new(addr.into()));
+                ConnectStart::Go
+            }
+            upstream::GetSocket::Wait => {
+                // Ask again when the worker is woken by the refill.
+                self.io.connect = true;
+                ConnectStart::Wait
+            }
+            upstream::GetSocket::Failed(errno) => {
+                self.legs[1].connecting = true;
+                self.complete(Side::Upstream, Completion::Error(errno));
+                self.legs[1].connecting = false;
+                ConnectStart::Failed
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.many {
+            // A one-to-many echo socket takes its associations with it. (For
+            // proxy, the peeled-off sessions count themselves.)
+            let s = &self.listener.stats;
+            if self.listener.peel.is_none() {
+                s.closed.fetch_add(s.active(), Relaxed);
+            }
+            return;
+        }
+        let s = &self.listener.stats;
+        s.closed.fetch_add(1, Relaxed);
+        self.worker.sessions.fetch_sub(1, Relaxed);
+        if self.failed {
+            s.conn_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int pointer and its size; fd is an open socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

@@ -1,0 +1,612 @@
+//! The io_uring backend: one ring per worker, never shared.
+//!
+//! - Setup flags: `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1), else
+//!   `SINGLE_ISSUER | COOP_TASKRUN` (6.0), else `COOP_TASKRUN` (5.19), else none.
+//! - [`Op::Accept`]: `IORING_OP_ACCEPT` multishot (5.19) with `SOCK_NONBLOCK |
+//!   SOCK_CLOEXEC`, single-shot where the kernel lacks multishot.
+//! - [`Op::Recv`]: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
+//!   provided-buffer ring (5.19). Single-shot, so that a session under
+//!   back-pressure simply stops asking (a multishot receive keeps pulling data in
+//!   until its cancel lands). `poll_first` sets `IORING_RECVSEND_POLL_FIRST` (5.19).
+//! - [`Op::RecvMsg`]: single-shot `IORING_OP_RECVMSG` from the same ring; the
+//!   SCTP header it points at is owned by the operation.
+//! - [`Op::RecvMulti`]: multishot `IORING_OP_RECVMSG` (6.0) into a ring of
+//!   datagram buffers (UDP) or the stream ring (one-to-many SCTP); each CQE's
+//!   buffer holds `io_uring_recvmsg_out`, the name, the control messages and the
+//!   payload, which the backend parses into [`Meta`].
+//! - [`Op::Send`] / [`Op::SendMsg`]: `IORING_OP_SEND` / `SENDMSG` with
+//!   `MSG_NOSIGNAL`; a bounded send is linked to an `IORING_OP_LINK_TIMEOUT`
+//!   (5.5).
+//! - [`Op::Connect`], [`Op::PollIn`] (multishot `IORING_OP_POLL_ADD`, 5.13) and
+//!   cancels (`IORING_OP_ASYNC_CANCEL`).
+//!
+//! Every operation's memory lives in the backend's table from the push of its SQE
+//! to its last CQE. If the backend is dropped with operations in flight (an
+//! `io_uring_enter` error, a panic, a shutdown that gave up), that memory, the
+//! buffer rings and the ring are leaked, never freed.
+
+mod bufring;
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned};
+use super::epoll::owned_of;
+use super::slab::{Key, Slab};
+use super::udp;
+use bufring::BufRing;
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 1024;
+/// Buffers in the stream provided-buffer ring (a power of two, at most 32768).
+pub const BUF_COUNT: u16 = 256;
+/// Size of each stream buffer (bytes).
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Buffer group of the stream buffers.
+const BGID: u16 = 1;
+/// Buffer group of the datagram buffers.
+const BGID_UDP: u16 = 2;
+/// Datagram buffers (a power of two).
+const UDP_BUF_COUNT: u16 = 64;
+/// Size of each datagram buffer: io_uring_recvmsg_out, the source address, the
+/// control messages, and the largest UDP payload with a byte to spare (bytes).
+const UDP_BUF_SIZE: usize = 16 + udp::NAME_SPACE + udp::CONTROL_SPACE + 65_536;
+/// `IORING_RECVSEND_POLL_FIRST` (sqe->ioprio of RECV/SEND, Linux 5.19).
+const RECVSEND_POLL_FIRST: u16 = 1;
+
+/// user_data of an operation: its key in the table (kind byte 0).
+const UD_OP: u8 = 0;
+/// user_data of an ASYNC_CANCEL.
+const UD_CANCEL: u8 = 0xfe;
+/// user_data of a LINK_TIMEOUT bounding a send.
+const UD_LINK_TIMEOUT: u8 = 0xfd;
+
+/// Operations whose memory was leaked because a backend ended with them in flight
+/// (count, process-wide).
+pub static LEAKED_OPS: AtomicU64 = AtomicU64::new(0);
+
+/// The setup flags chosen, for logs.
+#[derive(Debug, Clone, Copy)]
+pub struct RingFeatures {
+    /// `IORING_SETUP_SINGLE_ISSUER` (6.0).
+    pub single_issuer: bool,
+    /// `IORING_SETUP_DEFER_TASKRUN` (6.1).
+    pub defer_taskrun: bool,
+    /// `IORING_SETUP_COOP_TASKRUN` (5.19).
+    pub coop_taskrun: bool,
+}
+
+/// Builds a ring with the best setup flags this kernel takes.
+///
+/// With the environment variable `RINGRESS_URING_SETUP=plain` no setup flag is
+/// tried (for tests and debugging: the flavour in which an SCTP accept completes
+/// with EINTR most often).
+///
+/// # Errors
+/// io_uring_setup(2) failed even with no flags (ENOSYS, EPERM, ENOMEM).
+pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
+    let attempts: [(bool, bool, bool); 4] = [
+        (true, true, false),
+        (true, false, true),
+        (false, false, true),
+        (false, false, false),
+    ];
+    let plain = std::env::var_os("RINGRESS_URING_SETUP").is_some_and(|v| v == "plain");
+    let attempts = if plain { &attempts[3..] } else { &attempts[..] };
+    let mut last = None;
+    for &(si, dt, coop) in attempts {
+        let mut b = IoUring::builder();
+        if si {
+            b.setup_single_issuer();
+        }
+        if dt {
+            b.setup_defer_taskrun();
+        }
+        if coop {
+            b.setup_coop_taskrun();
+        }
+        match b.build(entries) {
+            Ok(r) => {
+                return Ok((
+                    r,
+                    RingFeatures {
+                        single_issuer: si,
+                        defer_taskrun: dt,
+                        coop_taskrun: coop,
+                    },
+                ))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("io_uring_setup failed")))
+}
+
+/// Sets up (and drops) a small ring, to tell whether io_uring is usable.
+///
+/// # Errors
+/// The io_uring_setup(2) error.
+pub fn probe_setup() -> io::Result<()> {
+    IoUring::new(4).map(drop)
+}
+
+/// One operation in flight: its token and the memory its SQE points at.
+struct UOp {
+    token: u64,
+    op: Op,
+}
+
+/// Everything the kernel may touch: leaked as a whole if the backend ends with
+/// operations in flight.
+struct KernelMem {
+    ring: IoUring,
+    bufs: BufRing,
+    /// Datagram buffers, made with the first datagram receive.
+    udp_bufs: Option<BufRing>,
+    /// The RECVMSG template (name and control sizes) every UDP receive points to.
+    udp_msghdr: Box<libc::msghdr>,
+    /// The multishot RECVMSG template of one-to-many SCTP sockets: no name, room
+    /// for one SCTP_RCVINFO.
+    many_msghdr: Box<libc::msghdr>,
+    /// The operations in flight.
+    ops: Slab<UOp>,
+    /// Entries that did not fit in the SQ.
+    overflow: VecDeque<squeue::Entry>,
+    /// Timespecs of send bounds (link timeouts), by bound; never shrunk while
+    /// linked timeouts point at them.
+    bounds: Vec<(Duration, Box<types::Timespec>)>,
+}
+
+/// The io_uring backend of one worker.
+pub struct UringBackend {
+    mem: ManuallyDrop<KernelMem>,
+    multishot_accept: bool,
+    multishot_recvmsg: bool,
+    /// Cancels and link timeouts whose CQE has not come yet (count).
+    aux: usize,
+    /// Events made without the kernel (a receive that could not be set up).
+    done: Vec<Event>,
+    /// Buffers were given back since the ring's tail was last published.
+    unpublished: bool,
+    /// Tests: `wait` fails with EIO after this many calls.
+    #[cfg(test)]
+    pub fail_wait_after: Option<u32>,
+}
+
+/// The answers the io_uring probe gave, as the backend uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct UringChoice {
+    /// Multishot accept (5.19).
+    pub multishot_accept: bool,
+    /// Multishot RECVMSG (6.0).
+    pub multishot_recvmsg: bool,
+}
+
+impl UringBackend {
+    /// A ring with the best setup flags and a provided-buffer ring.
+    ///
+    /// # Errors
+    /// io_uring_setup(2) failed, or registering the buffer ring failed (Linux
+    /// before 5.19).
+    pub fn new(choice: UringChoice) -> io::Result<UringBackend> {
+        let (ring, _feat) = build_ring(RING_ENTRIES)?;
+        let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("registering a provided-buffer ring (Linux 5.19+) failed: {e}"),
+            )
+        })?;
+        // SAFETY: an all-zero msghdr is valid; only the two sizes are set.
+        let mut udp_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        udp_msghdr.msg_namelen = udp::NAME_SPACE as _;
+        udp_msghdr.msg_controllen = udp::CONTROL_SPACE as _;
+        // SAFETY: as above.
+        let mut many_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        many_msghdr.msg_controllen = (crate::sctp::RECV_CONTROL_WORDS * 8) as _;
+        Ok(UringBackend {
+            mem: ManuallyDrop::new(KernelMem {
+                ring,
+                bufs,
+                udp_bufs: None,
+                udp_msghdr,
+                many_msghdr,
+                ops: Slab::default(),
+                overflow: VecDeque::new(),
+                bounds: Vec::new(),
+            }),
+            multishot_accept: choice.multishot_accept,
+            multishot_recvmsg: choice.multishot_recvmsg,
+            aux: 0,
+            done: Vec::new(),
+            unpublished: false,
+            #[cfg(test)]
+            fail_wait_after: None,
+        })
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        let m = &mut *self.mem;
+        if !m.overflow.is_empty() {
+            m.overflow.push_back(e);
+            return;
+        }
+        // SAFETY: every buffer an entry points to (send bytes, SCTP messages and
+        // their boxed headers, connect addresses, msghdr templates, timespecs) is
+        // owned by `self.mem` until the entry's last CQE, and leaked with it if
+        // the backend ends first.
+        if unsafe { m.ring.submission().push(&e) }.is_err() {
+            m.overflow.push_back(e);
+        }
+    }
+
+    fn flush_overflow(&mut self) {
+        let m = &mut *self.mem;
+        while let Some(e) = m.overflow.front() {
+            // SAFETY: as in `push`.
+            if unsafe { m.ring.submission().push(e) }.is_err() {
+                break;
+            }
+            m.overflow.pop_front();
+        }
+    }
+
+    /// The timespec of a send bound `d`, made once per distinct bound.
+    fn bound_ts(&mut self, d: Duration) -> *const types::Timespec {
+        let b = &mut self.mem.bounds;
+        if let Some((_, ts)) = b.iter().find(|(x, _)| *x == d) {
+            return &**ts;
+        }
+        b.push((d, Box::new(types::Timespec::from(d))));
+        &*b[b.len() - 1].1
+    }
+
+    /// The SQE for operation `k` (already in the table), whose memory stays put.
+    fn entry(&mut self, k: Key) -> Option<(squeue::Entry, Option<Duration>)> {
+        let m = &mut *self.mem;
+        let ud = super::slab::token(UD_OP, k);
+        let uop = m.ops.get_mut(k)?;
+        let e = match &mut uop.op {
+            Op::Accept { fd } => {
+                let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+                if self.multishot_accept {
+                    opcode::AcceptMulti::new(types::Fd(*fd))
+                        .flags(flags)
+                        .build()
+                } else {
+                    opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
+                        .flags(flags)
+                        .build()
+                }
+            }
+            Op::PollIn { fd } => opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32)
+                .multi(true)
+                .build(),
+            Op::Recv { fd, poll_first } => {
+                // Null buffer: the kernel picks one from the ring (BUFFER_SELECT).
+                opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), BUF_SIZE as u32)
+                    .buf_group(BGID)
+                    .ioprio(if *poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            }
+            Op::RecvMsg { fd, hdr } => {
+                let h = hdr.prepare(std::ptr::null_mut(), BUF_SIZE);
+                opcode::RecvMsg::new(types::Fd(*fd), h)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            }
+            Op::RecvMulti { fd, kind } => match kind {
+                MultiKind::Datagram => {
+                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.udp_msghdr, BGID_UDP).build()
+                }
+                MultiKind::SctpMany => {
+                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.many_msghdr, BGID).build()
+                }
+            },
+            Op::Send { fd, buf, off } => {
+                let rest = &buf[*off..];
+                let len = rest.len().min(u32::MAX as usize) as u32;
+                opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            Op::SendMsg {
+                fd,
+                msg,
+                hdr,
+                bound,
+            } => {
+                let h = hdr.prepare(&msg.data, msg.info, msg.flags);
+                let e = opcode::SendMsg::new(types::Fd(*fd), h)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build();
+                if let Some(d) = *bound {
+                    return Some((e.flags(squeue::Flags::IO_LINK).user_data(ud), Some(d)));
+                }
+                e
+            }
+            Op::Connect { fd, addr } => {
+                opcode::Connect::new(types::Fd(*fd), addr.as_ptr().cast(), addr.len()).build()
+            }
+        };
+        Some((e.user_data(ud), None))
+    }
+
+    /// Turns one CQE into an event (`None` for cancels and link timeouts).
+    fn event(&mut self, ud: u64, res: i32, flags: u32) -> Option<Event> {
+        let (kind, k) = super::slab::untoken(ud);
+        if kind != UD_OP {
+            self.aux = self.aux.saturating_sub(1);
+            return None;
+        }
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let m = &mut *self.mem;
+        let uop = m.ops.get(k)?;
+        let token = uop.token;
+        let mut meta = Meta::None;
+        let mut buf = None;
+        match (&uop.op, bid) {
+            (Op::RecvMulti { kind, .. }, Some(bid)) if res >= 0 => {
+                let (ring, tmpl, g) = match kind {
+                    MultiKind::Datagram => (m.udp_bufs.as_ref()?, &*m.udp_msghdr, BGID_UDP),
+                    MultiKind::SctpMany => (&m.bufs, &*m.many_msghdr, BGID),
+                };
+                let raw = ring.data(bid, res as usize);
+                let base = raw.as_ptr() as usize;
+                match types::RecvMsgOut::parse(raw, tmpl) {
+                    Ok(out) => {
+                        let payload = out.payload_data();
+                        meta = match kind {
+                            MultiKind::Datagram => Meta::Datagram {
+                                from: udp::parse_name(out.name_data()),
+                                to: udp::parse_pktinfo(out.control_data()),
+                                truncated: out.is_payload_truncated(),
+                            },
+                            MultiKind::SctpMany => Meta::Message {
+                                flags: out.flags() as i32,
+                                info: crate::sctp::msg_info(out.control_data()),
+                            },
+                        };
+                        buf = Some(BufRef {
+                            group: g,
+                            id: bid,
+                            off: (payload.as_ptr() as usize - base) as u32,
+                            len: payload.len() as u32,
+                        });
+                    }
+                    Err(()) => {
+                        // Too short to parse: give the buffer back, report nothing.
+                        self.release(BufRef {
+                            group: g,
+                            id: bid,
+                            off: 0,
+                            len: 0,
+                        });
+                    }
+                }
+            }
+            (Op::RecvMsg { hdr, .. }, bid) => {
+                let (flags, info) = hdr.received();
+                meta = Meta::Message { flags, info };
+                buf = bid.map(|id| BufRef {
+                    group: BGID,
+                    id,
+                    off: 0,
+                    len: res.max(0) as u32,
+                });
+            }
+            (_, Some(id)) => {
+                buf = Some(BufRef {
+                    group: if matches!(
+                        uop.op,
+                        Op::RecvMulti {
+                            kind: MultiKind::Datagram,
+                            ..
+                        }
+                    ) {
+                        BGID_UDP
+                    } else {
+                        BGID
+                    },
+                    id,
+                    off: 0,
+                    len: res.max(0) as u32,
+                });
+            }
+            _ => {}
+        }
+        let owned = if more {
+            Owned::None
+        } else {
+            self.mem
+                .ops
+                .remove(k)
+                .map_or(Owned::None, |u| owned_of(u.op))
+        };
+        Some(Event {
+            token,
+            res,
+            more,
+            buf,
+            meta,
+            owned,
+        })
+    }
+
+    fn ring_of(&self, group: u16) -> Option<&BufRing> {
+        if group == BGID_UDP {
+            self.mem.udp_bufs.as_ref()
+        } else {
+            Some(&self.mem.bufs)
+        }
+    }
+}
+
+impl Backend for UringBackend {
+    fn caps(&self) -> Caps {
+        Caps {
+            multishot_sctp: self.multishot_recvmsg,
+            recv_buf_size: BUF_SIZE,
+        }
+    }
+
+    fn submit(&mut self, token: u64, op: Op) -> OpId {
+        if let Op::RecvMulti {
+            kind: MultiKind::Datagram,
+            ..
+        } = op
+        {
+            if self.mem.udp_bufs.is_none() {
+                let m = &mut *self.mem;
+                match BufRing::new(&m.ring, UDP_BUF_COUNT, UDP_BUF_SIZE, BGID_UDP) {
+                    Ok(b) => m.udp_bufs = Some(b),
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
+                        tracing::error!(error = %e, "cannot register the datagram buffer ring");
+                        self.done.push(Event::new(token, -errno, false));
+                        return OpId(u64::MAX);
+                    }
+                }
+            }
+        }
+        let k = self.mem.ops.insert(UOp { token, op });
+        if let Some((e, bound)) = self.entry(k) {
+            self.push(e);
+            if let Some(d) = bound {
+                let ts = self.bound_ts(d);
+                let lt = opcode::LinkTimeout::new(ts)
+                    .build()
+                    .user_data(super::slab::token(UD_LINK_TIMEOUT, k));
+                self.aux += 1;
+                self.push(lt);
+            }
+        }
+        OpId(super::slab::token(UD_OP, k))
+    }
+
+    fn cancel(&mut self, id: OpId) {
+        let (kind, k) = super::slab::untoken(id.0);
+        if kind != UD_OP || self.mem.ops.get(k).is_none() {
+            return;
+        }
+        let e = opcode::AsyncCancel::new(id.0)
+            .build()
+            .user_data(super::slab::token(UD_CANCEL, k));
+        self.aux += 1;
+        self.push(e);
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.fail_wait_after.as_mut() {
+            if *n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            *n -= 1;
+        }
+        if std::mem::take(&mut self.unpublished) {
+            self.mem.bufs.publish();
+            if let Some(b) = &self.mem.udp_bufs {
+                b.publish();
+            }
+        }
+        self.flush_overflow();
+        // Entries still waiting for SQ room, or events already made: submit
+        // without waiting for a CQE.
+        let want = usize::from(self.mem.overflow.is_empty() && self.done.is_empty());
+        let ring = &mut self.mem.ring;
+        let res = match timeout {
+            Some(d) if want == 1 => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                ring.submitter().submit_with_args(want, &args)
+            }
+            _ => ring.submit_and_wait(want),
+        };
+        match res {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::ETIME)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        out.append(&mut self.done);
+        let cqes: Vec<(u64, i32, u32)> = self
+            .mem
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            if let Some(ev) = self.event(ud, res, flags) {
+                out.push(ev);
+            }
+        }
+        Ok(())
+    }
+
+    fn ready(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.done);
+    }
+
+    fn data(&self, b: BufRef) -> &[u8] {
+        match self.ring_of(b.group) {
+            Some(r) => {
+                let all = r.data(b.id, (b.off + b.len) as usize);
+                &all[(b.off as usize).min(all.len())..]
+            }
+            None => &[],
+        }
+    }
+
+    fn release(&mut self, b: BufRef) {
+        let m = &mut *self.mem;
+        let ring = if b.group == BGID_UDP {
+            m.udp_bufs.as_mut()
+        } else {
+            Some(&mut m.bufs)
+        };
+        if let Some(r) = ring {
+            r.push(b.id);
+            self.unpublished = true;
+        }
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.mem.ops.len() + self.aux
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        let left = self.in_flight();
+        if left > 0 {
+            // The kernel may still write into what these operations point at (an
+            // io-wq worker may be running one): leak the ring, its buffers and the
+            // operations rather than free memory the kernel may use.
+            LEAKED_OPS.fetch_add(left as u64, Relaxed);
+            tracing::warn!(
+                in_flight = left,
+                "io_uring backend ended with operations in flight; their memory is leaked"
+            );
+            return;
+        }
+        // SAFETY: nothing is in flight, and `mem` is not used after this. Fields
+        // drop in declaration order: the ring before the buffers it points to.
+        unsafe { ManuallyDrop::drop(&mut self.mem) };
+    }
+}
