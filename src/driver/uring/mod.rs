@@ -174,9 +174,10 @@ pub struct UringBackend {
     done: Vec<Event>,
     /// Buffers were given back since the ring's tail was last published.
     unpublished: bool,
-    /// Tests: `wait` fails with EIO after this many calls.
+    /// Tests: once this is set, `wait` fails with EIO (an `io_uring_enter`
+    /// error) without reaping anything.
     #[cfg(test)]
-    pub fail_wait_after: Option<u32>,
+    pub fail_wait: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The answers the io_uring probe gave, as the backend uses them.
@@ -226,7 +227,7 @@ impl UringBackend {
             done: Vec::new(),
             unpublished: false,
             #[cfg(test)]
-            fail_wait_after: None,
+            fail_wait: None,
         })
     }
 
@@ -506,11 +507,8 @@ impl Backend for UringBackend {
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
         #[cfg(test)]
-        if let Some(n) = self.fail_wait_after.as_mut() {
-            if *n == 0 {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            *n -= 1;
+        if self.fail_wait.as_ref().is_some_and(|f| f.load(Relaxed)) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         if std::mem::take(&mut self.unpublished) {
             self.mem.bufs.publish();

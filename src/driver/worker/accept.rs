@@ -1,0 +1,107 @@
+//! The worker's accepting listeners: arming the (multishot) accept, pausing
+//! after EMFILE and the like, removing a listener once its accept has ended.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::{Worker, K_ACCEPT};
+use crate::driver::backend::{Backend, Event, Op};
+use crate::driver::conn::{Conn, Opened};
+use crate::driver::slab::Key;
+use crate::driver::timers::Timer;
+use crate::driver::ACCEPT_PAUSE_MS;
+
+impl<B: Backend> Worker<B> {
+    pub(super) fn arm_accept(&mut self, k: Key) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if l.removing {
+            if l.op.is_none() {
+                self.drop_listener(k);
+            }
+            return;
+        }
+        if l.op.is_some() || l.paused {
+            return;
+        }
+        let fd = l.fd.as_raw_fd();
+        let id = self.submit(K_ACCEPT, k, Op::Accept { fd });
+        if let Some(l) = self.listeners.get_mut(k) {
+            l.op = Some(id);
+        }
+    }
+
+    pub(super) fn remove_listener(&mut self, k: Key) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        l.removing = true;
+        match l.op {
+            Some(id) => self.backend.cancel(id),
+            None => self.drop_listener(k),
+        }
+    }
+
+    pub(super) fn drop_listener(&mut self, k: Key) {
+        if let Some(l) = self.listeners.remove(k) {
+            self.backend.close(l.fd);
+        }
+    }
+
+    pub(super) fn on_accept(&mut self, k: Key, ev: Event) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            if ev.res >= 0 {
+                // SAFETY: the kernel just installed this fd for us; nobody else owns it.
+                self.backend.close(unsafe { OwnedFd::from_raw_fd(ev.res) });
+            }
+            return;
+        };
+        if !ev.more {
+            l.op = None;
+        }
+        if ev.res >= 0 {
+            // SAFETY: as above.
+            let fd = unsafe { OwnedFd::from_raw_fd(ev.res) };
+            if l.removing {
+                self.backend.close(fd);
+            } else {
+                let conn = Conn::open(fd, l.shared.clone(), &self.ctx.stats, Opened::Accepted);
+                let ck = self.insert_conn(conn);
+                self.drive(ck);
+            }
+        } else {
+            let errno = -ev.res;
+            if errno == libc::ECANCELED || l.removing {
+                if !ev.more && l.removing {
+                    self.drop_listener(k);
+                }
+                return;
+            }
+            if crate::driver::accept_error_pauses(errno) {
+                l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
+                    "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
+                if !ev.more && !l.paused {
+                    l.paused = true;
+                    let at = Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS);
+                    self.timers.start(at, Timer::AcceptPause, k);
+                }
+                return;
+            } else if errno == libc::EINTR {
+                // SCTP's accept checks for a pending signal before it checks for a
+                // non-blocking call, and io_uring's task-work notification counts
+                // as one: the accept is simply asked again.
+                tracing::debug!(listener = %l.shared.name, "accept interrupted (EINTR); re-armed");
+            } else if !crate::driver::accept_error_benign(errno) {
+                l.shared.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
+            }
+        }
+        if !ev.more {
+            self.arm_accept(k);
+        }
+    }
+}

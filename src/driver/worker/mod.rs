@@ -1,0 +1,430 @@
+//! One worker: the engine both backends run under.
+//!
+//! A [`Worker`] owns everything a worker thread knows: its listeners (by the
+//! supervisor's id), its sessions ([`Conn`] in a slab), its UDP sockets and
+//! sessions, its timers, the sessions waiting for an upstream socket, and the
+//! shutdown sequence. It decides every operation and hands it to its
+//! [`Backend`], which only performs it and reports the end ([`Event`]). So both
+//! backends accept, time out, count, close and shut down the same way, by
+//! construction.
+//!
+//! The loop: wait on the backend until the earliest timer; handle each event
+//! (hand a completion to its session, then start what the session asks for);
+//! handle events that completed at once meanwhile; then run due timers, retry
+//! receives that found no buffer, re-drive sessions that waited for an upstream
+//! socket, and expire idle UDP sessions.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+mod accept;
+mod datagram;
+mod session;
+#[cfg(test)]
+mod tests;
+
+use super::backend::{Backend, Caps, Event, Op, OpId};
+use super::conn::{Conn, Opened};
+use super::shared::{ListenerShared, PeelMailbox, WorkerStats};
+use super::slab::{token, untoken, Key, Slab};
+use super::timers::{Timer, Timers};
+use super::udp::UdpState;
+use super::{drain_eventfd, Command};
+use crate::config::Proto;
+use crate::proto::{Completion, Side};
+
+const K_WAKE: u8 = 1;
+const K_ACCEPT: u8 = 2;
+/// Receive on side 0 (client) / 1 (upstream): `K_RECV + side`.
+const K_RECV: u8 = 3;
+/// Send on side 0 / 1: `K_SEND + side`.
+const K_SEND: u8 = 5;
+const K_CONNECT: u8 = 7;
+/// Multishot receive on a UDP listener socket.
+const K_UDP_LISTENER: u8 = 8;
+/// Multishot receive on a UDP session's upstream socket.
+const K_UDP_UPSTREAM: u8 = 9;
+
+/// How long a shutting-down worker waits for its cancelled operations to end
+/// before it gives up (and leaks their memory rather than free it).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How often a shutting-down worker checks whether its operations have ended.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// What a worker thread gets from the supervisor.
+pub(crate) struct WorkerCtx {
+    /// Index of the worker (0-based), for logs.
+    pub index: usize,
+    /// Commands from the supervisor.
+    pub rx: mpsc::Receiver<Command>,
+    /// The worker's eventfd: the supervisor, the binder's pool refills and
+    /// peel-offs write it.
+    pub wake: Arc<OwnedFd>,
+    /// The worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// Peel-offs finished by the binder for this worker.
+    pub peeled: PeelMailbox,
+}
+
+/// A TCP or one-to-one SCTP listening socket of this worker.
+struct StreamListener {
+    fd: OwnedFd,
+    shared: Arc<ListenerShared>,
+    /// The accept operation in flight.
+    op: Option<OpId>,
+    /// Being removed: closed once its accept has ended.
+    removing: bool,
+    /// Accepting paused (EMFILE...) until its timer fires.
+    paused: bool,
+}
+
+/// Where a listener id leads.
+#[derive(Debug, Clone, Copy)]
+enum ListenerRef {
+    /// An accepting listener in `listeners`.
+    Stream(Key),
+    /// A UDP listener in the UDP state.
+    Udp(Key),
+    /// A one-to-many SCTP socket: one session in `conns`.
+    Many(Key),
+}
+
+/// The operations in flight for one session, by side.
+#[derive(Debug, Default)]
+struct SessionOps {
+    recv: [Option<OpId>; 2],
+    send: [Option<OpId>; 2],
+    connect: Option<OpId>,
+    /// The receive in flight is multishot (one-to-many SCTP echo).
+    multi: [bool; 2],
+    /// A cancel of that multishot receive is on its way.
+    cancelling: [bool; 2],
+    /// A send that found no room waits for its retry timer.
+    retry: [bool; 2],
+    /// The last receive was short: the socket is probably empty.
+    drained: [bool; 2],
+    /// The session is closing: its operations are being cancelled.
+    closing: bool,
+}
+
+impl SessionOps {
+    fn count(&self) -> usize {
+        self.recv.iter().chain(&self.send).flatten().count() + usize::from(self.connect.is_some())
+    }
+}
+
+/// A session and its operations.
+struct Entry {
+    conn: Conn,
+    ops: SessionOps,
+}
+
+/// One worker over backend `B`.
+pub(crate) struct Worker<B: Backend> {
+    backend: B,
+    caps: Caps,
+    ctx: WorkerCtx,
+    ids: HashMap<u64, ListenerRef>,
+    listeners: Slab<StreamListener>,
+    conns: Slab<Entry>,
+    udp: UdpState,
+    timers: Timers,
+    /// Sessions waiting for an upstream socket from a namespace pool.
+    parked: Vec<Key>,
+    /// Sessions whose receive found no buffer (ENOBUFS): re-driven after the batch.
+    starved: Vec<Key>,
+    /// UDP sockets whose multishot receive ended for lack of buffers.
+    udp_starved: Vec<(u8, Key)>,
+    wake_op: Option<OpId>,
+    events: Vec<Event>,
+    /// Set by [`Command::Shutdown`]: the time by which operations must have ended.
+    shutdown: Option<Instant>,
+}
+
+impl<B: Backend> Worker<B> {
+    /// A worker with no listeners yet.
+    pub fn new(backend: B, ctx: WorkerCtx) -> Worker<B> {
+        Worker {
+            caps: backend.caps(),
+            backend,
+            ctx,
+            ids: HashMap::new(),
+            listeners: Slab::default(),
+            conns: Slab::default(),
+            udp: UdpState::default(),
+            timers: Timers::default(),
+            parked: Vec::new(),
+            starved: Vec::new(),
+            udp_starved: Vec::new(),
+            wake_op: None,
+            events: Vec::with_capacity(256),
+            shutdown: None,
+        }
+    }
+
+    /// The backend (for tests).
+    #[cfg(test)]
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Runs until [`Command::Shutdown`] has been handled and every operation has
+    /// ended (or [`SHUTDOWN_GRACE`] has passed).
+    ///
+    /// # Errors
+    /// The backend failed ([`Backend::wait`]); operations may still be in flight,
+    /// so the caller must not free what they point at (dropping the backend leaks
+    /// it).
+    pub fn run(&mut self) -> io::Result<()> {
+        self.arm_wake();
+        loop {
+            let now = Instant::now();
+            let mut wait = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if self.shutdown.is_some() {
+                wait = Some(wait.map_or(SHUTDOWN_POLL, |w| w.min(SHUTDOWN_POLL)));
+            }
+            let mut events = std::mem::take(&mut self.events);
+            self.backend.wait(wait, &mut events)?;
+            while !events.is_empty() {
+                self.ctx
+                    .stats
+                    .completed
+                    .fetch_add(events.len() as u64, Relaxed);
+                for ev in events.drain(..) {
+                    self.handle(ev);
+                }
+                self.backend.ready(&mut events);
+            }
+            self.events = events;
+            self.after_batch();
+            if let Some(deadline) = self.shutdown {
+                let left = self.backend.in_flight();
+                if left == 0 {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        worker = self.ctx.index,
+                        in_flight = left,
+                        "operations still in flight at shutdown; leaking their memory"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Work after each batch of events: timers, starved receives, parked sessions,
+    /// idle UDP sessions.
+    fn after_batch(&mut self) {
+        for k in std::mem::take(&mut self.starved) {
+            self.drive(k);
+        }
+        let now = Instant::now();
+        for (timer, k) in self.timers.expired(now, &mut self.conns, |e| &mut e.conn) {
+            self.on_timer(timer, k);
+        }
+        for uk in self.udp.sweep(now) {
+            self.udp_close(K_UDP_UPSTREAM, uk);
+        }
+        for (kind, k) in std::mem::take(&mut self.udp_starved) {
+            self.arm_udp(kind, k);
+        }
+        for k in std::mem::take(&mut self.parked) {
+            if let Some(e) = self.conns.get_mut(k) {
+                e.conn.unpark();
+            }
+            self.drive(k);
+        }
+    }
+
+    fn submit(&mut self, kind: u8, k: Key, op: Op) -> OpId {
+        self.ctx.stats.submitted.fetch_add(1, Relaxed);
+        self.backend.submit(token(kind, k), op)
+    }
+
+    fn arm_wake(&mut self) {
+        if self.wake_op.is_none() && self.shutdown.is_none() {
+            let fd = self.ctx.wake.as_raw_fd();
+            self.wake_op = Some(self.submit(K_WAKE, Key { idx: 0, gen: 0 }, Op::PollIn { fd }));
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let (kind, k) = untoken(ev.token);
+        let buf = ev.buf;
+        match kind {
+            K_WAKE => {
+                if !ev.more {
+                    self.wake_op = None;
+                }
+                drain_eventfd(self.ctx.wake.as_raw_fd());
+                self.commands();
+                self.peeled();
+                self.arm_wake();
+            }
+            K_ACCEPT => self.on_accept(k, ev),
+            K_RECV | 4 => self.on_recv(k, side_of(kind - K_RECV), ev),
+            K_SEND | 6 => self.on_send(k, side_of(kind - K_SEND), ev),
+            K_CONNECT => self.on_connect(k, ev),
+            K_UDP_LISTENER | K_UDP_UPSTREAM => self.on_udp(kind, k, ev),
+            _ => {}
+        }
+        if let Some(b) = buf {
+            self.backend.release(b);
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer, k: Key) {
+        match timer {
+            Timer::Deadline => {
+                if let Some(e) = self.conns.get_mut(k) {
+                    if !e.ops.closing {
+                        e.conn.complete(Side::Client, Completion::Timeout);
+                    }
+                }
+                self.drive(k);
+            }
+            Timer::SendRetry(i) => {
+                if let Some(e) = self.conns.get_mut(k) {
+                    e.ops.retry[usize::from(i)] = false;
+                }
+                self.drive(k);
+            }
+            Timer::AcceptPause => {
+                if let Some(l) = self.listeners.get_mut(k) {
+                    l.paused = false;
+                }
+                self.arm_accept(k);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ commands
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.ctx.rx.try_recv() {
+            match cmd {
+                Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
+                    let k = self.udp.add_listener(fd, shared);
+                    self.ids.insert(id, ListenerRef::Udp(k));
+                    self.arm_udp(K_UDP_LISTENER, k);
+                }
+                Command::AddListener { id, fd, shared }
+                    if shared.proto == Proto::Sctp
+                        && shared.sctp.style == crate::sctp::Style::OneToMany =>
+                {
+                    let conn = Conn::open(fd, shared, &self.ctx.stats, Opened::Many);
+                    let k = self.insert_conn(conn);
+                    self.ids.insert(id, ListenerRef::Many(k));
+                    self.drive(k);
+                }
+                Command::AddListener { id, fd, shared } => {
+                    let k = self.listeners.insert(StreamListener {
+                        fd,
+                        shared,
+                        op: None,
+                        removing: false,
+                        paused: false,
+                    });
+                    self.ids.insert(id, ListenerRef::Stream(k));
+                    self.arm_accept(k);
+                }
+                Command::RemoveListener { id } => match self.ids.remove(&id) {
+                    Some(ListenerRef::Stream(k)) => self.remove_listener(k),
+                    Some(ListenerRef::Udp(k)) => {
+                        for uk in self.udp.end_sessions(k) {
+                            self.udp_close(K_UDP_UPSTREAM, uk);
+                        }
+                        self.udp_close(K_UDP_LISTENER, k);
+                    }
+                    Some(ListenerRef::Many(k)) => {
+                        // Its queued replies go out, then the socket closes.
+                        if let Some(e) = self.conns.get_mut(k) {
+                            e.conn.io.close();
+                        }
+                        self.drive(k);
+                    }
+                    None => {}
+                },
+                Command::Shutdown => self.begin_shutdown(),
+            }
+        }
+    }
+
+    /// Stops accepting, ends every session (what is queued is dropped, sockets are
+    /// closed without a reset), cancels every operation; [`Worker::run`] returns
+    /// once they have all ended.
+    fn begin_shutdown(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        self.shutdown = Some(Instant::now() + SHUTDOWN_GRACE);
+        for k in self.listeners.keys() {
+            self.remove_listener(k);
+        }
+        for (_, r) in std::mem::take(&mut self.ids) {
+            if let ListenerRef::Udp(k) = r {
+                for uk in self.udp.end_sessions(k) {
+                    self.udp_close(K_UDP_UPSTREAM, uk);
+                }
+                self.udp_close(K_UDP_LISTENER, k);
+            }
+        }
+        for k in self.conns.keys() {
+            if let Some(e) = self.conns.get_mut(k) {
+                e.conn.failed = false;
+                e.conn.io.close();
+                for l in &mut e.conn.io.legs {
+                    l.out.clear();
+                }
+            }
+            self.close(k);
+        }
+        if let Some(id) = self.wake_op {
+            self.backend.cancel(id);
+        }
+    }
+}
+
+fn side_of(i: u8) -> Side {
+    if i == 0 {
+        Side::Client
+    } else {
+        Side::Upstream
+    }
+}
+
+/// Runs a worker made by `make` on the calling thread until shutdown. The setup
+/// result goes to `ready` first (the supervisor waits for it). A backend failure
+/// is logged and marks the worker failed in its counters (the supervisor stops
+/// the process); its in-flight memory is leaked, never freed.
+pub(crate) fn serve<B: Backend>(
+    make: impl FnOnce() -> io::Result<B>,
+    ctx: WorkerCtx,
+    ready: mpsc::SyncSender<io::Result<()>>,
+) {
+    let backend = match make() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let stats = ctx.stats.clone();
+    let index = ctx.index;
+    let mut w = Worker::new(backend, ctx);
+    if let Err(e) = w.run() {
+        tracing::error!(worker = index, error = %e, "worker backend failed; the worker stops");
+        stats.failed.store(true, Relaxed);
+        super::notify_worker_failed();
+    }
+}
