@@ -1,6 +1,7 @@
 //! Signals as messages: the supervisor blocks SIGINT, SIGTERM and SIGHUP in every
-//! thread (threads inherit the mask) and takes them synchronously with
-//! sigtimedwait(2), so no signal handler and no extra thread is needed.
+//! thread (threads inherit the mask) and reads them from a signalfd(2) in its
+//! control loop ([`crate::control`]); the demo polls them with sigtimedwait(2)
+//! ([`wait`]). No signal handler and no extra thread is needed.
 
 use std::time::Duration;
 

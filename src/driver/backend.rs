@@ -121,6 +121,35 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The socket the operation is on.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Op::Accept { fd }
+            | Op::PollIn { fd }
+            | Op::Recv { fd, .. }
+            | Op::RecvMsg { fd, .. }
+            | Op::RecvMulti { fd, .. }
+            | Op::Send { fd, .. }
+            | Op::SendMsg { fd, .. }
+            | Op::Connect { fd, .. } => *fd,
+        }
+    }
+
+    /// Ends the operation: the memory it owned, to hand back with its last event.
+    pub fn into_owned(self) -> Owned {
+        match self {
+            Op::Send { buf, .. } => Owned::Bytes(buf),
+            Op::SendMsg { msg, hdr, .. } => Owned::Message(msg, hdr),
+            Op::RecvMsg { hdr, .. } => Owned::RecvHeader(hdr),
+            Op::Connect { addr, .. } => Owned::Addr(addr),
+            Op::Accept { .. } | Op::PollIn { .. } | Op::Recv { .. } | Op::RecvMulti { .. } => {
+                Owned::None
+            }
+        }
+    }
+}
+
 /// Memory an operation owned, handed back with its last event.
 #[derive(Debug)]
 pub enum Owned {

@@ -165,7 +165,7 @@ impl EpollBackend {
         let Some(o) = self.ops.remove(k) else {
             return;
         };
-        let fd = op_fd(&o.op);
+        let fd = o.op.fd();
         if let Some(st) = self.fds.get_mut(&fd) {
             if st.reader == Some(k) {
                 st.reader = None;
@@ -180,7 +180,7 @@ impl EpollBackend {
             more: false,
             buf,
             meta,
-            owned: owned_of(o.op),
+            owned: o.op.into_owned(),
         });
     }
 
@@ -204,7 +204,7 @@ impl EpollBackend {
         let Some(o) = self.ops.get(k) else {
             return;
         };
-        let fd = op_fd(&o.op);
+        let fd = o.op.fd();
         let turn = self.turn;
         if let Some(st) = self.fds.get_mut(&fd) {
             if st.turn != turn {
@@ -236,7 +236,7 @@ impl EpollBackend {
         let Some(o) = self.ops.get_mut(k) else {
             return;
         };
-        let fd = op_fd(&o.op);
+        let fd = o.op.fd();
         let Some(st) = self.fds.get_mut(&fd) else {
             self.finish(k, -libc::EBADF, None, Meta::None);
             return;
@@ -491,33 +491,6 @@ impl EpollBackend {
     }
 }
 
-/// The socket an operation is on.
-fn op_fd(op: &Op) -> RawFd {
-    match op {
-        Op::Accept { fd }
-        | Op::PollIn { fd }
-        | Op::Recv { fd, .. }
-        | Op::RecvMsg { fd, .. }
-        | Op::RecvMulti { fd, .. }
-        | Op::Send { fd, .. }
-        | Op::SendMsg { fd, .. }
-        | Op::Connect { fd, .. } => *fd,
-    }
-}
-
-/// The memory an ended operation hands back.
-pub(crate) fn owned_of(op: Op) -> Owned {
-    match op {
-        Op::Send { buf, .. } => Owned::Bytes(buf),
-        Op::SendMsg { msg, hdr, .. } => Owned::Message(msg, hdr),
-        Op::RecvMsg { hdr, .. } => Owned::RecvHeader(hdr),
-        Op::Connect { addr, .. } => Owned::Addr(addr),
-        Op::Accept { .. } | Op::PollIn { .. } | Op::Recv { .. } | Op::RecvMulti { .. } => {
-            Owned::None
-        }
-    }
-}
-
 fn buf_ref(group: u16, id: u16, off: usize, len: usize) -> BufRef {
     BufRef {
         group,
@@ -543,7 +516,7 @@ impl Backend for EpollBackend {
     }
 
     fn submit(&mut self, token: u64, op: Op) -> OpId {
-        let fd = op_fd(&op);
+        let fd = op.fd();
         let reg = self.register(fd);
         let k = self.ops.insert(EOp {
             token,

@@ -37,7 +37,6 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned};
-use super::epoll::owned_of;
 use super::slab::{Key, Slab};
 use super::udp;
 use bufring::BufRing;
@@ -174,6 +173,8 @@ pub struct UringBackend {
     done: Vec<Event>,
     /// Buffers were given back since the ring's tail was last published.
     unpublished: bool,
+    /// CQEs copied out of the ring (user_data, result, flags), reused per wait.
+    cqes: Vec<(u64, i32, u32)>,
     /// Tests: once this is set, `wait` fails with EIO (an `io_uring_enter`
     /// error) without reaping anything.
     #[cfg(test)]
@@ -226,6 +227,7 @@ impl UringBackend {
             aux: 0,
             done: Vec::new(),
             unpublished: false,
+            cqes: Vec::with_capacity(256),
             #[cfg(test)]
             fail_wait: None,
         })
@@ -430,7 +432,7 @@ impl UringBackend {
             self.mem
                 .ops
                 .remove(k)
-                .map_or(Owned::None, |u| owned_of(u.op))
+                .map_or(Owned::None, |u| u.op.into_owned())
         };
         Some(Event {
             token,
@@ -539,17 +541,20 @@ impl Backend for UringBackend {
             Err(e) => return Err(e),
         }
         out.append(&mut self.done);
-        let cqes: Vec<(u64, i32, u32)> = self
-            .mem
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
-        for (ud, res, flags) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.mem
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &cqes {
             if let Some(ev) = self.event(ud, res, flags) {
                 out.push(ev);
             }
         }
+        cqes.clear();
+        self.cqes = cqes;
         Ok(())
     }
 
