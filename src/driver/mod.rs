@@ -14,14 +14,14 @@
 //! - [`worker`]: the one engine: listeners, sessions, UDP, timers, commands,
 //!   peel-offs, the shutdown sequence and the loop. Both backends run it, so they
 //!   accept, time out, count and shut down identically.
-//! - [`conn`]: one session's sockets and bookkeeping between its state machine
+//! - [`active`]: one session's sockets and bookkeeping between its state machine
 //!   and the worker; [`timers`], [`slab`]: the worker's timers and tables;
 //!   [`shared`]: what workers share with the supervisor (settings, counters);
 //!   [`udp`]: UDP sessions and datagram syscalls; [`upstream`]: upstream choice
 //!   and socket pools.
 
+pub(crate) mod active;
 pub mod backend;
-pub(crate) mod conn;
 pub mod epoll;
 pub mod shared;
 pub(crate) mod slab;
@@ -41,7 +41,7 @@ use std::thread;
 
 use crate::config::IoChoice;
 pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
-pub use conn::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
+pub use active::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
 pub use shared::{ListenerShared, ListenerStats, PeelSource, WorkerStats};
 pub use upstream::UpstreamSet;
 use worker::WorkerCtx;

@@ -90,7 +90,7 @@ pub struct PeelSource {
 /// A peel-off the binder finished for a worker's one-to-many session.
 pub(crate) struct Peeled {
     /// The one-to-many session.
-    pub conn: Key,
+    pub session: Key,
     /// The association.
     pub assoc: i32,
     /// The new one-to-one socket, or why there is none.

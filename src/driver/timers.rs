@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use super::conn::Conn;
+use super::active::ActiveSession;
 use super::slab::{Key, Slab};
 
 /// What a timer is for.
@@ -23,7 +23,7 @@ pub(crate) enum Timer {
 /// The timers of one worker.
 ///
 /// A session's deadline may move; the heap keeps the earliest registered time per
-/// session ([`Conn::timer`]) and a popped entry is checked against the session's
+/// session ([`ActiveSession::timer`]) and a popped entry is checked against the session's
 /// current deadline, so moving a deadline later costs nothing until it fires.
 #[derive(Default)]
 pub(crate) struct Timers {
@@ -32,7 +32,7 @@ pub(crate) struct Timers {
 
 impl Timers {
     /// Registers `c`'s current deadline if it is earlier than what is registered.
-    pub fn sync(&mut self, k: Key, c: &mut Conn) {
+    pub fn sync(&mut self, k: Key, c: &mut ActiveSession) {
         if let Some(d) = c.io.deadline {
             if c.timer.is_none_or(|t| d < t) {
                 c.timer = Some(d);
@@ -61,7 +61,7 @@ impl Timers {
         &mut self,
         now: Instant,
         slab: &mut Slab<T>,
-        conn: impl Fn(&mut T) -> &mut Conn,
+        session: impl Fn(&mut T) -> &mut ActiveSession,
     ) -> Vec<(Timer, Key)> {
         let mut due = Vec::new();
         while let Some(Reverse((t, kind, idx, gen))) = self.heap.peek().copied() {
@@ -74,7 +74,7 @@ impl Timers {
                 due.push((kind, k));
                 continue;
             }
-            let Some(c) = slab.get_mut(k).map(&conn) else {
+            let Some(c) = slab.get_mut(k).map(&session) else {
                 continue;
             };
             if c.timer != Some(t) {

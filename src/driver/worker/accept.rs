@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{Worker, K_ACCEPT};
+use crate::driver::active::{ActiveSession, Opened};
 use crate::driver::backend::{Backend, Event, Op};
-use crate::driver::conn::{Conn, Opened};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
 use crate::driver::ACCEPT_PAUSE_MS;
@@ -68,8 +68,9 @@ impl<B: Backend> Worker<B> {
             if l.removing {
                 self.backend.close(fd);
             } else {
-                let conn = Conn::open(fd, l.shared.clone(), &self.ctx.stats, Opened::Accepted);
-                let ck = self.insert_conn(conn);
+                let session =
+                    ActiveSession::open(fd, l.shared.clone(), &self.ctx.stats, Opened::Accepted);
+                let ck = self.insert_session(session);
                 self.drive(ck);
             }
         } else {

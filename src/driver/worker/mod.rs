@@ -1,7 +1,7 @@
 //! One worker: the engine both backends run under.
 //!
 //! A [`Worker`] owns everything a worker thread knows: its listeners (by the
-//! supervisor's id), its sessions ([`Conn`] in a slab), its UDP sockets and
+//! supervisor's id), its sessions ([`ActiveSession`] in a slab), its UDP sockets and
 //! sessions, its timers, the sessions waiting for an upstream socket, and the
 //! shutdown sequence. It decides every operation and hands it to its
 //! [`Backend`], which only performs it and reports the end ([`Event`]). So both
@@ -27,8 +27,8 @@ mod session;
 #[cfg(test)]
 mod tests;
 
+use super::active::{ActiveSession, Opened};
 use super::backend::{Backend, Caps, Event, Op, OpId};
-use super::conn::{Conn, Opened};
 use super::shared::{ListenerShared, PeelMailbox, WorkerStats};
 use super::slab::{token, untoken, Key, Slab};
 use super::timers::{Timer, Timers};
@@ -89,7 +89,7 @@ enum ListenerRef {
     Stream(Key),
     /// A UDP listener in the UDP state.
     Udp(Key),
-    /// A one-to-many SCTP socket: one session in `conns`.
+    /// A one-to-many SCTP socket: one session in `sessions`.
     Many(Key),
 }
 
@@ -118,8 +118,8 @@ impl SessionOps {
 }
 
 /// A session and its operations.
-struct Entry {
-    conn: Conn,
+struct SessionSlot {
+    session: ActiveSession,
     ops: SessionOps,
 }
 
@@ -130,7 +130,7 @@ pub(crate) struct Worker<B: Backend> {
     ctx: WorkerCtx,
     ids: HashMap<u64, ListenerRef>,
     listeners: Slab<StreamListener>,
-    conns: Slab<Entry>,
+    sessions: Slab<SessionSlot>,
     udp: UdpState,
     timers: Timers,
     /// Sessions waiting for an upstream socket from a namespace pool.
@@ -154,7 +154,7 @@ impl<B: Backend> Worker<B> {
             ctx,
             ids: HashMap::new(),
             listeners: Slab::default(),
-            conns: Slab::default(),
+            sessions: Slab::default(),
             udp: UdpState::default(),
             timers: Timers::default(),
             parked: Vec::new(),
@@ -228,7 +228,10 @@ impl<B: Backend> Worker<B> {
             self.drive(k);
         }
         let now = Instant::now();
-        for (timer, k) in self.timers.expired(now, &mut self.conns, |e| &mut e.conn) {
+        for (timer, k) in self
+            .timers
+            .expired(now, &mut self.sessions, |e| &mut e.session)
+        {
             self.on_timer(timer, k);
         }
         for uk in self.udp.sweep(now) {
@@ -238,8 +241,8 @@ impl<B: Backend> Worker<B> {
             self.arm_udp(kind, k);
         }
         for k in std::mem::take(&mut self.parked) {
-            if let Some(e) = self.conns.get_mut(k) {
-                e.conn.unpark();
+            if let Some(e) = self.sessions.get_mut(k) {
+                e.session.unpark();
             }
             self.drive(k);
         }
@@ -285,15 +288,15 @@ impl<B: Backend> Worker<B> {
     fn on_timer(&mut self, timer: Timer, k: Key) {
         match timer {
             Timer::Deadline => {
-                if let Some(e) = self.conns.get_mut(k) {
+                if let Some(e) = self.sessions.get_mut(k) {
                     if !e.ops.closing {
-                        e.conn.complete(Side::Client, Completion::Timeout);
+                        e.session.complete(Side::Client, Completion::Timeout);
                     }
                 }
                 self.drive(k);
             }
             Timer::SendRetry(i) => {
-                if let Some(e) = self.conns.get_mut(k) {
+                if let Some(e) = self.sessions.get_mut(k) {
                     e.ops.retry[usize::from(i)] = false;
                 }
                 self.drive(k);
@@ -321,8 +324,8 @@ impl<B: Backend> Worker<B> {
                     if shared.proto == Proto::Sctp
                         && shared.sctp.style == crate::sctp::Style::OneToMany =>
                 {
-                    let conn = Conn::open(fd, shared, &self.ctx.stats, Opened::Many);
-                    let k = self.insert_conn(conn);
+                    let session = ActiveSession::open(fd, shared, &self.ctx.stats, Opened::Many);
+                    let k = self.insert_session(session);
                     self.ids.insert(id, ListenerRef::Many(k));
                     self.drive(k);
                 }
@@ -347,8 +350,8 @@ impl<B: Backend> Worker<B> {
                     }
                     Some(ListenerRef::Many(k)) => {
                         // Its queued replies go out, then the socket closes.
-                        if let Some(e) = self.conns.get_mut(k) {
-                            e.conn.io.close();
+                        if let Some(e) = self.sessions.get_mut(k) {
+                            e.session.io.close();
                         }
                         self.drive(k);
                     }
@@ -378,11 +381,11 @@ impl<B: Backend> Worker<B> {
                 self.udp_close(K_UDP_LISTENER, k);
             }
         }
-        for k in self.conns.keys() {
-            if let Some(e) = self.conns.get_mut(k) {
-                e.conn.failed = false;
-                e.conn.io.close();
-                for l in &mut e.conn.io.legs {
+        for k in self.sessions.keys() {
+            if let Some(e) = self.sessions.get_mut(k) {
+                e.session.failed = false;
+                e.session.io.close();
+                for l in &mut e.session.io.legs {
                     l.out.clear();
                 }
             }

@@ -6,9 +6,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use super::{Entry, SessionOps, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND};
+use super::{SessionOps, SessionSlot, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND};
+use crate::driver::active::{ActiveSession, ConnectStart, Opened, SEND_STALL_LIMIT};
 use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, OpId, Owned};
-use crate::driver::conn::{Conn, ConnectStart, Opened, SEND_STALL_LIMIT};
 use crate::driver::shared::Peeled;
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
@@ -16,9 +16,9 @@ use crate::driver::wake;
 use crate::proto::{Completion, Side};
 
 impl<B: Backend> Worker<B> {
-    pub(super) fn insert_conn(&mut self, conn: Conn) -> Key {
-        self.conns.insert(Entry {
-            conn,
+    pub(super) fn insert_session(&mut self, session: ActiveSession) -> Key {
+        self.sessions.insert(SessionSlot {
+            session,
             ops: SessionOps::default(),
         })
     }
@@ -30,35 +30,35 @@ impl<B: Backend> Worker<B> {
     pub(super) fn peeled(&mut self) {
         let done = std::mem::take(&mut *self.ctx.peeled.lock().unwrap_or_else(|p| p.into_inner()));
         for p in done {
-            let Some(e) = self.conns.get_mut(p.conn) else {
+            let Some(e) = self.sessions.get_mut(p.session) else {
                 if let Ok(fd) = p.result {
                     self.backend.close(fd);
                 }
                 continue;
             };
-            e.conn
+            e.session
                 .peel_finished(p.result.as_ref().err().map(|_| p.assoc));
-            let shared = e.conn.listener.clone();
+            let shared = e.session.listener.clone();
             match p.result {
                 Ok(fd) => {
-                    let conn = Conn::open(fd, shared, &self.ctx.stats, Opened::Peeled);
-                    let nk = self.insert_conn(conn);
+                    let session = ActiveSession::open(fd, shared, &self.ctx.stats, Opened::Peeled);
+                    let nk = self.insert_session(session);
                     self.drive(nk);
                 }
                 Err(err) => {
                     tracing::warn!(listener = %shared.name, error = %err, "SCTP peel-off failed");
                 }
             }
-            self.drive(p.conn);
+            self.drive(p.session);
         }
     }
 
     /// Hands session `k`'s peel-off requests to the binder; each answer lands in
     /// this worker's mailbox and wakes it. A request that cannot even be made is
     /// finished at once (the session reads again).
-    pub(super) fn request_peel_offs(ctx: &WorkerCtx, k: Key, c: &mut Conn) {
+    pub(super) fn request_peel_offs(ctx: &WorkerCtx, k: Key, c: &mut ActiveSession) {
         for assoc in c.take_peel_offs() {
-            let dup = c.legs[0].fd.as_ref().map(OwnedFd::try_clone);
+            let dup = c.sockets[0].fd.as_ref().map(OwnedFd::try_clone);
             match (&c.listener.peel, dup) {
                 (Some(src), Some(Ok(fd))) => {
                     let (mailbox, wake_fd) = (ctx.peeled.clone(), ctx.wake.clone());
@@ -71,7 +71,7 @@ impl<B: Backend> Worker<B> {
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .push(Peeled {
-                                    conn: k,
+                                    session: k,
                                     assoc,
                                     result,
                                 });
@@ -91,27 +91,27 @@ impl<B: Backend> Worker<B> {
     /// Starts what session `k` asks for after a completion: its connect, a send
     /// and a receive per side; closes it when it is done.
     pub(super) fn drive(&mut self, k: Key) {
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
-        if e.ops.closing || e.conn.finished() {
+        if e.ops.closing || e.session.finished() {
             self.close(k);
             return;
         }
-        if e.conn.take_connect_request() {
-            match e.conn.start_connect(&self.ctx.wake) {
+        if e.session.take_connect_request() {
+            match e.session.start_connect(&self.ctx.wake) {
                 ConnectStart::Go => {
-                    let leg = &mut e.conn.legs[1];
-                    if let (Some(fd), Some(addr)) = (leg.raw(), leg.dest.take()) {
+                    let sock = &mut e.session.sockets[1];
+                    if let (Some(fd), Some(addr)) = (sock.raw(), sock.dest.take()) {
                         let id = self.submit(K_CONNECT, k, Op::Connect { fd, addr });
-                        match self.conns.get_mut(k) {
+                        match self.sessions.get_mut(k) {
                             Some(e) => e.ops.connect = Some(id),
                             None => return,
                         }
                     }
                 }
                 ConnectStart::Wait => {
-                    if e.conn.park() {
+                    if e.session.park() {
                         self.parked.push(k);
                     }
                 }
@@ -124,11 +124,11 @@ impl<B: Backend> Worker<B> {
         for side in [Side::Client, Side::Upstream] {
             self.drive_side(k, side);
         }
-        if let Some(e) = self.conns.get_mut(k) {
-            e.conn.shutdown_drained();
+        if let Some(e) = self.sessions.get_mut(k) {
+            e.session.shutdown_drained();
             // Before arming: a request that ends at once lets the session read again.
-            Self::request_peel_offs(&self.ctx, k, &mut e.conn);
-            self.timers.sync(k, &mut e.conn);
+            Self::request_peel_offs(&self.ctx, k, &mut e.session);
+            self.timers.sync(k, &mut e.session);
         }
     }
 
@@ -137,40 +137,40 @@ impl<B: Backend> Worker<B> {
     pub(super) fn drive_side(&mut self, k: Key, side: Side) {
         let i = side.index();
         let kind_i = i as u8;
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
-        let Some(fd) = e.conn.legs[i].raw() else {
+        let Some(fd) = e.session.sockets[i].raw() else {
             return;
         };
-        let message = e.conn.is_message_leg(side);
+        let message = e.session.is_message_side(side);
         if e.ops.send[i].is_none() && !e.ops.retry[i] {
             let op = if message {
-                e.conn.take_message(side).map(|(msg, hdr)| Op::SendMsg {
+                e.session.take_message(side).map(|(msg, hdr)| Op::SendMsg {
                     fd,
                     msg,
                     hdr,
                     // The send buffer of a one-to-many socket is shared by its
                     // associations: bound the wait for room (see on_send).
-                    bound: e.conn.many.then_some(SEND_STALL_LIMIT),
+                    bound: e.session.many.then_some(SEND_STALL_LIMIT),
                 })
             } else {
-                e.conn
+                e.session
                     .take_send(side)
                     .map(|(buf, off)| Op::Send { fd, buf, off })
             };
             if let Some(op) = op {
                 let id = self.submit(K_SEND + kind_i, k, op);
-                match self.conns.get_mut(k) {
+                match self.sessions.get_mut(k) {
                     Some(e) => e.ops.send[i] = Some(id),
                     None => return,
                 }
             }
         }
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
-        if e.ops.recv[i].is_some() || !e.conn.wants_recv(side) {
+        if e.ops.recv[i].is_some() || !e.session.wants_recv(side) {
             return;
         }
         let op = if !message {
@@ -178,7 +178,7 @@ impl<B: Backend> Worker<B> {
                 fd,
                 poll_first: e.ops.drained[i],
             }
-        } else if self.caps.multishot_sctp && e.conn.many && e.conn.listener.peel.is_none() {
+        } else if self.caps.multishot_sctp && e.session.many && e.session.listener.peel.is_none() {
             // A one-to-many echo socket carries every association's messages: a
             // multishot receive takes them in batches instead of one round trip
             // per message. (Not for proxy: reading must stop while a peel-off is
@@ -189,14 +189,14 @@ impl<B: Backend> Worker<B> {
                 kind: MultiKind::SctpMany,
             }
         } else {
-            match e.conn.take_recv_header(side) {
+            match e.session.take_recv_header(side) {
                 Some(hdr) => Op::RecvMsg { fd, hdr },
                 None => return,
             }
         };
-        e.conn.take_recv_request(side);
+        e.session.take_recv_request(side);
         let id = self.submit(K_RECV + kind_i, k, op);
-        if let Some(e) = self.conns.get_mut(k) {
+        if let Some(e) = self.sessions.get_mut(k) {
             e.ops.recv[i] = Some(id);
         }
     }
@@ -205,12 +205,12 @@ impl<B: Backend> Worker<B> {
     /// closes when the last operation has ended. An aborted session's sockets get
     /// SO_LINGER 0 first, so their peers see a reset.
     pub(super) fn close(&mut self, k: Key) {
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
         if !e.ops.closing {
             e.ops.closing = true;
-            e.conn.linger_if_aborting();
+            e.session.linger_if_aborting();
             let ops = &e.ops;
             let ids: Vec<OpId> = ops
                 .recv
@@ -224,13 +224,13 @@ impl<B: Backend> Worker<B> {
                 self.backend.cancel(id);
             }
         }
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
         if e.ops.count() == 0 {
-            if let Some(mut e) = self.conns.remove(k) {
-                for leg in &mut e.conn.legs {
-                    if let Some(fd) = leg.fd.take() {
+            if let Some(mut e) = self.sessions.remove(k) {
+                for sock in &mut e.session.sockets {
+                    if let Some(fd) = sock.fd.take() {
                         self.backend.close(fd);
                     }
                 }
@@ -240,7 +240,7 @@ impl<B: Backend> Worker<B> {
 
     pub(super) fn on_recv(&mut self, k: Key, side: Side, ev: Event) {
         let i = side.index();
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
         if e.ops.multi[i] {
@@ -249,7 +249,7 @@ impl<B: Backend> Worker<B> {
         }
         e.ops.recv[i] = None;
         if let Owned::RecvHeader(h) = ev.owned {
-            e.conn.return_recv_header(side, h);
+            e.session.return_recv_header(side, h);
         }
         if !e.ops.closing {
             let res = ev.res;
@@ -257,29 +257,29 @@ impl<B: Backend> Worker<B> {
                 // Back-pressure from the buffer pool, not an error: retry once
                 // this batch has returned its buffers.
                 self.ctx.stats.enobufs.fetch_add(1, Relaxed);
-                e.conn.io.side(side).recv();
+                e.session.io.side(side).recv();
                 self.starved.push(k);
                 return;
             }
             if res == -libc::EAGAIN || res == -libc::ECANCELED {
                 // A receive retried in io-wq on a non-blocking socket after a
                 // spurious wake-up (EAGAIN): nothing was read; ask again.
-                e.conn.io.side(side).recv();
-            } else if e.conn.is_message_leg(side) && res >= 0 {
+                e.session.io.side(side).recv();
+            } else if e.session.is_message_side(side) && res >= 0 {
                 let (flags, info) = match ev.meta {
                     Meta::Message { flags, info } => (flags, info),
                     _ => (0, Default::default()),
                 };
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.conn.complete_message(side, data, flags, info);
+                e.session.complete_message(side, data, flags, info);
             } else if res > 0 {
                 e.ops.drained[i] = (res as usize) < self.caps.recv_buf_size;
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.conn.complete(side, Completion::Recv(data));
+                e.session.complete(side, Completion::Recv(data));
             } else if res == 0 {
-                e.conn.complete(side, Completion::Eof);
+                e.session.complete(side, Completion::Eof);
             } else {
-                e.conn.complete(side, Completion::Error(-res));
+                e.session.complete(side, Completion::Error(-res));
             }
         }
         self.drive(k);
@@ -290,7 +290,7 @@ impl<B: Backend> Worker<B> {
     /// full); its last event lacks `more`.
     pub(super) fn on_recv_multi(&mut self, k: Key, side: Side, ev: Event) {
         let i = side.index();
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
         if !ev.more {
@@ -303,15 +303,15 @@ impl<B: Backend> Worker<B> {
         } else if ev.res >= 0 {
             if let Meta::Message { flags, info } = ev.meta {
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.conn.complete_message(side, data, flags, info);
+                e.session.complete_message(side, data, flags, info);
             }
             // Still running but no longer wanted: stop it (its last events may
             // still carry data, which the session takes). Once a cancel is on its
             // way, a request made meanwhile is kept for the re-arm.
-            let wanted = e.conn.wants_recv(side);
+            let wanted = e.session.wants_recv(side);
             if ev.more {
                 if wanted && !e.ops.cancelling[i] {
-                    e.conn.take_recv_request(side);
+                    e.session.take_recv_request(side);
                 } else if !wanted && !e.ops.cancelling[i] {
                     if let Some(id) = e.ops.recv[i] {
                         e.ops.cancelling[i] = true;
@@ -321,38 +321,38 @@ impl<B: Backend> Worker<B> {
             }
         } else if ev.res == -libc::ENOBUFS {
             self.ctx.stats.enobufs.fetch_add(1, Relaxed);
-            e.conn.io.side(side).recv();
+            e.session.io.side(side).recv();
             if !ev.more {
                 self.starved.push(k);
                 return;
             }
         } else if ev.res == -libc::ECANCELED || ev.res == -libc::EAGAIN {
             if !ev.more {
-                e.conn.io.side(side).recv();
+                e.session.io.side(side).recv();
             }
         } else {
-            e.conn.complete(side, Completion::Error(-ev.res));
+            e.session.complete(side, Completion::Error(-ev.res));
         }
         self.drive(k);
     }
 
     pub(super) fn on_send(&mut self, k: Key, side: Side, ev: Event) {
         let i = side.index();
-        let Some(e) = self.conns.get_mut(k) else {
+        let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
         e.ops.send[i] = None;
         let res = ev.res;
         match ev.owned {
             _ if e.ops.closing => {}
-            Owned::Bytes(buf) if res >= 0 => e.conn.sent(side, buf, res as usize),
-            Owned::Message(msg, hdr) if res >= 0 => e.conn.message_sent(side, msg, hdr),
-            Owned::Bytes(buf) if res == -libc::ECANCELED => e.conn.restore_send(side, buf),
-            Owned::Message(msg, hdr) if res == -libc::ECANCELED && e.conn.many => {
+            Owned::Bytes(buf) if res >= 0 => e.session.sent(side, buf, res as usize),
+            Owned::Message(msg, hdr) if res >= 0 => e.session.message_sent(side, msg, hdr),
+            Owned::Bytes(buf) if res == -libc::ECANCELED => e.session.restore_send(side, buf),
+            Owned::Message(msg, hdr) if res == -libc::ECANCELED && e.session.many => {
                 // Not closing, so the bound on the wait for room cancelled it: the
                 // association took nothing for SEND_STALL_LIMIT.
-                e.conn.restore_message(side, msg, hdr);
-                e.conn.send_stalled(side);
+                e.session.restore_message(side, msg, hdr);
+                e.session.send_stalled(side);
             }
             owned if res == -libc::EAGAIN => {
                 // No room (an SCTP message goes whole and "writable" only means
@@ -360,12 +360,12 @@ impl<B: Backend> Worker<B> {
                 // socket). Nothing was sent: wait a little (doubling), then send
                 // the same again.
                 match owned {
-                    Owned::Bytes(buf) => e.conn.restore_send(side, buf),
-                    Owned::Message(msg, hdr) => e.conn.restore_message(side, msg, hdr),
+                    Owned::Bytes(buf) => e.session.restore_send(side, buf),
+                    Owned::Message(msg, hdr) => e.session.restore_message(side, msg, hdr),
                     _ => {}
                 }
-                let wait = e.conn.send_would_block(side);
-                tracing::trace!(listener = %e.conn.listener.name, ?wait, "send found no room (EAGAIN)");
+                let wait = e.session.send_would_block(side);
+                tracing::trace!(listener = %e.session.listener.name, ?wait, "send found no room (EAGAIN)");
                 if !wait.is_zero() {
                     e.ops.retry[i] = true;
                     let kind = if i == 0 { 0 } else { 1 };
@@ -374,16 +374,16 @@ impl<B: Backend> Worker<B> {
                 }
             }
             Owned::Message(_, hdr) => {
-                e.conn.legs[i].send_hdr = Some(hdr);
-                e.conn.send_failed(side, -res);
+                e.session.sockets[i].send_hdr = Some(hdr);
+                e.session.send_failed(side, -res);
             }
-            _ => e.conn.complete(side, Completion::Error(-res)),
+            _ => e.session.complete(side, Completion::Error(-res)),
         }
         self.drive(k);
     }
 
     pub(super) fn on_connect(&mut self, k: Key, ev: Event) {
-        if let Some(e) = self.conns.get_mut(k) {
+        if let Some(e) = self.sessions.get_mut(k) {
             e.ops.connect = None;
             if !e.ops.closing {
                 let c = if ev.res == 0 {
@@ -391,7 +391,7 @@ impl<B: Backend> Worker<B> {
                 } else {
                     Completion::Error(-ev.res)
                 };
-                e.conn.complete(Side::Upstream, c);
+                e.session.complete(Side::Upstream, c);
             }
         }
         self.drive(k);

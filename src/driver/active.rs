@@ -1,9 +1,9 @@
-//! One session's sockets and its driver-neutral bookkeeping ([`Conn`]).
+//! One session's sockets and its driver-neutral bookkeeping ([`ActiveSession`]).
 //!
-//! A [`Conn`] turns the session's requests ([`SessionIo`]) into what the worker
+//! A [`ActiveSession`] turns the session's requests ([`SessionIo`]) into what the worker
 //! starts next (bytes to send, a message to send, a receive, a connect) and the
 //! worker's events back into [`Completion`]s, counting bytes and failures. What
-//! the kernel may touch during an operation leaves the [`Leg`] while it is in
+//! the kernel may touch during an operation leaves the [`SideSocket`] while it is in
 //! flight (moved into the [`super::backend::Op`]) and comes back with its event.
 
 use std::net::SocketAddr;
@@ -27,7 +27,7 @@ pub const SEND_RETRY_MAX_MS: u64 = 64;
 pub const SEND_STALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// One socket of a session: the client's or the upstream's.
-pub(crate) struct Leg {
+pub(crate) struct SideSocket {
     /// The socket; `None` for an upstream not yet opened.
     pub fd: Option<OwnedFd>,
     /// Bytes being sent, from offset `sent`; moved into the send operation while
@@ -54,9 +54,9 @@ pub(crate) struct Leg {
     pub blocked: Option<(Instant, u32)>,
 }
 
-impl Leg {
-    fn new(fd: Option<OwnedFd>) -> Leg {
-        Leg {
+impl SideSocket {
+    fn new(fd: Option<OwnedFd>) -> SideSocket {
+        SideSocket {
             fd,
             sending: Vec::new(),
             sent: 0,
@@ -71,7 +71,7 @@ impl Leg {
         }
     }
 
-    /// The raw fd, when the leg is open.
+    /// The raw fd, when the side is open.
     pub fn raw(&self) -> Option<RawFd> {
         self.fd.as_ref().map(AsRawFd::as_raw_fd)
     }
@@ -81,7 +81,7 @@ impl Leg {
         self.fd.is_some() && !self.connecting
     }
 
-    /// Makes this an SCTP leg, with its own recvmsg and sendmsg headers.
+    /// Makes this an SCTP side, with its own recvmsg and sendmsg headers.
     fn set_message(&mut self) {
         self.message = true;
         self.recv_hdr = Some(RecvHeader::new());
@@ -100,9 +100,9 @@ pub(crate) enum Opened {
     Peeled,
 }
 
-/// What [`Conn::start_connect`] got.
+/// What [`ActiveSession::start_connect`] got.
 pub(crate) enum ConnectStart {
-    /// The socket is in the upstream leg; issue the connect to `leg.dest`.
+    /// The socket is in the upstream side; issue the connect to `sock.dest`.
     Go,
     /// The namespace's socket pool is empty; retry when the worker is woken.
     Wait,
@@ -112,8 +112,8 @@ pub(crate) enum ConnectStart {
 
 /// One session: its sockets, its protocol state machine and the driver-neutral
 /// I/O state. Both drivers use it, so the bookkeeping is the same for both.
-pub(crate) struct Conn {
-    pub legs: [Leg; 2],
+pub(crate) struct ActiveSession {
+    pub sockets: [SideSocket; 2],
     pub session: Session,
     pub io: SessionIo,
     pub listener: Arc<ListenerShared>,
@@ -131,7 +131,7 @@ pub(crate) struct Conn {
     pub many: bool,
 }
 
-impl Conn {
+impl ActiveSession {
     /// Wraps a socket that came to be as `how` (accepted, a one-to-many
     /// listener socket, or peeled off one) and runs the session's `on_open`. A
     /// one-to-many socket is one session for all of its associations and is not
@@ -141,8 +141,8 @@ impl Conn {
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
         how: Opened,
-    ) -> Conn {
-        Conn::open_as(fd, listener, worker, how)
+    ) -> ActiveSession {
+        ActiveSession::open_as(fd, listener, worker, how)
     }
 
     fn open_as(
@@ -150,7 +150,7 @@ impl Conn {
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
         how: Opened,
-    ) -> Conn {
+    ) -> ActiveSession {
         let many = how == Opened::Many;
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
@@ -182,12 +182,12 @@ impl Conn {
         } else {
             Session::new(&listener.action)
         };
-        let mut client = Leg::new(Some(fd));
+        let mut client = SideSocket::new(Some(fd));
         if sctp {
             client.set_message();
         }
-        let mut c = Conn {
-            legs: [client, Leg::new(None)],
+        let mut c = ActiveSession {
+            sockets: [client, SideSocket::new(None)],
             session,
             io: SessionIo::default(),
             listener,
@@ -217,19 +217,19 @@ impl Conn {
             Completion::Error(_) if self.many => {}
             Completion::Error(errno) => {
                 self.failed = true;
-                if side == Side::Upstream && self.legs[1].connecting {
+                if side == Side::Upstream && self.sockets[1].connecting {
                     self.upstream_failed(errno);
                 } else if errno == libc::ECONNRESET || errno == libc::EPIPE {
                     st.resets.fetch_add(1, Relaxed);
                 }
             }
-            Completion::Timeout if self.legs[1].connecting || self.awaiting_upstream() => {
+            Completion::Timeout if self.sockets[1].connecting || self.awaiting_upstream() => {
                 self.failed = true;
                 self.upstream_failed(libc::ETIMEDOUT);
             }
             Completion::Connected => {
-                self.legs[1].connecting = false;
-                self.legs[1].dest = None;
+                self.sockets[1].connecting = false;
+                self.sockets[1].dest = None;
             }
             _ => {}
         }
@@ -265,11 +265,11 @@ impl Conn {
     }
 
     /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
-    pub fn is_message_leg(&self, side: Side) -> bool {
-        self.legs[side.index()].message
+    pub fn is_message_side(&self, side: Side) -> bool {
+        self.sockets[side.index()].message
     }
 
-    /// Reports a receive on an SCTP leg: `n` bytes of `data` with recvmsg `flags`
+    /// Reports a receive on an SCTP side: `n` bytes of `data` with recvmsg `flags`
     /// (MSG_EOR, MSG_NOTIFICATION) and `info`; 0 bytes is the end of the association.
     pub fn complete_message(&mut self, side: Side, data: &[u8], flags: i32, info: MsgInfo) {
         if data.is_empty() {
@@ -287,29 +287,29 @@ impl Conn {
         );
     }
 
-    /// Takes SCTP leg `side`'s recvmsg header for a receive operation (give it
-    /// back with [`Conn::return_recv_header`]). `None` while a receive has it.
+    /// Takes SCTP side `side`'s recvmsg header for a receive operation (give it
+    /// back with [`ActiveSession::return_recv_header`]). `None` while a receive has it.
     pub fn take_recv_header(&mut self, side: Side) -> Option<Box<RecvHeader>> {
-        self.legs[side.index()].recv_hdr.take()
+        self.sockets[side.index()].recv_hdr.take()
     }
 
     /// Gives back the recvmsg header a receive operation held.
     pub fn return_recv_header(&mut self, side: Side, hdr: Box<RecvHeader>) {
-        self.legs[side.index()].recv_hdr = Some(hdr);
+        self.sockets[side.index()].recv_hdr = Some(hdr);
     }
 
-    /// The next message to send on SCTP leg `side` and the leg's sendmsg header,
+    /// The next message to send on SCTP side `side` and the side's sendmsg header,
     /// both moved out for the send operation: the one being sent, else the next
-    /// from the session's queue. They come back with [`Conn::message_sent`] or
-    /// [`Conn::restore_message`]. `None`: nothing to send, a send holds them, or
-    /// the leg is not ready.
+    /// from the session's queue. They come back with [`ActiveSession::message_sent`] or
+    /// [`ActiveSession::restore_message`]. `None`: nothing to send, a send holds them, or
+    /// the side is not ready.
     pub fn take_message(&mut self, side: Side) -> Option<(OutMessage, Box<SendHeader>)> {
         let i = side.index();
-        let leg = &mut self.legs[i];
-        if !leg.ready() || leg.send_hdr.is_none() {
+        let sock = &mut self.sockets[i];
+        if !sock.ready() || sock.send_hdr.is_none() {
             return None;
         }
-        let m = match leg.sending_msg.take() {
+        let m = match sock.sending_msg.take() {
             Some(m) => m,
             None => {
                 let io = &mut self.io.legs[i];
@@ -319,25 +319,25 @@ impl Conn {
                 m
             }
         };
-        let hdr = leg.send_hdr.take()?;
+        let hdr = sock.send_hdr.take()?;
         Some((m, hdr))
     }
 
     /// A send operation ended without sending its message whole (no room, or
-    /// cancelled): message and header go back to leg `side`; the message is the
+    /// cancelled): message and header go back to side `side`; the message is the
     /// one to send next.
     pub fn restore_message(&mut self, side: Side, msg: OutMessage, hdr: Box<SendHeader>) {
-        let leg = &mut self.legs[side.index()];
-        leg.sending_msg = Some(msg);
-        leg.send_hdr = Some(hdr);
+        let sock = &mut self.sockets[side.index()];
+        sock.sending_msg = Some(msg);
+        sock.send_hdr = Some(hdr);
     }
 
-    /// The message from [`Conn::take_message`] on `side` was sent whole; its
-    /// header comes back to the leg.
+    /// The message from [`ActiveSession::take_message`] on `side` was sent whole; its
+    /// header comes back to the sock.
     pub fn message_sent(&mut self, side: Side, msg: OutMessage, hdr: Box<SendHeader>) {
         let i = side.index();
-        self.legs[i].blocked = None;
-        self.legs[i].send_hdr = Some(hdr);
+        self.sockets[i].blocked = None;
+        self.sockets[i].send_hdr = Some(hdr);
         let n = msg.data.len();
         self.io.legs[i].in_flight = 0;
         if side == Side::Client {
@@ -358,21 +358,21 @@ impl Conn {
     pub fn send_would_block(&mut self, side: Side) -> Duration {
         let i = side.index();
         let now = Instant::now();
-        let (since, tries) = self.legs[i].blocked.unwrap_or((now, 0));
-        self.legs[i].blocked = Some((since, tries + 1));
+        let (since, tries) = self.sockets[i].blocked.unwrap_or((now, 0));
+        self.sockets[i].blocked = Some((since, tries + 1));
         if self.many && now.duration_since(since) >= SEND_STALL_LIMIT && self.send_stalled(side) {
             return Duration::ZERO;
         }
         Duration::from_millis(1u64 << tries.min(SEND_RETRY_MAX_MS.trailing_zeros()))
     }
 
-    /// The message being sent on one-to-many leg `side` found no room for
+    /// The message being sent on one-to-many side `side` found no room for
     /// [`SEND_STALL_LIMIT`]: its association is aborted (an SCTP_ABORT goes first)
     /// and every message queued for it dropped and counted. `false` if nothing
     /// was being sent.
     pub fn send_stalled(&mut self, side: Side) -> bool {
         let i = side.index();
-        let Some(head) = self.legs[i].sending_msg.take() else {
+        let Some(head) = self.sockets[i].sending_msg.take() else {
             return false;
         };
         let assoc = head.info.assoc;
@@ -390,7 +390,7 @@ impl Conn {
             },
             flags: crate::sctp::SCTP_ABORT,
         });
-        self.legs[i].blocked = None;
+        self.sockets[i].blocked = None;
         self.listener
             .stats
             .send_drops
@@ -428,7 +428,7 @@ impl Conn {
             io.msgs.clear();
             io.msg_bytes = 0;
             io.in_flight = 0;
-            self.legs[i].sending_msg = None;
+            self.sockets[i].sending_msg = None;
             self.listener.stats.send_drops.fetch_add(n as u64, Relaxed);
             self.session
                 .on_complete(side, Completion::Sent(0), &mut self.io);
@@ -439,7 +439,7 @@ impl Conn {
             return;
         }
         let i = side.index();
-        self.legs[i].sending_msg = None;
+        self.sockets[i].sending_msg = None;
         self.io.legs[i].in_flight = 0;
         self.listener.stats.send_drops.fetch_add(1, Relaxed);
         tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
@@ -465,7 +465,7 @@ impl Conn {
         };
         // Back off from the upstream only if it was contacted: not when the session
         // never got a socket to try it with.
-        if self.legs[1].fd.is_some() {
+        if self.sockets[1].fd.is_some() {
             if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
                 set.mark_down(addr);
             }
@@ -478,18 +478,18 @@ impl Conn {
         );
     }
 
-    /// Reports that `n` bytes of the send from [`Conn::take_send`] on `side` were
+    /// Reports that `n` bytes of the send from [`ActiveSession::take_send`] on `side` were
     /// sent; `buf` is the buffer the operation held (the rest goes next).
     pub fn sent(&mut self, side: Side, buf: Vec<u8>, n: usize) {
-        let leg = &mut self.legs[side.index()];
-        leg.sending = buf;
-        leg.blocked = None;
-        leg.sent += n;
-        if leg.sent >= leg.sending.len() {
-            leg.sending.clear();
-            leg.sent = 0;
+        let sock = &mut self.sockets[side.index()];
+        sock.sending = buf;
+        sock.blocked = None;
+        sock.sent += n;
+        if sock.sent >= sock.sending.len() {
+            sock.sending.clear();
+            sock.sent = 0;
         }
-        self.io.legs[side.index()].in_flight = leg.sending.len() - leg.sent;
+        self.io.legs[side.index()].in_flight = sock.sending.len() - sock.sent;
         if side == Side::Client {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
@@ -499,50 +499,51 @@ impl Conn {
 
     /// The bytes to send next on `side`, moved out for a send operation, with the
     /// offset to send from: the rest of a short send, else everything the session
-    /// queued since. The buffer comes back with [`Conn::sent`] or
-    /// [`Conn::restore_send`]. `None`: nothing to send, or the leg is not ready.
+    /// queued since. The buffer comes back with [`ActiveSession::sent`] or
+    /// [`ActiveSession::restore_send`]. `None`: nothing to send, or the side is not ready.
     pub fn take_send(&mut self, side: Side) -> Option<(Vec<u8>, usize)> {
         let i = side.index();
-        let leg = &mut self.legs[i];
-        if !leg.ready() {
+        let sock = &mut self.sockets[i];
+        if !sock.ready() {
             return None;
         }
-        if leg.sending.is_empty() {
+        if sock.sending.is_empty() {
             let io = &mut self.io.legs[i];
             if io.out.is_empty() {
                 return None;
             }
-            std::mem::swap(&mut leg.sending, &mut io.out);
-            leg.sent = 0;
-            io.in_flight = leg.sending.len();
+            std::mem::swap(&mut sock.sending, &mut io.out);
+            sock.sent = 0;
+            io.in_flight = sock.sending.len();
         }
-        Some((std::mem::take(&mut leg.sending), leg.sent))
+        Some((std::mem::take(&mut sock.sending), sock.sent))
     }
 
     /// A send operation ended without sending (EAGAIN, cancelled): its buffer goes
-    /// back to leg `side`, to be sent next.
+    /// back to side `side`, to be sent next.
     pub fn restore_send(&mut self, side: Side, buf: Vec<u8>) {
-        self.legs[side.index()].sending = buf;
+        self.sockets[side.index()].sending = buf;
     }
 
-    /// Whether the session asked for a receive on `side` (and the leg is ready);
+    /// Whether the session asked for a receive on `side` (and the side is ready);
     /// clears the request.
     pub fn take_recv_request(&mut self, side: Side) -> bool {
-        self.legs[side.index()].ready() && std::mem::take(&mut self.io.legs[side.index()].want_recv)
+        self.sockets[side.index()].ready()
+            && std::mem::take(&mut self.io.legs[side.index()].want_recv)
     }
 
     /// Whether a receive on `side` is wanted (without clearing the request).
     pub fn wants_recv(&self, side: Side) -> bool {
-        self.legs[side.index()].ready() && self.io.legs[side.index()].want_recv
+        self.sockets[side.index()].ready() && self.io.legs[side.index()].want_recv
     }
 
-    /// Shuts down the write side of every leg that asked for it and has drained.
+    /// Shuts down the write side of every socket that asked for it and has drained.
     /// Errors (peer gone) are ignored: the next operation reports them.
     pub fn shutdown_drained(&mut self) {
-        for (leg, io) in self.legs.iter_mut().zip(&self.io.legs) {
-            if io.shutdown_write && !leg.write_shut && leg.ready() && io.unsent() == 0 {
-                leg.write_shut = true;
-                if let Some(fd) = leg.raw() {
+        for (sock, io) in self.sockets.iter_mut().zip(&self.io.legs) {
+            if io.shutdown_write && !sock.write_shut && sock.ready() && io.unsent() == 0 {
+                sock.write_shut = true;
+                if let Some(fd) = sock.raw() {
                     // SAFETY: shutdown(2) on an fd we own; no pointers.
                     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
                 }
@@ -551,25 +552,25 @@ impl Conn {
     }
 
     /// Whether the session is done: close asked for and nothing left to send on any
-    /// ready leg, or aborted, or failed.
+    /// ready socket, or aborted, or failed.
     pub fn finished(&self) -> bool {
         if self.io.abort || self.failed {
             return true;
         }
         self.io.close
             && self
-                .legs
+                .sockets
                 .iter()
                 .zip(&self.io.legs)
-                .all(|(leg, io)| !leg.ready() || io.unsent() == 0)
+                .all(|(sock, io)| !sock.ready() || io.unsent() == 0)
     }
 
-    /// Sets SO_LINGER {on, 0} on every open leg when the session aborted, so that
+    /// Sets SO_LINGER {on, 0} on every open socket when the session aborted, so that
     /// closing them sends RST (the peers see ECONNRESET, not a clean EOF).
     pub fn linger_if_aborting(&mut self) {
         if self.io.abort || self.failed {
-            for leg in &self.legs {
-                if let Some(fd) = &leg.fd {
+            for sock in &self.sockets {
+                if let Some(fd) = &sock.fd {
                     let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
                 }
             }
@@ -607,13 +608,13 @@ impl Conn {
                 if !sctp {
                     set_nodelay(fd.as_raw_fd());
                 }
-                let leg = &mut self.legs[1];
+                let sock = &mut self.sockets[1];
                 if sctp {
-                    leg.set_message();
+                    sock.set_message();
                 }
-                leg.fd = Some(fd);
-                leg.connecting = true;
-                leg.dest = Some(Box::new(addr.into()));
+                sock.fd = Some(fd);
+                sock.connecting = true;
+                sock.dest = Some(Box::new(addr.into()));
                 ConnectStart::Go
             }
             upstream::GetSocket::Wait => {
@@ -622,16 +623,16 @@ impl Conn {
                 ConnectStart::Wait
             }
             upstream::GetSocket::Failed(errno) => {
-                self.legs[1].connecting = true;
+                self.sockets[1].connecting = true;
                 self.complete(Side::Upstream, Completion::Error(errno));
-                self.legs[1].connecting = false;
+                self.sockets[1].connecting = false;
                 ConnectStart::Failed
             }
         }
     }
 }
 
-impl Drop for Conn {
+impl Drop for ActiveSession {
     fn drop(&mut self) {
         if self.many {
             // A one-to-many echo socket takes its associations with it. (For
