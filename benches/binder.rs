@@ -5,6 +5,9 @@
 //!
 //! `cargo bench --bench binder`.
 
+// criterion_group! generates functions without docs.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Duration;

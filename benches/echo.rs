@@ -8,6 +8,9 @@
 //! `cargo bench --bench echo`. The io_uring variant is skipped (with a note on
 //! stderr) when the build lacks the `uring` feature or the kernel refuses a ring.
 
+// criterion_group! generates functions without docs.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench session`.
 
+// criterion_group! generates functions without docs.
+#![allow(missing_docs)]
+
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;

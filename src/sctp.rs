@@ -716,8 +716,8 @@ mod tests {
             assoc: 42,
         };
         let hdr = s.prepare_send(b"x", info, 0);
-        // SAFETY: reading the header we just built.
         #[allow(clippy::unnecessary_cast)] // size_t on glibc, socklen_t on musl
+        // SAFETY: reading the header we just built.
         let (ctl, len) = unsafe { ((*hdr).msg_control, (*hdr).msg_controllen as usize) };
         // SAFETY: the control storage is `len` bytes long.
         let bytes = unsafe { std::slice::from_raw_parts(ctl.cast::<u8>(), len) };
