@@ -19,6 +19,9 @@
 //! - Connections with ops in flight are cancelled (`IORING_OP_ASYNC_CANCEL`) and
 //!   closed only when their last CQE has arrived.
 
+mod probe;
+pub use probe::*;
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -372,7 +375,7 @@ impl Worker {
             udp_bufs: None,
             udp_msghdr,
             many_msghdr,
-            many_multishot: true,
+            many_multishot: probe().as_ref().is_ok_and(|p| p.multishot_recvmsg),
             udp: UdpState::default(),
             udp_by_id: Default::default(),
             udp_starved: Vec::new(),
@@ -381,7 +384,7 @@ impl Worker {
             by_id: Default::default(),
             many_by_id: Default::default(),
             conns: Slab::default(),
-            multishot_accept: true,
+            multishot_accept: probe().as_ref().is_ok_and(|p| p.multishot_accept),
             starved: Vec::new(),
             parked: Vec::new(),
             timers: Timers::default(),
