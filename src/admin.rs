@@ -183,7 +183,8 @@ pub fn render_metrics(server: &Server) -> String {
 }
 
 /// Renders `server`'s listeners as JSON: name, netns, proto, address, action,
-/// state, driver (and, when down, why).
+/// state, driver (and, when down, why); and, under `"io_uring"`, what the io_uring
+/// probe found (see [`io_uring_status`]).
 pub fn render_status(server: &Server) -> String {
     let listeners: Vec<serde_json::Value> = server
         .listeners()
@@ -210,10 +211,28 @@ pub fn render_status(server: &Server) -> String {
         "driver": server.driver().to_string(),
         "workers": server.workers().len(),
         "listeners": listeners,
+        "io_uring": io_uring_status(server),
     });
     let mut s = v.to_string();
     s.push('\n');
     s
+}
+
+/// The `"io_uring"` object of `/status`: the probe's result
+/// ([`crate::driver::uring::UringProbe`]: kernel, setup flags, feature bits,
+/// opcodes, provided-buffer ring, multishot accept/RECVMSG/RECV, bundles) when the
+/// workers run io_uring; `null` when they run epoll.
+pub fn io_uring_status(server: &Server) -> serde_json::Value {
+    #[cfg(feature = "uring")]
+    if server.driver() == crate::driver::DriverKind::Uring {
+        return match crate::driver::uring::probe() {
+            Ok(p) => serde_json::to_value(p).unwrap_or(serde_json::Value::Null),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+    }
+    #[cfg(not(feature = "uring"))]
+    let _ = server;
+    serde_json::Value::Null
 }
 
 struct AdminConn {

@@ -17,6 +17,7 @@ both_drivers!(
     ready_arrives_after_listeners_accept,
     non_root_with_only_its_capabilities,
     explicit_namespace_vanishes_and_returns,
+    status_shows_the_io_uring_probe,
 );
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
@@ -392,6 +393,88 @@ fn explicit_namespace_vanishes_and_returns(driver: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(state("cg"), "serving");
+    assert!(r.stop().success());
+}
+
+/// `GET /status` has a top-level `"io_uring"`: the probe's findings on the io_uring
+/// driver (following `RINGRESS_URING_DISABLE`), `null` on epoll; the other fields
+/// stay.
+fn status_shows_the_io_uring_probe(driver: &str) {
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"s\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let status = || {
+        let (code, body) = Ringress::admin_get(admin, "/status");
+        assert_eq!(code, 200);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let r = Ringress::start(&format!("st-{driver}"), driver, &cfg);
+    let v = status();
+    assert_eq!(v["driver"], driver);
+    assert_eq!(v["workers"], 1);
+    assert_eq!(v["listeners"][0]["name"], "s");
+    if driver == "epoll" {
+        assert!(v["io_uring"].is_null(), "{v}");
+        assert!(r.stop().success());
+        return;
+    }
+    let u = &v["io_uring"];
+    assert!(u.is_object(), "{v}");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(u["kernel"], release.trim(), "{u}");
+    assert!(u["setup"]["single_issuer"].is_boolean(), "{u}");
+    assert!(
+        u["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "NODROP"),
+        "{u}"
+    );
+    assert!(
+        u["opcodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "ACCEPT"),
+        "{u}"
+    );
+    assert_eq!(u["buf_ring"], true, "{u}");
+    for k in [
+        "multishot_accept",
+        "multishot_recvmsg",
+        "multishot_recv",
+        "recv_bundle",
+    ] {
+        assert!(u[k].is_boolean(), "{k}: {u}");
+    }
+    assert!(
+        r.stderr().contains("io = uring: using io_uring"),
+        "{}",
+        r.stderr()
+    );
+    assert!(r.stop().success());
+    // Features turned off by the environment show as absent.
+    let r = Ringress::start_with(
+        &format!("st-{driver}-off"),
+        driver,
+        &cfg,
+        None,
+        &[("RINGRESS_URING_DISABLE", "multishot_accept,defer_taskrun")],
+    );
+    let u = status()["io_uring"].clone();
+    assert_eq!(u["multishot_accept"], false, "{u}");
+    assert_eq!(u["setup"]["defer_taskrun"], false, "{u}");
+    assert_eq!(
+        echo_roundtrip(
+            connect_in(None, SocketAddr::from(([127, 0, 0, 1], port))).unwrap(),
+            b"x"
+        ),
+        b"x"
+    );
     assert!(r.stop().success());
 }
 

@@ -87,12 +87,15 @@ impl fmt::Display for DriverKind {
     }
 }
 
-/// Why io_uring cannot be used here, or `Ok` if a ring can be set up.
+/// Why io_uring cannot be used here, or `Ok` if a ring can be set up and a
+/// provided-buffer ring registered (what every io_uring worker needs). Decided by
+/// [`uring::probe()`], once per process.
 ///
 /// # Errors
 /// A message naming the cause: `/proc/sys/kernel/io_uring_disabled` is 2, the
-/// binary was built without the `uring` feature, or io_uring_setup(2) failed
-/// (ENOSYS: no io_uring in the kernel; EPERM: disabled for this process).
+/// binary was built without the `uring` feature, io_uring_setup(2) failed
+/// (ENOSYS: no io_uring in the kernel; EPERM: disabled for this process), or the
+/// kernel lacks provided-buffer rings (`IORING_REGISTER_PBUF_RING`, Linux 5.19).
 pub fn uring_available() -> Result<(), String> {
     if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         if s.trim() == "2" {
@@ -101,7 +104,14 @@ pub fn uring_available() -> Result<(), String> {
     }
     #[cfg(feature = "uring")]
     {
-        uring::probe_setup().map_err(|e| format!("io_uring_setup failed: {e}"))
+        match uring::probe() {
+            Ok(p) if p.buf_ring => Ok(()),
+            Ok(p) => Err(format!(
+                "kernel {} has no provided-buffer rings (IORING_REGISTER_PBUF_RING, Linux 5.19+)",
+                p.kernel
+            )),
+            Err(e) => Err(e.clone()),
+        }
     }
     #[cfg(not(feature = "uring"))]
     {
@@ -109,20 +119,46 @@ pub fn uring_available() -> Result<(), String> {
     }
 }
 
-/// Resolves the configured choice to a driver. `auto` takes io_uring when a ring can
-/// be set up, else epoll, and logs the choice.
+/// Logs, once per call, what the io_uring driver will use (from the probe).
+#[cfg(feature = "uring")]
+fn log_uring_choice(io: &str) {
+    if let Ok(p) = uring::probe() {
+        tracing::info!(
+            kernel = %p.kernel,
+            setup = %p.setup,
+            multishot_accept = p.multishot_accept,
+            multishot_recvmsg = p.multishot_recvmsg,
+            multishot_recv = p.multishot_recv,
+            recv_bundle = p.recv_bundle,
+            "io = {io}: using io_uring"
+        );
+    }
+}
+
+/// Resolves the configured choice to a driver. `auto` takes io_uring when
+/// [`uring_available`], else epoll. When io_uring is chosen, one info line says
+/// what of it will be used (setup flags, multishot accept/RECVMSG/RECV, bundles,
+/// kernel); `auto` choosing epoll logs why.
 ///
 /// # Errors
 /// `io = "uring"` where io_uring is unavailable: the cause, and a hint to use epoll.
 pub fn resolve(choice: IoChoice) -> Result<DriverKind, String> {
     match choice {
         IoChoice::Epoll => Ok(DriverKind::Epoll),
-        IoChoice::Uring => uring_available().map(|_| DriverKind::Uring).map_err(|e| {
-            format!("io = \"uring\" but {e}; use io = \"epoll\" (or --io epoll, or io = \"auto\")")
-        }),
+        IoChoice::Uring => match uring_available() {
+            Ok(()) => {
+                #[cfg(feature = "uring")]
+                log_uring_choice("uring");
+                Ok(DriverKind::Uring)
+            }
+            Err(e) => Err(format!(
+                "io = \"uring\" but {e}; use io = \"epoll\" (or --io epoll, or io = \"auto\")"
+            )),
+        },
         IoChoice::Auto => match uring_available() {
             Ok(()) => {
-                tracing::info!("io = auto: using io_uring");
+                #[cfg(feature = "uring")]
+                log_uring_choice("auto");
                 Ok(DriverKind::Uring)
             }
             Err(e) => {
@@ -254,11 +290,11 @@ fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<W
             match kind {
                 #[cfg(feature = "uring")]
                 DriverKind::Uring => {
-                    let choice = uring::UringChoice {
-                        multishot_accept: true,
-                        multishot_recvmsg: true,
+                    let make = || match uring::probe() {
+                        Ok(p) => uring::UringBackend::new(p),
+                        Err(e) => Err(io::Error::other(e.clone())),
                     };
-                    worker::serve(|| uring::UringBackend::new(choice), ctx, ready_tx)
+                    worker::serve(make, ctx, ready_tx)
                 }
                 #[cfg(not(feature = "uring"))]
                 DriverKind::Uring => {

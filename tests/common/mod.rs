@@ -421,6 +421,8 @@ pub struct Upstream {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The address it listens on (the port the kernel chose for port 0).
+    pub addr: SocketAddr,
 }
 
 impl Upstream {
@@ -431,6 +433,7 @@ impl Upstream {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let l = listen_in(ns, addr, 4096);
         l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let accepted = std::sync::Arc::new(AtomicUsize::new(0));
         let (s2, a2) = (stop.clone(), accepted.clone());
@@ -454,6 +457,7 @@ impl Upstream {
             stop,
             thread: Some(thread),
             accepted,
+            addr,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The io_uring backend: one ring per worker, never shared.
 //!
-//! - Setup flags: `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1), else
-//!   `SINGLE_ISSUER | COOP_TASKRUN` (6.0), else `COOP_TASKRUN` (5.19), else none.
+//! - What the kernel offers is probed once per process ([`probe()`]): setup flags
+//!   (`SINGLE_ISSUER | DEFER_TASKRUN`, 6.1, else the best the kernel takes),
+//!   multishot accept and multishot RECVMSG; every ring is built from that.
 //! - [`Op::Accept`]: `IORING_OP_ACCEPT` multishot (5.19) with `SOCK_NONBLOCK |
 //!   SOCK_CLOEXEC`, single-shot where the kernel lacks multishot.
 //! - [`Op::Recv`]: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
@@ -26,6 +27,9 @@
 //! buffer rings and the ring are leaked, never freed.
 
 mod bufring;
+mod probe;
+
+pub use probe::*;
 
 use std::collections::VecDeque;
 use std::io;
@@ -69,71 +73,6 @@ const UD_LINK_TIMEOUT: u8 = 0xfd;
 /// Operations whose memory was leaked because a backend ended with them in flight
 /// (count, process-wide).
 pub static LEAKED_OPS: AtomicU64 = AtomicU64::new(0);
-
-/// The setup flags chosen, for logs.
-#[derive(Debug, Clone, Copy)]
-pub struct RingFeatures {
-    /// `IORING_SETUP_SINGLE_ISSUER` (6.0).
-    pub single_issuer: bool,
-    /// `IORING_SETUP_DEFER_TASKRUN` (6.1).
-    pub defer_taskrun: bool,
-    /// `IORING_SETUP_COOP_TASKRUN` (5.19).
-    pub coop_taskrun: bool,
-}
-
-/// Builds a ring with the best setup flags this kernel takes.
-///
-/// With the environment variable `RINGRESS_URING_SETUP=plain` no setup flag is
-/// tried (for tests and debugging: the flavour in which an SCTP accept completes
-/// with EINTR most often).
-///
-/// # Errors
-/// io_uring_setup(2) failed even with no flags (ENOSYS, EPERM, ENOMEM).
-pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
-    let attempts: [(bool, bool, bool); 4] = [
-        (true, true, false),
-        (true, false, true),
-        (false, false, true),
-        (false, false, false),
-    ];
-    let plain = std::env::var_os("RINGRESS_URING_SETUP").is_some_and(|v| v == "plain");
-    let attempts = if plain { &attempts[3..] } else { &attempts[..] };
-    let mut last = None;
-    for &(si, dt, coop) in attempts {
-        let mut b = IoUring::builder();
-        if si {
-            b.setup_single_issuer();
-        }
-        if dt {
-            b.setup_defer_taskrun();
-        }
-        if coop {
-            b.setup_coop_taskrun();
-        }
-        match b.build(entries) {
-            Ok(r) => {
-                return Ok((
-                    r,
-                    RingFeatures {
-                        single_issuer: si,
-                        defer_taskrun: dt,
-                        coop_taskrun: coop,
-                    },
-                ))
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::other("io_uring_setup failed")))
-}
-
-/// Sets up (and drops) a small ring, to tell whether io_uring is usable.
-///
-/// # Errors
-/// The io_uring_setup(2) error.
-pub fn probe_setup() -> io::Result<()> {
-    IoUring::new(4).map(drop)
-}
 
 /// One operation in flight: its token and the memory its SQE points at.
 struct UOp {
@@ -181,23 +120,15 @@ pub struct UringBackend {
     pub fail_wait: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
-/// The answers the io_uring probe gave, as the backend uses them.
-#[derive(Debug, Clone, Copy)]
-pub struct UringChoice {
-    /// Multishot accept (5.19).
-    pub multishot_accept: bool,
-    /// Multishot RECVMSG (6.0).
-    pub multishot_recvmsg: bool,
-}
-
 impl UringBackend {
-    /// A ring with the best setup flags and a provided-buffer ring.
+    /// A ring with the setup flags the probe chose, a provided-buffer ring, and
+    /// the probe's answers on multishot accept and RECVMSG.
     ///
     /// # Errors
     /// io_uring_setup(2) failed, or registering the buffer ring failed (Linux
     /// before 5.19).
-    pub fn new(choice: UringChoice) -> io::Result<UringBackend> {
-        let (ring, _feat) = build_ring(RING_ENTRIES)?;
+    pub fn new(p: &UringProbe) -> io::Result<UringBackend> {
+        let ring = p.setup.builder().build(RING_ENTRIES)?;
         let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -222,8 +153,8 @@ impl UringBackend {
                 overflow: VecDeque::new(),
                 bounds: Vec::new(),
             }),
-            multishot_accept: choice.multishot_accept,
-            multishot_recvmsg: choice.multishot_recvmsg,
+            multishot_accept: p.multishot_accept,
+            multishot_recvmsg: p.multishot_recvmsg,
             aux: 0,
             done: Vec::new(),
             unpublished: false,

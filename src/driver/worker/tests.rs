@@ -62,7 +62,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
 #[cfg(feature = "uring")]
 #[test]
 fn uring_enter_error_leaks_in_flight_memory_and_reports_the_worker() {
-    use crate::driver::uring::{UringBackend, UringChoice, LEAKED_OPS};
+    use crate::driver::uring::{probe, UringBackend, LEAKED_OPS};
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let (ctx, tx, wake_fd, _stats) = ctx();
     let fail = Arc::new(AtomicBool::new(false));
@@ -73,11 +73,7 @@ fn uring_enter_error_leaks_in_flight_memory_and_reports_the_worker() {
     let leaked_before = LEAKED_OPS.load(Relaxed);
     let worker = std::thread::spawn(move || {
         // A backend is not Send (its operations point into it): made where it runs.
-        let mut backend = UringBackend::new(UringChoice {
-            multishot_accept: true,
-            multishot_recvmsg: true,
-        })
-        .expect("io_uring");
+        let mut backend = UringBackend::new(probe().as_ref().expect("io_uring")).expect("io_uring");
         backend.fail_wait = Some(fail2);
         let mut w = Worker::new(backend, ctx);
         let r = w.run();
@@ -117,7 +113,7 @@ fn uring_enter_error_leaks_in_flight_memory_and_reports_the_worker() {
 #[test]
 fn a_failed_backend_marks_the_worker_failed() {
     use super::serve;
-    use crate::driver::uring::{UringBackend, UringChoice};
+    use crate::driver::uring::{probe, UringBackend};
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let (ctx, _tx, wake_fd, stats) = ctx();
     let fail = Arc::new(AtomicBool::new(true));
@@ -125,10 +121,7 @@ fn a_failed_backend_marks_the_worker_failed() {
     let t = std::thread::spawn(move || {
         serve(
             || {
-                let mut b = UringBackend::new(UringChoice {
-                    multishot_accept: true,
-                    multishot_recvmsg: true,
-                })?;
+                let mut b = UringBackend::new(probe().as_ref().expect("io_uring"))?;
                 b.fail_wait = Some(fail);
                 Ok(b)
             },
@@ -178,10 +171,9 @@ fn shutdown_ends_every_operation_on_both_backends() {
     check(|| crate::driver::epoll::EpollBackend::new().expect("epoll"));
     #[cfg(feature = "uring")]
     check(|| {
-        crate::driver::uring::UringBackend::new(crate::driver::uring::UringChoice {
-            multishot_accept: true,
-            multishot_recvmsg: true,
-        })
+        crate::driver::uring::UringBackend::new(
+            crate::driver::uring::probe().as_ref().expect("io_uring"),
+        )
         .expect("io_uring")
     });
 }
