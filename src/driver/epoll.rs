@@ -726,7 +726,7 @@ fn step_message_side(c: &mut EConn, side: Side, scratch: &mut [u8]) -> usize {
     c.conn.shutdown_drained();
     if c.ready[i].0 && c.conn.wants_recv(side) {
         ops += 1;
-        let Some(space) = c.conn.legs[i].msg.as_mut() else {
+        let Some(space) = c.conn.legs[i].recv_hdr.as_mut() else {
             return ops;
         };
         match crate::sctp::recv(fd, scratch, space) {

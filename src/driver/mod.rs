@@ -50,7 +50,7 @@ pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
 use crate::proto::{
     Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side,
 };
-use crate::sctp::{MsgInfo, MsgSpace};
+use crate::sctp::{MsgInfo, RecvHeader, SendHeader};
 pub use upstream::UpstreamSet;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
@@ -574,9 +574,11 @@ pub(crate) struct Leg {
     /// The connect destination; boxed so that its address stays put while an
     /// io_uring CONNECT SQE points at it.
     pub dest: Option<Box<socket2::SockAddr>>,
-    /// SCTP: the socket carries whole messages; its recvmsg/sendmsg headers and
-    /// control buffers, boxed so that io_uring SQEs may point at them.
-    pub msg: Option<Box<MsgSpace>>,
+    /// SCTP: the socket carries whole messages; its recvmsg header and control
+    /// buffer, boxed so that an io_uring SQE may point at them.
+    pub recv_hdr: Option<Box<RecvHeader>>,
+    /// SCTP: its sendmsg header and control buffer, boxed likewise.
+    pub send_hdr: Option<Box<SendHeader>>,
     /// SCTP: the message being sent (stays put until its send completes).
     pub sending_msg: Option<OutMessage>,
     /// Since when, and how many times in a row, a send found no room (EAGAIN).
@@ -592,7 +594,8 @@ impl Leg {
             write_shut: false,
             connecting: false,
             dest: None,
-            msg: None,
+            recv_hdr: None,
+            send_hdr: None,
             sending_msg: None,
             blocked: None,
         }
@@ -716,7 +719,8 @@ impl Conn {
         };
         let mut client = Leg::new(Some(fd));
         if sctp {
-            client.msg = Some(MsgSpace::new());
+            client.recv_hdr = Some(RecvHeader::new());
+            client.send_hdr = Some(SendHeader::new());
         }
         let mut c = Conn {
             legs: [client, Leg::new(None)],
@@ -798,7 +802,7 @@ impl Conn {
 
     /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
     pub fn is_message_leg(&self, side: Side) -> bool {
-        self.legs[side.index()].msg.is_some()
+        self.legs[side.index()].recv_hdr.is_some()
     }
 
     /// Reports a receive on an SCTP leg: `n` bytes of `data` with recvmsg `flags`
@@ -828,28 +832,28 @@ impl Conn {
         buf: *mut u8,
         len: usize,
     ) -> Option<*mut libc::msghdr> {
-        let m = self.legs[side.index()].msg.as_mut()?;
-        Some(m.prepare_recv(buf, len))
+        let m = self.legs[side.index()].recv_hdr.as_mut()?;
+        Some(m.prepare(buf, len))
     }
 
     #[cfg(feature = "uring")]
     /// `(flags, info)` of the last receive on SCTP leg `side`.
     pub fn received(&self, side: Side) -> (i32, MsgInfo) {
         self.legs[side.index()]
-            .msg
+            .recv_hdr
             .as_ref()
             .map_or((0, MsgInfo::default()), |m| m.received())
     }
 
     /// Calls `f` with the next message to send on SCTP leg `side` (its bytes,
-    /// stream/PPID/association, `snd_flags`) and the leg's header space, taking it
+    /// stream/PPID/association, `snd_flags`) and the leg's send header, taking it
     /// from the session's queue if none is being sent. The message stays put until
     /// [`Conn::message_sent`] or [`Conn::send_failed`]. `None`: nothing to send or
     /// the leg is not ready.
     pub fn with_next_message<R>(
         &mut self,
         side: Side,
-        f: impl FnOnce(&[u8], MsgInfo, u16, &mut MsgSpace) -> R,
+        f: impl FnOnce(&[u8], MsgInfo, u16, &mut SendHeader) -> R,
     ) -> Option<R> {
         let i = side.index();
         let leg = &mut self.legs[i];
@@ -863,7 +867,7 @@ impl Conn {
             io.in_flight = m.data.len();
             leg.sending_msg = Some(m);
         }
-        let (Some(m), Some(space)) = (&leg.sending_msg, leg.msg.as_mut()) else {
+        let (Some(m), Some(space)) = (&leg.sending_msg, leg.send_hdr.as_mut()) else {
             return None;
         };
         Some(f(&m.data, m.info, m.flags, space))
@@ -1136,7 +1140,8 @@ impl Conn {
                 }
                 let leg = &mut self.legs[1];
                 if sctp {
-                    leg.msg = Some(MsgSpace::new());
+                    leg.recv_hdr = Some(RecvHeader::new());
+                    leg.send_hdr = Some(SendHeader::new());
                 }
                 leg.fd = Some(fd);
                 leg.connecting = true;

@@ -1162,7 +1162,7 @@ impl Worker {
                     // The header, its control buffer and the message stay put in
                     // the leg until the CQE (Conn::with_next_message).
                     let hdr = c.conn.with_next_message(side, |data, info, flags, space| {
-                        space.prepare_send(data, info, flags)
+                        space.prepare(data, info, flags)
                     });
                     if let Some(hdr) = hdr {
                         let mut e = opcode::SendMsg::new(fd, hdr)

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use ringress::sctp::{MsgInfo, MsgSpace, SocketOpts, Style};
+use ringress::sctp::{MsgInfo, RecvHeader, SendHeader, SocketOpts, Style};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::histogram::Histogram;
@@ -79,9 +79,11 @@ struct Worker {
     retry: Vec<usize>,
     /// The index (over all threads) of this worker's slot 0: slot + first = `i`.
     first: usize,
-    /// SCTP: the msghdr, iovec and control room of the one sendmsg or recvmsg in
-    /// flight (each completes before the next, so one per thread).
-    space: Box<MsgSpace>,
+    /// SCTP: the msghdr, iovec and control room of the recvmsg and of the sendmsg
+    /// in flight (each completes before the next, so one of each per thread; made
+    /// by the load thread itself, as they are not `Send`).
+    recv_hdr: Box<RecvHeader>,
+    send_hdr: Box<SendHeader>,
 }
 
 /// What to do with a connection after driving it.
@@ -252,26 +254,33 @@ pub(crate) fn run(args: &Args) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let w = Worker {
-            args: args.clone(),
-            epoll,
-            conns: (0..share).map(|_| None).collect(),
-            payload: payload.clone(),
+        let (args, payload) = (args.clone(), payload.clone());
+        // The worker is made in its load thread (its SCTP headers are not `Send`).
+        let work = move || {
             // SCTP: room for a whole notification too (they are < 200 bytes).
-            rbuf: vec![
+            let rbuf = vec![
                 0u8;
                 args.size
                     .clamp(if args.sctp { 1024 } else { 1 }, 256 * 1024)
-            ],
-            hist: Histogram::new(),
-            counters: Counters::default(),
-            measure_from,
-            retry: Vec::new(),
-            first,
-            space: MsgSpace::new(),
+            ];
+            Worker {
+                args,
+                epoll,
+                conns: (0..share).map(|_| None).collect(),
+                payload,
+                rbuf,
+                hist: Histogram::new(),
+                counters: Counters::default(),
+                measure_from,
+                retry: Vec::new(),
+                first,
+                recv_hdr: RecvHeader::new(),
+                send_hdr: SendHeader::new(),
+            }
+            .run(deadline)
         };
         first += share;
-        match spawn_load(t, move || w.run(deadline)) {
+        match spawn_load(t, work) {
             Ok(j) => joins.push(j),
             Err(code) => return code,
         }

@@ -75,7 +75,7 @@ impl Worker {
         let size = self.payload.len();
         loop {
             if c.wpos < size {
-                match sctp::send(fd, &self.payload, c.info, 0, &mut self.space) {
+                match sctp::send(fd, &self.payload, c.info, 0, &mut self.send_hdr) {
                     Ok(n) if n == size => c.wpos = size,
                     Ok(n) => {
                         return Outcome::Failed(format!(
@@ -90,7 +90,7 @@ impl Worker {
             }
             // Read the echo, piece by piece, up to MSG_EOR.
             loop {
-                let (n, flags, info) = match sctp::recv(fd, &mut self.rbuf, &mut self.space) {
+                let (n, flags, info) = match sctp::recv(fd, &mut self.rbuf, &mut self.recv_hdr) {
                     Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Ok,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
