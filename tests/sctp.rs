@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ringress::binder::SocketSpec;
-use ringress::sctp::{self, MsgInfo, MsgSpace, Notification, SocketOpts, Style};
+use ringress::sctp::{self, MsgInfo, Notification, RecvHeader, SendHeader, SocketOpts, Style};
 use socket2::Socket;
 
 /// Defines `uring::NAME` and `epoll::NAME` tests calling `NAME(driver)` where SCTP
@@ -155,10 +155,12 @@ fn sctp_connect(ns: Option<&TempNetns>, addr: SocketAddr) -> std::io::Result<Soc
     Ok(s)
 }
 
-/// A peer's SCTP socket and its header space.
+/// A peer's SCTP socket and its recvmsg and sendmsg headers (made by the thread
+/// that uses them: they are not `Send`).
 struct Peer {
     s: Socket,
-    space: Box<MsgSpace>,
+    recv_hdr: Box<RecvHeader>,
+    send_hdr: Box<SendHeader>,
 }
 
 /// What [`Peer::recv`] got.
@@ -175,7 +177,8 @@ impl Peer {
     fn new(s: Socket) -> Peer {
         Peer {
             s,
-            space: MsgSpace::new(),
+            recv_hdr: RecvHeader::new(),
+            send_hdr: SendHeader::new(),
         }
     }
 
@@ -187,7 +190,7 @@ impl Peer {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match sctp::send(self.s.as_raw_fd(), data, info, 0, &mut self.space) {
+            match sctp::send(self.s.as_raw_fd(), data, info, 0, &mut self.send_hdr) {
                 Ok(n) => {
                     assert_eq!(n, data.len(), "SCTP sends whole messages");
                     return;
@@ -208,7 +211,7 @@ impl Peer {
         let mut buf = vec![0u8; 64 * 1024];
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match sctp::recv(self.s.as_raw_fd(), &mut buf, &mut self.space) {
+            match sctp::recv(self.s.as_raw_fd(), &mut buf, &mut self.recv_hdr) {
                 Ok((0, _, _)) => return Got::Shutdown,
                 Ok((n, flags, _)) if flags & sctp::MSG_NOTIFICATION != 0 => {
                     match Notification::parse(&buf[..n]) {
@@ -408,7 +411,7 @@ fn thousand_messages_over_eight_streams(driver: &str) {
                 0x5000_0000 + i,
             );
         }
-        w
+        w.s // kept open until the reader is done
     });
     let mut rd = Peer::new(reader);
     let mut seen = vec![false; N as usize];
@@ -516,7 +519,7 @@ fn slow_reader_on(driver: &str, style: &str) {
         for i in 0..N {
             w.send(&payload(SIZE, i as u64), (i % 4) as u16, i);
         }
-        w
+        w.s // kept open until the reader is done
     });
     // Read nothing for a while: the server's send buffer and our receive
     // buffer fill up, and its sends have to wait.
@@ -590,13 +593,13 @@ fn one_to_many_stalled_association_is_aborted(driver: &str) {
     let bad = sctp_connect(Some(&ns), addr).unwrap();
     let bad_reader = bad.try_clone().unwrap();
     let flood = std::thread::spawn(move || {
-        let mut space = MsgSpace::new();
+        let mut hdr = SendHeader::new();
         let data = payload(100 * 1024, 3);
         let info = MsgInfo::default();
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut sent = 0;
         while Instant::now() < deadline && sent < 200 {
-            match sctp::send(bad.as_raw_fd(), &data, info, 0, &mut space) {
+            match sctp::send(bad.as_raw_fd(), &data, info, 0, &mut hdr) {
                 Ok(_) => sent += 1,
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     let _ = wait_fd(bad.as_raw_fd(), libc::POLLOUT, 1);

@@ -291,7 +291,7 @@ impl EpollBackend {
                 let buf = &mut self.pools[0].bufs[usize::from(id)];
                 // A short read ends a message, not the socket's queue: only EAGAIN
                 // clears readability.
-                match crate::sctp::recv_with(fd, buf, hdr) {
+                match crate::sctp::recv(fd, buf, hdr) {
                     Ok((n, flags, info)) => {
                         let b = (n > 0).then_some(buf_ref(GROUP_STREAM, id, 0, n));
                         if b.is_none() {
@@ -328,7 +328,7 @@ impl EpollBackend {
                 // A message goes whole and "writable" only means "some room": a
                 // send that finds no room ends with EAGAIN (the worker backs off)
                 // instead of waiting for an edge that may not mean enough room.
-                let r = crate::sctp::send_with(fd, &msg.data, msg.info, msg.flags, hdr);
+                let r = crate::sctp::send(fd, &msg.data, msg.info, msg.flags, hdr);
                 match r {
                     Ok(n) => self.finish(k, n as i32, None, Meta::None),
                     Err(e) => {
@@ -463,7 +463,7 @@ impl EpollBackend {
                 }
                 MultiKind::SctpMany => {
                     let mut hdr = crate::sctp::RecvHeader::new();
-                    crate::sctp::recv_with(fd, buf, &mut hdr)
+                    crate::sctp::recv(fd, buf, &mut hdr)
                         .map(|(n, flags, info)| (n, Meta::Message { flags, info }))
                 }
             };

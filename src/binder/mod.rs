@@ -1,0 +1,435 @@
+//! The binder thread: the only thread that calls setns(2).
+//!
+//! A network namespace matters only when a socket is created; once the fd exists it
+//! stays in its namespace, and any thread may accept, read and write on it. So one
+//! thread creates every namespace-scoped socket: it enters the target namespace,
+//! creates the sockets with socket2, enters the root namespace again, and replies
+//! with the fds. Workers never change namespace.
+//!
+//! Invariants:
+//! - after every request the binder thread is back in the namespace the process
+//!   started in (the "root" namespace); it checks the namespace inode of
+//!   `/proc/thread-self/ns/net` after each switch back, and if the switch back fails
+//!   or the inode differs it **aborts the process** rather than go on creating
+//!   sockets in the wrong namespace;
+//! - namespace fds are opened once and cached by path; a cached fd is closed when
+//!   it has not been used for [`NS_CACHE_IDLE`], when the file at that path now
+//!   names another namespace (it was deleted and re-created), and on
+//!   [`Binder::forget`].
+//!
+//! Sockets are created with `SOCK_NONBLOCK | SOCK_CLOEXEC` using socket(2), not
+//! IORING_OP_SOCKET: an io_uring op punted to an io-wq worker spawned before a
+//! setns() would create the socket in the worker's old namespace (seen on Linux 6.1
+//! and 6.18).
+//!
+//! Files: `mod.rs` holds the thread, its requests and the setns guard; `spec.rs`
+//! says what sockets to make and makes them ([`SocketSpec`], [`ClientProto`]);
+//! `pool.rs` keeps upstream client sockets made ahead of time and refills them
+//! ([`SocketPool`]).
+
+mod pool;
+mod spec;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+
+use crate::netns;
+
+pub use self::pool::SocketPool;
+use self::spec::create_sockets;
+pub use self::spec::{udp_socket, ClientProto, SocketSpec};
+
+/// How long an unused namespace fd stays cached before the binder closes it.
+pub const NS_CACHE_IDLE: Duration = Duration::from_secs(30);
+
+/// Where a socket is to be created: `None` is the namespace ringress started in.
+pub type NetnsPath = Option<PathBuf>;
+
+/// A failed binder request. Its message names the listener, the step, the address,
+/// the namespace and the errno, e.g.
+/// `listener alpha: bind [::]:8080 in netns ns-alpha: Address already in use (os error 98)`.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener}: {step} {addr} in netns {netns}: {source}")]
+pub struct BindError {
+    /// The listener (or client) the socket was for.
+    pub listener: String,
+    /// The step that failed: "enter", "socket", "setsockopt", "bind", "listen".
+    pub step: &'static str,
+    /// The socket address concerned.
+    pub addr: SocketAddr,
+    /// The namespace label ("root" for the start namespace).
+    pub netns: String,
+    /// The OS error, errno kept.
+    #[source]
+    pub source: io::Error,
+}
+
+impl BindError {
+    /// The errno of the failure, when it came from the OS.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+struct Request {
+    owner: String,
+    netns_label: String,
+    netns: NetnsPath,
+    spec: SocketSpec,
+    reply: mpsc::SyncSender<Result<Vec<OwnedFd>, BindError>>,
+}
+
+/// Called by the binder with the socket a peel-off produced (or its error).
+pub type PeelReply = Box<dyn FnOnce(io::Result<OwnedFd>) + Send>;
+
+enum Msg {
+    Create(Request),
+    /// Peel association `assoc` off one-to-many socket `fd` (a dup) in `netns`.
+    Peeloff {
+        netns: Option<PathBuf>,
+        fd: OwnedFd,
+        assoc: i32,
+        reply: PeelReply,
+    },
+    Forget(PathBuf),
+    /// Fill a pool; reply when asked to (synchronous fill).
+    Fill(
+        Arc<SocketPool>,
+        Option<mpsc::SyncSender<Result<(), BindError>>>,
+    ),
+}
+
+/// Handle to the binder thread. Cloning is cheap; the thread ends when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Binder {
+    tx: mpsc::Sender<Msg>,
+    tid: i32,
+    root_inode: u64,
+}
+
+impl fmt::Debug for Binder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binder").field("tid", &self.tid).finish()
+    }
+}
+
+impl Binder {
+    /// Starts the binder thread ("ringress-binder"). The namespace of the calling
+    /// thread becomes the root namespace that the binder always returns to.
+    ///
+    /// # Errors
+    /// Opening `/proc/thread-self/ns/net` failed, or the thread could not be spawned.
+    pub fn start() -> io::Result<Binder> {
+        let root = File::open("/proc/thread-self/ns/net")?;
+        let root_inode = root.metadata()?.ino();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("ringress-binder".into())
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                let mut state = BinderState {
+                    root,
+                    root_inode,
+                    cache: HashMap::new(),
+                };
+                // The thread starts in its parent's namespace; make sure it is the root.
+                state.return_to_root();
+                loop {
+                    match rx.recv_timeout(NS_CACHE_IDLE) {
+                        Ok(Msg::Create(req)) => {
+                            let result = state.serve(&req);
+                            let _ = req.reply.send(result);
+                        }
+                        Ok(Msg::Peeloff {
+                            netns,
+                            fd,
+                            assoc,
+                            reply,
+                        }) => {
+                            reply(state.peeloff(netns.as_deref(), &fd, assoc));
+                        }
+                        Ok(Msg::Forget(path)) => {
+                            state.cache.remove(&path);
+                        }
+                        Ok(Msg::Fill(pool, reply)) => {
+                            let r = state.fill(&pool);
+                            if let Some(reply) = reply {
+                                let _ = reply.send(r);
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    let now = Instant::now();
+                    state
+                        .cache
+                        .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
+                }
+            })?;
+        let tid = tid_rx
+            .recv()
+            .map_err(|_| io::Error::other("binder thread died at start"))?;
+        Ok(Binder {
+            tx,
+            tid,
+            root_inode,
+        })
+    }
+
+    /// Thread id of the binder thread (for `/proc/self/task/TID/ns/net` checks).
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Inode of the root network namespace, the one the binder returns to.
+    pub fn root_inode(&self) -> u64 {
+        self.root_inode
+    }
+
+    /// Creates the sockets of `spec` in namespace `netns` (a namespace file, or
+    /// `None` for the root namespace) for `owner` (a listener name, used in errors).
+    /// `netns_label` is how the namespace is named in errors ("root" if `None`).
+    ///
+    /// Blocks until the binder answers.
+    ///
+    /// # Errors
+    /// A [`BindError`] naming owner, step, address, namespace and errno. On error no
+    /// socket of the request stays open.
+    pub fn create(
+        &self,
+        owner: &str,
+        netns: Option<&Path>,
+        netns_label: &str,
+        spec: SocketSpec,
+    ) -> Result<Vec<OwnedFd>, BindError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let addr = spec.addr();
+        let gone = |step| BindError {
+            listener: owner.to_string(),
+            step,
+            addr,
+            netns: netns_label.to_string(),
+            source: io::Error::other("binder thread is gone"),
+        };
+        self.tx
+            .send(Msg::Create(Request {
+                owner: owner.to_string(),
+                netns_label: netns_label.to_string(),
+                netns: netns.map(Path::to_path_buf),
+                spec,
+                reply,
+            }))
+            .map_err(|_| gone("request"))?;
+        rx.recv().map_err(|_| gone("reply"))?
+    }
+
+    /// Asks the binder to branch association `assoc` of one-to-many SCTP socket
+    /// `fd` (a duplicate; the binder closes it) off into a one-to-one socket, inside
+    /// namespace file `netns` (`None`: the root namespace): Linux refuses a
+    /// peel-off from another namespace than the socket's (EINVAL). `reply` gets the
+    /// new socket on the binder thread. Never blocks.
+    ///
+    /// # Errors
+    /// Through `reply`: entering the namespace or the peel-off failed (EINVAL: no
+    /// such association any more), or the binder is gone.
+    pub fn peel_off(&self, netns: Option<PathBuf>, fd: OwnedFd, assoc: i32, reply: PeelReply) {
+        if let Err(mpsc::SendError(Msg::Peeloff { reply, .. })) = self.tx.send(Msg::Peeloff {
+            netns,
+            fd,
+            assoc,
+            reply,
+        }) {
+            reply(Err(io::Error::other("binder thread is gone")));
+        }
+    }
+
+    /// Drops the cached fd of namespace file `path`, if any (when its last user is
+    /// gone, or it was deleted).
+    pub fn forget(&self, path: &Path) {
+        let _ = self.tx.send(Msg::Forget(path.to_path_buf()));
+    }
+}
+
+struct CachedNs {
+    file: File,
+    dev: u64,
+    ino: u64,
+    last_used: Instant,
+}
+
+struct BinderState {
+    root: File,
+    root_inode: u64,
+    cache: HashMap<PathBuf, CachedNs>,
+}
+
+impl BinderState {
+    fn serve(&mut self, req: &Request) -> Result<Vec<OwnedFd>, BindError> {
+        let addr = req.spec.addr();
+        let err = |step: &'static str, source: io::Error| BindError {
+            listener: req.owner.clone(),
+            step,
+            addr,
+            netns: req.netns_label.clone(),
+            source,
+        };
+        self.in_netns(req.netns.as_deref(), || create_sockets(&req.spec))
+            .map_err(|(s, e)| err(s, e))
+    }
+
+    /// Runs `f` inside namespace file `netns` (`None`: here, the root namespace)
+    /// and returns to the root namespace afterwards (or aborts the process).
+    ///
+    /// # Errors
+    /// `("enter", errno)` when the namespace cannot be opened or entered; else
+    /// `f`'s error.
+    fn in_netns<T>(
+        &mut self,
+        netns: Option<&Path>,
+        f: impl FnOnce() -> Result<T, (&'static str, io::Error)>,
+    ) -> Result<T, (&'static str, io::Error)> {
+        let Some(path) = netns else {
+            return f();
+        };
+        let ns = self.namespace(path).map_err(|e| ("enter", e))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| ("enter", e.into()))?;
+        let result = f();
+        self.return_to_root();
+        result
+    }
+
+    /// Peels `assoc` off `fd` from inside `netns`, then returns to the root.
+    fn peeloff(&mut self, netns: Option<&Path>, fd: &OwnedFd, assoc: i32) -> io::Result<OwnedFd> {
+        let step = format!("peel off association {assoc} in");
+        self.in_netns(netns, || {
+            crate::sctp::peeloff(fd.as_raw_fd(), assoc).map_err(|e| ("peel off", e))
+        })
+        .map_err(|(s, e)| {
+            let step = if s == "enter" { "enter" } else { step.as_str() };
+            let place = netns.map_or_else(|| "root".into(), |p| p.display().to_string());
+            io::Error::new(e.kind(), format!("{step} {place}: {e}"))
+        })
+    }
+
+    /// The cached fd of namespace file `path`, (re)opened when the file now names
+    /// another namespace than the cached one.
+    fn namespace(&mut self, path: &Path) -> io::Result<&File> {
+        let meta = std::fs::metadata(path)?;
+        let fresh = match self.cache.get(path) {
+            Some(c) => c.dev != meta.dev() || c.ino != meta.ino(),
+            None => true,
+        };
+        if fresh {
+            let file = netns::open_netns(path)?;
+            let m = file.metadata()?;
+            self.cache.insert(
+                path.to_path_buf(),
+                CachedNs {
+                    file,
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    last_used: Instant::now(),
+                },
+            );
+        }
+        let c = self.cache.get_mut(path).expect("inserted above");
+        c.last_used = Instant::now();
+        Ok(&c.file)
+    }
+
+    /// Enters the root namespace again, or aborts the process.
+    fn return_to_root(&self) {
+        if let Err(e) = setns(self.root.as_fd(), CloneFlags::CLONE_NEWNET) {
+            tracing::error!(error = %e, "binder: cannot return to the root network namespace; aborting");
+            std::process::abort();
+        }
+        match netns::current_netns_inode() {
+            Ok(ino) if ino == self.root_inode => {}
+            other => {
+                tracing::error!(
+                    ?other,
+                    expected = self.root_inode,
+                    "binder: not in the root network namespace after setns; aborting"
+                );
+                std::process::abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_namespace_listener_and_port_in_use() {
+        let b = Binder::start().unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let fds = b
+            .create(
+                "t",
+                None,
+                "root",
+                SocketSpec::TcpListeners {
+                    addr,
+                    backlog: 16,
+                    count: 2,
+                },
+            )
+            .unwrap();
+        assert_eq!(fds.len(), 2);
+        // A plain (non-reuseport) socket on a used port gives EADDRINUSE with context.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let used = l.local_addr().unwrap();
+        let e = b
+            .create(
+                "alpha",
+                None,
+                "root",
+                SocketSpec::TcpListeners {
+                    addr: used,
+                    backlog: 16,
+                    count: 1,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EADDRINUSE));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("listener alpha: bind {used} in netns root: ")),
+            "{msg}"
+        );
+        assert_eq!(netns::thread_netns_inode(b.tid()).unwrap(), b.root_inode());
+    }
+
+    #[test]
+    fn missing_namespace_is_an_enter_error() {
+        let b = Binder::start().unwrap();
+        let e = b
+            .create(
+                "x",
+                Some(Path::new("/run/netns/ringress-binder-test-missing")),
+                "ringress-binder-test-missing",
+                SocketSpec::TcpClient {
+                    family_of: "127.0.0.1:1".parse().unwrap(),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.step, "enter");
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+    }
+}

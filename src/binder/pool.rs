@@ -1,0 +1,277 @@
+//! Upstream client sockets made ahead of time ([`SocketPool`]), one pool per
+//! listener, namespace and address family, and their refill by the binder thread:
+//! a worker connects from a pooled socket without a binder round trip.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
+
+/// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
+/// one namespace, ready for workers to connect from (upstream connects in another
+/// namespace without a binder round trip). The binder fills it; workers take.
+pub struct SocketPool {
+    owner: String,
+    netns: PathBuf,
+    label: String,
+    family_of: SocketAddr,
+    proto: ClientProto,
+    target: usize,
+    fds: Mutex<Vec<OwnedFd>>,
+    refilling: AtomicBool,
+    /// errno of the last failed fill, 0 if the last fill worked.
+    last_error: AtomicI32,
+    /// When the last fill failed.
+    failed_at: Mutex<Option<Instant>>,
+    waiters: Mutex<Vec<Arc<OwnedFd>>>,
+}
+
+impl fmt::Debug for SocketPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketPool")
+            .field("netns", &self.label)
+            .field("family_of", &self.family_of)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl SocketPool {
+    /// An empty pool for `proto` sockets of `family_of`'s family in namespace file
+    /// `netns` (labelled `label` in errors), for listener `owner`, kept at `target`
+    /// sockets.
+    pub fn new(
+        owner: String,
+        netns: PathBuf,
+        label: String,
+        family_of: SocketAddr,
+        proto: ClientProto,
+        target: usize,
+    ) -> SocketPool {
+        SocketPool {
+            owner,
+            netns,
+            label,
+            family_of,
+            proto,
+            target: target.max(2),
+            fds: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            last_error: AtomicI32::new(0),
+            failed_at: Mutex::new(None),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
+        self.fds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a socket, if one is ready.
+    pub fn take(&self) -> Option<OwnedFd> {
+        self.lock().pop()
+    }
+
+    /// Sockets ready (count).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no socket is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once when the pool is below its target and no refill is running: the
+    /// caller must then ask the binder for one ([`Binder::fill_later`]). Takes made
+    /// while a refill runs are made up by the next one, so refills batch under
+    /// load, and an idle pool is always full.
+    pub fn wants_refill(&self) -> bool {
+        self.len() < self.target
+            && self
+                .refilling
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Whether a refill is running.
+    pub fn refilling(&self) -> bool {
+        self.refilling.load(Ordering::Acquire)
+    }
+
+    /// errno of the last fill, if it failed.
+    pub fn last_error(&self) -> Option<i32> {
+        match self.last_error.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// Whether the last fill failed less than `within` ago.
+    pub fn failed_recently(&self, within: Duration) -> bool {
+        self.last_error().is_some()
+            && self
+                .failed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < within)
+    }
+
+    /// The namespace file this pool's sockets are made in.
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    /// Closes every pooled socket (their namespace has gone).
+    pub fn flush(&self) {
+        self.lock().clear();
+    }
+
+    /// Writes eventfd `wake` when the running refill ends (at once if none runs or
+    /// sockets are ready).
+    /// Each eventfd is listed once, however many sessions of its worker wait.
+    pub fn notify_on_refill(&self, wake: Arc<OwnedFd>) {
+        {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if !w.iter().any(|x| Arc::ptr_eq(x, &wake)) {
+                w.push(wake);
+            }
+        }
+        if !self.refilling() || !self.is_empty() {
+            self.wake_waiters();
+        }
+    }
+
+    fn wake_waiters(&self) {
+        let w = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for fd in w {
+            crate::eventfd::wake(fd.as_raw_fd());
+        }
+    }
+}
+
+impl Binder {
+    /// Fills `pool` to its target now, waiting for the binder.
+    ///
+    /// # Errors
+    /// Entering the namespace or socket(2) failed; the pool keeps what it had.
+    pub fn fill_now(&self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let gone = || BindError {
+            listener: pool.owner.clone(),
+            step: "request",
+            addr: pool.family_of,
+            netns: pool.label.clone(),
+            source: io::Error::other("binder thread is gone"),
+        };
+        pool.refilling.store(true, Ordering::Release);
+        self.tx
+            .send(Msg::Fill(pool.clone(), Some(reply)))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// Asks the binder to fill `pool` in the background (the caller has seen
+    /// [`SocketPool::wants_refill`] return true). Never blocks.
+    pub fn fill_later(&self, pool: Arc<SocketPool>) {
+        if let Err(mpsc::SendError(Msg::Fill(pool, _))) = self.tx.send(Msg::Fill(pool, None)) {
+            pool.last_error.store(libc::ESHUTDOWN, Ordering::Release);
+            pool.refilling.store(false, Ordering::Release);
+            pool.wake_waiters();
+        }
+    }
+}
+
+impl BinderState {
+    /// Fills `pool` up to its target in its namespace; wakes its waiters.
+    ///
+    /// Sockets taken while a refill runs do not start another refill, and the
+    /// running one counted what was missing when it began: so once it ends, the
+    /// pool is topped up again here if it is short (a few passes at most), and an
+    /// idle pool is full.
+    pub(super) fn fill(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+        let mut out = self.fill_once(pool);
+        for _ in 0..3 {
+            if out.is_err() || !pool.wants_refill() {
+                break;
+            }
+            out = self.fill_once(pool);
+        }
+        out
+    }
+
+    /// One refill of `pool` to its target.
+    fn fill_once(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+        let missing = pool.target.saturating_sub(pool.len());
+        let req = Request {
+            owner: pool.owner.clone(),
+            netns_label: pool.label.clone(),
+            netns: Some(pool.netns.clone()),
+            spec: pool.proto.spec(pool.family_of, missing),
+            reply: mpsc::sync_channel(1).0,
+        };
+        let r = if missing == 0 {
+            Ok(Vec::new())
+        } else {
+            self.serve(&req)
+        };
+        let out = match r {
+            Ok(fds) => {
+                pool.lock().extend(fds);
+                pool.last_error.store(0, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream socket pool refill failed");
+                pool.last_error
+                    .store(e.errno().unwrap_or(libc::EIO), Ordering::Release);
+                *pool.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                Err(e)
+            }
+        };
+        pool.refilling.store(false, Ordering::Release);
+        pool.wake_waiters();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_wakes_each_waiting_worker_once() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            ClientProto::Tcp,
+            4,
+        );
+        assert!(pool.wants_refill());
+        assert!(!pool.wants_refill(), "a second refill while one runs");
+        let efd = Arc::new(crate::eventfd::eventfd().unwrap());
+        // Many sessions of one worker wait: its eventfd is listed once.
+        for _ in 0..100 {
+            pool.notify_on_refill(efd.clone());
+        }
+        pool.refilling.store(false, Ordering::Release);
+        pool.wake_waiters();
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
+        let n = unsafe { libc::read(efd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(
+            u64::from_ne_bytes(v),
+            1,
+            "the worker was woken more than once"
+        );
+    }
+}
