@@ -27,6 +27,8 @@
 //! buffer rings and the ring are leaked, never freed.
 
 mod bufring;
+mod completion;
+mod ops;
 mod probe;
 
 pub use probe::*;
@@ -38,10 +40,10 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
-use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned};
-use super::slab::{Key, Slab};
+use super::backend::{Backend, BufRef, Caps, Event, MultiKind, Op, OpId};
+use super::slab::Slab;
 use super::udp;
 use bufring::BufRing;
 
@@ -198,181 +200,6 @@ impl UringBackend {
         }
         b.push((d, Box::new(types::Timespec::from(d))));
         &*b[b.len() - 1].1
-    }
-
-    /// The SQE for operation `k` (already in the table), whose memory stays put.
-    fn entry(&mut self, k: Key) -> Option<(squeue::Entry, Option<Duration>)> {
-        let m = &mut *self.mem;
-        let ud = super::slab::token(UD_OP, k);
-        let uop = m.ops.get_mut(k)?;
-        let e = match &mut uop.op {
-            Op::Accept { fd } => {
-                let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-                if self.multishot_accept {
-                    opcode::AcceptMulti::new(types::Fd(*fd))
-                        .flags(flags)
-                        .build()
-                } else {
-                    opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
-                        .flags(flags)
-                        .build()
-                }
-            }
-            Op::PollIn { fd } => opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32)
-                .multi(true)
-                .build(),
-            Op::Recv { fd, poll_first } => {
-                // Null buffer: the kernel picks one from the ring (BUFFER_SELECT).
-                opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), BUF_SIZE as u32)
-                    .buf_group(BGID)
-                    .ioprio(if *poll_first { RECVSEND_POLL_FIRST } else { 0 })
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-            }
-            Op::RecvMsg { fd, hdr } => {
-                let h = hdr.prepare(std::ptr::null_mut(), BUF_SIZE);
-                opcode::RecvMsg::new(types::Fd(*fd), h)
-                    .buf_group(BGID)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-            }
-            Op::RecvMulti { fd, kind } => match kind {
-                MultiKind::Datagram => {
-                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.udp_msghdr, BGID_UDP).build()
-                }
-                MultiKind::SctpMany => {
-                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.many_msghdr, BGID).build()
-                }
-            },
-            Op::Send { fd, buf, off } => {
-                let rest = &buf[*off..];
-                let len = rest.len().min(u32::MAX as usize) as u32;
-                opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            }
-            Op::SendMsg {
-                fd,
-                msg,
-                hdr,
-                bound,
-            } => {
-                let h = hdr.prepare(&msg.data, msg.info, msg.flags);
-                let e = opcode::SendMsg::new(types::Fd(*fd), h)
-                    .flags(libc::MSG_NOSIGNAL as u32)
-                    .build();
-                if let Some(d) = *bound {
-                    return Some((e.flags(squeue::Flags::IO_LINK).user_data(ud), Some(d)));
-                }
-                e
-            }
-            Op::Connect { fd, addr } => {
-                opcode::Connect::new(types::Fd(*fd), addr.as_ptr().cast(), addr.len()).build()
-            }
-        };
-        Some((e.user_data(ud), None))
-    }
-
-    /// Turns one CQE into an event (`None` for cancels and link timeouts).
-    fn event(&mut self, ud: u64, res: i32, flags: u32) -> Option<Event> {
-        let (kind, k) = super::slab::untoken(ud);
-        if kind != UD_OP {
-            self.aux = self.aux.saturating_sub(1);
-            return None;
-        }
-        let more = cqueue::more(flags);
-        let bid = cqueue::buffer_select(flags);
-        let m = &mut *self.mem;
-        let uop = m.ops.get(k)?;
-        let token = uop.token;
-        let mut meta = Meta::None;
-        let mut buf = None;
-        match (&uop.op, bid) {
-            (Op::RecvMulti { kind, .. }, Some(bid)) if res >= 0 => {
-                let (ring, tmpl, g) = match kind {
-                    MultiKind::Datagram => (m.udp_bufs.as_ref()?, &*m.udp_msghdr, BGID_UDP),
-                    MultiKind::SctpMany => (&m.bufs, &*m.many_msghdr, BGID),
-                };
-                let raw = ring.data(bid, res as usize);
-                let base = raw.as_ptr() as usize;
-                match types::RecvMsgOut::parse(raw, tmpl) {
-                    Ok(out) => {
-                        let payload = out.payload_data();
-                        meta = match kind {
-                            MultiKind::Datagram => Meta::Datagram {
-                                from: udp::parse_name(out.name_data()),
-                                to: udp::parse_pktinfo(out.control_data()),
-                                truncated: out.is_payload_truncated(),
-                            },
-                            MultiKind::SctpMany => Meta::Message {
-                                flags: out.flags() as i32,
-                                info: crate::sctp::msg_info(out.control_data()),
-                            },
-                        };
-                        buf = Some(BufRef {
-                            group: g,
-                            id: bid,
-                            off: (payload.as_ptr() as usize - base) as u32,
-                            len: payload.len() as u32,
-                        });
-                    }
-                    Err(()) => {
-                        // Too short to parse: give the buffer back, report nothing.
-                        self.release(BufRef {
-                            group: g,
-                            id: bid,
-                            off: 0,
-                            len: 0,
-                        });
-                    }
-                }
-            }
-            (Op::RecvMsg { hdr, .. }, bid) => {
-                let (flags, info) = hdr.received();
-                meta = Meta::Message { flags, info };
-                buf = bid.map(|id| BufRef {
-                    group: BGID,
-                    id,
-                    off: 0,
-                    len: res.max(0) as u32,
-                });
-            }
-            (_, Some(id)) => {
-                buf = Some(BufRef {
-                    group: if matches!(
-                        uop.op,
-                        Op::RecvMulti {
-                            kind: MultiKind::Datagram,
-                            ..
-                        }
-                    ) {
-                        BGID_UDP
-                    } else {
-                        BGID
-                    },
-                    id,
-                    off: 0,
-                    len: res.max(0) as u32,
-                });
-            }
-            _ => {}
-        }
-        let owned = if more {
-            Owned::None
-        } else {
-            self.mem
-                .ops
-                .remove(k)
-                .map_or(Owned::None, |u| u.op.into_owned())
-        };
-        Some(Event {
-            token,
-            res,
-            more,
-            buf,
-            meta,
-            owned,
-        })
     }
 
     fn ring_of(&self, group: u16) -> Option<&BufRing> {

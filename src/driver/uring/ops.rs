@@ -1,0 +1,85 @@
+//! Operations into SQEs: what each [`Op`] becomes on the ring (stream
+//! operations, SCTP messages with their headers, multishot datagram receives).
+
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+
+use super::{UringBackend, BGID, BGID_UDP, BUF_SIZE, RECVSEND_POLL_FIRST, UD_OP};
+use crate::driver::backend::{MultiKind, Op};
+use crate::driver::slab::Key;
+
+impl UringBackend {
+    /// The SQE for operation `k` (already in the table), whose memory stays put.
+    pub(super) fn entry(&mut self, k: Key) -> Option<(squeue::Entry, Option<Duration>)> {
+        let m = &mut *self.mem;
+        let ud = crate::driver::slab::token(UD_OP, k);
+        let uop = m.ops.get_mut(k)?;
+        let e = match &mut uop.op {
+            Op::Accept { fd } => {
+                let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+                if self.multishot_accept {
+                    opcode::AcceptMulti::new(types::Fd(*fd))
+                        .flags(flags)
+                        .build()
+                } else {
+                    opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
+                        .flags(flags)
+                        .build()
+                }
+            }
+            Op::PollIn { fd } => opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32)
+                .multi(true)
+                .build(),
+            Op::Recv { fd, poll_first } => {
+                // Null buffer: the kernel picks one from the ring (BUFFER_SELECT).
+                opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), BUF_SIZE as u32)
+                    .buf_group(BGID)
+                    .ioprio(if *poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            }
+            Op::RecvMsg { fd, hdr } => {
+                let h = hdr.prepare(std::ptr::null_mut(), BUF_SIZE);
+                opcode::RecvMsg::new(types::Fd(*fd), h)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            }
+            Op::RecvMulti { fd, kind } => match kind {
+                MultiKind::Datagram => {
+                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.udp_msghdr, BGID_UDP).build()
+                }
+                MultiKind::SctpMany => {
+                    opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.many_msghdr, BGID).build()
+                }
+            },
+            Op::Send { fd, buf, off } => {
+                let rest = &buf[*off..];
+                let len = rest.len().min(u32::MAX as usize) as u32;
+                opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            Op::SendMsg {
+                fd,
+                msg,
+                hdr,
+                bound,
+            } => {
+                let h = hdr.prepare(&msg.data, msg.info, msg.flags);
+                let e = opcode::SendMsg::new(types::Fd(*fd), h)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build();
+                if let Some(d) = *bound {
+                    return Some((e.flags(squeue::Flags::IO_LINK).user_data(ud), Some(d)));
+                }
+                e
+            }
+            Op::Connect { fd, addr } => {
+                opcode::Connect::new(types::Fd(*fd), addr.as_ptr().cast(), addr.len()).build()
+            }
+        };
+        Some((e.user_data(ud), None))
+    }
+}
