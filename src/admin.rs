@@ -134,17 +134,17 @@ pub fn render_metrics(server: &Server) -> String {
     let submitted = counter(
         &mut reg,
         "ringress_worker_submitted",
-        "SQEs submitted (io_uring) or I/O syscalls made (epoll)",
+        "Operations started (accept, receive, send, connect, poll; one SQE each on io_uring)",
     );
     let completed = counter(
         &mut reg,
         "ringress_worker_completed",
-        "CQEs reaped (io_uring) or readiness events handled (epoll)",
+        "Operation events handled (CQEs on io_uring; completions on epoll)",
     );
     let enobufs = counter(
         &mut reg,
         "ringress_worker_enobufs",
-        "Receives that found the provided-buffer ring empty (ENOBUFS)",
+        "Receives that found no free receive buffer (ENOBUFS)",
     );
     let sessions = gauge(&mut reg, "ringress_worker_sessions", "Sessions open now");
     for w in server.workers() {
@@ -385,6 +385,11 @@ fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
                     &render_metrics(server),
                 ),
                 "/status" => response(200, "application/json", &render_status(server)),
+                // Not healthy once a worker stopped: its listeners' share of new
+                // connections would go unanswered (the process is shutting down).
+                "/healthz" if crate::driver::worker_failed() => {
+                    response(503, "text/plain", "a worker stopped\n")
+                }
                 "/healthz" => response(200, "text/plain", "ok\n"),
                 _ => response(
                     404,

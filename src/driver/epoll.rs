@@ -14,8 +14,10 @@
 //! take at most [`ACCEPT_BUDGET`] / [`DATAGRAM_BUDGET`] per run.
 //!
 //! Receive buffers come from two free lists (stream pieces of [`RECV_BUF_SIZE`],
-//! datagrams of the largest UDP payload plus one byte), grown on demand: the
-//! worker returns every buffer after handling its event, so they stay few.
+//! datagrams of the largest UDP payload plus one byte), grown on demand up to
+//! the io_uring rings' counts: the worker returns every buffer after handling its
+//! event, so they stay few; when all are lent a receive ends with ENOBUFS, the
+//! same back-pressure as an empty provided-buffer ring.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -36,6 +38,10 @@ pub const ACCEPT_BUDGET: usize = 64;
 pub const DATAGRAM_BUDGET: usize = 64;
 /// Size of each stream receive buffer (bytes), as the io_uring buffers.
 pub const RECV_BUF_SIZE: usize = 16 * 1024;
+/// Most stream receive buffers lent at once (count), as the io_uring ring's.
+pub const RECV_BUF_COUNT: u16 = 256;
+/// Most datagram buffers lent at once (count), as the io_uring ring's.
+pub const DATAGRAM_BUF_COUNT: u16 = 64;
 
 const GROUP_STREAM: u16 = 0;
 const GROUP_DATAGRAM: u16 = 1;
@@ -67,29 +73,34 @@ struct EOp {
     connecting: bool,
 }
 
-/// A free list of equal buffers.
+/// A free list of equal buffers, grown on demand up to a cap.
 #[derive(Debug, Default)]
 struct Pool {
     bufs: Vec<Box<[u8]>>,
     free: Vec<u16>,
     size: usize,
+    max: u16,
 }
 
 impl Pool {
-    fn new(size: usize) -> Pool {
+    fn new(size: usize, max: u16) -> Pool {
         Pool {
             bufs: Vec::new(),
             free: Vec::new(),
             size,
+            max,
         }
     }
 
-    /// A free buffer's id (a new one if none is free); `None` past 65,536.
+    /// A free buffer's id (a new one while fewer than `max` exist); `None` when
+    /// all are lent (back-pressure, reported as ENOBUFS as io_uring does).
     fn take(&mut self) -> Option<u16> {
         if let Some(id) = self.free.pop() {
             return Some(id);
         }
-        let id = u16::try_from(self.bufs.len()).ok()?;
+        let id = u16::try_from(self.bufs.len())
+            .ok()
+            .filter(|&n| n < self.max)?;
         self.bufs.push(vec![0; self.size].into_boxed_slice());
         Some(id)
     }
@@ -122,8 +133,8 @@ impl EpollBackend {
             run: VecDeque::new(),
             done: Vec::new(),
             pools: [
-                Pool::new(RECV_BUF_SIZE),
-                Pool::new(crate::config::MAX_DATAGRAM_BYTES + 1),
+                Pool::new(RECV_BUF_SIZE, RECV_BUF_COUNT),
+                Pool::new(crate::config::MAX_DATAGRAM_BYTES + 1, DATAGRAM_BUF_COUNT),
             ],
             turn: 0,
             events: vec![EpollEvent::empty(); 256],

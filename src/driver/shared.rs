@@ -104,11 +104,14 @@ pub(crate) type PeelMailbox = Arc<std::sync::Mutex<Vec<Peeled>>>;
 /// Counters of one worker (counts).
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// SQEs submitted (io_uring) or syscalls attempted (epoll).
+    /// Operations the worker started (one SQE each on io_uring; cancels and
+    /// link timeouts not counted).
     pub submitted: AtomicU64,
-    /// CQEs reaped (io_uring) or readiness events handled (epoll).
+    /// Operation events the worker handled (CQEs on io_uring, completions on
+    /// epoll; a multishot operation has several).
     pub completed: AtomicU64,
-    /// Receives that found the provided-buffer ring empty (ENOBUFS, io_uring only).
+    /// Receives that found no free receive buffer (ENOBUFS: the io_uring
+    /// provided-buffer ring, or the epoll backend's pool of the same size, was empty).
     pub enobufs: AtomicU64,
     /// Sessions open now on this worker (a gauge).
     pub sessions: AtomicU64,
