@@ -1,4 +1,4 @@
-//! The contract between the [worker](super::worker) and an I/O backend.
+//! The contract between the worker (`driver::worker`) and an I/O backend.
 //!
 //! The worker decides what to do; a backend only does it. The worker starts
 //! operations ([`Op`]) on sockets it owns, each tagged with a 64-bit token (what the

@@ -1,6 +1,6 @@
 //! Workers and their I/O backends.
 //!
-//! A worker is one OS thread, pinned to one CPU, that runs one [`worker::Worker`]
+//! A worker is one OS thread, pinned to one CPU, that runs one `worker::Worker`
 //! over one backend: an io_uring ring ([`uring`], feature `uring`) or an epoll
 //! instance ([`epoll`]). The supervisor hands it listener sockets over a channel
 //! ([`Command`]) and wakes it through an eventfd; the worker accepts connections
@@ -11,11 +11,11 @@
 //!   receive, send, connect), cancels them and reports how they ended
 //!   ([`backend::Event`]); each operation owns the memory the kernel may touch
 //!   until its last event hands it back.
-//! - [`worker`]: the one engine: listeners, sessions, UDP, timers, commands,
+//! - `worker`: the one engine: listeners, sessions, UDP, timers, commands,
 //!   peel-offs, the shutdown sequence and the loop. Both backends run it, so they
 //!   accept, time out, count and shut down identically.
-//! - [`active`]: one session's sockets and bookkeeping between its state machine
-//!   and the worker; [`timers`], [`slab`]: the worker's timers and tables;
+//! - `active`: one session's sockets and bookkeeping between its state machine
+//!   and the worker; `timers`, `slab`: the worker's timers and tables;
 //!   [`shared`]: what workers share with the supervisor (settings, counters);
 //!   [`udp`]: UDP sessions and datagram syscalls; [`upstream`]: upstream choice
 //!   and socket pools.

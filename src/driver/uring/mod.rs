@@ -14,7 +14,7 @@
 //! - [`Op::RecvMulti`]: multishot `IORING_OP_RECVMSG` (6.0) into a ring of
 //!   datagram buffers (UDP) or the stream ring (one-to-many SCTP); each CQE's
 //!   buffer holds `io_uring_recvmsg_out`, the name, the control messages and the
-//!   payload, which the backend parses into [`Meta`].
+//!   payload, which the backend parses into [`Meta`](super::backend::Meta).
 //! - [`Op::Send`] / [`Op::SendMsg`]: `IORING_OP_SEND` / `SENDMSG` with
 //!   `MSG_NOSIGNAL`; a bounded send is linked to an `IORING_OP_LINK_TIMEOUT`
 //!   (5.5).
