@@ -29,8 +29,6 @@ pub struct HttpSession {
     partial: Vec<u8>,
     /// Body bytes of the current request still to be skipped.
     body_left: u64,
-    /// Requests answered on this connection (count).
-    pub requests: u64,
 }
 
 enum Parsed {
@@ -143,7 +141,6 @@ impl HttpSession {
                     keep_alive,
                     http10,
                 } => {
-                    self.requests += 1;
                     pos += head;
                     let avail = (buf.len() - pos) as u64;
                     let skip = body.min(avail);
