@@ -48,18 +48,15 @@ use std::time::{Duration, Instant};
 use crate::config::{Action, IoChoice, Proto, SctpConfig};
 pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
 use crate::proto::{
-    Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side,
+    Completion, ConnInfo, Origin, OutMessage, Piece, SendBackoff, SendFailed, Session, SessionIo,
+    Side,
 };
+pub use crate::proto::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
 use crate::sctp::{MsgInfo, MsgSpace};
 pub use upstream::UpstreamSet;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
 pub const ACCEPT_PAUSE_MS: u64 = 100;
-/// Longest wait between tries of a send that finds no room (ms, a power of two).
-pub const SEND_RETRY_MAX_MS: u64 = 64;
-/// How long a one-to-many SCTP socket waits for room for one association's
-/// message before it aborts that association.
-pub const SEND_STALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// Which driver a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -579,8 +576,8 @@ pub(crate) struct Leg {
     pub msg: Option<Box<MsgSpace>>,
     /// SCTP: the message being sent (stays put until its send completes).
     pub sending_msg: Option<OutMessage>,
-    /// Since when, and how many times in a row, a send found no room (EAGAIN).
-    pub blocked: Option<(Instant, u32)>,
+    /// Sends in a row that found no room (EAGAIN), and since when.
+    pub backoff: SendBackoff,
 }
 
 impl Leg {
@@ -594,7 +591,7 @@ impl Leg {
             dest: None,
             msg: None,
             sending_msg: None,
-            blocked: None,
+            backoff: SendBackoff::default(),
         }
     }
 
@@ -607,17 +604,6 @@ impl Leg {
     pub fn ready(&self) -> bool {
         self.fd.is_some() && !self.connecting
     }
-}
-
-/// How a session's client socket came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Opened {
-    /// accept(2).
-    Accepted,
-    /// A one-to-many SCTP listener socket itself.
-    Many,
-    /// Peeled off a one-to-many SCTP socket.
-    Peeled,
 }
 
 /// What [`Conn::start_connect`] got.
@@ -654,7 +640,7 @@ pub(crate) struct Conn {
 impl Conn {
     /// Wraps a freshly accepted socket and runs the session's `on_open`.
     pub fn open(fd: OwnedFd, listener: Arc<ListenerShared>, worker: &Arc<WorkerStats>) -> Conn {
-        Conn::open_as(fd, listener, worker, Opened::Accepted)
+        Conn::open_as(fd, listener, worker, Origin::Accepted)
     }
 
     /// Wraps an association peeled off a one-to-many SCTP socket (one-to-many
@@ -664,7 +650,7 @@ impl Conn {
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
     ) -> Conn {
-        Conn::open_as(fd, listener, worker, Opened::Peeled)
+        Conn::open_as(fd, listener, worker, Origin::Peeled)
     }
 
     /// Wraps a one-to-many SCTP listener socket: one session for all of its
@@ -674,16 +660,16 @@ impl Conn {
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
     ) -> Conn {
-        Conn::open_as(fd, listener, worker, Opened::Many)
+        Conn::open_as(fd, listener, worker, Origin::Many)
     }
 
     fn open_as(
         fd: OwnedFd,
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
-        how: Opened,
+        how: Origin,
     ) -> Conn {
-        let many = how == Opened::Many;
+        let many = how == Origin::Many;
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
@@ -704,16 +690,7 @@ impl Conn {
                 local: None,
             }
         };
-        let session = if sctp {
-            let s = SctpSession::new(&listener.action, &listener.sctp, many);
-            Session::Sctp(Box::new(if how == Opened::Peeled {
-                s.peeled_off()
-            } else {
-                s
-            }))
-        } else {
-            Session::new(&listener.action)
-        };
+        let session = Session::for_listener(&listener.action, listener.proto, &listener.sctp, how);
         let mut client = Leg::new(Some(fd));
         if sctp {
             client.msg = Some(MsgSpace::new());
@@ -730,14 +707,28 @@ impl Conn {
             parked: false,
             many,
         };
-        c.session
-            .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
+        c.session.on_open(
+            &c.listener.action,
+            &info,
+            &c.listener.netns,
+            &mut c.io,
+            Instant::now(),
+        );
         c
     }
 
     /// Reports a completion other than a send on `side` to the session, counting
     /// bytes and upstream failures (and logging those, naming listener and upstream).
     pub fn complete(&mut self, side: Side, c: Completion<'_>) {
+        self.account(side, &c);
+        self.session
+            .on_complete(side, c, &mut self.io, Instant::now());
+        self.take_sctp_events();
+    }
+
+    /// Counts completion `c` on `side` (bytes, errors, upstream failures) before
+    /// the session sees it.
+    fn account(&mut self, side: Side, c: &Completion<'_>) {
         let st = &self.listener.stats;
         match c {
             Completion::Recv(d) if side == Side::Client => {
@@ -747,7 +738,7 @@ impl Conn {
                 st.bytes_in.fetch_add(p.data.len() as u64, Relaxed);
             }
             Completion::Error(_) if self.many => {}
-            Completion::Error(errno) => {
+            &Completion::Error(errno) => {
                 self.failed = true;
                 if side == Side::Upstream && self.legs[1].connecting {
                     self.upstream_failed(errno);
@@ -765,8 +756,6 @@ impl Conn {
             }
             _ => {}
         }
-        self.session.on_complete(side, c, &mut self.io);
-        self.take_sctp_events();
     }
 
     /// Counts what an SCTP session noted: messages over the limit, and (one-to-many)
@@ -872,14 +861,14 @@ impl Conn {
     /// The message from [`Conn::with_next_message`] on `side` was sent whole.
     pub fn message_sent(&mut self, side: Side) {
         let i = side.index();
-        self.legs[i].blocked = None;
+        self.legs[i].backoff.reset();
         let n = self.legs[i].sending_msg.take().map_or(0, |m| m.data.len());
         self.io.legs[i].in_flight = 0;
         if side == Side::Client {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
         self.session
-            .on_complete(side, Completion::Sent(n), &mut self.io);
+            .on_complete(side, Completion::Sent(n), &mut self.io, Instant::now());
         self.take_sctp_events();
     }
 
@@ -891,14 +880,13 @@ impl Conn {
     /// message for [`SEND_STALL_LIMIT`] would hold up all the others, so it is
     /// aborted (SCTP_ABORT) and its queued messages dropped and counted.
     pub fn send_would_block(&mut self, side: Side) -> Duration {
-        let i = side.index();
         let now = Instant::now();
-        let (since, tries) = self.legs[i].blocked.unwrap_or((now, 0));
-        self.legs[i].blocked = Some((since, tries + 1));
-        if self.many && now.duration_since(since) >= SEND_STALL_LIMIT && self.send_stalled(side) {
+        let backoff = &mut self.legs[side.index()].backoff;
+        let wait = backoff.no_room(now);
+        if self.many && backoff.stalled(now) && self.send_stalled(side) {
             return Duration::ZERO;
         }
-        Duration::from_millis(1u64 << tries.min(SEND_RETRY_MAX_MS.trailing_zeros()))
+        wait
     }
 
     /// The message being sent on one-to-many leg `side` found no room for
@@ -911,21 +899,9 @@ impl Conn {
             return false;
         };
         let assoc = head.info.assoc;
-        let io = &mut self.io.legs[i];
-        let before = io.msgs.len();
-        io.msgs.retain(|m| m.info.assoc != assoc);
-        io.msg_bytes = io.msgs.iter().map(|m| m.data.len()).sum();
-        io.in_flight = 0;
-        let dropped = 1 + before - io.msgs.len();
-        io.msgs.push_front(OutMessage {
-            data: Vec::new(),
-            info: MsgInfo {
-                assoc,
-                ..MsgInfo::default()
-            },
-            flags: crate::sctp::SCTP_ABORT,
-        });
-        self.legs[i].blocked = None;
+        let dropped = 1 + self.io.abort_association(side, assoc);
+        self.io.legs[i].in_flight = 0;
+        self.legs[i].backoff.reset();
         self.listener
             .stats
             .send_drops
@@ -949,37 +925,27 @@ impl Conn {
         }
     }
 
-    /// A send on `side` failed with `errno`. On a one-to-many socket only that
-    /// message is lost (its association is gone) and counted; otherwise the
-    /// session is told (and ends).
+    /// A send on `side` failed with `errno`: the session decides what is lost
+    /// ([`Session::on_send_failed`]); dropped messages are counted, an error that
+    /// ends the session is counted as [`Conn::complete`] would.
     pub fn send_failed(&mut self, side: Side, errno: i32) {
-        let ended = matches!(&self.session, Session::Sctp(s) if s.ended(side));
-        if ended {
-            // The peer shut the association down (SCTP has no half-close): what
-            // is still queued toward it cannot go; drop it and let the session end.
-            let i = side.index();
-            let io = &mut self.io.legs[i];
-            let n = 1 + io.msgs.len();
-            io.msgs.clear();
-            io.msg_bytes = 0;
-            io.in_flight = 0;
-            self.legs[i].sending_msg = None;
-            self.listener.stats.send_drops.fetch_add(n as u64, Relaxed);
-            self.session
-                .on_complete(side, Completion::Sent(0), &mut self.io);
-            return;
+        self.legs[side.index()].sending_msg = None;
+        match self
+            .session
+            .on_send_failed(side, errno, &mut self.io, Instant::now())
+        {
+            SendFailed::Dropped(n) => {
+                self.listener
+                    .stats
+                    .send_drops
+                    .fetch_add(u64::from(n), Relaxed);
+                if self.many {
+                    tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
+                }
+            }
+            SendFailed::Ended => self.account(side, &Completion::Error(errno)),
         }
-        if !self.many {
-            self.complete(side, Completion::Error(errno));
-            return;
-        }
-        let i = side.index();
-        self.legs[i].sending_msg = None;
-        self.io.legs[i].in_flight = 0;
-        self.listener.stats.send_drops.fetch_add(1, Relaxed);
-        tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
-        self.session
-            .on_complete(side, Completion::Sent(0), &mut self.io);
+        self.take_sctp_events();
     }
 
     /// Whether the session asked for an upstream it does not have yet.
@@ -1016,7 +982,7 @@ impl Conn {
     /// Reports that `n` bytes of [`Conn::next_send`]'s slice on `side` were sent.
     pub fn sent(&mut self, side: Side, n: usize) {
         let leg = &mut self.legs[side.index()];
-        leg.blocked = None;
+        leg.backoff.reset();
         leg.sent += n;
         if leg.sent >= leg.sending.len() {
             leg.sending.clear();
@@ -1027,7 +993,7 @@ impl Conn {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
         self.session
-            .on_complete(side, Completion::Sent(n), &mut self.io);
+            .on_complete(side, Completion::Sent(n), &mut self.io, Instant::now());
     }
 
     /// The bytes to send next on `side`, if any: the rest of a short send, else
