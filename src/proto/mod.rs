@@ -102,7 +102,10 @@ impl ConnIo {
         self.out.extend_from_slice(data);
     }
 
-    /// Asks for one more receive completion (idempotent until it arrives).
+    /// Asks for one more receive completion (idempotent until it arrives). A
+    /// receive already in flight answers it: its completion clears the request,
+    /// and the session asks again if it still wants more
+    /// ([`Session::on_complete`]).
     pub fn recv(&mut self) {
         self.want_recv = true;
     }
@@ -357,6 +360,16 @@ impl Session {
 
     /// Called for every completion of this session, reported at `now`.
     pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo, now: Instant) {
+        if matches!(
+            c,
+            Completion::Recv(_) | Completion::Message(_) | Completion::Eof
+        ) {
+            // A receive answers every request for one made while it was in
+            // flight; the session asks again below if it still wants more, with
+            // what it knows now. (Otherwise a request made before this receive
+            // filled the window would start one more receive past it.)
+            io.side(side).want_recv = false;
+        }
         match self {
             Session::Proxy(p) => return p.on_complete(side, c, io, now),
             Session::Sctp(s) => return s.on_complete(side, c, io, now),
@@ -586,5 +599,39 @@ mod tests {
         let r = s.on_send_failed(Side::Client, libc::ECONNRESET, &mut io, now());
         assert_eq!(r, SendFailed::Ended);
         assert!(io.abort);
+    }
+
+    #[test]
+    fn a_receive_answers_requests_made_while_it_was_in_flight() {
+        // io_uring: a client receive is in flight when room on the upstream
+        // asks for one more; the receive then fills the window. No further
+        // receive may follow it.
+        let p = crate::config::ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 1000,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 0,
+            max_sessions: 1,
+        };
+        let a = Action::Proxy(std::sync::Arc::new(p));
+        let mut s = Session::new(&a);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        // The driver armed the client receive (taking the request).
+        assert!(std::mem::take(&mut io.client().want_recv));
+        // Room on the upstream: the session asks again, the receive still out.
+        s.on_complete(Side::Upstream, Completion::Sent(0), &mut io, now());
+        assert!(io.client().want_recv);
+        s.on_complete(Side::Client, Completion::Recv(&[5; 1000]), &mut io, now());
+        assert!(
+            !io.client().want_recv,
+            "a receive past the window was still asked for"
+        );
     }
 }
