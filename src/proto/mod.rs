@@ -427,7 +427,9 @@ impl Session {
     /// what that costs:
     /// - an SCTP association that has ended (its peer shut it down; SCTP has no
     ///   half-close) takes nothing more: everything queued toward it is dropped
-    ///   too, `Dropped(1 + queued)`, and the session ends as it would anyway;
+    ///   too, `Dropped(1 + queued)`, and the session ends as it would anyway. A
+    ///   one-to-one send refused with ESHUTDOWN or EPIPE says just that, even
+    ///   before the session has read the end ([`SctpSession::on_send_error`]);
     /// - on a one-to-many SCTP socket only that message's association is gone:
     ///   `Dropped(1)`, the other associations go on;
     /// - otherwise the session gets [`Completion::Error`] and aborts: `Ended`.
@@ -439,7 +441,10 @@ impl Session {
         now: Instant,
     ) -> SendFailed {
         let (ended, many) = match self {
-            Session::Sctp(s) => (s.ended(side), s.one_to_many()),
+            Session::Sctp(s) => {
+                s.on_send_error(side, errno);
+                (s.ended(side), s.one_to_many())
+            }
             _ => (false, false),
         };
         let leg = io.side(side);
@@ -597,6 +602,57 @@ mod tests {
         let mut s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Accepted);
         let mut io = SessionIo::default();
         let r = s.on_send_failed(Side::Client, libc::ECONNRESET, &mut io, now());
+        assert_eq!(r, SendFailed::Ended);
+        assert!(io.abort);
+    }
+
+    #[test]
+    fn sctp_send_refused_by_a_shutting_down_association_drops_not_aborts() {
+        // The upstream shut its association down and a send toward it fails
+        // before its SHUTDOWN notification was read: the response still queued
+        // toward the client must not be lost to an abort.
+        let p = crate::config::ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 4096,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 0,
+            max_sessions: 1,
+        };
+        let a = Action::Proxy(std::sync::Arc::new(p));
+        let sctp = SctpConfig::default();
+        let mut s = Session::for_listener(&a, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        io.client().send_message(msg(0, 10)); // the upstream's response
+        io.side(Side::Upstream).send_message(msg(0, 3));
+        let r = s.on_send_failed(Side::Upstream, libc::ESHUTDOWN, &mut io, now());
+        assert_eq!(r, SendFailed::Dropped(2));
+        assert!(!io.abort, "a graceful end is not an abort");
+        assert_eq!(io.client().msgs.len(), 1, "the response still goes out");
+        // More from the client has nowhere to go: dropped, counted.
+        let piece = Piece {
+            data: b"late",
+            info: MsgInfo::default(),
+            eor: true,
+            notification: false,
+        };
+        s.on_complete(Side::Client, Completion::Message(piece), &mut io, now());
+        assert_eq!((io.dropped, io.side(Side::Upstream).msgs.len()), (1, 0));
+        // The end is read later and ends the session the usual way.
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
+        assert!(io.client().shutdown_write && !io.abort);
+        // An abort of the association is still an error.
+        let mut s = Session::for_listener(&a, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        let r = s.on_send_failed(Side::Upstream, libc::ECONNRESET, &mut io, now());
         assert_eq!(r, SendFailed::Ended);
         assert!(io.abort);
     }

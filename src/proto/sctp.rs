@@ -73,6 +73,10 @@ pub struct SctpSession {
     partial: [HashMap<i32, Partial>; 2],
     connected: bool,
     eof: [bool; 2],
+    /// One-to-one: a send on this side was refused because its association is
+    /// shutting down or has shut down (ESHUTDOWN, EPIPE); nothing more is sent
+    /// there, though its end may not have been read yet.
+    send_shut: [bool; 2],
     errors_in_a_row: u32,
     /// One-to-many proxy: peel-offs asked for and not finished yet.
     peels_pending: u32,
@@ -102,6 +106,7 @@ impl SctpSession {
             partial: Default::default(),
             connected: false,
             eof: [false; 2],
+            send_shut: [false; 2],
             errors_in_a_row: 0,
             peels_pending: 0,
             partial_bytes: 0,
@@ -245,7 +250,20 @@ impl SctpSession {
     /// Whether the association on `side` has ended (its peer shut it down): sends
     /// toward it can only fail.
     pub fn ended(&self, side: Side) -> bool {
-        !self.many && self.eof[side.index()]
+        !self.many && (self.eof[side.index()] || self.send_shut[side.index()])
+    }
+
+    /// A send on `side` failed with `errno`. On a one-to-one socket ESHUTDOWN
+    /// (the association is in a SHUTDOWN state: Linux `sctp_sf_error_shutdown`)
+    /// and EPIPE (it has closed; an abort reports ECONNRESET instead) mean that
+    /// its peer shut it down, possibly before the session read that end: the
+    /// side takes nothing more ([`SctpSession::ended`]) and messages for it are
+    /// dropped from now on; the end itself is still read and ends the session
+    /// as usual.
+    pub fn on_send_error(&mut self, side: Side, errno: i32) {
+        if !self.many && matches!(errno, libc::ESHUTDOWN | libc::EPIPE) {
+            self.send_shut[side.index()] = true;
+        }
     }
 
     /// Asks for a receive on every side whose destination has room.
@@ -275,7 +293,12 @@ impl SctpSession {
             io.dropped += 1;
             return;
         }
-        if self.proxying() && self.eof[side.other().index()] {
+        let dest = if self.proxying() {
+            side.other()
+        } else {
+            Side::Client
+        };
+        if self.ended(dest) {
             // That side has ended (SCTP has no half-close: it takes no more data).
             io.dropped += 1;
             return;
