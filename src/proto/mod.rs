@@ -15,6 +15,8 @@ mod http;
 pub mod proxy;
 pub mod proxy_header;
 pub mod sctp;
+#[cfg(test)]
+mod sim;
 pub mod udp;
 
 use std::collections::VecDeque;
