@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ringress::config::{Action, Config};
@@ -38,7 +38,12 @@ fn http_session(c: &mut Criterion) {
                 b.iter(|| {
                     let mut s = Session::new(&Action::Http);
                     let mut io = SessionIo::default();
-                    s.on_complete(Side::Client, Completion::Recv(black_box(input)), &mut io);
+                    s.on_complete(
+                        Side::Client,
+                        Completion::Recv(black_box(input)),
+                        &mut io,
+                        Instant::now(),
+                    );
                     black_box(io.client().unsent())
                 })
             });
@@ -58,7 +63,12 @@ fn echo_session(c: &mut Criterion) {
         b.iter(|| {
             let mut s = Session::new(&Action::Echo);
             let mut io = SessionIo::default();
-            s.on_complete(Side::Client, Completion::Recv(black_box(&data)), &mut io);
+            s.on_complete(
+                Side::Client,
+                Completion::Recv(black_box(&data)),
+                &mut io,
+                Instant::now(),
+            );
             black_box(io.client().unsent())
         })
     });

@@ -16,15 +16,10 @@ use super::shared::{ListenerShared, WorkerStats};
 use super::upstream;
 use crate::config::Proto;
 use crate::proto::{
-    Completion, ConnInfo, OutMessage, Piece, SctpSession, Session, SessionIo, Side,
+    Completion, ConnInfo, Origin, OutMessage, Piece, SendBackoff, SendFailed, Session, SessionIo,
+    Side, SEND_STALL_LIMIT,
 };
 use crate::sctp::{MsgInfo, RecvHeader, SendHeader};
-
-/// Longest wait between tries of a send that finds no room (ms, a power of two).
-pub const SEND_RETRY_MAX_MS: u64 = 64;
-/// How long a one-to-many SCTP socket waits for room for one association's
-/// message before it aborts that association.
-pub const SEND_STALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// One socket of a session: the client's or the upstream's.
 pub(crate) struct SideSocket {
@@ -51,7 +46,7 @@ pub(crate) struct SideSocket {
     /// `None` while a send operation holds it.
     pub sending_msg: Option<OutMessage>,
     /// Since when, and how many times in a row, a send found no room (EAGAIN).
-    pub blocked: Option<(Instant, u32)>,
+    pub backoff: SendBackoff,
 }
 
 impl SideSocket {
@@ -67,7 +62,7 @@ impl SideSocket {
             recv_hdr: None,
             send_hdr: None,
             sending_msg: None,
-            blocked: None,
+            backoff: SendBackoff::default(),
         }
     }
 
@@ -87,17 +82,6 @@ impl SideSocket {
         self.recv_hdr = Some(RecvHeader::new());
         self.send_hdr = Some(SendHeader::new());
     }
-}
-
-/// How a session's client socket came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Opened {
-    /// accept(2).
-    Accepted,
-    /// A one-to-many SCTP listener socket itself.
-    Many,
-    /// Peeled off a one-to-many SCTP socket.
-    Peeled,
 }
 
 /// What [`ActiveSession::start_connect`] got.
@@ -140,18 +124,20 @@ impl ActiveSession {
         fd: OwnedFd,
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
-        how: Opened,
+        how: Origin,
+        now: Instant,
     ) -> ActiveSession {
-        ActiveSession::open_as(fd, listener, worker, how)
+        ActiveSession::open_as(fd, listener, worker, how, now)
     }
 
     fn open_as(
         fd: OwnedFd,
         listener: Arc<ListenerShared>,
         worker: &Arc<WorkerStats>,
-        how: Opened,
+        how: Origin,
+        now: Instant,
     ) -> ActiveSession {
-        let many = how == Opened::Many;
+        let many = how == Origin::Many;
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
@@ -172,16 +158,7 @@ impl ActiveSession {
                 local: None,
             }
         };
-        let session = if sctp {
-            let s = SctpSession::new(&listener.action, &listener.sctp, many);
-            Session::Sctp(Box::new(if how == Opened::Peeled {
-                s.peeled_off()
-            } else {
-                s
-            }))
-        } else {
-            Session::new(&listener.action)
-        };
+        let session = Session::for_listener(&listener.action, listener.proto, &listener.sctp, how);
         let mut client = SideSocket::new(Some(fd));
         if sctp {
             client.set_message();
@@ -199,13 +176,21 @@ impl ActiveSession {
             many,
         };
         c.session
-            .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io);
+            .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io, now);
         c
     }
 
     /// Reports a completion other than a send on `side` to the session, counting
     /// bytes and upstream failures (and logging those, naming listener and upstream).
-    pub fn complete(&mut self, side: Side, c: Completion<'_>) {
+    pub fn complete(&mut self, side: Side, c: Completion<'_>, now: Instant) {
+        self.account(side, &c, now);
+        self.session.on_complete(side, c, &mut self.io, now);
+        self.take_sctp_events();
+    }
+
+    /// Counts completion `c` on `side` (bytes, errors, upstream failures, logging
+    /// those) before the session sees it.
+    fn account(&mut self, side: Side, c: &Completion<'_>, now: Instant) {
         let st = &self.listener.stats;
         match c {
             Completion::Recv(d) if side == Side::Client => {
@@ -215,17 +200,17 @@ impl ActiveSession {
                 st.bytes_in.fetch_add(p.data.len() as u64, Relaxed);
             }
             Completion::Error(_) if self.many => {}
-            Completion::Error(errno) => {
+            &Completion::Error(errno) => {
                 self.failed = true;
                 if side == Side::Upstream && self.sockets[1].connecting {
-                    self.upstream_failed(errno);
+                    self.upstream_failed(errno, now);
                 } else if errno == libc::ECONNRESET || errno == libc::EPIPE {
                     st.resets.fetch_add(1, Relaxed);
                 }
             }
             Completion::Timeout if self.sockets[1].connecting || self.awaiting_upstream() => {
                 self.failed = true;
-                self.upstream_failed(libc::ETIMEDOUT);
+                self.upstream_failed(libc::ETIMEDOUT, now);
             }
             Completion::Connected => {
                 self.sockets[1].connecting = false;
@@ -233,8 +218,6 @@ impl ActiveSession {
             }
             _ => {}
         }
-        self.session.on_complete(side, c, &mut self.io);
-        self.take_sctp_events();
     }
 
     /// Counts what an SCTP session noted: messages over the limit, and (one-to-many)
@@ -271,9 +254,16 @@ impl ActiveSession {
 
     /// Reports a receive on an SCTP side: `n` bytes of `data` with recvmsg `flags`
     /// (MSG_EOR, MSG_NOTIFICATION) and `info`; 0 bytes is the end of the association.
-    pub fn complete_message(&mut self, side: Side, data: &[u8], flags: i32, info: MsgInfo) {
+    pub fn complete_message(
+        &mut self,
+        side: Side,
+        data: &[u8],
+        flags: i32,
+        info: MsgInfo,
+        now: Instant,
+    ) {
         if data.is_empty() {
-            self.complete(side, Completion::Eof);
+            self.complete(side, Completion::Eof, now);
             return;
         }
         self.complete(
@@ -284,6 +274,7 @@ impl ActiveSession {
                 eor: flags & libc::MSG_EOR != 0,
                 notification: flags & crate::sctp::MSG_NOTIFICATION != 0,
             }),
+            now,
         );
     }
 
@@ -334,9 +325,15 @@ impl ActiveSession {
 
     /// The message from [`ActiveSession::take_message`] on `side` was sent whole; its
     /// header comes back to the sock.
-    pub fn message_sent(&mut self, side: Side, msg: OutMessage, hdr: Box<SendHeader>) {
+    pub fn message_sent(
+        &mut self,
+        side: Side,
+        msg: OutMessage,
+        hdr: Box<SendHeader>,
+        now: Instant,
+    ) {
         let i = side.index();
-        self.sockets[i].blocked = None;
+        self.sockets[i].backoff.reset();
         self.sockets[i].send_hdr = Some(hdr);
         let n = msg.data.len();
         self.io.legs[i].in_flight = 0;
@@ -344,7 +341,7 @@ impl ActiveSession {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
         self.session
-            .on_complete(side, Completion::Sent(n), &mut self.io);
+            .on_complete(side, Completion::Sent(n), &mut self.io, now);
         self.take_sctp_events();
     }
 
@@ -355,15 +352,13 @@ impl ActiveSession {
     /// (net.sctp.sndbuf_policy 0): an association whose peer has not taken a
     /// message for [`SEND_STALL_LIMIT`] would hold up all the others, so it is
     /// aborted (SCTP_ABORT) and its queued messages dropped and counted.
-    pub fn send_would_block(&mut self, side: Side) -> Duration {
-        let i = side.index();
-        let now = Instant::now();
-        let (since, tries) = self.sockets[i].blocked.unwrap_or((now, 0));
-        self.sockets[i].blocked = Some((since, tries + 1));
-        if self.many && now.duration_since(since) >= SEND_STALL_LIMIT && self.send_stalled(side) {
+    pub fn send_would_block(&mut self, side: Side, now: Instant) -> Duration {
+        let backoff = &mut self.sockets[side.index()].backoff;
+        let wait = backoff.no_room(now);
+        if self.many && backoff.stalled(now) && self.send_stalled(side) {
             return Duration::ZERO;
         }
-        Duration::from_millis(1u64 << tries.min(SEND_RETRY_MAX_MS.trailing_zeros()))
+        wait
     }
 
     /// The message being sent on one-to-many side `side` found no room for
@@ -376,21 +371,9 @@ impl ActiveSession {
             return false;
         };
         let assoc = head.info.assoc;
-        let io = &mut self.io.legs[i];
-        let before = io.msgs.len();
-        io.msgs.retain(|m| m.info.assoc != assoc);
-        io.msg_bytes = io.msgs.iter().map(|m| m.data.len()).sum();
-        io.in_flight = 0;
-        let dropped = 1 + before - io.msgs.len();
-        io.msgs.push_front(OutMessage {
-            data: Vec::new(),
-            info: MsgInfo {
-                assoc,
-                ..MsgInfo::default()
-            },
-            flags: crate::sctp::SCTP_ABORT,
-        });
-        self.sockets[i].blocked = None;
+        let dropped = 1 + self.io.abort_association(side, assoc);
+        self.io.legs[i].in_flight = 0;
+        self.sockets[i].backoff.reset();
         self.listener
             .stats
             .send_drops
@@ -414,37 +397,24 @@ impl ActiveSession {
         }
     }
 
-    /// A send on `side` failed with `errno`. On a one-to-many socket only that
-    /// message is lost (its association is gone) and counted; otherwise the
-    /// session is told (and ends).
-    pub fn send_failed(&mut self, side: Side, errno: i32) {
-        let ended = matches!(&self.session, Session::Sctp(s) if s.ended(side));
-        if ended {
-            // The peer shut the association down (SCTP has no half-close): what
-            // is still queued toward it cannot go; drop it and let the session end.
-            let i = side.index();
-            let io = &mut self.io.legs[i];
-            let n = 1 + io.msgs.len();
-            io.msgs.clear();
-            io.msg_bytes = 0;
-            io.in_flight = 0;
-            self.sockets[i].sending_msg = None;
-            self.listener.stats.send_drops.fetch_add(n as u64, Relaxed);
-            self.session
-                .on_complete(side, Completion::Sent(0), &mut self.io);
-            return;
+    /// A send on `side` failed with `errno`: the session decides what is lost
+    /// ([`Session::on_send_failed`]); dropped messages are counted, an error that
+    /// ends the session is counted as [`ActiveSession::complete`] would.
+    pub fn send_failed(&mut self, side: Side, errno: i32, now: Instant) {
+        self.sockets[side.index()].sending_msg = None;
+        match self.session.on_send_failed(side, errno, &mut self.io, now) {
+            SendFailed::Dropped(n) => {
+                self.listener
+                    .stats
+                    .send_drops
+                    .fetch_add(u64::from(n), Relaxed);
+                if self.many {
+                    tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
+                }
+            }
+            SendFailed::Ended => self.account(side, &Completion::Error(errno), now),
         }
-        if !self.many {
-            self.complete(side, Completion::Error(errno));
-            return;
-        }
-        let i = side.index();
-        self.sockets[i].sending_msg = None;
-        self.io.legs[i].in_flight = 0;
-        self.listener.stats.send_drops.fetch_add(1, Relaxed);
-        tracing::debug!(listener = %self.listener.name, errno, "SCTP one-to-many send failed; message dropped");
-        self.session
-            .on_complete(side, Completion::Sent(0), &mut self.io);
+        self.take_sctp_events();
     }
 
     /// Whether the session asked for an upstream it does not have yet.
@@ -456,7 +426,7 @@ impl ActiveSession {
         }
     }
 
-    fn upstream_failed(&mut self, errno: i32) {
+    fn upstream_failed(&mut self, errno: i32, now: Instant) {
         let st = &self.listener.stats;
         match errno {
             libc::ETIMEDOUT => st.upstream_timeouts.fetch_add(1, Relaxed),
@@ -467,7 +437,7 @@ impl ActiveSession {
         // never got a socket to try it with.
         if self.sockets[1].fd.is_some() {
             if let (Some(set), Some(addr)) = (&self.listener.upstream, self.upstream) {
-                set.mark_down(addr);
+                set.mark_down(addr, now);
             }
         }
         tracing::warn!(
@@ -480,10 +450,10 @@ impl ActiveSession {
 
     /// Reports that `n` bytes of the send from [`ActiveSession::take_send`] on `side` were
     /// sent; `buf` is the buffer the operation held (the rest goes next).
-    pub fn sent(&mut self, side: Side, buf: Vec<u8>, n: usize) {
+    pub fn sent(&mut self, side: Side, buf: Vec<u8>, n: usize, now: Instant) {
         let sock = &mut self.sockets[side.index()];
         sock.sending = buf;
-        sock.blocked = None;
+        sock.backoff.reset();
         sock.sent += n;
         if sock.sent >= sock.sending.len() {
             sock.sending.clear();
@@ -494,7 +464,7 @@ impl ActiveSession {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
         self.session
-            .on_complete(side, Completion::Sent(n), &mut self.io);
+            .on_complete(side, Completion::Sent(n), &mut self.io, now);
     }
 
     /// The bytes to send next on `side`, moved out for a send operation, with the
@@ -596,12 +566,12 @@ impl ActiveSession {
     /// Picks an upstream and gets a socket for it: made here for the root namespace
     /// (socket(2) is non-blocking), taken from the binder-filled pool otherwise.
     /// On `Wait` the worker must retry after its next wake-up.
-    pub fn start_connect(&mut self, wake: &Arc<OwnedFd>) -> ConnectStart {
+    pub fn start_connect(&mut self, wake: &Arc<OwnedFd>, now: Instant) -> ConnectStart {
         let Some(set) = self.listener.upstream.clone() else {
-            self.complete(Side::Upstream, Completion::Error(libc::EINVAL));
+            self.complete(Side::Upstream, Completion::Error(libc::EINVAL), now);
             return ConnectStart::Failed;
         };
-        let addr = *self.upstream.get_or_insert_with(|| set.pick());
+        let addr = *self.upstream.get_or_insert_with(|| set.pick(now));
         match set.socket_for(addr, wake) {
             upstream::GetSocket::Ready(fd) => {
                 let sctp = self.listener.proto == Proto::Sctp;
@@ -624,7 +594,7 @@ impl ActiveSession {
             }
             upstream::GetSocket::Failed(errno) => {
                 self.sockets[1].connecting = true;
-                self.complete(Side::Upstream, Completion::Error(errno));
+                self.complete(Side::Upstream, Completion::Error(errno), now);
                 self.sockets[1].connecting = false;
                 ConnectStart::Failed
             }

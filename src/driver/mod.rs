@@ -41,7 +41,7 @@ use std::thread;
 
 use crate::config::IoChoice;
 pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
-pub use active::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
+pub use crate::proto::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
 pub use shared::{ListenerShared, ListenerStats, PeelSource, WorkerStats};
 pub use upstream::UpstreamSet;
 use worker::WorkerCtx;

@@ -155,7 +155,7 @@ impl UdpState {
                 After::Nothing
             }
             Lookup::Vacant => {
-                let addr = set.pick();
+                let addr = set.pick(now);
                 let fd = match set.socket_for(addr, wake) {
                     GetSocket::Ready(fd) => fd,
                     GetSocket::Wait | GetSocket::Failed(_) => {

@@ -1,5 +1,6 @@
 //! Upstreams of a proxy listener: round-robin choice, a short back-off for an
-//! upstream that just failed, and sockets for upstreams in another namespace.
+//! upstream that just failed (both decided by [`UpstreamChoice`]), and sockets
+//! for upstreams in another namespace.
 //!
 //! A worker never calls setns(2). For an upstream in the root namespace it makes
 //! the socket itself (socket(2) does not block). For an upstream in another
@@ -11,14 +12,12 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::binder::{Binder, ClientProto, SocketPool};
-
-/// How long an upstream that refused or timed out is skipped (ms).
-pub const UPSTREAM_BACKOFF_MS: u64 = 3000;
+use crate::proto::UpstreamChoice;
+pub use crate::proto::UPSTREAM_BACKOFF_MS;
 /// Sockets a namespace pool keeps ready per address family (count).
 pub const POOL_TARGET: usize = 64;
 /// After a pool fill failed, sessions fail at once for this long, then a new fill
@@ -38,12 +37,8 @@ pub enum GetSocket {
 
 /// The upstreams of one proxy listener.
 pub struct UpstreamSet {
-    /// The addresses, in config order.
-    pub addrs: Vec<SocketAddr>,
-    next: AtomicUsize,
-    /// Per address: skip until this many ms after `epoch` (0 = usable).
-    down_until_ms: Vec<AtomicU64>,
-    epoch: Instant,
+    /// The addresses (in config order), round-robin and back-off over them.
+    choice: UpstreamChoice,
     /// Pools for an upstream namespace: index 0 IPv4, 1 IPv6.
     pools: Option<[Arc<SocketPool>; 2]>,
     binder: Option<Binder>,
@@ -54,7 +49,7 @@ pub struct UpstreamSet {
 impl std::fmt::Debug for UpstreamSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamSet")
-            .field("addrs", &self.addrs)
+            .field("addrs", &self.choice.addrs())
             .field("namespaced", &self.pools.is_some())
             .finish()
     }
@@ -100,38 +95,22 @@ impl UpstreamSet {
             }
         };
         Ok(UpstreamSet {
-            down_until_ms: addrs.iter().map(|_| AtomicU64::new(0)).collect(),
-            addrs,
-            next: AtomicUsize::new(0),
-            epoch: Instant::now(),
+            choice: UpstreamChoice::new(addrs, Instant::now()),
             binder: pools.as_ref().map(|_| binder.clone()),
             pools,
             proto,
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
     /// The next upstream, round-robin, skipping those in back-off; if all are in
-    /// back-off, the next one anyway.
-    pub fn pick(&self) -> SocketAddr {
-        let n = self.addrs.len();
-        let start = self.next.fetch_add(1, Relaxed);
-        let now = self.now_ms();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.down_until_ms[i].load(Relaxed) <= now)
-            .map_or(self.addrs[start % n], |i| self.addrs[i])
+    /// back-off, the next one anyway ([`UpstreamChoice::pick`] now).
+    pub fn pick(&self, now: Instant) -> SocketAddr {
+        self.choice.pick(now)
     }
 
-    /// Skips `addr` for [`UPSTREAM_BACKOFF_MS`].
-    pub fn mark_down(&self, addr: SocketAddr) {
-        if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
-            let until = self.now_ms() + UPSTREAM_BACKOFF_MS;
-            self.down_until_ms[i].store(until, Relaxed);
-        }
+    /// Skips `addr` for [`UPSTREAM_BACKOFF_MS`] from now ([`UpstreamChoice::mark_down`]).
+    pub fn mark_down(&self, addr: SocketAddr, now: Instant) {
+        self.choice.mark_down(addr, now);
     }
 
     /// A socket to connect to `addr` from. `wake` is the caller's eventfd, written
@@ -174,12 +153,5 @@ impl UpstreamSet {
                 }
             }
         }
-    }
-
-    /// Sockets ready in the pools (IPv4, IPv6), for metrics and tests.
-    pub fn pooled(&self) -> (usize, usize) {
-        self.pools
-            .as_ref()
-            .map_or((0, 0), |p| (p[0].len(), p[1].len()))
     }
 }

@@ -11,16 +11,16 @@ use super::SessionIo;
 /// Most header fields parsed per request; more gives 431.
 const MAX_HEADERS: usize = 64;
 /// Largest request head kept while waiting for its end (bytes); larger gives 431.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub(super) const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-const RESP_KEEPALIVE: &[u8] =
+pub(super) const RESP_KEEPALIVE: &[u8] =
     b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
-const RESP_KEEPALIVE_10: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
-const RESP_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
-const RESP_400: &[u8] =
+pub(super) const RESP_KEEPALIVE_10: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
+pub(super) const RESP_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: ringress\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+pub(super) const RESP_400: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-const RESP_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-const RESP_501: &[u8] = b"HTTP/1.1 501 Not Implemented\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+pub(super) const RESP_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+pub(super) const RESP_501: &[u8] = b"HTTP/1.1 501 Not Implemented\r\nServer: ringress\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// Parser state of one HTTP connection.
 #[derive(Debug, Default)]
@@ -29,8 +29,6 @@ pub struct HttpSession {
     partial: Vec<u8>,
     /// Body bytes of the current request still to be skipped.
     body_left: u64,
-    /// Requests answered on this connection (count).
-    pub requests: u64,
 }
 
 enum Parsed {
@@ -143,7 +141,6 @@ impl HttpSession {
                     keep_alive,
                     http10,
                 } => {
-                    self.requests += 1;
                     pos += head;
                     let avail = (buf.len() - pos) as u64;
                     let skip = body.min(avail);

@@ -10,17 +10,24 @@
 //! requests into SQEs, the epoll driver into non-blocking syscalls; neither knows
 //! what echo, respond, http or proxy mean. See [`crate::driver`] for the driver side.
 
+pub mod backoff;
 mod http;
 pub mod proxy;
 pub mod proxy_header;
 pub mod sctp;
+#[cfg(test)]
+mod sim;
 pub mod udp;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::config::Action;
+use crate::config::{Action, Proto, SctpConfig};
+use crate::sctp::MsgInfo;
+pub use backoff::{
+    SendBackoff, UpstreamChoice, SEND_RETRY_MAX_MS, SEND_STALL_LIMIT, UPSTREAM_BACKOFF_MS,
+};
 pub use http::HttpSession;
 pub use proxy::ProxySession;
 pub use sctp::{OutMessage, Piece, SctpSession};
@@ -97,7 +104,10 @@ impl ConnIo {
         self.out.extend_from_slice(data);
     }
 
-    /// Asks for one more receive completion (idempotent until it arrives).
+    /// Asks for one more receive completion (idempotent until it arrives). A
+    /// receive already in flight answers it: its completion clears the request,
+    /// and the session asks again if it still wants more
+    /// ([`Session::on_complete`]).
     pub fn recv(&mut self) {
         self.want_recv = true;
     }
@@ -208,6 +218,29 @@ impl SessionIo {
     pub fn closing(&self) -> bool {
         self.close
     }
+
+    /// Gives up on association `assoc` of the one-to-many SCTP socket on `side`
+    /// (its peer took no message for [`SEND_STALL_LIMIT`]): drops every message
+    /// queued for it and queues an `SCTP_ABORT` for it first of all, so that the
+    /// other associations' messages can go. Returns how many queued messages were
+    /// dropped (count; the message being sent, which the driver holds, is not
+    /// among them).
+    pub fn abort_association(&mut self, side: Side, assoc: i32) -> usize {
+        let l = &mut self.legs[side.index()];
+        let before = l.msgs.len();
+        l.msgs.retain(|m| m.info.assoc != assoc);
+        l.msg_bytes = l.msgs.iter().map(|m| m.data.len()).sum();
+        let dropped = before - l.msgs.len();
+        l.msgs.push_front(OutMessage {
+            data: Vec::new(),
+            info: MsgInfo {
+                assoc,
+                ..MsgInfo::default()
+            },
+            flags: crate::sctp::SCTP_ABORT,
+        });
+        dropped
+    }
 }
 
 /// Addresses of an accepted connection, for sessions that need them (PROXY header).
@@ -242,6 +275,29 @@ pub enum Session {
 /// How much input a `respond` session reads and discards before closing anyway (bytes).
 pub const RESPOND_DISCARD_LIMIT: usize = 64 * 1024;
 
+/// How a session's client socket came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// accept(2) on a listener (TCP, SCTP one-to-one).
+    Accepted,
+    /// A one-to-many SCTP listener socket itself: one session for all of its
+    /// associations.
+    Many,
+    /// An association peeled off a one-to-many SCTP socket (sctp_peeloff(3)).
+    Peeled,
+}
+
+/// What became of a send that failed (an errno other than EAGAIN/EINTR), see
+/// [`Session::on_send_failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailed {
+    /// This many messages were lost (count, for the listener's `send_drops`); the
+    /// session goes on.
+    Dropped(u32),
+    /// The session was told ([`Completion::Error`]) and ends (abort).
+    Ended,
+}
+
 impl Session {
     /// A fresh session for `action`.
     pub fn new(action: &Action) -> Session {
@@ -253,9 +309,38 @@ impl Session {
         }
     }
 
-    /// Called once, right after the connection is accepted. `info` holds the
-    /// connection's addresses when the action needs them (see [`Session::needs_info`]).
-    pub fn on_open(&mut self, action: &Action, info: &ConnInfo, netns: &str, io: &mut SessionIo) {
+    /// The session for a socket of a listener with `action` over `proto`, made
+    /// as `origin` says: an [`SctpSession`] for SCTP (of the whole socket for
+    /// [`Origin::Many`], ended with SCTP_EOF for [`Origin::Peeled`]), else the
+    /// byte-stream session of `action` ([`Session::new`]).
+    pub fn for_listener(
+        action: &Action,
+        proto: Proto,
+        sctp: &SctpConfig,
+        origin: Origin,
+    ) -> Session {
+        if proto != Proto::Sctp {
+            return Session::new(action);
+        }
+        let s = SctpSession::new(action, sctp, origin == Origin::Many);
+        Session::Sctp(Box::new(if origin == Origin::Peeled {
+            s.peeled_off()
+        } else {
+            s
+        }))
+    }
+
+    /// Called once, right after the connection is accepted, at `now` (timeouts
+    /// count from it). `info` holds the connection's addresses when the action
+    /// needs them (see [`Session::needs_info`]).
+    pub fn on_open(
+        &mut self,
+        action: &Action,
+        info: &ConnInfo,
+        netns: &str,
+        io: &mut SessionIo,
+        now: Instant,
+    ) {
         match self {
             Session::Echo | Session::Http(_) => io.client().recv(),
             Session::Respond { .. } => {
@@ -265,8 +350,8 @@ impl Session {
                 io.client().shutdown_write();
                 io.client().recv();
             }
-            Session::Proxy(p) => p.on_open(info, netns, io),
-            Session::Sctp(s) => s.on_open(io),
+            Session::Proxy(p) => p.on_open(info, netns, io, now),
+            Session::Sctp(s) => s.on_open(io, now),
         }
     }
 
@@ -275,11 +360,21 @@ impl Session {
         matches!(action, Action::Proxy(p) if p.proxy_protocol.is_some())
     }
 
-    /// Called for every completion of this session.
-    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+    /// Called for every completion of this session, reported at `now`.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo, now: Instant) {
+        if matches!(
+            c,
+            Completion::Recv(_) | Completion::Message(_) | Completion::Eof
+        ) {
+            // A receive answers every request for one made while it was in
+            // flight; the session asks again below if it still wants more, with
+            // what it knows now. (Otherwise a request made before this receive
+            // filled the window would start one more receive past it.)
+            io.side(side).want_recv = false;
+        }
         match self {
-            Session::Proxy(p) => return p.on_complete(side, c, io),
-            Session::Sctp(s) => return s.on_complete(side, c, io),
+            Session::Proxy(p) => return p.on_complete(side, c, io, now),
+            Session::Sctp(s) => return s.on_complete(side, c, io, now),
             _ => {}
         }
         match c {
@@ -328,6 +423,50 @@ impl Session {
     }
 }
 
+impl Session {
+    /// A send on `side` failed at `now` with `errno` (not EAGAIN or EINTR); the
+    /// driver no longer holds what it was sending (for SCTP, one message). Decides
+    /// what that costs:
+    /// - an SCTP association that has ended (its peer shut it down; SCTP has no
+    ///   half-close) takes nothing more: everything queued toward it is dropped
+    ///   too, `Dropped(1 + queued)`, and the session ends as it would anyway. A
+    ///   one-to-one send refused with ESHUTDOWN or EPIPE says just that, even
+    ///   before the session has read the end ([`SctpSession::on_send_error`]);
+    /// - on a one-to-many SCTP socket only that message's association is gone:
+    ///   `Dropped(1)`, the other associations go on;
+    /// - otherwise the session gets [`Completion::Error`] and aborts: `Ended`.
+    pub fn on_send_failed(
+        &mut self,
+        side: Side,
+        errno: i32,
+        io: &mut SessionIo,
+        now: Instant,
+    ) -> SendFailed {
+        let (ended, many) = match self {
+            Session::Sctp(s) => {
+                s.on_send_error(side, errno);
+                (s.ended(side), s.one_to_many())
+            }
+            _ => (false, false),
+        };
+        let leg = io.side(side);
+        let n = if ended {
+            let n = 1 + leg.msgs.len();
+            leg.msgs.clear();
+            leg.msg_bytes = 0;
+            n
+        } else if many {
+            1
+        } else {
+            self.on_complete(side, Completion::Error(errno), io, now);
+            return SendFailed::Ended;
+        };
+        leg.in_flight = 0;
+        self.on_complete(side, Completion::Sent(0), io, now);
+        SendFailed::Dropped(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
 /// Re-arms receiving on the client once its send queue is below the window.
 fn resume_below_window(io: &mut SessionIo) {
     if !io.close && io.client().unsent() < SEND_WINDOW {
@@ -339,6 +478,10 @@ fn resume_below_window(io: &mut SessionIo) {
 mod tests {
     use super::*;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     const NO_INFO: ConnInfo = ConnInfo {
         peer: None,
         local: None,
@@ -348,11 +491,11 @@ mod tests {
     fn echo_stops_reading_above_window_and_resumes() {
         let mut s = Session::new(&Action::Echo);
         let mut io = SessionIo::default();
-        s.on_open(&Action::Echo, &NO_INFO, "root", &mut io);
+        s.on_open(&Action::Echo, &NO_INFO, "root", &mut io, now());
         assert!(io.client().want_recv);
         io.client().want_recv = false;
         let big = vec![7u8; SEND_WINDOW];
-        s.on_complete(Side::Client, Completion::Recv(&big), &mut io);
+        s.on_complete(Side::Client, Completion::Recv(&big), &mut io, now());
         assert!(
             !io.client().want_recv,
             "must not read while the window is full"
@@ -360,7 +503,7 @@ mod tests {
         assert_eq!(io.client().out.len(), SEND_WINDOW);
         // The driver hands the bytes to the kernel, which takes them all.
         io.client().out.clear();
-        s.on_complete(Side::Client, Completion::Sent(SEND_WINDOW), &mut io);
+        s.on_complete(Side::Client, Completion::Sent(SEND_WINDOW), &mut io, now());
         assert!(io.client().want_recv);
     }
 
@@ -369,10 +512,10 @@ mod tests {
         let a = Action::Respond(b"ack".to_vec());
         let mut s = Session::new(&a);
         let mut io = SessionIo::default();
-        s.on_open(&a, &NO_INFO, "root", &mut io);
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
         assert_eq!(io.client().out, b"ack");
         assert!(io.client().shutdown_write && io.client().want_recv && !io.close);
-        s.on_complete(Side::Client, Completion::Eof, &mut io);
+        s.on_complete(Side::Client, Completion::Eof, &mut io, now());
         assert!(io.close);
     }
 
@@ -381,7 +524,172 @@ mod tests {
         let mut s = Session::new(&Action::Echo);
         let mut io = SessionIo::default();
         io.client().send(b"x");
-        s.on_complete(Side::Client, Completion::Error(libc::ECONNRESET), &mut io);
+        s.on_complete(
+            Side::Client,
+            Completion::Error(libc::ECONNRESET),
+            &mut io,
+            now(),
+        );
         assert!(io.close && io.abort && io.client().out.is_empty());
+    }
+
+    fn msg(assoc: i32, len: usize) -> OutMessage {
+        OutMessage {
+            data: vec![1; len],
+            info: MsgInfo {
+                assoc,
+                ..MsgInfo::default()
+            },
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn for_listener_picks_the_session_kind() {
+        let sctp = SctpConfig::default();
+        let s = Session::for_listener(&Action::Http, Proto::Tcp, &sctp, Origin::Accepted);
+        assert!(matches!(s, Session::Http(_)));
+        let s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Many);
+        assert!(matches!(&s, Session::Sctp(x) if x.one_to_many()));
+        let s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Accepted);
+        assert!(matches!(&s, Session::Sctp(x) if !x.one_to_many()));
+    }
+
+    #[test]
+    fn abort_association_drops_its_messages_and_aborts_first() {
+        let mut io = SessionIo::default();
+        for (assoc, len) in [(1, 10), (2, 20), (1, 30), (3, 40)] {
+            io.client().send_message(msg(assoc, len));
+        }
+        assert_eq!(io.abort_association(Side::Client, 1), 2);
+        let l = io.client();
+        assert_eq!(l.msg_bytes, 60);
+        let m = l.msgs.pop_front().unwrap();
+        assert_eq!(
+            (m.flags, m.info.assoc, m.data.len()),
+            (crate::sctp::SCTP_ABORT, 1, 0)
+        );
+        let rest: Vec<i32> = l.msgs.iter().map(|m| m.info.assoc).collect();
+        assert_eq!(rest, [2, 3]);
+    }
+
+    #[test]
+    fn send_failures_end_a_stream_but_only_drop_on_one_to_many() {
+        // A byte stream: the session ends.
+        let mut s = Session::new(&Action::Echo);
+        let mut io = SessionIo::default();
+        let r = s.on_send_failed(Side::Client, libc::EPIPE, &mut io, now());
+        assert_eq!(r, SendFailed::Ended);
+        assert!(io.abort);
+        // One-to-many: one message lost, reading goes on.
+        let sctp = SctpConfig::default();
+        let mut s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Many);
+        let mut io = SessionIo::default();
+        io.client().send_message(msg(7, 5));
+        io.client().in_flight = 9;
+        let r = s.on_send_failed(Side::Client, libc::EINVAL, &mut io, now());
+        assert_eq!(r, SendFailed::Dropped(1));
+        assert!(!io.abort && io.client().in_flight == 0 && io.client().msgs.len() == 1);
+        assert!(io.client().want_recv);
+        // One-to-one whose peer has shut down: everything queued goes too.
+        let mut s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        io.client().send_message(msg(0, 5));
+        io.client().send_message(msg(0, 6));
+        s.on_complete(Side::Client, Completion::Eof, &mut io, now());
+        let r = s.on_send_failed(Side::Client, libc::EPIPE, &mut io, now());
+        assert_eq!(r, SendFailed::Dropped(3));
+        assert!(io.client().unsent() == 0 && io.close && !io.abort);
+        // One-to-one still open: the error ends it.
+        let mut s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        let r = s.on_send_failed(Side::Client, libc::ECONNRESET, &mut io, now());
+        assert_eq!(r, SendFailed::Ended);
+        assert!(io.abort);
+    }
+
+    #[test]
+    fn sctp_send_refused_by_a_shutting_down_association_drops_not_aborts() {
+        // The upstream shut its association down and a send toward it fails
+        // before its SHUTDOWN notification was read: the response still queued
+        // toward the client must not be lost to an abort.
+        let p = crate::config::ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 4096,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 0,
+            max_sessions: 1,
+        };
+        let a = Action::Proxy(std::sync::Arc::new(p));
+        let sctp = SctpConfig::default();
+        let mut s = Session::for_listener(&a, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        io.client().send_message(msg(0, 10)); // the upstream's response
+        io.side(Side::Upstream).send_message(msg(0, 3));
+        let r = s.on_send_failed(Side::Upstream, libc::ESHUTDOWN, &mut io, now());
+        assert_eq!(r, SendFailed::Dropped(2));
+        assert!(!io.abort, "a graceful end is not an abort");
+        assert_eq!(io.client().msgs.len(), 1, "the response still goes out");
+        // More from the client has nowhere to go: dropped, counted.
+        let piece = Piece {
+            data: b"late",
+            info: MsgInfo::default(),
+            eor: true,
+            notification: false,
+        };
+        s.on_complete(Side::Client, Completion::Message(piece), &mut io, now());
+        assert_eq!((io.dropped, io.side(Side::Upstream).msgs.len()), (1, 0));
+        // The end is read later and ends the session the usual way.
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
+        assert!(io.client().shutdown_write && !io.abort);
+        // An abort of the association is still an error.
+        let mut s = Session::for_listener(&a, Proto::Sctp, &sctp, Origin::Accepted);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        let r = s.on_send_failed(Side::Upstream, libc::ECONNRESET, &mut io, now());
+        assert_eq!(r, SendFailed::Ended);
+        assert!(io.abort);
+    }
+
+    #[test]
+    fn a_receive_answers_requests_made_while_it_was_in_flight() {
+        // io_uring: a client receive is in flight when room on the upstream
+        // asks for one more; the receive then fills the window. No further
+        // receive may follow it.
+        let p = crate::config::ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 1000,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 0,
+            max_sessions: 1,
+        };
+        let a = Action::Proxy(std::sync::Arc::new(p));
+        let mut s = Session::new(&a);
+        let mut io = SessionIo::default();
+        s.on_open(&a, &NO_INFO, "root", &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        // The driver armed the client receive (taking the request).
+        assert!(std::mem::take(&mut io.client().want_recv));
+        // Room on the upstream: the session asks again, the receive still out.
+        s.on_complete(Side::Upstream, Completion::Sent(0), &mut io, now());
+        assert!(io.client().want_recv);
+        s.on_complete(Side::Client, Completion::Recv(&[5; 1000]), &mut io, now());
+        assert!(
+            !io.client().want_recv,
+            "a receive past the window was still asked for"
+        );
     }
 }

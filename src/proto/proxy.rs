@@ -44,12 +44,12 @@ impl ProxySession {
         self.connected
     }
 
-    /// Starts the upstream connect, with the connect timeout; queues the PROXY
-    /// header (sent once connected).
-    pub fn on_open(&mut self, info: &ConnInfo, netns: &str, io: &mut SessionIo) {
+    /// Starts the upstream connect, with the connect timeout counted from `now`;
+    /// queues the PROXY header (sent once connected).
+    pub fn on_open(&mut self, info: &ConnInfo, netns: &str, io: &mut SessionIo, now: Instant) {
         io.connect();
         io.set_deadline(Some(
-            Instant::now() + Duration::from_millis(self.cfg.connect_timeout_ms),
+            now + Duration::from_millis(self.cfg.connect_timeout_ms),
         ));
         if let Some(v) = self.cfg.proxy_protocol {
             let ns = (netns != "root").then_some(netns);
@@ -58,11 +58,10 @@ impl ProxySession {
         }
     }
 
-    fn touch(&self, io: &mut SessionIo) {
+    /// Moves the idle deadline to `idle_timeout_ms` after `now` (if configured).
+    fn touch(&self, io: &mut SessionIo, now: Instant) {
         if self.cfg.idle_timeout_ms > 0 {
-            io.set_deadline(Some(
-                Instant::now() + Duration::from_millis(self.cfg.idle_timeout_ms),
-            ));
+            io.set_deadline(Some(now + Duration::from_millis(self.cfg.idle_timeout_ms)));
         }
     }
 
@@ -76,25 +75,25 @@ impl ProxySession {
         }
     }
 
-    /// Handles one completion on side `side`.
-    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+    /// Handles one completion on side `side`, reported at `now`.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo, now: Instant) {
         match c {
             Completion::Connected => {
                 self.connected = true;
                 io.set_deadline(None);
-                self.touch(io);
+                self.touch(io, now);
                 self.resume(Side::Client, io);
                 self.resume(Side::Upstream, io);
             }
             Completion::Recv(data) => {
                 io.side(side.other()).send(data);
                 self.resume(side, io);
-                self.touch(io);
+                self.touch(io, now);
             }
             Completion::Sent(_) => {
                 // Room on `side`: the other side, whose bytes these were, may read again.
                 self.resume(side.other(), io);
-                self.touch(io);
+                self.touch(io, now);
             }
             Completion::Eof => {
                 self.eof[side.index()] = true;
@@ -131,6 +130,10 @@ mod tests {
         })
     }
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     const INFO: ConnInfo = ConnInfo {
         peer: None,
         local: None,
@@ -140,14 +143,14 @@ mod tests {
     fn connects_first_then_reads_both_sides() {
         let mut p = ProxySession::new(cfg(1000, Some(ProxyProtocol::V1)));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "tenant", &mut io);
+        p.on_open(&INFO, "tenant", &mut io, now());
         assert!(io.connect && io.deadline.is_some());
         assert!(
             !io.client().want_recv,
             "client read before the upstream is up"
         );
         assert_eq!(io.side(Side::Upstream).out, b"PROXY UNKNOWN\r\n");
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
         assert!(io.client().want_recv && io.side(Side::Upstream).want_recv);
         assert!(io.deadline.is_none());
     }
@@ -156,17 +159,22 @@ mod tests {
     fn window_stalls_the_writer_until_the_reader_drains() {
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
         io.side(Side::Upstream).want_recv = false;
-        p.on_complete(Side::Upstream, Completion::Recv(&[1u8; 1000]), &mut io);
+        p.on_complete(
+            Side::Upstream,
+            Completion::Recv(&[1u8; 1000]),
+            &mut io,
+            now(),
+        );
         assert_eq!(io.client().out.len(), 1000);
         assert!(
             !io.side(Side::Upstream).want_recv,
             "upstream read past the window"
         );
         io.client().out.clear();
-        p.on_complete(Side::Client, Completion::Sent(1000), &mut io);
+        p.on_complete(Side::Client, Completion::Sent(1000), &mut io, now());
         assert!(io.side(Side::Upstream).want_recv);
     }
 
@@ -174,16 +182,16 @@ mod tests {
     fn fin_is_a_half_close_and_both_fins_close() {
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
-        p.on_complete(Side::Client, Completion::Eof, &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        p.on_complete(Side::Client, Completion::Eof, &mut io, now());
         assert!(io.side(Side::Upstream).shutdown_write);
         assert!(!io.close);
         io.side(Side::Upstream).want_recv = false;
-        p.on_complete(Side::Upstream, Completion::Recv(b"reply"), &mut io);
+        p.on_complete(Side::Upstream, Completion::Recv(b"reply"), &mut io, now());
         assert_eq!(io.client().out, b"reply");
         assert!(io.side(Side::Upstream).want_recv);
-        p.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        p.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
         assert!(io.client().shutdown_write && io.close && !io.abort);
     }
 
@@ -191,14 +199,19 @@ mod tests {
     fn reset_aborts_and_connect_timeout_aborts() {
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Client, Completion::Timeout, &mut io, now());
         assert!(io.abort);
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
-        p.on_complete(Side::Upstream, Completion::Error(libc::ECONNRESET), &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        p.on_complete(
+            Side::Upstream,
+            Completion::Error(libc::ECONNRESET),
+            &mut io,
+            now(),
+        );
         assert!(io.abort && io.close);
     }
 
@@ -206,16 +219,21 @@ mod tests {
     fn idle_timeout_closes_cleanly_unless_bytes_are_stuck() {
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
-        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        p.on_complete(Side::Client, Completion::Timeout, &mut io, now());
         assert!(io.close && !io.abort, "an idle session closes cleanly");
         let mut p = ProxySession::new(cfg(1000, None));
         let mut io = SessionIo::default();
-        p.on_open(&INFO, "root", &mut io);
-        p.on_complete(Side::Upstream, Completion::Connected, &mut io);
-        p.on_complete(Side::Upstream, Completion::Recv(b"never read"), &mut io);
-        p.on_complete(Side::Client, Completion::Timeout, &mut io);
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        p.on_complete(
+            Side::Upstream,
+            Completion::Recv(b"never read"),
+            &mut io,
+            now(),
+        );
+        p.on_complete(Side::Client, Completion::Timeout, &mut io, now());
         assert!(
             io.abort,
             "bytes a client will not take must not hold the session"

@@ -73,6 +73,10 @@ pub struct SctpSession {
     partial: [HashMap<i32, Partial>; 2],
     connected: bool,
     eof: [bool; 2],
+    /// One-to-one: a send on this side was refused because its association is
+    /// shutting down or has shut down (ESHUTDOWN, EPIPE); nothing more is sent
+    /// there, though its end may not have been read yet.
+    send_shut: [bool; 2],
     errors_in_a_row: u32,
     /// One-to-many proxy: peel-offs asked for and not finished yet.
     peels_pending: u32,
@@ -102,6 +106,7 @@ impl SctpSession {
             partial: Default::default(),
             connected: false,
             eof: [false; 2],
+            send_shut: [false; 2],
             errors_in_a_row: 0,
             peels_pending: 0,
             partial_bytes: 0,
@@ -130,6 +135,11 @@ impl SctpSession {
         }
     }
 
+    /// Whether this is the session of a whole one-to-many socket.
+    pub fn one_to_many(&self) -> bool {
+        self.many
+    }
+
     /// Whether the upstream association is established (proxy).
     pub fn connected(&self) -> bool {
         self.connected
@@ -145,41 +155,40 @@ impl SctpSession {
         self.proxy.is_some() && !self.many
     }
 
-    /// Called once when the session starts.
-    pub fn on_open(&mut self, io: &mut SessionIo) {
+    /// Called once when the session starts, at `now` (the connect timeout of a
+    /// proxy counts from it).
+    pub fn on_open(&mut self, io: &mut SessionIo, now: Instant) {
         match &self.proxy {
             Some(p) if !self.many => {
                 io.connect();
-                io.set_deadline(Some(
-                    Instant::now() + Duration::from_millis(p.connect_timeout_ms),
-                ));
+                io.set_deadline(Some(now + Duration::from_millis(p.connect_timeout_ms)));
             }
             _ => io.client().recv(),
         }
     }
 
-    /// Called for every completion.
-    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo) {
+    /// Called for every completion, reported at `now`.
+    pub fn on_complete(&mut self, side: Side, c: Completion<'_>, io: &mut SessionIo, now: Instant) {
         match c {
             Completion::Message(p) if p.notification => {
-                self.on_notification(side, &p, io);
+                self.on_notification(side, &p, io, now);
                 self.resume(io);
             }
             Completion::Message(p) => {
                 self.errors_in_a_row = 0;
                 self.on_piece(side, &p, io);
-                self.touch(io);
+                self.touch(io, now);
                 self.resume(io);
             }
             Completion::Recv(_) => {} // byte receives are not used on SCTP legs
             Completion::Sent(_) => {
-                self.touch(io);
+                self.touch(io, now);
                 self.resume(io);
             }
             Completion::Connected => {
                 self.connected = true;
                 io.set_deadline(None);
-                self.touch(io);
+                self.touch(io, now);
                 self.resume(io);
             }
             Completion::Eof if self.many => io.close(),
@@ -210,13 +219,12 @@ impl SctpSession {
         }
     }
 
-    /// Moves the idle deadline (proxy with `idle_timeout_ms`).
-    fn touch(&self, io: &mut SessionIo) {
+    /// Moves the idle deadline to `idle_timeout_ms` after `now` (proxy with
+    /// `idle_timeout_ms`).
+    fn touch(&self, io: &mut SessionIo, now: Instant) {
         if let Some(p) = &self.proxy {
             if self.connected && p.idle_timeout_ms > 0 {
-                io.set_deadline(Some(
-                    Instant::now() + Duration::from_millis(p.idle_timeout_ms),
-                ));
+                io.set_deadline(Some(now + Duration::from_millis(p.idle_timeout_ms)));
             }
         }
     }
@@ -242,7 +250,20 @@ impl SctpSession {
     /// Whether the association on `side` has ended (its peer shut it down): sends
     /// toward it can only fail.
     pub fn ended(&self, side: Side) -> bool {
-        !self.many && self.eof[side.index()]
+        !self.many && (self.eof[side.index()] || self.send_shut[side.index()])
+    }
+
+    /// A send on `side` failed with `errno`. On a one-to-one socket ESHUTDOWN
+    /// (the association is in a SHUTDOWN state: Linux `sctp_sf_error_shutdown`)
+    /// and EPIPE (it has closed; an abort reports ECONNRESET instead) mean that
+    /// its peer shut it down, possibly before the session read that end: the
+    /// side takes nothing more ([`SctpSession::ended`]) and messages for it are
+    /// dropped from now on; the end itself is still read and ends the session
+    /// as usual.
+    pub fn on_send_error(&mut self, side: Side, errno: i32) {
+        if !self.many && matches!(errno, libc::ESHUTDOWN | libc::EPIPE) {
+            self.send_shut[side.index()] = true;
+        }
     }
 
     /// Asks for a receive on every side whose destination has room.
@@ -272,7 +293,12 @@ impl SctpSession {
             io.dropped += 1;
             return;
         }
-        if self.proxying() && self.eof[side.other().index()] {
+        let dest = if self.proxying() {
+            side.other()
+        } else {
+            Side::Client
+        };
+        if self.ended(dest) {
             // That side has ended (SCTP has no half-close: it takes no more data).
             io.dropped += 1;
             return;
@@ -344,7 +370,7 @@ impl SctpSession {
         }
     }
 
-    fn on_notification(&mut self, side: Side, p: &Piece<'_>, io: &mut SessionIo) {
+    fn on_notification(&mut self, side: Side, p: &Piece<'_>, io: &mut SessionIo, now: Instant) {
         let n = Notification::parse(p.data);
         tracing::debug!(?side, notification = ?n, "SCTP notification");
         match n {
@@ -367,15 +393,15 @@ impl SctpSession {
             // one-to-one socket also reports it by recvmsg returning 0 or an
             // error, a peeled-off one only this way.
             Some(Notification::Shutdown { .. }) if !self.many && !self.eof[side.index()] => {
-                self.on_complete(side, Completion::Eof, io)
+                self.on_complete(side, Completion::Eof, io, now)
             }
             Some(Notification::AssocChange { state, .. }) if !self.many => match state {
                 sctp::SCTP_COMM_LOST => {
                     io.lost = true;
-                    self.on_complete(side, Completion::Error(libc::ECONNRESET), io)
+                    self.on_complete(side, Completion::Error(libc::ECONNRESET), io, now)
                 }
                 sctp::SCTP_SHUTDOWN_COMP if !self.eof[side.index()] => {
-                    self.on_complete(side, Completion::Eof, io)
+                    self.on_complete(side, Completion::Eof, io, now)
                 }
                 _ => {}
             },
@@ -388,6 +414,10 @@ impl SctpSession {
 mod tests {
     use super::*;
     use crate::proto::{Completion, Session};
+
+    fn now() -> Instant {
+        Instant::now()
+    }
 
     fn cfg(max: usize) -> SctpConfig {
         SctpConfig {
@@ -413,11 +443,11 @@ mod tests {
     fn echo_reassembles_and_keeps_stream_and_ppid() {
         let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
         let mut io = SessionIo::default();
-        s.on_open(&mut io);
+        s.on_open(&mut io, now());
         assert!(io.client().want_recv);
-        s.on_complete(Side::Client, piece(b"hel", 3, 77, 0, false), &mut io);
+        s.on_complete(Side::Client, piece(b"hel", 3, 77, 0, false), &mut io, now());
         assert!(io.client().msgs.is_empty(), "no partial message is sent");
-        s.on_complete(Side::Client, piece(b"lo", 3, 77, 0, true), &mut io);
+        s.on_complete(Side::Client, piece(b"lo", 3, 77, 0, true), &mut io, now());
         let m = io.client().msgs.pop_front().unwrap();
         assert_eq!(m.data, b"hello");
         assert_eq!((m.info.stream, m.info.ppid), (3, 77));
@@ -427,8 +457,8 @@ mod tests {
     fn too_big_aborts_one_to_one_and_counts() {
         let mut s = SctpSession::new(&Action::Echo, &cfg(4), false);
         let mut io = SessionIo::default();
-        s.on_complete(Side::Client, piece(b"abc", 0, 0, 0, false), &mut io);
-        s.on_complete(Side::Client, piece(b"de", 0, 0, 0, true), &mut io);
+        s.on_complete(Side::Client, piece(b"abc", 0, 0, 0, false), &mut io, now());
+        s.on_complete(Side::Client, piece(b"de", 0, 0, 0, true), &mut io, now());
         assert!(io.abort && io.too_big == 1);
     }
 
@@ -436,20 +466,20 @@ mod tests {
     fn one_to_many_keeps_associations_apart_and_aborts_only_the_big_one() {
         let mut s = SctpSession::new(&Action::Echo, &cfg(4), true);
         let mut io = SessionIo::default();
-        s.on_complete(Side::Client, piece(b"ab", 1, 5, 10, false), &mut io);
-        s.on_complete(Side::Client, piece(b"xyz", 2, 6, 11, false), &mut io);
-        s.on_complete(Side::Client, piece(b"c", 1, 5, 10, true), &mut io);
+        s.on_complete(Side::Client, piece(b"ab", 1, 5, 10, false), &mut io, now());
+        s.on_complete(Side::Client, piece(b"xyz", 2, 6, 11, false), &mut io, now());
+        s.on_complete(Side::Client, piece(b"c", 1, 5, 10, true), &mut io, now());
         let m = io.client().msgs.pop_front().unwrap();
         assert_eq!(
             (m.data.as_slice(), m.info.assoc, m.info.stream),
             (&b"abc"[..], 10, 1)
         );
         // association 11 goes over the limit: an abort for it alone.
-        s.on_complete(Side::Client, piece(b"zz", 2, 6, 11, false), &mut io);
+        s.on_complete(Side::Client, piece(b"zz", 2, 6, 11, false), &mut io, now());
         let a = io.client().msgs.pop_front().unwrap();
         assert_eq!((a.flags, a.info.assoc), (sctp::SCTP_ABORT, 11));
         assert!(!io.abort && io.too_big == 1);
-        s.on_complete(Side::Client, piece(b"end", 2, 6, 11, true), &mut io);
+        s.on_complete(Side::Client, piece(b"end", 2, 6, 11, true), &mut io, now());
         assert!(
             io.client().msgs.is_empty(),
             "the rest of the big one is dropped"
@@ -471,6 +501,7 @@ mod tests {
                 notification: true,
             }),
             &mut io,
+            now(),
         );
         assert!(io.client().msgs.is_empty());
         assert_eq!(io.assoc_up, 1);
@@ -499,13 +530,13 @@ mod tests {
         let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
         let mut io = SessionIo::default();
         let lost = notification(sctp::SCTP_ASSOC_CHANGE, sctp::SCTP_COMM_LOST);
-        s.on_complete(Side::Client, note(&lost), &mut io);
+        s.on_complete(Side::Client, note(&lost), &mut io, now());
         assert!(io.abort);
         // The peer's SHUTDOWN ends an echo session cleanly.
         let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
         let mut io = SessionIo::default();
         let shut = notification(sctp::SCTP_SHUTDOWN_EVENT, 0);
-        s.on_complete(Side::Client, note(&shut), &mut io);
+        s.on_complete(Side::Client, note(&shut), &mut io, now());
         assert!(io.close && !io.abort);
     }
 
@@ -514,9 +545,9 @@ mod tests {
         let a = Action::Proxy(Arc::new(proxy_cfg()));
         let mut s = SctpSession::new(&a, &cfg(100), false).peeled_off();
         let mut io = SessionIo::default();
-        s.on_open(&mut io);
-        s.on_complete(Side::Upstream, Completion::Connected, &mut io);
-        s.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        s.on_open(&mut io, now());
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
         let m = io.client().msgs.pop_front().expect("an SCTP_EOF message");
         assert_eq!((m.flags, m.data.len()), (sctp::SCTP_EOF, 0));
         assert!(
@@ -530,11 +561,11 @@ mod tests {
         let a = Action::Proxy(Arc::new(proxy_cfg()));
         let mut s = SctpSession::new(&a, &cfg(100), true);
         let mut io = SessionIo::default();
-        s.on_open(&mut io);
+        s.on_open(&mut io, now());
         io.client().want_recv = false;
         let mut up = notification(sctp::SCTP_ASSOC_CHANGE, sctp::SCTP_COMM_UP);
         up[16..20].copy_from_slice(&33i32.to_ne_bytes());
-        s.on_complete(Side::Client, note(&up), &mut io);
+        s.on_complete(Side::Client, note(&up), &mut io, now());
         assert_eq!(io.peel_off, vec![33]);
         assert!(
             !io.client().want_recv,
@@ -567,22 +598,27 @@ mod tests {
         let Session::Sctp(inner) = &mut s else {
             unreachable!()
         };
-        inner.on_open(&mut io);
+        inner.on_open(&mut io, now());
         assert!(io.connect && !io.client().want_recv);
-        s.on_complete(Side::Upstream, Completion::Connected, &mut io);
+        s.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
         assert!(io.client().want_recv && io.side(Side::Upstream).want_recv);
-        s.on_complete(Side::Client, piece(b"req", 4, 9, 0, true), &mut io);
+        s.on_complete(Side::Client, piece(b"req", 4, 9, 0, true), &mut io, now());
         let m = io.side(Side::Upstream).msgs.pop_front().unwrap();
         assert_eq!(
             (m.data.as_slice(), m.info.stream, m.info.ppid),
             (&b"req"[..], 4, 9)
         );
-        s.on_complete(Side::Upstream, piece(b"rsp", 5, 10, 0, true), &mut io);
+        s.on_complete(
+            Side::Upstream,
+            piece(b"rsp", 5, 10, 0, true),
+            &mut io,
+            now(),
+        );
         let m = io.client().msgs.pop_front().unwrap();
         assert_eq!((m.info.stream, m.info.ppid), (5, 10));
-        s.on_complete(Side::Client, Completion::Eof, &mut io);
+        s.on_complete(Side::Client, Completion::Eof, &mut io, now());
         assert!(io.side(Side::Upstream).shutdown_write && !io.close);
-        s.on_complete(Side::Upstream, Completion::Eof, &mut io);
+        s.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
         assert!(io.close);
     }
 }

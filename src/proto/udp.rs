@@ -133,11 +133,6 @@ impl<U> UdpSessions<U> {
     pub fn is_empty(&self) -> bool {
         self.by_client.is_empty()
     }
-
-    /// The idle timeout.
-    pub fn idle(&self) -> Duration {
-        self.idle
-    }
 }
 
 #[cfg(test)]

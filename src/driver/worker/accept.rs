@@ -4,14 +4,15 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Worker, K_ACCEPT};
-use crate::driver::active::{ActiveSession, Opened};
+use crate::driver::active::ActiveSession;
 use crate::driver::backend::{Backend, Event, Op};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
 use crate::driver::ACCEPT_PAUSE_MS;
+use crate::proto::Origin;
 
 impl<B: Backend> Worker<B> {
     pub(super) fn arm_accept(&mut self, k: Key) {
@@ -68,8 +69,13 @@ impl<B: Backend> Worker<B> {
             if l.removing {
                 self.backend.close(fd);
             } else {
-                let session =
-                    ActiveSession::open(fd, l.shared.clone(), &self.ctx.stats, Opened::Accepted);
+                let session = ActiveSession::open(
+                    fd,
+                    l.shared.clone(),
+                    &self.ctx.stats,
+                    Origin::Accepted,
+                    self.now,
+                );
                 let ck = self.insert_session(session);
                 self.drive(ck);
             }
@@ -87,7 +93,7 @@ impl<B: Backend> Worker<B> {
                     "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
                 if !ev.more && !l.paused {
                     l.paused = true;
-                    let at = Instant::now() + Duration::from_millis(ACCEPT_PAUSE_MS);
+                    let at = self.now + Duration::from_millis(ACCEPT_PAUSE_MS);
                     self.timers.start(at, Timer::AcceptPause, k);
                 }
                 return;

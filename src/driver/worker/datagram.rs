@@ -4,7 +4,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use super::{Worker, K_UDP_LISTENER, K_UDP_UPSTREAM};
 use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, OpId};
@@ -51,7 +50,7 @@ impl<B: Backend> Worker<B> {
 
     /// One event of a UDP multishot receive.
     pub(super) fn on_udp(&mut self, kind: u8, k: Key, ev: Event) {
-        let now = Instant::now();
+        let now = self.now;
         let mut watch = None;
         if let (
             true,

@@ -27,7 +27,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use super::active::{ActiveSession, Opened};
+use super::active::ActiveSession;
 use super::backend::{Backend, Caps, Event, Op, OpId};
 use super::shared::{ListenerShared, PeelMailbox, WorkerStats};
 use super::slab::{token, untoken, Key, Slab};
@@ -35,6 +35,7 @@ use super::timers::{Timer, Timers};
 use super::udp::UdpState;
 use super::{drain_eventfd, Command};
 use crate::config::Proto;
+use crate::proto::Origin;
 use crate::proto::{Completion, Side};
 
 const K_WAKE: u8 = 1;
@@ -143,6 +144,8 @@ pub(crate) struct Worker<B: Backend> {
     events: Vec<Event>,
     /// Set by [`Command::Shutdown`]: the time by which operations must have ended.
     shutdown: Option<Instant>,
+    /// The time of the batch being handled: what sessions are told it is.
+    now: Instant,
 }
 
 impl<B: Backend> Worker<B> {
@@ -163,6 +166,7 @@ impl<B: Backend> Worker<B> {
             wake_op: None,
             events: Vec::with_capacity(256),
             shutdown: None,
+            now: Instant::now(),
         }
     }
 
@@ -193,6 +197,7 @@ impl<B: Backend> Worker<B> {
             let mut events = std::mem::take(&mut self.events);
             self.backend.wait(wait, &mut events)?;
             while !events.is_empty() {
+                self.now = Instant::now();
                 self.ctx
                     .stats
                     .completed
@@ -224,10 +229,11 @@ impl<B: Backend> Worker<B> {
     /// Work after each batch of events: timers, starved receives, parked sessions,
     /// idle UDP sessions.
     fn after_batch(&mut self) {
+        self.now = Instant::now();
+        let now = self.now;
         for k in std::mem::take(&mut self.starved) {
             self.drive(k);
         }
-        let now = Instant::now();
         for (timer, k) in self
             .timers
             .expired(now, &mut self.sessions, |e| &mut e.session)
@@ -290,7 +296,8 @@ impl<B: Backend> Worker<B> {
             Timer::Deadline => {
                 if let Some(e) = self.sessions.get_mut(k) {
                     if !e.ops.closing {
-                        e.session.complete(Side::Client, Completion::Timeout);
+                        e.session
+                            .complete(Side::Client, Completion::Timeout, self.now);
                     }
                 }
                 self.drive(k);
@@ -324,7 +331,8 @@ impl<B: Backend> Worker<B> {
                     if shared.proto == Proto::Sctp
                         && shared.sctp.style == crate::sctp::Style::OneToMany =>
                 {
-                    let session = ActiveSession::open(fd, shared, &self.ctx.stats, Opened::Many);
+                    let session =
+                        ActiveSession::open(fd, shared, &self.ctx.stats, Origin::Many, self.now);
                     let k = self.insert_session(session);
                     self.ids.insert(id, ListenerRef::Many(k));
                     self.drive(k);

@@ -4,16 +4,16 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use super::{SessionOps, SessionSlot, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND};
-use crate::driver::active::{ActiveSession, ConnectStart, Opened, SEND_STALL_LIMIT};
+use crate::driver::active::{ActiveSession, ConnectStart};
 use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, OpId, Owned};
 use crate::driver::shared::Peeled;
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
 use crate::driver::wake;
 use crate::proto::{Completion, Side};
+use crate::proto::{Origin, SEND_STALL_LIMIT};
 
 impl<B: Backend> Worker<B> {
     pub(super) fn insert_session(&mut self, session: ActiveSession) -> Key {
@@ -41,7 +41,8 @@ impl<B: Backend> Worker<B> {
             let shared = e.session.listener.clone();
             match p.result {
                 Ok(fd) => {
-                    let session = ActiveSession::open(fd, shared, &self.ctx.stats, Opened::Peeled);
+                    let session =
+                        ActiveSession::open(fd, shared, &self.ctx.stats, Origin::Peeled, self.now);
                     let nk = self.insert_session(session);
                     self.drive(nk);
                 }
@@ -91,6 +92,7 @@ impl<B: Backend> Worker<B> {
     /// Starts what session `k` asks for after a completion: its connect, a send
     /// and a receive per side; closes it when it is done.
     pub(super) fn drive(&mut self, k: Key) {
+        let now = self.now;
         let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
@@ -99,7 +101,7 @@ impl<B: Backend> Worker<B> {
             return;
         }
         if e.session.take_connect_request() {
-            match e.session.start_connect(&self.ctx.wake) {
+            match e.session.start_connect(&self.ctx.wake, now) {
                 ConnectStart::Go => {
                     let sock = &mut e.session.sockets[1];
                     if let (Some(fd), Some(addr)) = (sock.raw(), sock.dest.take()) {
@@ -239,6 +241,7 @@ impl<B: Backend> Worker<B> {
     }
 
     pub(super) fn on_recv(&mut self, k: Key, side: Side, ev: Event) {
+        let now = self.now;
         let i = side.index();
         let Some(e) = self.sessions.get_mut(k) else {
             return;
@@ -271,15 +274,15 @@ impl<B: Backend> Worker<B> {
                     _ => (0, Default::default()),
                 };
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.session.complete_message(side, data, flags, info);
+                e.session.complete_message(side, data, flags, info, now);
             } else if res > 0 {
                 e.ops.drained[i] = (res as usize) < self.caps.recv_buf_size;
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.session.complete(side, Completion::Recv(data));
+                e.session.complete(side, Completion::Recv(data), now);
             } else if res == 0 {
-                e.session.complete(side, Completion::Eof);
+                e.session.complete(side, Completion::Eof, now);
             } else {
-                e.session.complete(side, Completion::Error(-res));
+                e.session.complete(side, Completion::Error(-res), now);
             }
         }
         self.drive(k);
@@ -289,6 +292,7 @@ impl<B: Backend> Worker<B> {
     /// receive is cancelled when the session stops asking for more (its window is
     /// full); its last event lacks `more`.
     pub(super) fn on_recv_multi(&mut self, k: Key, side: Side, ev: Event) {
+        let now = self.now;
         let i = side.index();
         let Some(e) = self.sessions.get_mut(k) else {
             return;
@@ -303,7 +307,7 @@ impl<B: Backend> Worker<B> {
         } else if ev.res >= 0 {
             if let Meta::Message { flags, info } = ev.meta {
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.session.complete_message(side, data, flags, info);
+                e.session.complete_message(side, data, flags, info, now);
             }
             // Still running but no longer wanted: stop it (its last events may
             // still carry data, which the session takes). Once a cancel is on its
@@ -331,12 +335,13 @@ impl<B: Backend> Worker<B> {
                 e.session.io.side(side).recv();
             }
         } else {
-            e.session.complete(side, Completion::Error(-ev.res));
+            e.session.complete(side, Completion::Error(-ev.res), now);
         }
         self.drive(k);
     }
 
     pub(super) fn on_send(&mut self, k: Key, side: Side, ev: Event) {
+        let now = self.now;
         let i = side.index();
         let Some(e) = self.sessions.get_mut(k) else {
             return;
@@ -345,8 +350,8 @@ impl<B: Backend> Worker<B> {
         let res = ev.res;
         match ev.owned {
             _ if e.ops.closing => {}
-            Owned::Bytes(buf) if res >= 0 => e.session.sent(side, buf, res as usize),
-            Owned::Message(msg, hdr) if res >= 0 => e.session.message_sent(side, msg, hdr),
+            Owned::Bytes(buf) if res >= 0 => e.session.sent(side, buf, res as usize, now),
+            Owned::Message(msg, hdr) if res >= 0 => e.session.message_sent(side, msg, hdr, now),
             Owned::Bytes(buf) if res == -libc::ECANCELED => e.session.restore_send(side, buf),
             Owned::Message(msg, hdr) if res == -libc::ECANCELED && e.session.many => {
                 // Not closing, so the bound on the wait for room cancelled it: the
@@ -364,25 +369,25 @@ impl<B: Backend> Worker<B> {
                     Owned::Message(msg, hdr) => e.session.restore_message(side, msg, hdr),
                     _ => {}
                 }
-                let wait = e.session.send_would_block(side);
+                let wait = e.session.send_would_block(side, now);
                 tracing::trace!(listener = %e.session.listener.name, ?wait, "send found no room (EAGAIN)");
                 if !wait.is_zero() {
                     e.ops.retry[i] = true;
                     let kind = if i == 0 { 0 } else { 1 };
-                    self.timers
-                        .start(Instant::now() + wait, Timer::SendRetry(kind), k);
+                    self.timers.start(now + wait, Timer::SendRetry(kind), k);
                 }
             }
             Owned::Message(_, hdr) => {
                 e.session.sockets[i].send_hdr = Some(hdr);
-                e.session.send_failed(side, -res);
+                e.session.send_failed(side, -res, now);
             }
-            _ => e.session.complete(side, Completion::Error(-res)),
+            _ => e.session.complete(side, Completion::Error(-res), now),
         }
         self.drive(k);
     }
 
     pub(super) fn on_connect(&mut self, k: Key, ev: Event) {
+        let now = self.now;
         if let Some(e) = self.sessions.get_mut(k) {
             e.ops.connect = None;
             if !e.ops.closing {
@@ -391,7 +396,7 @@ impl<B: Backend> Worker<B> {
                 } else {
                     Completion::Error(-ev.res)
                 };
-                e.session.complete(Side::Upstream, c);
+                e.session.complete(Side::Upstream, c, now);
             }
         }
         self.drive(k);
