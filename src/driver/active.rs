@@ -303,7 +303,7 @@ impl ActiveSession {
         let m = match sock.sending_msg.take() {
             Some(m) => m,
             None => {
-                let io = &mut self.io.legs[i];
+                let io = &mut self.io.sides[i];
                 let m = io.msgs.pop_front()?;
                 io.msg_bytes -= m.data.len();
                 io.in_flight = m.data.len();
@@ -336,7 +336,7 @@ impl ActiveSession {
         self.sockets[i].backoff.reset();
         self.sockets[i].send_hdr = Some(hdr);
         let n = msg.data.len();
-        self.io.legs[i].in_flight = 0;
+        self.io.sides[i].in_flight = 0;
         if side == Side::Client {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
@@ -372,7 +372,7 @@ impl ActiveSession {
         };
         let assoc = head.info.assoc;
         let dropped = 1 + self.io.abort_association(side, assoc);
-        self.io.legs[i].in_flight = 0;
+        self.io.sides[i].in_flight = 0;
         self.sockets[i].backoff.reset();
         self.listener
             .stats
@@ -459,7 +459,7 @@ impl ActiveSession {
             sock.sending.clear();
             sock.sent = 0;
         }
-        self.io.legs[side.index()].in_flight = sock.sending.len() - sock.sent;
+        self.io.sides[side.index()].in_flight = sock.sending.len() - sock.sent;
         if side == Side::Client {
             self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
         }
@@ -478,7 +478,7 @@ impl ActiveSession {
             return None;
         }
         if sock.sending.is_empty() {
-            let io = &mut self.io.legs[i];
+            let io = &mut self.io.sides[i];
             if io.out.is_empty() {
                 return None;
             }
@@ -499,18 +499,18 @@ impl ActiveSession {
     /// clears the request.
     pub fn take_recv_request(&mut self, side: Side) -> bool {
         self.sockets[side.index()].ready()
-            && std::mem::take(&mut self.io.legs[side.index()].want_recv)
+            && std::mem::take(&mut self.io.sides[side.index()].want_recv)
     }
 
     /// Whether a receive on `side` is wanted (without clearing the request).
     pub fn wants_recv(&self, side: Side) -> bool {
-        self.sockets[side.index()].ready() && self.io.legs[side.index()].want_recv
+        self.sockets[side.index()].ready() && self.io.sides[side.index()].want_recv
     }
 
     /// Shuts down the write side of every socket that asked for it and has drained.
     /// Errors (peer gone) are ignored: the next operation reports them.
     pub fn shutdown_drained(&mut self) {
-        for (sock, io) in self.sockets.iter_mut().zip(&self.io.legs) {
+        for (sock, io) in self.sockets.iter_mut().zip(&self.io.sides) {
             if io.shutdown_write && !sock.write_shut && sock.ready() && io.unsent() == 0 {
                 sock.write_shut = true;
                 if let Some(fd) = sock.raw() {
@@ -531,7 +531,7 @@ impl ActiveSession {
             && self
                 .sockets
                 .iter()
-                .zip(&self.io.legs)
+                .zip(&self.io.sides)
                 .all(|(sock, io)| !sock.ready() || io.unsent() == 0)
     }
 

@@ -83,7 +83,7 @@ pub enum Completion<'a> {
 
 /// The requests a session makes of one of its sockets, and its send queue.
 #[derive(Debug, Default)]
-pub struct ConnIo {
+pub struct SideIo {
     /// Bytes queued by the session and not yet handed to the kernel.
     pub(crate) out: Vec<u8>,
     /// Bytes handed to the kernel and not yet reported sent (maintained by the driver).
@@ -98,7 +98,7 @@ pub struct ConnIo {
     pub(crate) msg_bytes: usize,
 }
 
-impl ConnIo {
+impl SideIo {
     /// Queues `data` to be sent after everything queued before it.
     pub fn send(&mut self, data: &[u8]) {
         self.out.extend_from_slice(data);
@@ -139,7 +139,7 @@ impl ConnIo {
 /// resets them at once after [`SessionIo::abort`].
 #[derive(Debug, Default)]
 pub struct SessionIo {
-    pub(crate) legs: [ConnIo; 2],
+    pub(crate) sides: [SideIo; 2],
     pub(crate) close: bool,
     pub(crate) abort: bool,
     pub(crate) connect: bool,
@@ -161,19 +161,19 @@ pub struct SessionIo {
 
 impl SessionIo {
     /// The requests for one side.
-    pub fn side(&mut self, s: Side) -> &mut ConnIo {
-        &mut self.legs[s.index()]
+    pub fn side(&mut self, s: Side) -> &mut SideIo {
+        &mut self.sides[s.index()]
     }
 
     /// The client side.
-    pub fn client(&mut self) -> &mut ConnIo {
-        &mut self.legs[0]
+    pub fn client(&mut self) -> &mut SideIo {
+        &mut self.sides[0]
     }
 
     /// Closes every socket once every queued byte has been sent.
     pub fn close(&mut self) {
         self.close = true;
-        for l in &mut self.legs {
+        for l in &mut self.sides {
             l.want_recv = false;
         }
     }
@@ -182,7 +182,7 @@ impl SessionIo {
     pub fn abort(&mut self) {
         self.abort = true;
         self.close();
-        for l in &mut self.legs {
+        for l in &mut self.sides {
             l.out.clear();
             l.msgs.clear();
             l.msg_bytes = 0;
@@ -194,7 +194,7 @@ impl SessionIo {
     /// timeout, or bytes a peer will not take, e.g. a reader stalled on a zero
     /// window, for which a graceful close would wait forever) both are reset.
     pub fn proxy_timeout(&mut self, connected: bool) {
-        let stuck = self.legs.iter().any(|l| l.unsent() > 0);
+        let stuck = self.sides.iter().any(|l| l.unsent() > 0);
         if connected && !stuck {
             self.close();
         } else {
@@ -226,7 +226,7 @@ impl SessionIo {
     /// dropped (count; the message being sent, which the driver holds, is not
     /// among them).
     pub fn abort_association(&mut self, side: Side, assoc: i32) -> usize {
-        let l = &mut self.legs[side.index()];
+        let l = &mut self.sides[side.index()];
         let before = l.msgs.len();
         l.msgs.retain(|m| m.info.assoc != assoc);
         l.msg_bytes = l.msgs.iter().map(|m| m.data.len()).sum();
@@ -449,11 +449,11 @@ impl Session {
             }
             _ => (false, false),
         };
-        let leg = io.side(side);
+        let side_io = io.side(side);
         let n = if ended {
-            let n = 1 + leg.msgs.len();
-            leg.msgs.clear();
-            leg.msg_bytes = 0;
+            let n = 1 + side_io.msgs.len();
+            side_io.msgs.clear();
+            side_io.msg_bytes = 0;
             n
         } else if many {
             1
@@ -461,7 +461,7 @@ impl Session {
             self.on_complete(side, Completion::Error(errno), io, now);
             return SendFailed::Ended;
         };
-        leg.in_flight = 0;
+        side_io.in_flight = 0;
         self.on_complete(side, Completion::Sent(0), io, now);
         SendFailed::Dropped(u32::try_from(n).unwrap_or(u32::MAX))
     }

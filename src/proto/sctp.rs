@@ -4,7 +4,7 @@
 //! PPID, association, whether it ends the message (MSG_EOR) and whether it is a
 //! notification (MSG_NOTIFICATION)). The session reassembles pieces into whole
 //! messages up to `max_message_bytes`, then queues them whole
-//! ([`crate::proto::ConnIo::send_message`]): back on the same stream with the
+//! ([`crate::proto::SideIo::send_message`]): back on the same stream with the
 //! same PPID for echo, to the other side with the same stream and PPID for proxy.
 //! A message larger than the limit aborts its association (on a one-to-many
 //! socket: an `SCTP_ABORT` send to that association only) and is counted.
@@ -180,7 +180,7 @@ impl SctpSession {
                 self.touch(io, now);
                 self.resume(io);
             }
-            Completion::Recv(_) => {} // byte receives are not used on SCTP legs
+            Completion::Recv(_) => {} // byte receives are not used on SCTP sides
             Completion::Sent(_) => {
                 self.touch(io, now);
                 self.resume(io);

@@ -393,7 +393,7 @@ impl<B: Backend> Worker<B> {
             if let Some(e) = self.sessions.get_mut(k) {
                 e.session.failed = false;
                 e.session.io.close();
-                for l in &mut e.session.io.legs {
+                for l in &mut e.session.io.sides {
                     l.out.clear();
                 }
             }

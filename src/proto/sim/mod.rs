@@ -243,9 +243,9 @@ pub(super) trait Net: std::fmt::Debug {
     fn quiet(&self) -> bool;
 }
 
-/// One socket of the simulated session, as the driver's `Leg`.
+/// One socket of the simulated session, as the driver's `SimSocket`.
 #[derive(Default)]
-struct Leg {
+struct SimSocket {
     open: bool,
     connecting: bool,
     /// Carries SCTP messages.
@@ -260,7 +260,7 @@ struct Leg {
     retry_at: Option<Instant>,
 }
 
-impl Leg {
+impl SimSocket {
     fn ready(&self) -> bool {
         self.open && !self.connecting
     }
@@ -303,7 +303,7 @@ pub(super) struct Sim<N: Net> {
     pub session: Session,
     pub io: SessionIo,
     pub net: N,
-    legs: [Leg; 2],
+    sockets: [SimSocket; 2],
     connect_op: bool,
     /// `Some(aborted)` once the driver closed the session.
     pub closed: Option<bool>,
@@ -342,10 +342,10 @@ impl<N: Net> Sim<N> {
         trace: bool,
     ) -> Sim<N> {
         let t0 = Instant::now();
-        let leg = |open| Leg {
+        let leg = |open| SimSocket {
             open,
             msg: msg_legs,
-            ..Leg::default()
+            ..SimSocket::default()
         };
         let mut s = Sim {
             rng,
@@ -353,7 +353,7 @@ impl<N: Net> Sim<N> {
             session,
             io: SessionIo::default(),
             net,
-            legs: [leg(true), leg(false)],
+            sockets: [leg(true), leg(false)],
             connect_op: false,
             closed: None,
             errors: [0; 2],
@@ -414,7 +414,7 @@ impl<N: Net> Sim<N> {
         let mut evs = Vec::with_capacity(8);
         let mut next_timer = self.io.deadline;
         for side in [Side::Client, Side::Upstream] {
-            let l = &self.legs[side.index()];
+            let l = &self.sockets[side.index()];
             match l.retry_at {
                 Some(t) if t <= self.now => evs.push(Ev::Retry(side)),
                 Some(t) => next_timer = Some(next_timer.map_or(t, |d| d.min(t))),
@@ -444,8 +444,8 @@ impl<N: Net> Sim<N> {
                 self.log(format_args!("{:#?}", self.net));
                 panic!(
                     "stuck: nothing in flight can complete and no timer is set \
-                     (legs: {:?}, connect: {}, close asked: {})",
-                    self.legs
+                     (sockets: {:?}, connect: {}, close asked: {})",
+                    self.sockets
                         .iter()
                         .map(|l| (l.open, l.send_op, l.recv_op))
                         .collect::<Vec<_>>(),
@@ -465,7 +465,7 @@ impl<N: Net> Sim<N> {
         match ev {
             Ev::Send(side) => self.send(side),
             Ev::Retry(side) => {
-                let l = &mut self.legs[side.index()];
+                let l = &mut self.sockets[side.index()];
                 l.retry_at = None;
                 l.send_op = false;
             }
@@ -497,7 +497,7 @@ impl<N: Net> Sim<N> {
                 });
                 if !ok {
                     assert!(
-                        self.io.legs[0].msgs.iter().any(
+                        self.io.sides[0].msgs.iter().any(
                             |m| m.info.assoc == assoc && m.flags & crate::sctp::SCTP_ABORT != 0
                         ),
                         "association {assoc}: its peel-off failed, yet no SCTP_ABORT was queued"
@@ -507,7 +507,7 @@ impl<N: Net> Sim<N> {
             }
             Ev::Peer => self.net.peer_step(&mut self.rng),
             Ev::Tick => {
-                let retry = self.legs.iter().filter_map(|l| l.retry_at).min();
+                let retry = self.sockets.iter().filter_map(|l| l.retry_at).min();
                 if let Some(t) = retry.filter(|_| self.rng.one_in(2)) {
                     // Often straight to a send's retry (a stalled association
                     // takes ~80 of them before it is given up).
@@ -529,43 +529,43 @@ impl<N: Net> Sim<N> {
 
     fn send(&mut self, side: Side) {
         let i = side.index();
-        let l = &mut self.legs[i];
+        let l = &mut self.sockets[i];
         l.send_op = false;
         if l.msg {
             let m = l.sending_msg.clone().expect("a message send in flight");
             match self.net.send_msg(side, &m, &mut self.rng) {
                 Put::Took(_) => {
-                    let l = &mut self.legs[i];
+                    let l = &mut self.sockets[i];
                     l.backoff.reset();
                     let n = l.sending_msg.take().map_or(0, |m| m.data.len());
-                    self.io.legs[i].in_flight = 0;
+                    self.io.sides[i].in_flight = 0;
                     self.complete(side, Completion::Sent(n));
                 }
                 Put::NoRoom => {
                     hit("send: no room (EAGAIN), back-off");
                     // Conn::send_would_block.
-                    let wait = self.legs[i].backoff.no_room(self.now);
+                    let wait = self.sockets[i].backoff.no_room(self.now);
                     if self.many
-                        && self.legs[i].backoff.stalled(self.now)
+                        && self.sockets[i].backoff.stalled(self.now)
                         && self.send_stalled(side)
                     {
                         return;
                     }
-                    let l = &mut self.legs[i];
+                    let l = &mut self.sockets[i];
                     l.send_op = true;
                     l.retry_at = Some(self.now + wait);
                 }
                 Put::Failed(e) => self.send_failed(side, e),
             }
         } else {
-            let l = &self.legs[i];
+            let l = &self.sockets[i];
             match self
                 .net
                 .send_bytes(side, &l.sending[l.sent..], &mut self.rng)
             {
                 Put::Took(n) => {
                     // Conn::sent.
-                    let l = &mut self.legs[i];
+                    let l = &mut self.sockets[i];
                     assert!(n > 0 && l.sent + n <= l.sending.len());
                     if l.sent + n < l.sending.len() {
                         hit("send: short");
@@ -576,7 +576,7 @@ impl<N: Net> Sim<N> {
                         l.sending.clear();
                         l.sent = 0;
                     }
-                    self.io.legs[i].in_flight = l.sending.len() - l.sent;
+                    self.io.sides[i].in_flight = l.sending.len() - l.sent;
                     self.complete(side, Completion::Sent(n));
                 }
                 Put::NoRoom => unreachable!("a byte send waits for room instead"),
@@ -588,12 +588,12 @@ impl<N: Net> Sim<N> {
     /// Conn::send_stalled.
     fn send_stalled(&mut self, side: Side) -> bool {
         let i = side.index();
-        let Some(head) = self.legs[i].sending_msg.take() else {
+        let Some(head) = self.sockets[i].sending_msg.take() else {
             return false;
         };
         let dropped = 1 + self.io.abort_association(side, head.info.assoc);
-        self.io.legs[i].in_flight = 0;
-        self.legs[i].backoff.reset();
+        self.io.sides[i].in_flight = 0;
+        self.sockets[i].backoff.reset();
         self.counts.send_drops += dropped as u64;
         self.counts.stalls += 1;
         hit("send: association stalled, aborted");
@@ -607,9 +607,9 @@ impl<N: Net> Sim<N> {
     /// Conn::send_failed.
     fn send_failed(&mut self, side: Side, errno: i32) {
         let i = side.index();
-        self.legs[i].sending_msg = None;
-        self.legs[i].sending.clear();
-        self.legs[i].sent = 0;
+        self.sockets[i].sending_msg = None;
+        self.sockets[i].sending.clear();
+        self.sockets[i].sent = 0;
         let r = self
             .session
             .on_send_failed(side, errno, &mut self.io, self.now);
@@ -632,7 +632,7 @@ impl<N: Net> Sim<N> {
     }
 
     fn recv(&mut self, side: Side) {
-        self.legs[side.index()].recv_op = false;
+        self.sockets[side.index()].recv_op = false;
         let got = self.net.recv(side, &mut self.rng);
         match got {
             Got::Bytes(d) => {
@@ -689,7 +689,7 @@ impl<N: Net> Sim<N> {
                 self.errors[side.index()] += 1;
             }
             Completion::Eof => self.eofs[side.index()] += 1,
-            Completion::Connected => self.legs[1].connecting = false,
+            Completion::Connected => self.sockets[1].connecting = false,
             _ => {}
         }
         self.session.on_complete(side, c, &mut self.io, self.now);
@@ -729,9 +729,9 @@ impl<N: Net> Sim<N> {
         self.io.abort
             || (self.io.close
                 && self
-                    .legs
+                    .sockets
                     .iter()
-                    .zip(&self.io.legs)
+                    .zip(&self.io.sides)
                     .all(|(l, io)| !l.ready() || io.unsent() == 0))
     }
 
@@ -749,16 +749,16 @@ impl<N: Net> Sim<N> {
             return;
         }
         if std::mem::take(&mut self.io.connect) {
-            assert!(!self.legs[1].open, "a second connect");
-            self.legs[1].open = true;
-            self.legs[1].connecting = true;
+            assert!(!self.sockets[1].open, "a second connect");
+            self.sockets[1].open = true;
+            self.sockets[1].connecting = true;
             self.connect_op = true;
             self.net.connect_started(&mut self.rng);
         }
         // Conn::shutdown_drained.
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
-            let (l, io) = (&mut self.legs[i], &self.io.legs[i]);
+            let (l, io) = (&mut self.sockets[i], &self.io.sides[i]);
             if io.shutdown_write && !l.write_shut && l.ready() && io.unsent() == 0 {
                 l.write_shut = true;
                 self.log(format_args!("shutdown(SHUT_WR) on {side:?}"));
@@ -772,7 +772,7 @@ impl<N: Net> Sim<N> {
         }
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
-            let (l, io) = (&mut self.legs[i], &mut self.io.legs[i]);
+            let (l, io) = (&mut self.sockets[i], &mut self.io.sides[i]);
             if !l.ready() {
                 continue;
             }
@@ -813,7 +813,7 @@ impl<N: Net> Sim<N> {
     fn check(&mut self) {
         for side in [Side::Client, Side::Upstream] {
             let i = side.index();
-            let unsent = self.io.legs[i].unsent();
+            let unsent = self.io.sides[i].unsent();
             if self.max_unsent[i] != usize::MAX && unsent * 2 > self.max_unsent[i] {
                 hit("window: over half full");
             }
@@ -825,7 +825,7 @@ impl<N: Net> Sim<N> {
             );
         }
         if self.io.close && self.closed.is_none() {
-            let q = [0, 1].map(|i| self.io.legs[i].out.len() + self.io.legs[i].msg_bytes);
+            let q = [0, 1].map(|i| self.io.sides[i].out.len() + self.io.sides[i].msg_bytes);
             if let Some(before) = self.queued_after_close {
                 assert!(
                     q[0] <= before[0] && q[1] <= before[1],
