@@ -225,22 +225,10 @@ impl ActiveSession {
     fn take_sctp_events(&mut self) {
         let st = &self.listener.stats;
         let io = &mut self.io;
-        if io.too_big > 0 {
-            st.message_too_big
-                .fetch_add(u64::from(std::mem::take(&mut io.too_big)), Relaxed);
-        }
-        if io.assoc_up > 0 {
-            st.accepted
-                .fetch_add(u64::from(std::mem::take(&mut io.assoc_up)), Relaxed);
-        }
-        if io.assoc_down > 0 {
-            st.closed
-                .fetch_add(u64::from(std::mem::take(&mut io.assoc_down)), Relaxed);
-        }
-        if io.dropped > 0 {
-            st.send_drops
-                .fetch_add(u64::from(std::mem::take(&mut io.dropped)), Relaxed);
-        }
+        add_taken(&st.message_too_big, &mut io.too_big);
+        add_taken(&st.accepted, &mut io.assoc_up);
+        add_taken(&st.closed, &mut io.assoc_down);
+        add_taken(&st.send_drops, &mut io.dropped);
         if std::mem::take(&mut io.lost) {
             st.resets.fetch_add(1, Relaxed);
             self.failed = true;
@@ -619,6 +607,13 @@ impl Drop for ActiveSession {
         if self.failed {
             s.conn_errors.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// Adds what `n` counted to `counter` and zeroes it.
+fn add_taken(counter: &std::sync::atomic::AtomicU64, n: &mut u32) {
+    if *n > 0 {
+        counter.fetch_add(u64::from(std::mem::take(n)), Relaxed);
     }
 }
 

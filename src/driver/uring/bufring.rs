@@ -18,7 +18,11 @@ pub(super) struct BufRing {
     tail: u16,
 }
 
-fn mmap_anon(len: usize) -> io::Result<*mut u8> {
+/// An anonymous private read-write mapping of `len` bytes (mmap(2)).
+///
+/// # Errors
+/// The mmap(2) errno (ENOMEM).
+pub(super) fn mmap_anon(len: usize) -> io::Result<*mut u8> {
     // SAFETY: anonymous private mapping, no fd, no fixed address; checked below.
     let p = unsafe {
         libc::mmap(

@@ -76,6 +76,34 @@ const UD_LINK_TIMEOUT: u8 = 0xfd;
 /// (count, process-wide).
 pub static LEAKED_OPS: AtomicU64 = AtomicU64::new(0);
 
+/// Submits what is queued and waits for `want` CQEs (0 or 1) at most `timeout`
+/// (io_uring_enter(2) with `IORING_ENTER_EXT_ARG`, 5.11, for the timeout).
+///
+/// # Errors
+/// io_uring_enter(2) failed with anything but EINTR, EBUSY (the CQ is full:
+/// reap first) or ETIME (the timeout passed).
+pub(crate) fn enter(ring: &mut IoUring, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+    let res = match timeout {
+        Some(d) if want > 0 => {
+            let ts = types::Timespec::from(d);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            ring.submitter().submit_with_args(want, &args)
+        }
+        _ => ring.submit_and_wait(want),
+    };
+    match res {
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EBUSY | libc::ETIME)
+            ) =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One operation in flight: its token and the memory its SQE points at.
 struct UOp {
     token: u64,
@@ -280,24 +308,7 @@ impl Backend for UringBackend {
         // Entries still waiting for SQ room, or events already made: submit
         // without waiting for a CQE.
         let want = usize::from(self.mem.overflow.is_empty() && self.done.is_empty());
-        let ring = &mut self.mem.ring;
-        let res = match timeout {
-            Some(d) if want == 1 => {
-                let ts = types::Timespec::from(d);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                ring.submitter().submit_with_args(want, &args)
-            }
-            _ => ring.submit_and_wait(want),
-        };
-        match res {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::ETIME)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        enter(&mut self.mem.ring, want, timeout)?;
         out.append(&mut self.done);
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(

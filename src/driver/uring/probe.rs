@@ -352,22 +352,10 @@ struct Mapping {
 
 impl Mapping {
     fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: anonymous private mapping, no fd, no fixed address; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(Mapping { ptr: p.cast(), len })
-        }
+        Ok(Mapping {
+            ptr: super::bufring::mmap_anon(len)?,
+            len,
+        })
     }
 }
 
@@ -515,20 +503,10 @@ impl Live {
                 self.leak = true;
                 return None;
             }
-            let ts = types::Timespec::from(left);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "io_uring probe: io_uring_enter failed");
-                    self.leak = true;
-                    return None;
-                }
+            if let Err(e) = super::enter(&mut self.ring, 1, Some(left)) {
+                tracing::debug!(error = %e, "io_uring probe: io_uring_enter failed");
+                self.leak = true;
+                return None;
             }
             for c in self.ring.completion() {
                 if fds && c.user_data() == OP && c.result() >= 0 {
