@@ -19,7 +19,7 @@
 //! event, so they stay few; when all are lent a receive ends with ENOBUFS, the
 //! same back-pressure as an empty provided-buffer ring.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -62,6 +62,40 @@ struct FdState {
     turn: u64,
     /// Operations run on this socket in `turn`.
     ran: usize,
+}
+
+/// Registered sockets by fd number (a process's fds are small integers, so a
+/// vector indexed by fd is the cheapest map).
+#[derive(Debug, Default)]
+struct FdTable {
+    slots: Vec<Option<FdState>>,
+}
+
+impl FdTable {
+    fn get_mut(&mut self, fd: &RawFd) -> Option<&mut FdState> {
+        self.slots.get_mut(usize::try_from(*fd).ok()?)?.as_mut()
+    }
+
+    fn contains_key(&self, fd: &RawFd) -> bool {
+        usize::try_from(*fd)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .is_some_and(Option::is_some)
+    }
+
+    fn insert(&mut self, fd: RawFd, st: FdState) {
+        let Ok(i) = usize::try_from(fd) else {
+            return;
+        };
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        self.slots[i] = Some(st);
+    }
+
+    fn remove(&mut self, fd: &RawFd) -> Option<FdState> {
+        self.slots.get_mut(usize::try_from(*fd).ok()?)?.take()
+    }
 }
 
 /// One operation in flight.
@@ -110,7 +144,7 @@ impl Pool {
 pub struct EpollBackend {
     ep: Epoll,
     ops: Slab<EOp>,
-    fds: HashMap<RawFd, FdState>,
+    fds: FdTable,
     /// Operations to run in the next turn.
     run: VecDeque<Key>,
     /// Events ready to be reported.
@@ -129,7 +163,7 @@ impl EpollBackend {
         Ok(EpollBackend {
             ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?,
             ops: Slab::default(),
-            fds: HashMap::new(),
+            fds: FdTable::default(),
             run: VecDeque::new(),
             done: Vec::new(),
             pools: [
@@ -608,11 +642,12 @@ impl Backend for EpollBackend {
     }
 
     fn close(&mut self, fd: OwnedFd) {
-        if self.fds.remove(&fd.as_raw_fd()).is_some() {
-            // Closing the fd would remove it too, unless a duplicate (a peel-off
-            // request) keeps the socket open.
-            let _ = self.ep.delete(&fd);
-        }
+        // Closing the fd takes it out of the epoll set (no EPOLL_CTL_DEL: one
+        // syscall less per socket). Only while a duplicate keeps the socket open
+        // (a one-to-many socket with a peel-off request at the binder) may its
+        // events still come, tagged with this fd number: they mark a later socket
+        // of the same number ready, which costs at most one EAGAIN.
+        self.fds.remove(&fd.as_raw_fd());
     }
 
     fn in_flight(&self) -> usize {
