@@ -275,7 +275,7 @@ impl Net for Peers {
 }
 
 /// Bytes the client sends: mostly small, sometimes bulk (over the window).
-fn data_len(rng: &mut Rng, bulk: bool) -> usize {
+pub(crate) fn data_len(rng: &mut Rng, bulk: bool) -> usize {
     if bulk {
         rng.range(SEND_WINDOW, SEND_WINDOW * 3)
     } else {
@@ -375,7 +375,7 @@ fn respond_one(seed: u64, trace: bool) -> usize {
 }
 
 /// A client's HTTP/1.x byte stream, and the responses it must get.
-fn http_script(rng: &mut Rng, seed: u64) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn http_script(rng: &mut Rng, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut out = Vec::new();
     let mut expect = Vec::new();
     let mut answering = true;
