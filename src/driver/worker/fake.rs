@@ -24,17 +24,31 @@
 //!   answers; the upstream then answers with its own script or echoes.
 //! - Receive buffers are lent from the fake's own table until released.
 //! - A cancelled operation ends in a later step, with ECANCELED or with its own
-//!   result if it "finished first" (as io_uring does).
+//!   result if it "finished first" (as io_uring does). An event already in the
+//!   batch when the worker cancels its operation is one the worker ignores
+//!   (the session is closing): the fake accounts for that.
+//! - The wake-up poll fires only when the fake has written a command
+//!   (AddListener at the start; RemoveListener now and then; Shutdown at the
+//!   end, or early with sessions open), and ends only by its cancel.
+//! - The fake never sleeps: when it lets no event happen it moves the clock by
+//!   the timeout the worker asked for (and now and then a little anyway).
+//!
+//! Not covered: UDP (its datagrams go out by sendmsg(2) directly, not through
+//! the backend) and SCTP (not in this test kernel; see `proto::sim`).
 //!
 //! Checked at every call and step: operations only on fds the engine owns (not
-//! after it closed them), of the right kind and side; at most one receive and one
-//! send in flight per socket; nothing sent after FIN, nothing received after end
-//! of stream, nothing started after an error ended the session or after the
-//! shutdown began; a short send goes on with the same buffer from where it
-//! stopped, and a send that found no room sends the same bytes again; `close`
-//! never with an operation in flight on the fd, never twice; every lent buffer
-//! released exactly once, before the next wait; every byte a peer receives is the
-//! next one it should get, and none the engine has not received yet; the receive
+//! after it closed them), of the right kind and side (token); connects only to
+//! a configured upstream; at most one receive and one send in flight per
+//! socket; nothing sent after FIN, nothing received after end of stream,
+//! nothing started after an error ended the session or after the shutdown
+//! began; a short send goes on with the same buffer from where it stopped, and
+//! a send that found no room sends the same bytes again; each operation's last
+//! event hands back exactly the memory it was given (a send's buffer, a
+//! connect's address: same address and capacity), once; no cancel of an
+//! operation whose last event the worker has handled; `close` never with an
+//! operation in flight on the fd, never twice; every lent buffer released
+//! exactly once, before the next wait; every byte a peer receives is the next
+//! one it should get, and none the engine has not received yet; the receive
 //! windows (echo: [`SEND_WINDOW`], proxy: `buffer_bytes`) hold; a FIN comes only
 //! after everything before it; each session ends within a bounded number of
 //! steps once its peers have stopped, and the worker never waits with nothing
@@ -71,12 +85,13 @@ use crate::driver::shared::{ListenerShared, ListenerStats, WorkerStats};
 use crate::driver::slab::untoken;
 use crate::driver::{eventfd, wake, Command, UpstreamSet};
 use crate::proto::proxy_header::{self, ProxyProtocol};
-use crate::proto::sim::stream::{data_len, http_script};
+use crate::proto::sim::stream::http_script;
 use crate::proto::sim::Rng;
 use crate::proto::SEND_WINDOW;
 
-/// Steps a session may take to end once its peers have stopped.
-const END_BOUND: usize = 20_000;
+/// Steps a session may go without moving a byte once its peers have stopped
+/// (they write nothing more, so it must end: within this many steps per byte).
+const END_BOUND: usize = 5_000;
 /// Steps a whole sequence may take.
 const MAX_STEPS: usize = 400_000;
 /// The token bits that name a session (kind byte removed).
@@ -192,7 +207,8 @@ enum SendOut {
 impl Peer {
     fn new(rng: &mut Rng, out: Vec<u8>, expect_len: usize, bulk: bool) -> Peer {
         let sizes = [1usize, 7, 100, 1500, 16 * 1024];
-        let floor = (out.len().max(expect_len) / 100).max(1);
+        // Tiny pieces only for little data, so that a sequence stays short.
+        let floor = (out.len().max(expect_len) / 20).max(1);
         let size = |rng: &mut Rng| rng.pick(&sizes).max(floor);
         let len = out.len();
         Peer {
@@ -374,8 +390,10 @@ struct Sess {
     dropped: bool,
     /// How the upstream's connect ends (`None`: it never answers).
     connect: Option<Result<(), i32>>,
-    /// Since when both peers have stopped (step).
+    /// Since when both peers have stopped and no byte has moved (step), and
+    /// the bytes moved until then.
     quiet_since: Option<usize>,
+    moved: usize,
 }
 
 impl Sess {
@@ -461,6 +479,41 @@ impl Sess {
     fn errors(&self) -> u32 {
         self.p[0].errors + self.p[1].errors
     }
+
+    /// The state of the session in a line (for failure reports).
+    fn summary(&self) -> String {
+        let side = |i: usize| {
+            let p = &self.p[i];
+            format!(
+                "{}: wrote {}/{} taken {} (ignored {}) fin {} reset {} eof taken {} | got {}/{} \
+                 buffered {}/{} reading {} fin seen {} | live {} closed {:?} errors {}",
+                name(i),
+                p.written,
+                p.out.len(),
+                p.taken,
+                p.ignored,
+                p.fin_written,
+                p.reset,
+                p.eof_taken,
+                p.got,
+                self.due(i),
+                p.buffered,
+                p.rcvbuf,
+                p.reading,
+                p.fin_seen,
+                p.live,
+                p.closed,
+                p.errors
+            )
+        };
+        format!(
+            "[{}; {}; connect {:?}, key {:?}]",
+            side(0),
+            side(1),
+            self.connect,
+            self.key
+        )
+    }
 }
 
 fn name(side: usize) -> &'static str {
@@ -498,6 +551,26 @@ struct Pending {
     token: u64,
     op: Op,
     cancelled: bool,
+}
+
+/// The memory an operation owns (address, capacity), to check that what goes
+/// back in its last event is what came in.
+fn owned_mem(op: &Op) -> Option<(usize, usize)> {
+    match op {
+        Op::Send { buf, .. } => Some((buf.as_ptr() as usize, buf.capacity())),
+        Op::Connect { addr, .. } => Some((&**addr as *const socket2::SockAddr as usize, 0)),
+        _ => None,
+    }
+}
+
+/// The same for what an event hands back.
+fn returned_mem(o: &crate::driver::backend::Owned) -> Option<(usize, usize)> {
+    use crate::driver::backend::Owned;
+    match o {
+        Owned::Bytes(buf) => Some((buf.as_ptr() as usize, buf.capacity())),
+        Owned::Addr(addr) => Some((&**addr as *const socket2::SockAddr as usize, 0)),
+        _ => None,
+    }
 }
 
 /// The operations in flight, by id (in submission order): a few at a time, so
@@ -588,13 +661,20 @@ pub(super) struct FakeBackend {
     /// The worker cancelled its accept: the listener is being removed.
     accept_cancelled: bool,
     early_shutdown_at: Option<usize>,
-    /// An accept error to report once, and the accept errors the listener must count.
-    accept_error: Option<i32>,
+    /// An accept error to report once (once this many clients have connected),
+    /// and the accept errors the listener must count.
+    accept_error: Option<(usize, i32)>,
     accept_errors: u64,
     /// Consecutive events handed out by `ready`.
     ready_streak: u32,
     /// Effects of the events of the batch being handled, by operation.
     batch: BTreeMap<u64, Effect>,
+    /// Operations whose last event is in the batch being handled.
+    ended: BTreeSet<u64>,
+    /// The accept whose error (counted) is in the batch being handled.
+    counted_accept_error: Option<u64>,
+    /// The memory each operation in flight was given (see [`owned_mem`]).
+    mem: BTreeMap<u64, (usize, usize)>,
 }
 
 impl FakeBackend {
@@ -650,6 +730,8 @@ impl FakeBackend {
     /// Checks made at the start of every step.
     fn begin_step(&mut self) {
         // The worker has handled the last batch: its errors count now.
+        self.counted_accept_error = None;
+        self.ended.clear();
         for (_, e) in std::mem::take(&mut self.batch) {
             if e.error {
                 self.sessions[e.s].p[e.side].errors += 1;
@@ -673,10 +755,16 @@ impl FakeBackend {
                 continue;
             }
             if st.quiet() {
+                let moved = st.p.iter().map(|p| p.taken + p.got).sum();
+                if st.moved != moved {
+                    st.moved = moved;
+                    st.quiet_since = None;
+                }
                 let since = *st.quiet_since.get_or_insert(self.steps);
                 assert!(
                     self.steps - since <= END_BOUND,
-                    "session {s} has not ended {END_BOUND} steps after its peers stopped: {st:?}"
+                    "session {s}: its peers have stopped, yet {END_BOUND} steps without a byte moved and it has not ended: {}",
+                    st.summary()
                 );
             } else {
                 st.quiet_since = None;
@@ -694,7 +782,7 @@ impl FakeBackend {
             return;
         }
         let due = match &st.kind {
-            Kind::Fixed(v, _) => p.got == v.len(),
+            Kind::Fixed(v, half_close) => *half_close && p.got == v.len(),
             Kind::Proxy { .. } => st.p[1 - side].eof_taken,
             Kind::Echo => false,
         };
@@ -808,7 +896,10 @@ impl FakeBackend {
         match &p.op {
             Op::PollIn { .. } => self.cmd_pending,
             Op::Accept { .. } => {
-                (self.accept_error.is_some() && !p.cancelled)
+                (self
+                    .accept_error
+                    .is_some_and(|(after, _)| self.next_client >= after)
+                    && !p.cancelled)
                     || (!self.shutdown_sent
                         && self.next_client < self.sessions.len()
                         && self.steps >= self.arrive_at)
@@ -861,8 +952,25 @@ impl FakeBackend {
         false
     }
 
-    /// Ends operation `id` if it can end now.
+    /// Ends operation `id` if it can end now, and checks that its last event
+    /// hands back exactly the memory it was given.
     fn complete(&mut self, id: u64, out: &mut Vec<Event>) {
+        let before = out.len();
+        self.complete_op(id, out);
+        if out.len() > before && !self.ops.0.iter().any(|(i, _)| *i == id) {
+            self.ended.insert(id);
+            let m = self.mem.remove(&id);
+            let last = out.last().expect("an event");
+            assert!(!last.more, "op {id}: its last event says more");
+            assert_eq!(
+                returned_mem(&last.owned),
+                m,
+                "op {id}: its last event does not hand back the memory it was given"
+            );
+        }
+    }
+
+    fn complete_op(&mut self, id: u64, out: &mut Vec<Event>) {
         let Some(p) = self.ops.get(&id) else { return };
         let natural = self.natural(p);
         if !p.cancelled && !natural {
@@ -878,6 +986,12 @@ impl FakeBackend {
             return;
         };
         if by_cancel {
+            if let Op::Connect { fd, .. } = &op {
+                let (s, _) = self.peer_of(*fd);
+                if self.sessions[s].connect.is_none() {
+                    hit("connect: never answered, cancelled (connect timeout)");
+                }
+            }
             self.tr(|| format!("op {id} ends: ECANCELED ({op:?})"));
             let mut ev = Event::new(token, -libc::ECANCELED, false);
             ev.owned = op.into_owned();
@@ -908,10 +1022,19 @@ impl FakeBackend {
                 }
             }
             Op::Accept { fd } => {
-                if let Some(errno) = self.accept_error.take().filter(|_| !cancelled) {
-                    hit("accept error");
+                let due = self
+                    .accept_error
+                    .filter(|&(after, _)| !cancelled && self.next_client >= after);
+                if let Some((_, errno)) = due {
+                    self.accept_error = None;
+                    if crate::driver::accept_error_pauses(errno) {
+                        hit("accept error: paused, re-armed after the pause");
+                    } else {
+                        hit("accept error: re-armed at once");
+                    }
                     if !crate::driver::accept_error_benign(errno) && errno != libc::EINTR {
                         self.accept_errors += 1;
+                        self.counted_accept_error = Some(id);
                     }
                     self.tr(|| format!("op {id} accept fails: errno {errno}"));
                     out.push(Event::new(token, -errno, false));
@@ -938,6 +1061,11 @@ impl FakeBackend {
                 let (s, _) = self.peer_of(fd);
                 let r = self.sessions[s].connect.expect("natural");
                 let st = &mut self.sessions[s];
+                hit(match r {
+                    Ok(()) => "connect: succeeded",
+                    Err(libc::ECONNREFUSED) => "connect: refused",
+                    Err(_) => "connect: timed out (ETIMEDOUT)",
+                });
                 let res = match r {
                     Ok(()) => {
                         st.p[1].connected = true;
@@ -1268,6 +1396,12 @@ impl FakeBackend {
                     if recv { "receives" } else { "sends" },
                     name(side)
                 );
+                if let Op::Recv {
+                    poll_first: true, ..
+                } = op
+                {
+                    hit("a receive after a short one waits for data (poll_first)");
+                }
                 if recv {
                     assert!(
                         !p.eof_taken,
@@ -1358,6 +1492,9 @@ impl FakeBackend {
                     "session {i}: aborted (linger 0) if and only if an error reached it ({errors} errors)"
                 ),
             }
+            if c.after_shutdown && !c.aborted {
+                hit("a session closed (not reset) by Shutdown");
+            }
             if !c.aborted && !c.after_shutdown {
                 match &s.kind {
                     Kind::Echo => {
@@ -1426,6 +1563,9 @@ impl Backend for FakeBackend {
         let id = self.next_op;
         self.next_op += 1;
         self.tr(|| format!("op {id} submitted: {op:?}"));
+        if let Some(m) = owned_mem(&op) {
+            self.mem.insert(id, m);
+        }
         self.ops.insert(
             id,
             Pending {
@@ -1450,7 +1590,17 @@ impl Backend for FakeBackend {
                     p.got_ignored += e.bytes_out;
                     p.next_send = None;
                 }
-                None => hit("cancel of an operation that had ended"),
+                None if self.ended.contains(&id.0) => {
+                    hit("cancel of an operation whose event is not handled yet");
+                    if self.counted_accept_error == Some(id.0) {
+                        // The listener is being removed: the error is not counted.
+                        self.accept_errors -= 1;
+                    }
+                }
+                // The contract allows it, but the worker forgets an operation
+                // when it handles its last event: a cancel after that is a
+                // slip in its bookkeeping.
+                None => panic!("cancel of op {}, whose last event was handled before", id.0),
             }
             return;
         };
@@ -1496,7 +1646,8 @@ impl Backend for FakeBackend {
             }
             panic!(
                 "the worker waits with no timer, and nothing in flight can end: ops {:?}, sessions {:?}",
-                self.ops, self.sessions
+                self.ops,
+                self.sessions.iter().map(Sess::summary).collect::<Vec<_>>()
             );
         }
     }
@@ -1627,6 +1778,20 @@ fn pattern(salt: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Bytes a peer writes: mostly little, sometimes bulk (past the echo window).
+fn data_len(rng: &mut Rng, bulk: bool) -> usize {
+    if bulk {
+        rng.range(SEND_WINDOW, SEND_WINDOW * 3)
+    } else {
+        match rng.below(10) {
+            0 => 0,
+            1..=6 => rng.range(1, 300),
+            7 | 8 => rng.range(300, 4000),
+            _ => rng.range(4000, 20_000),
+        }
+    }
+}
+
 fn binder() -> &'static Binder {
     static B: OnceLock<Binder> = OnceLock::new();
     B.get_or_init(|| Binder::start().expect("binder"))
@@ -1666,8 +1831,8 @@ fn make_setup(act: Act, rng: &mut Rng, seed: u64) -> (Setup, Vec<Sess>) {
                 upstream_netns: None,
                 upstream_netns_path: None,
                 upstream_netns_line: 0,
-                connect_timeout_ms: rng.pick(&[2, 5, 1000]),
-                idle_timeout_ms: rng.pick(&[0, 0, 0, 1, 5, 50]),
+                connect_timeout_ms: rng.pick(&[5, 1000, 1000]),
+                idle_timeout_ms: rng.pick(&[0, 0, 0, 0, 2, 5, 50]),
                 buffer_bytes: rng.pick(&[1, 100, 1000, 4096, 65_536]),
                 proxy_protocol: pp.then(|| rng.pick(&[ProxyProtocol::V1, ProxyProtocol::V2])),
                 session_idle_timeout_ms: 30_000,
@@ -1758,6 +1923,7 @@ fn make_setup(act: Act, rng: &mut Rng, seed: u64) -> (Setup, Vec<Sess>) {
             dropped: false,
             connect,
             quiet_since: None,
+            moved: 0,
         });
     }
     (setup, sessions)
@@ -1809,7 +1975,8 @@ fn one(act: Act, seed: u64, trace: bool) -> usize {
     let early = rng.one_in(6).then(|| rng.range(1, 300));
     let remove = rng.one_in(8).then(|| rng.range(1, 200));
     let accept_error = rng.one_in(6).then(|| {
-        rng.pick(&[
+        let after = rng.below(3);
+        let errno = rng.pick(&[
             libc::EMFILE,
             libc::ENFILE,
             libc::ENOBUFS,
@@ -1817,7 +1984,8 @@ fn one(act: Act, seed: u64, trace: bool) -> usize {
             libc::EINTR,
             libc::EPROTO,
             libc::EINVAL,
-        ])
+        ]);
+        (after, errno)
     });
     let buf_size = rng.pick(&[512, 4096, 16 * 1024, 64 * 1024]);
     let mut fake = FakeBackend {
@@ -1855,6 +2023,9 @@ fn one(act: Act, seed: u64, trace: bool) -> usize {
         accept_errors: 0,
         ready_streak: 0,
         batch: BTreeMap::new(),
+        mem: BTreeMap::new(),
+        counted_accept_error: None,
+        ended: BTreeSet::new(),
     };
     fake.send_cmd(Command::AddListener {
         id: 1,
@@ -1879,12 +2050,14 @@ fn run(test: &str, act: Act, runs: u64) {
     let started = Instant::now();
     let mut hits: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut steps = 0usize;
+    let mut longest = (0, 0);
     for &seed in &seeds {
         STEPS.with(|s| s.set(0));
         SEEN.with(|s| s.borrow_mut().clear());
         match catch_unwind(AssertUnwindSafe(|| one(act, seed, trace))) {
             Ok(n) => {
                 steps += n;
+                longest = longest.max((n, seed));
                 for w in SEEN.with(|s| std::mem::take(&mut *s.borrow_mut())) {
                     *hits.entry(w).or_default() += 1;
                 }
@@ -1909,8 +2082,11 @@ fn run(test: &str, act: Act, runs: u64) {
         .map(|(w, n)| format!("\n    {n:>6}  {w}"))
         .collect();
     eprintln!(
-        "fake backend {test}: {} sequences, {steps} steps, {:?}; sequences that reached:{hits}",
+        "fake backend {test}: {} sequences, {steps} steps (longest: seed {}, {} steps), {:?}; \
+         sequences that reached:{hits}",
         seeds.len(),
+        longest.1,
+        longest.0,
         started.elapsed()
     );
 }

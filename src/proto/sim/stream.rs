@@ -275,7 +275,7 @@ impl Net for Peers {
 }
 
 /// Bytes the client sends: mostly small, sometimes bulk (over the window).
-pub(crate) fn data_len(rng: &mut Rng, bulk: bool) -> usize {
+fn data_len(rng: &mut Rng, bulk: bool) -> usize {
     if bulk {
         rng.range(SEND_WINDOW, SEND_WINDOW * 3)
     } else {
