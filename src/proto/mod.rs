@@ -16,7 +16,7 @@ pub mod proxy;
 pub mod proxy_header;
 pub mod sctp;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod udp;
 
 use std::collections::VecDeque;

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 mod accept;
 mod datagram;
+#[cfg(test)]
+mod fake;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -146,6 +148,10 @@ pub(crate) struct Worker<B: Backend> {
     shutdown: Option<Instant>,
     /// The time of the batch being handled: what sessions are told it is.
     now: Instant,
+    /// Tests: a clock read instead of `Instant::now()` (a fake backend moves it
+    /// forward when it "waits").
+    #[cfg(test)]
+    clock: Option<std::rc::Rc<std::cell::Cell<Instant>>>,
 }
 
 impl<B: Backend> Worker<B> {
@@ -167,7 +173,26 @@ impl<B: Backend> Worker<B> {
             events: Vec::with_capacity(256),
             shutdown: None,
             now: Instant::now(),
+            #[cfg(test)]
+            clock: None,
         }
+    }
+
+    /// The time now: `Instant::now()`, or in tests the clock set with
+    /// [`Worker::set_clock`].
+    fn clock(&self) -> Instant {
+        #[cfg(test)]
+        if let Some(c) = &self.clock {
+            return c.get();
+        }
+        Instant::now()
+    }
+
+    /// Makes the worker read `clock` instead of `Instant::now()` (for tests).
+    #[cfg(test)]
+    pub fn set_clock(&mut self, clock: std::rc::Rc<std::cell::Cell<Instant>>) {
+        self.now = clock.get();
+        self.clock = Some(clock);
     }
 
     /// The backend (for tests).
@@ -186,7 +211,7 @@ impl<B: Backend> Worker<B> {
     pub fn run(&mut self) -> io::Result<()> {
         self.arm_wake();
         loop {
-            let now = Instant::now();
+            let now = self.clock();
             let mut wait = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -197,7 +222,7 @@ impl<B: Backend> Worker<B> {
             let mut events = std::mem::take(&mut self.events);
             self.backend.wait(wait, &mut events)?;
             while !events.is_empty() {
-                self.now = Instant::now();
+                self.now = self.clock();
                 self.ctx
                     .stats
                     .completed
@@ -214,7 +239,7 @@ impl<B: Backend> Worker<B> {
                 if left == 0 {
                     return Ok(());
                 }
-                if Instant::now() >= deadline {
+                if self.clock() >= deadline {
                     tracing::warn!(
                         worker = self.ctx.index,
                         in_flight = left,
@@ -229,7 +254,7 @@ impl<B: Backend> Worker<B> {
     /// Work after each batch of events: timers, starved receives, parked sessions,
     /// idle UDP sessions.
     fn after_batch(&mut self) {
-        self.now = Instant::now();
+        self.now = self.clock();
         let now = self.now;
         for k in std::mem::take(&mut self.starved) {
             self.drive(k);
@@ -377,7 +402,7 @@ impl<B: Backend> Worker<B> {
         if self.shutdown.is_some() {
             return;
         }
-        self.shutdown = Some(Instant::now() + SHUTDOWN_GRACE);
+        self.shutdown = Some(self.clock() + SHUTDOWN_GRACE);
         for k in self.listeners.keys() {
             self.remove_listener(k);
         }

@@ -32,7 +32,7 @@
 
 mod many;
 mod sctp;
-mod stream;
+pub(crate) mod stream;
 mod udp;
 
 use std::cell::{Cell, RefCell};
@@ -47,7 +47,7 @@ use crate::config::Action;
 use crate::sctp::MsgInfo;
 
 /// A small seeded PRNG (xorshift64*), so that a sequence can be replayed.
-pub(super) struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {

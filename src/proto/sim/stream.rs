@@ -375,7 +375,7 @@ fn respond_one(seed: u64, trace: bool) -> usize {
 }
 
 /// A client's HTTP/1.x byte stream, and the responses it must get.
-fn http_script(rng: &mut Rng, seed: u64) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn http_script(rng: &mut Rng, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut out = Vec::new();
     let mut expect = Vec::new();
     let mut answering = true;
