@@ -81,13 +81,16 @@ impl<B: Backend> Worker<B> {
             }
         } else {
             let errno = -ev.res;
-            if errno == libc::ECANCELED || l.removing {
-                if !ev.more && l.removing {
+            if l.removing {
+                if !ev.more {
                     self.drop_listener(k);
                 }
                 return;
             }
-            if crate::driver::accept_error_pauses(errno) {
+            if errno == libc::ECANCELED {
+                // Not asked for (the listener is not being removed): accept again
+                // below rather than stop accepting for good.
+            } else if crate::driver::accept_error_pauses(errno) {
                 l.shared.stats.accept_errors.fetch_add(1, Relaxed);
                 tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
                     "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
