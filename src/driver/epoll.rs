@@ -405,8 +405,11 @@ impl EpollBackend {
                     Ok(()) => self.finish(k, 0, None, Meta::None),
                     Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
                         o.connecting = true;
+                        // Nothing can be read before the connection is up, and
+                        // its completion is the writable edge.
                         if let Some(st) = self.fds.get_mut(&fd) {
                             st.writable = false;
+                            st.readable = false;
                         }
                         self.park(k, fd, false);
                     }
