@@ -470,7 +470,7 @@ impl EpollBackend {
         if !readable {
             return self.park(k, fd, true);
         }
-        for _ in 0..ACCEPT_BUDGET {
+        for _ in 0..CHUNK {
             // SAFETY: accept4 on a listening fd the worker keeps open, with null
             // address pointers.
             let n = unsafe {
@@ -498,8 +498,16 @@ impl EpollBackend {
             }
             self.shot(k, -errno, None, Meta::None);
         }
-        // Budget spent: more may be waiting; go on next turn.
-        self.run.push_back(k);
+        // A chunk accepted: the worker starts those sessions before the next
+        // chunk (accepts and their connects interleave); past ACCEPT_BUDGET in
+        // this turn, more may be waiting: go on next turn.
+        let ran = self.fds.get_mut(&fd).map_or(usize::MAX, |st| st.ran);
+        if ran < ACCEPT_BUDGET / CHUNK {
+            self.run.push_front(k);
+            self.turn_left += 1;
+        } else {
+            self.run.push_back(k);
+        }
     }
 
     fn exec_recv_multi(&mut self, k: Key, fd: RawFd, kind: MultiKind, readable: bool) {
