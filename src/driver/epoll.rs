@@ -10,8 +10,10 @@
 //!
 //! Fairness: one socket runs at most [`BUDGET`] operations per turn (one
 //! [`Backend::wait`]); the rest wait in a run queue for the next turn, so that a
-//! fast sender cannot starve the others. Multishot accepts and datagram receives
-//! take at most [`ACCEPT_BUDGET`] / [`DATAGRAM_BUDGET`] per run.
+//! fast sender cannot starve the others. A multishot accept takes [`CHUNK`]
+//! connections per run and at most [`ACCEPT_BUDGET`] per turn (the worker starts
+//! each chunk's sessions before the next chunk); a datagram receive takes at most
+//! [`DATAGRAM_BUDGET`] per run.
 //!
 //! Receive buffers come from two free lists (stream pieces of [`RECV_BUF_SIZE`],
 //! datagrams of the largest UDP payload plus one byte), grown on demand up to
@@ -32,7 +34,7 @@ use super::udp;
 
 /// Operations one socket may run per turn before yielding (count).
 pub const BUDGET: usize = 16;
-/// Connections one listener may accept per run before yielding (count).
+/// Connections one listener may accept per turn before yielding (count).
 pub const ACCEPT_BUDGET: usize = 64;
 /// Datagrams one socket may take per run before yielding (count).
 pub const DATAGRAM_BUDGET: usize = 64;
