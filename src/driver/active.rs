@@ -127,16 +127,6 @@ impl ActiveSession {
         how: Origin,
         now: Instant,
     ) -> ActiveSession {
-        ActiveSession::open_as(fd, listener, worker, how, now)
-    }
-
-    fn open_as(
-        fd: OwnedFd,
-        listener: Arc<ListenerShared>,
-        worker: &Arc<WorkerStats>,
-        how: Origin,
-        now: Instant,
-    ) -> ActiveSession {
         let many = how == Origin::Many;
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
