@@ -214,6 +214,28 @@ pub struct ProxyConfig {
     pub max_sessions: usize,
 }
 
+#[cfg(test)]
+impl ProxyConfig {
+    /// A config for unit tests: one upstream 127.0.0.1:1 in the root namespace,
+    /// connect timeout 1000 ms, no idle timeout, 4096-byte windows, no PROXY
+    /// header, UDP sessions idle 30 s, at most one UDP session. Tests change
+    /// fields with struct-update syntax.
+    pub(crate) fn test() -> ProxyConfig {
+        ProxyConfig {
+            upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
+            upstream_netns: None,
+            upstream_netns_path: None,
+            upstream_netns_line: 0,
+            connect_timeout_ms: 1000,
+            idle_timeout_ms: 0,
+            buffer_bytes: 4096,
+            proxy_protocol: None,
+            session_idle_timeout_ms: 30_000,
+            max_sessions: 1,
+        }
+    }
+}
+
 /// Default `session_idle_timeout_ms` of a UDP proxy listener (ms).
 pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Default `max_sessions` of a UDP proxy listener (count).

@@ -614,16 +614,8 @@ mod tests {
         // before its SHUTDOWN notification was read: the response still queued
         // toward the client must not be lost to an abort.
         let p = crate::config::ProxyConfig {
-            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
-            upstream_netns: None,
-            upstream_netns_path: None,
-            upstream_netns_line: 0,
-            connect_timeout_ms: 1000,
-            idle_timeout_ms: 0,
-            buffer_bytes: 4096,
-            proxy_protocol: None,
             session_idle_timeout_ms: 0,
-            max_sessions: 1,
+            ..crate::config::ProxyConfig::test()
         };
         let a = Action::Proxy(std::sync::Arc::new(p));
         let sctp = SctpConfig::default();
@@ -665,16 +657,9 @@ mod tests {
         // asks for one more; the receive then fills the window. No further
         // receive may follow it.
         let p = crate::config::ProxyConfig {
-            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
-            upstream_netns: None,
-            upstream_netns_path: None,
-            upstream_netns_line: 0,
-            connect_timeout_ms: 1000,
-            idle_timeout_ms: 0,
             buffer_bytes: 1000,
-            proxy_protocol: None,
             session_idle_timeout_ms: 0,
-            max_sessions: 1,
+            ..crate::config::ProxyConfig::test()
         };
         let a = Action::Proxy(std::sync::Arc::new(p));
         let mut s = Session::new(&a);

@@ -117,16 +117,11 @@ mod tests {
 
     fn cfg(buffer: usize, pp: Option<ProxyProtocol>) -> Arc<ProxyConfig> {
         Arc::new(ProxyConfig {
-            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
-            upstream_netns: None,
-            upstream_netns_path: None,
-            upstream_netns_line: 0,
             connect_timeout_ms: 5000,
-            idle_timeout_ms: 0,
             buffer_bytes: buffer,
             proxy_protocol: pp,
-            session_idle_timeout_ms: 30_000,
             max_sessions: 10,
+            ..ProxyConfig::test()
         })
     }
 

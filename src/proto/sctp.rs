@@ -577,16 +577,8 @@ mod tests {
 
     fn proxy_cfg() -> ProxyConfig {
         ProxyConfig {
-            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
-            upstream_netns: None,
-            upstream_netns_path: None,
-            upstream_netns_line: 0,
-            connect_timeout_ms: 1000,
-            idle_timeout_ms: 0,
-            buffer_bytes: 4096,
-            proxy_protocol: None,
             session_idle_timeout_ms: 0,
-            max_sessions: 1,
+            ..ProxyConfig::test()
         }
     }
 

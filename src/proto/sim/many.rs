@@ -405,18 +405,7 @@ fn many_one(seed: u64, trace: bool, proxy: bool) -> usize {
         pieces: 0,
     };
     let action = if proxy {
-        Action::Proxy(Arc::new(ProxyConfig {
-            upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
-            upstream_netns: None,
-            upstream_netns_path: None,
-            upstream_netns_line: 0,
-            connect_timeout_ms: 1000,
-            idle_timeout_ms: 0,
-            buffer_bytes: 4096,
-            proxy_protocol: None,
-            session_idle_timeout_ms: 30_000,
-            max_sessions: 1,
-        }))
+        Action::Proxy(Arc::new(ProxyConfig::test()))
     } else {
         Action::Echo
     };

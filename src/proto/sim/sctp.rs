@@ -489,16 +489,10 @@ fn sctp_one(seed: u64, trace: bool, proxy: bool) -> usize {
     let s0 = script(&mut rng, seed, n, biggest, too_big[0]);
     let mut client = Peer::new(&mut rng, s0, peeled);
     let cfg = Arc::new(ProxyConfig {
-        upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
-        upstream_netns: None,
-        upstream_netns_path: None,
-        upstream_netns_line: 0,
         connect_timeout_ms: rng.pick(&[10, 1000]),
         idle_timeout_ms: rng.pick(&[0, 0, 20, 1000]),
         buffer_bytes: rng.pick(&[1, 1000, 65_536]),
-        proxy_protocol: None,
-        session_idle_timeout_ms: 30_000,
-        max_sessions: 1,
+        ..ProxyConfig::test()
     });
     let (action, upstream, from, connect) = if proxy {
         let n = rng.range(0, 12);

@@ -508,10 +508,6 @@ fn proxy_one(seed: u64, trace: bool) -> usize {
     let bulk = rng.one_in(40);
     let pp = rng.pick(&[None, None, Some(ProxyProtocol::V1), Some(ProxyProtocol::V2)]);
     let cfg = Arc::new(ProxyConfig {
-        upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
-        upstream_netns: None,
-        upstream_netns_path: None,
-        upstream_netns_line: 0,
         connect_timeout_ms: rng.pick(&[10, 1000, 5000]),
         idle_timeout_ms: rng.pick(&[0, 0, 20, 1000]),
         buffer_bytes: if bulk {
@@ -520,8 +516,7 @@ fn proxy_one(seed: u64, trace: bool) -> usize {
             rng.pick(&[1, 100, 1000, 4096, 65_536])
         },
         proxy_protocol: pp,
-        session_idle_timeout_ms: 30_000,
-        max_sessions: 1,
+        ..ProxyConfig::test()
     });
     let info = ConnInfo {
         peer: addr(&mut rng),

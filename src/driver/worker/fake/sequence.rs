@@ -149,15 +149,11 @@ pub(super) fn make_setup(act: Act, rng: &mut Rng, seed: u64) -> (Setup, Vec<Sess
             };
             let cfg = Arc::new(ProxyConfig {
                 upstreams: upstreams.clone(),
-                upstream_netns: None,
-                upstream_netns_path: None,
-                upstream_netns_line: 0,
                 connect_timeout_ms: rng.pick(&[5, 1000, 1000]),
                 idle_timeout_ms: rng.pick(&[0, 0, 0, 0, 2, 5, 50]),
                 buffer_bytes: rng.pick(&[1, 100, 1000, 4096, 65_536]),
                 proxy_protocol: pp.then(|| rng.pick(&[ProxyProtocol::V1, ProxyProtocol::V2])),
-                session_idle_timeout_ms: 30_000,
-                max_sessions: 1,
+                ..ProxyConfig::test()
             });
             setup.window = cfg.buffer_bytes;
             setup.idle_ms = cfg.idle_timeout_ms;
