@@ -44,8 +44,12 @@ const K_WAKE: u8 = 1;
 const K_ACCEPT: u8 = 2;
 /// Receive on side 0 (client) / 1 (upstream): `K_RECV + side`.
 const K_RECV: u8 = 3;
+/// Receive on side 1.
+const K_RECV1: u8 = K_RECV + 1;
 /// Send on side 0 / 1: `K_SEND + side`.
 const K_SEND: u8 = 5;
+/// Send on side 1.
+const K_SEND1: u8 = K_SEND + 1;
 const K_CONNECT: u8 = 7;
 /// Multishot receive on a UDP listener socket.
 const K_UDP_LISTENER: u8 = 8;
@@ -305,8 +309,8 @@ impl<B: Backend> Worker<B> {
                 self.arm_wake();
             }
             K_ACCEPT => self.on_accept(k, ev),
-            K_RECV | 4 => self.on_recv(k, side_of(kind - K_RECV), ev),
-            K_SEND | 6 => self.on_send(k, side_of(kind - K_SEND), ev),
+            K_RECV | K_RECV1 => self.on_recv(k, side_of(kind - K_RECV), ev),
+            K_SEND | K_SEND1 => self.on_send(k, side_of(kind - K_SEND), ev),
             K_CONNECT => self.on_connect(k, ev),
             K_UDP_LISTENER | K_UDP_UPSTREAM => self.on_udp(kind, k, ev),
             _ => {}

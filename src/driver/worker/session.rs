@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::{SessionOps, SessionSlot, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND};
 use crate::driver::active::{ActiveSession, ConnectStart};
-use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, OpId, Owned};
+use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, Owned};
 use crate::driver::shared::Peeled;
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
@@ -123,13 +123,17 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
+        // Before arming: a peel-off request that ends at once lets the session
+        // read again.
+        let Some(e) = self.sessions.get_mut(k) else {
+            return;
+        };
+        Self::request_peel_offs(&self.ctx, k, &mut e.session);
         for side in [Side::Client, Side::Upstream] {
             self.drive_side(k, side);
         }
         if let Some(e) = self.sessions.get_mut(k) {
             e.session.shutdown_drained();
-            // Before arming: a request that ends at once lets the session read again.
-            Self::request_peel_offs(&self.ctx, k, &mut e.session);
             self.timers.sync(k, &mut e.session);
         }
     }
@@ -214,15 +218,14 @@ impl<B: Backend> Worker<B> {
             e.ops.closing = true;
             e.session.linger_if_aborting();
             let ops = &e.ops;
-            let ids: Vec<OpId> = ops
-                .recv
-                .iter()
-                .chain(&ops.send)
-                .chain(std::iter::once(&ops.connect))
-                .flatten()
-                .copied()
-                .collect();
-            for id in ids {
+            let ids = [
+                ops.recv[0],
+                ops.recv[1],
+                ops.send[0],
+                ops.send[1],
+                ops.connect,
+            ];
+            for id in ids.into_iter().flatten() {
                 self.backend.cancel(id);
             }
         }
