@@ -14,7 +14,7 @@ use crate::driver::shared::{ListenerShared, ListenerStats, WorkerStats};
 use crate::driver::{eventfd, wake, Command};
 
 /// A worker context and the supervisor's ends of it.
-fn ctx() -> (
+pub(super) fn ctx() -> (
     WorkerCtx,
     mpsc::Sender<Command>,
     Arc<OwnedFd>,

@@ -77,13 +77,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{Worker, WorkerCtx, K_ACCEPT, K_CONNECT, K_RECV, K_SEND, K_WAKE};
+use super::{Worker, K_ACCEPT, K_CONNECT, K_RECV, K_SEND, K_WAKE};
 use crate::binder::{Binder, ClientProto};
 use crate::config::{Action, Proto, ProxyConfig, SctpConfig};
 use crate::driver::backend::{Backend, BufRef, Caps, Event, Op, OpId};
 use crate::driver::shared::{ListenerShared, ListenerStats, WorkerStats};
 use crate::driver::slab::untoken;
-use crate::driver::{eventfd, wake, Command, UpstreamSet};
+use crate::driver::{wake, Command, UpstreamSet};
 use crate::proto::proxy_header::{self, ProxyProtocol};
 use crate::proto::sim::stream::http_script;
 use crate::proto::sim::Rng;

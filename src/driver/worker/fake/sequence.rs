@@ -278,16 +278,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
     let listener = OwnedFd::from(
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket"),
     );
-    let (tx, rx) = mpsc::channel();
-    let wake_fd = Arc::new(eventfd().expect("eventfd"));
-    let stats = Arc::new(WorkerStats::default());
-    let ctx = WorkerCtx {
-        index: 0,
-        rx,
-        wake: wake_fd.clone(),
-        stats: stats.clone(),
-        peeled: Default::default(),
-    };
+    let (ctx, tx, wake_fd, stats) = crate::driver::worker::tests::ctx();
     let clock = Rc::new(Cell::new(Instant::now()));
     let early = rng.one_in(6).then(|| rng.range(1, 300));
     let remove = rng.one_in(8).then(|| rng.range(1, 200));
