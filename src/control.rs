@@ -95,6 +95,14 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         add(&ep, w.fd.as_fd(), T_INOTIFY)?;
     }
 
+    // "running" and READY=1 come once every endpoint is open: whoever waits for
+    // either may use the listeners and the admin endpoint at once.
+    tracing::info!(
+        listeners = server.listeners().count(),
+        workers = server.worker_count(),
+        driver = %server.driver(),
+        "ringress running"
+    );
     sdnotify::notify_or_log("READY=1");
     let mut pending: Vec<Pending> = Vec::new();
     let mut draining: Option<Instant> = None;

@@ -135,12 +135,6 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            tracing::info!(
-                listeners = server.listeners().count(),
-                workers = cfg.runtime.workers,
-                driver = %server.driver(),
-                "ringress running"
-            );
             match control::run(server, &config) {
                 Ok(control::Exit::Clean) => ExitCode::SUCCESS,
                 // A second signal: leave now, without waiting for the workers.

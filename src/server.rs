@@ -220,9 +220,9 @@ impl Server {
         Ok(server)
     }
 
-    /// Sockets to make per listener: one per running worker (the config's count
+    /// Running workers (counts); also the sockets made per listener (the config's count
     /// before the workers exist; a reload does not change it).
-    fn worker_count(&self) -> usize {
+    pub fn worker_count(&self) -> usize {
         if self.workers.is_empty() {
             self.cfg.runtime.workers.max(1)
         } else {
