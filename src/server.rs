@@ -172,6 +172,17 @@ fn same(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     norm(a) == norm(b)
 }
 
+/// Whether a reload may give `old`'s sockets the settings of `new` (same
+/// namespace, protocol and address assumed): not for one-to-many SCTP (the socket
+/// is one session) nor when SCTP socket options or style change (they are set when
+/// the socket is made).
+fn keeps_sockets(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    match old.proto {
+        Proto::Sctp => old.sctp == new.sctp && old.sctp.style == crate::sctp::Style::OneToOne,
+        Proto::Tcp | Proto::Udp => true,
+    }
+}
+
 impl Server {
     /// Resolves the driver (`io` overrides `runtime.io`), binds every listener (one
     /// socket per worker, all made by the binder; templates in every matching
@@ -338,42 +349,44 @@ impl Server {
         let fds = self
             .binder
             .create(&l.name, path.as_deref(), &l.netns_label(), spec)?;
-        let upstream = match &l.action {
-            Action::Proxy(p) => {
-                let ns = p.upstream_netns_path.clone().map(|path| {
-                    let label = p
-                        .upstream_netns
-                        .as_ref()
-                        .map_or_else(String::new, |n| n.label());
-                    (path, label)
-                });
-                Some(Arc::new(UpstreamSet::new(
-                    p.upstreams.clone(),
-                    ns,
-                    match l.proto {
-                        Proto::Tcp => ClientProto::Tcp,
-                        Proto::Udp => ClientProto::Udp,
-                        Proto::Sctp => ClientProto::Sctp(l.sctp.socket_opts()),
-                    },
-                    &l.name,
-                    &self.binder,
-                )?))
-            }
-            _ => None,
-        };
+        let upstream = self.upstream_set(l)?;
         Ok(Bound { fds, upstream })
     }
 
-    /// Hands a bound listener to the workers (or records it as down).
-    fn install(&mut self, p: Planned, b: Result<Bound, String>) {
-        let l = p.config;
-        let id = self.next_id;
-        self.next_id += 1;
-        let (state, fds, upstream) = match b {
-            Ok(b) => (ListenerState::Serving, b.fds, b.upstream),
-            Err(reason) => (ListenerState::Down(reason), Vec::new(), None),
+    /// For a proxy listener, its upstream set with filled socket pools; `None` for
+    /// the other actions.
+    fn upstream_set(&self, l: &ListenerConfig) -> Result<Option<Arc<UpstreamSet>>, BindError> {
+        let Action::Proxy(p) = &l.action else {
+            return Ok(None);
         };
-        let shared = Arc::new(ListenerShared {
+        let ns = p.upstream_netns_path.clone().map(|path| {
+            let label = p
+                .upstream_netns
+                .as_ref()
+                .map_or_else(String::new, |n| n.label());
+            (path, label)
+        });
+        Ok(Some(Arc::new(UpstreamSet::new(
+            p.upstreams.clone(),
+            ns,
+            match l.proto {
+                Proto::Tcp => ClientProto::Tcp,
+                Proto::Udp => ClientProto::Udp,
+                Proto::Sctp => ClientProto::Sctp(l.sctp.socket_opts()),
+            },
+            &l.name,
+            &self.binder,
+        )?)))
+    }
+
+    /// What the workers get to know about listener `l`.
+    fn shared_for(
+        &self,
+        l: &ListenerConfig,
+        upstream: Option<Arc<UpstreamSet>>,
+        stats: Arc<crate::driver::ListenerStats>,
+    ) -> Arc<ListenerShared> {
+        Arc::new(ListenerShared {
             name: Arc::from(l.name.as_str()),
             action: l.action.clone(),
             netns: Arc::from(l.netns_label().as_str()),
@@ -386,10 +399,22 @@ impl Server {
                 && matches!(l.action, Action::Proxy(_)))
             .then(|| crate::driver::PeelSource {
                 binder: self.binder.clone(),
-                netns: self.cfg.netns_path(&l),
+                netns: self.cfg.netns_path(l),
             }),
-            stats: Default::default(),
-        });
+            stats,
+        })
+    }
+
+    /// Hands a bound listener to the workers (or records it as down).
+    fn install(&mut self, p: Planned, b: Result<Bound, String>) {
+        let l = p.config;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (state, fds, upstream) = match b {
+            Ok(b) => (ListenerState::Serving, b.fds, b.upstream),
+            Err(reason) => (ListenerState::Down(reason), Vec::new(), None),
+        };
+        let shared = self.shared_for(&l, upstream, Default::default());
         for (w, fd) in self.workers.iter().zip(fds) {
             if let Err(e) = w.send(Command::AddListener {
                 id,
@@ -446,10 +471,21 @@ impl Server {
         }
     }
 
-    /// Applies a new, validated config (SIGHUP): listeners that did not change keep
-    /// their sockets and connections; removed ones stop accepting and let their
-    /// connections finish; new and changed ones bind. All new sockets are bound
-    /// before anything changes, so a failure leaves the running config untouched.
+    /// Applies a new, validated config (SIGHUP) without dropping a connection:
+    ///
+    /// - a listener whose namespace file, protocol and address are unchanged keeps
+    ///   its sockets and accept queues, whatever else changed (action, texts,
+    ///   upstreams, timeouts, backlog; a rename too): the workers get its new
+    ///   settings ([`Command::UpdateListener`]) for the connections they accept from
+    ///   now on, and open sessions finish under the old ones. Its counters go on
+    ///   when its name is kept. Exceptions, bound anew: SCTP listeners whose socket
+    ///   options changed, and one-to-many SCTP listeners (their socket is a session);
+    /// - a removed listener stops taking new connections and serves what is already
+    ///   queued before its sockets close ([`Command::RemoveListener`]);
+    /// - new listeners bind.
+    ///
+    /// Every new socket and upstream pool is made before anything changes, so a
+    /// failure leaves the running config untouched.
     ///
     /// # Errors
     /// The first bind failure of an explicit listener, or a duplicate address.
@@ -462,56 +498,135 @@ impl Server {
             );
         }
         let planned = plan(&new, &netns::list_dir(&new.netns_dir));
-        let (keep, todo): (Vec<Planned>, Vec<Planned>) = planned.into_iter().partition(|p| {
-            self.listeners.get(&p.config.name).is_some_and(|old| {
-                old.state == ListenerState::Serving && same(&old.config, &p.config)
-            })
-        });
-        let old_cfg = std::mem::replace(&mut self.cfg, new);
-        // Kept listeners keep their addresses; the others are about to go.
-        let going: HashSet<String> = self
+        // Serving listeners by what identifies their sockets, in the old config.
+        let mut by_addr: HashMap<AddrKey, String> = self
             .listeners
-            .keys()
-            .filter(|n| !keep.iter().any(|p| &p.config.name == *n))
-            .cloned()
+            .values()
+            .filter(|l| l.state == ListenerState::Serving)
+            .map(|l| (self.addr_key(&l.config), l.config.name.clone()))
             .collect();
-        let taken = self.taken(&going);
-        let bound = match self.bind_all(&todo, taken) {
+        let old_cfg = std::mem::replace(&mut self.cfg, new);
+        let wanted: HashSet<String> = planned.iter().map(|p| p.config.name.clone()).collect();
+        let mut unchanged = Vec::new();
+        let mut updates: Vec<(String, Planned)> = Vec::new();
+        let mut todo = Vec::new();
+        for p in planned {
+            let key = self.addr_key(&p.config);
+            let old = by_addr
+                .get(&key)
+                .and_then(|n| self.listeners.get(n))
+                .filter(|o| keeps_sockets(&o.config, &p.config));
+            match old {
+                Some(o) if o.config.name == p.config.name && same(&o.config, &p.config) => {
+                    by_addr.remove(&key);
+                    unchanged.push(p.config.name);
+                }
+                Some(o) => {
+                    let name = o.config.name.clone();
+                    by_addr.remove(&key);
+                    updates.push((name, p));
+                }
+                None => todo.push(p),
+            }
+        }
+        // Old listeners neither unchanged nor updated are about to go: their
+        // addresses are free for the new ones.
+        let going: HashSet<String> = by_addr.into_values().collect();
+        let mut taken = self.taken(&going);
+        let result = self
+            .bind_all(&todo, std::mem::take(&mut taken))
+            .and_then(|bound| {
+                let ups = updates
+                    .iter()
+                    .map(|(old, p)| self.upstream_for(&self.listeners[old], &p.config))
+                    .collect::<Result<Vec<_>, BindError>>()?;
+                Ok((bound, ups))
+            });
+        let (bound, upstreams) = match result {
             Ok(b) => b,
             Err(e) => {
                 self.cfg = old_cfg;
                 return Err(e);
             }
         };
-        let wanted: HashSet<String> = keep
-            .iter()
-            .chain(&todo)
-            .map(|p| p.config.name.clone())
-            .collect();
-        let replaced: Vec<String> = todo
-            .iter()
-            .map(|p| p.config.name.clone())
-            .filter(|n| self.listeners.contains_key(n))
-            .collect();
-        let removed: Vec<String> = self
+        // Down listeners the new config no longer has are forgotten.
+        let stale: Vec<String> = self
             .listeners
-            .keys()
-            .filter(|n| !wanted.contains(*n))
-            .cloned()
+            .values()
+            .filter(|l| l.state != ListenerState::Serving && !wanted.contains(&l.config.name))
+            .map(|l| l.config.name.clone())
             .collect();
-        for n in replaced.iter().chain(&removed) {
+        let removed = going.len() + stale.len();
+        for n in going.iter().chain(&stale) {
             self.retire(n, true, "removed or changed by reload");
         }
+        let updated = updates.len();
+        for ((old, p), upstream) in updates.into_iter().zip(upstreams) {
+            self.update(&old, p, upstream);
+        }
+        let bound_count = todo.len();
         for (p, b) in todo.into_iter().zip(bound) {
             self.install(p, b);
         }
         tracing::info!(
-            kept = keep.len(),
-            bound = self.listeners.len() - keep.len(),
-            removed = removed.len(),
+            kept = unchanged.len(),
+            updated,
+            bound = bound_count,
+            removed,
             "config reloaded"
         );
         Ok(())
+    }
+
+    /// The upstream set listener `new` (replacing serving listener `old` on the same
+    /// sockets) will use: `old`'s own when its upstreams, their namespace and the
+    /// protocol are the same (its socket pools and back-off state go on), a new one
+    /// otherwise.
+    fn upstream_for(
+        &self,
+        old: &RunningListener,
+        new: &ListenerConfig,
+    ) -> Result<Option<Arc<UpstreamSet>>, BindError> {
+        let (Action::Proxy(o), Action::Proxy(n)) = (&old.config.action, &new.action) else {
+            return self.upstream_set(new);
+        };
+        if o.upstreams == n.upstreams && o.upstream_netns_path == n.upstream_netns_path {
+            return Ok(old.shared.upstream.clone());
+        }
+        self.upstream_set(new)
+    }
+
+    /// Gives serving listener `old` the settings of `p` (maybe a new name) on the
+    /// sockets it has: the workers switch for new connections.
+    fn update(&mut self, old: &str, p: Planned, upstream: Option<Arc<UpstreamSet>>) {
+        let Some(mut running) = self.listeners.remove(old) else {
+            return;
+        };
+        let l = p.config;
+        let stats = if l.name == running.config.name {
+            running.shared.stats.clone()
+        } else {
+            Default::default()
+        };
+        let shared = self.shared_for(&l, upstream, stats);
+        let backlog =
+            (l.backlog != running.config.backlog && l.proto != Proto::Udp).then_some(l.backlog);
+        for w in &self.workers {
+            if let Err(e) = w.send(Command::UpdateListener {
+                id: running.id,
+                shared: shared.clone(),
+                backlog,
+            }) {
+                tracing::error!(listener = %l.name, error = %e, "cannot update listener in worker");
+            }
+        }
+        tracing::info!(listener = %l.name, previous = %old, netns = %l.netns_label(),
+            proto = %l.proto, address = %l.listen, action = l.action.kind(),
+            "listener updated; its sockets and queued connections are kept");
+        running.config = l;
+        running.template = p.template;
+        running.shared = shared;
+        self.listeners.insert(running.config.name.clone(), running);
     }
 
     /// Namespace `name` appeared in the netns directory: binds the template

@@ -49,6 +49,13 @@ use worker::WorkerCtx;
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
 pub const ACCEPT_PAUSE_MS: u64 = 100;
 
+/// How long a removed TCP listener keeps accepting the handshakes already under
+/// way while new SYNs are dropped (ms): long enough for the final ACK of a
+/// handshake whose SYN-ACK was sent just before (one round trip), short enough
+/// that a client whose SYN was dropped is refused at its first retransmission
+/// (1 s, RFC 6298 §2.1 initial RTO).
+pub const LISTENER_DRAIN_MS: u64 = 500;
+
 /// Set once a worker's backend failed.
 static WORKER_FAILED: AtomicBool = AtomicBool::new(false);
 
@@ -181,7 +188,23 @@ pub enum Command {
         /// Name, action and counters.
         shared: Arc<ListenerShared>,
     },
-    /// Stop accepting on listener `id` and close its socket; connections go on.
+    /// New settings for listener `id`, whose socket stays (a reload that changed
+    /// anything but its namespace, protocol and address): connections accepted from
+    /// now on use `shared`; open ones finish under the settings they started with.
+    /// Not sent for one-to-many SCTP listeners (their socket is one session).
+    UpdateListener {
+        /// The listener's id.
+        id: u64,
+        /// The new settings; its counters are the old ones when the name is kept.
+        shared: Arc<ListenerShared>,
+        /// A new accept backlog (connections) to apply with listen(2) again, if it
+        /// changed (TCP and one-to-one SCTP).
+        backlog: Option<u32>,
+    },
+    /// Stop accepting on listener `id` without resetting what is queued: a TCP
+    /// listener first drops new SYNs (a socket filter; the client retransmits and
+    /// is refused once the socket is closed), accepts and serves what completed its
+    /// handshake for [`LISTENER_DRAIN_MS`], then closes. Connections go on.
     RemoveListener {
         /// The listener's id.
         id: u64,

@@ -73,8 +73,8 @@ pub struct ListenerShared {
     pub sctp: SctpConfig,
     /// SCTP one-to-many proxy: who peels associations off, and in which namespace.
     pub peel: Option<PeelSource>,
-    /// Its counters.
-    pub stats: ListenerStats,
+    /// Its counters (kept across a reload that keeps the listener's name).
+    pub stats: Arc<ListenerStats>,
 }
 
 /// Where a one-to-many SCTP proxy listener's associations are peeled off: the

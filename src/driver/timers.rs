@@ -18,6 +18,8 @@ pub(crate) enum Timer {
     SendRetry(u8),
     /// A listener that paused accepting (EMFILE...) accepts again.
     AcceptPause,
+    /// A removed listener's drain ends: it stops accepting and closes.
+    ListenerDrain,
 }
 
 /// The timers of one worker.

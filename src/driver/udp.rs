@@ -264,6 +264,38 @@ impl UdpState {
         self.next_sweep.map(|t| t.saturating_duration_since(now))
     }
 
+    /// New settings for listener `lk` (a reload kept its socket): datagrams from now
+    /// on use `shared`. Proxy sessions stay with the upstream they have (new ones
+    /// choose among the new upstreams); if the listener stops being a proxy, its
+    /// sessions end and their upstream keys are returned for the driver to drop.
+    pub fn update_listener(&mut self, lk: Key, shared: Arc<ListenerShared>) -> Vec<Key> {
+        let proxy_idle = match &shared.action {
+            Action::Proxy(p) => Some(Duration::from_millis(p.session_idle_timeout_ms)),
+            _ => None,
+        };
+        let ended = if proxy_idle.is_none() {
+            self.end_sessions(lk)
+        } else {
+            Vec::new()
+        };
+        let Some(l) = self.listeners.get_mut(lk) else {
+            return ended;
+        };
+        l.max_datagram = shared.max_datagram;
+        l.shared = shared;
+        match (proxy_idle, &mut l.sessions) {
+            (Some(idle), Some(s)) => s.set_idle(idle),
+            (Some(idle), None) => {
+                l.sessions = Some(UdpSessions::new(idle));
+                if self.next_sweep.is_none() {
+                    self.next_sweep = Some(Instant::now() + SWEEP_EVERY);
+                }
+            }
+            (None, _) => l.sessions = None,
+        }
+        ended
+    }
+
     /// Ends every session of listener `lk` (it is being removed); returns their
     /// upstream keys, for the driver to stop receiving on and drop. The listener
     /// itself stays until the driver removes it.

@@ -40,6 +40,12 @@ pub struct UdpSessions<U> {
 }
 
 impl<U> UdpSessions<U> {
+    /// Sessions end after `idle` without traffic from now on (a reload changed
+    /// `session_idle_timeout_ms`).
+    pub fn set_idle(&mut self, idle: Duration) {
+        self.idle = idle;
+    }
+
     /// An empty table whose sessions end after `idle` without traffic.
     pub fn new(idle: Duration) -> UdpSessions<U> {
         UdpSessions {

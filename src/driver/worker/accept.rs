@@ -2,16 +2,18 @@
 //! after EMFILE and the like, removing a listener once its accept has ended.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Worker, K_ACCEPT};
+use crate::config::Proto;
 use crate::driver::active::ActiveSession;
 use crate::driver::backend::{Backend, Event, Op};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
-use crate::driver::ACCEPT_PAUSE_MS;
+use crate::driver::{ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
 use crate::proto::Origin;
 
 impl<B: Backend> Worker<B> {
@@ -33,6 +35,55 @@ impl<B: Backend> Worker<B> {
         if let Some(l) = self.listeners.get_mut(k) {
             l.op = Some(id);
         }
+    }
+
+    /// New settings for a listener whose socket a reload kept: connections
+    /// accepted from now on use `shared`; `backlog`, if given, is applied with
+    /// listen(2) again (Linux resizes the accept queue of a listening socket).
+    pub(super) fn update_listener(
+        &mut self,
+        k: Key,
+        shared: Arc<ListenerShared>,
+        backlog: Option<u32>,
+    ) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if let Some(b) = backlog {
+            let b = i32::try_from(b).unwrap_or(i32::MAX);
+            // SAFETY: listen(2) on a socket this listener owns; no memory is passed.
+            if unsafe { libc::listen(l.fd.as_raw_fd(), b) } != 0 {
+                tracing::warn!(listener = %shared.name, backlog = b,
+                    error = %io::Error::last_os_error(), "cannot apply the new backlog");
+            }
+        }
+        l.shared = shared;
+    }
+
+    /// Removes a listener without resetting its accept queue: a TCP listener gets a
+    /// filter that drops new SYNs ([`drop_new_handshakes`]), keeps accepting what
+    /// completed its handshake for [`LISTENER_DRAIN_MS`], then closes. Other
+    /// listeners (one-to-one SCTP) close at once.
+    pub(super) fn drain_listener(&mut self, k: Key) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if l.draining || l.removing {
+            return;
+        }
+        if l.shared.proto != Proto::Tcp {
+            self.remove_listener(k);
+            return;
+        }
+        if let Err(e) = drop_new_handshakes(l.fd.as_fd()) {
+            tracing::warn!(listener = %l.shared.name, error = %e,
+                "cannot stop new handshakes on a removed listener; closing it at once");
+            self.remove_listener(k);
+            return;
+        }
+        l.draining = true;
+        let at = self.now + Duration::from_millis(LISTENER_DRAIN_MS);
+        self.timers.start(at, Timer::ListenerDrain, k);
     }
 
     pub(super) fn remove_listener(&mut self, k: Key) {
@@ -113,5 +164,51 @@ impl<B: Backend> Worker<B> {
         if !ev.more {
             self.arm_accept(k);
         }
+    }
+}
+
+/// Attaches a classic BPF socket filter to TCP listener `fd` that drops segments
+/// carrying SYN without ACK (new handshakes) and passes everything else, so the
+/// handshakes already under way complete into the accept queue while new clients
+/// wait for their SYN retransmission (and are refused once the socket closes).
+///
+/// The filter sees the TCP header at offset 0 (socket filters run on the
+/// transport payload, `tcp_filter()` in net/ipv4/tcp_ipv4.c); byte 13 holds the
+/// flags (RFC 9293 §3.1: ACK = 0x10, SYN = 0x02). See socket(7) SO_ATTACH_FILTER
+/// and Documentation/networking/filter.rst.
+///
+/// # Errors
+/// setsockopt(2) failed (ENOMEM; EINVAL would mean a malformed program).
+pub(crate) fn drop_new_handshakes(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut prog = [
+        insn(LD_B_ABS, 0, 0, 13),    // A = TCP flags
+        insn(JSET_K, 2, 0, 0x10),    // ACK set: pass
+        insn(JSET_K, 0, 1, 0x02),    // SYN set: drop
+        insn(RET_K, 0, 0, 0),        // drop
+        insn(RET_K, 0, 0, u32::MAX), // pass the whole segment
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel copies
+    // the program before setsockopt returns.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

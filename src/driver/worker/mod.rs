@@ -85,6 +85,8 @@ struct StreamListener {
     op: Option<OpId>,
     /// Being removed: closed once its accept has ended.
     removing: bool,
+    /// Removed, draining its accept queue until its [`Timer::ListenerDrain`].
+    draining: bool,
     /// Accepting paused (EMFILE...) until its timer fires.
     paused: bool,
 }
@@ -337,6 +339,7 @@ impl<B: Backend> Worker<B> {
                 }
                 self.drive(k);
             }
+            Timer::ListenerDrain => self.remove_listener(k),
             Timer::AcceptPause => {
                 if let Some(l) = self.listeners.get_mut(k) {
                     l.paused = false;
@@ -372,13 +375,27 @@ impl<B: Backend> Worker<B> {
                         shared,
                         op: None,
                         removing: false,
+                        draining: false,
                         paused: false,
                     });
                     self.ids.insert(id, ListenerRef::Stream(k));
                     self.arm_accept(k);
                 }
+                Command::UpdateListener {
+                    id,
+                    shared,
+                    backlog,
+                } => match self.ids.get(&id).copied() {
+                    Some(ListenerRef::Stream(k)) => self.update_listener(k, shared, backlog),
+                    Some(ListenerRef::Udp(k)) => {
+                        for uk in self.udp.update_listener(k, shared) {
+                            self.udp_close(K_UDP_UPSTREAM, uk);
+                        }
+                    }
+                    Some(ListenerRef::Many(_)) | None => {}
+                },
                 Command::RemoveListener { id } => match self.ids.remove(&id) {
-                    Some(ListenerRef::Stream(k)) => self.remove_listener(k),
+                    Some(ListenerRef::Stream(k)) => self.drain_listener(k),
                     Some(ListenerRef::Udp(k)) => {
                         for uk in self.udp.end_sessions(k) {
                             self.udp_close(K_UDP_UPSTREAM, uk);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::{Worker, WorkerCtx};
 use crate::config::{Action, Proto, SctpConfig};
 use crate::driver::backend::Backend;
-use crate::driver::shared::{ListenerShared, ListenerStats, WorkerStats};
+use crate::driver::shared::{ListenerShared, WorkerStats};
 use crate::driver::{eventfd, wake, Command};
 
 /// A worker context and the supervisor's ends of it.
@@ -47,7 +47,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
         max_datagram: 0,
         sctp: SctpConfig::default(),
         peel: None,
-        stats: ListenerStats::default(),
+        stats: Default::default(),
     });
     let cmd = Command::AddListener {
         id: 1,

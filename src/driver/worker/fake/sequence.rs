@@ -273,7 +273,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
         max_datagram: 0,
         sctp: SctpConfig::default(),
         peel: None,
-        stats: ListenerStats::default(),
+        stats: Default::default(),
     });
     let listener = OwnedFd::from(
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket"),
