@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use crate::binder::{BindError, Binder, ClientProto, SocketSpec};
+use crate::binder::{BatchItem, BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
@@ -268,7 +268,8 @@ impl Server {
         planned: &[Planned],
         mut seen: HashMap<AddrKey, String>,
     ) -> Result<Vec<Result<Bound, String>>, StartError> {
-        let mut out = Vec::with_capacity(planned.len());
+        let mut out: Vec<Option<Result<Bound, String>>> = Vec::with_capacity(planned.len());
+        let mut items = Vec::with_capacity(planned.len());
         for p in planned {
             let l = &p.config;
             let key = self.addr_key(l);
@@ -284,13 +285,29 @@ impl Server {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, "template instance not bound");
-                    out.push(Err(e.to_string()));
+                    out.push(Some(Err(e.to_string())));
                     continue;
                 }
                 seen.insert(key, l.name.clone());
             }
-            match self.bind(l) {
-                Ok(b) => out.push(Ok(b)),
+            out.push(None);
+            items.push(self.batch_item(l));
+        }
+        // Every socket in one batch: the binder enters each namespace once.
+        let mut made = self.binder.create_many(items).into_iter();
+        for (p, slot) in planned.iter().zip(&mut out) {
+            if slot.is_some() {
+                continue;
+            }
+            let l = &p.config;
+            let bound = made.next().expect("one result per item").and_then(|fds| {
+                Ok(Bound {
+                    fds,
+                    upstream: self.upstream_set(l)?,
+                })
+            });
+            *slot = Some(match bound {
+                Ok(b) => Ok(b),
                 Err(e) if e.step == "socket" && crate::sctp::is_unsupported(&e.source) => {
                     let e = StartError::Unavailable {
                         listener: l.name.clone(),
@@ -303,25 +320,27 @@ impl Server {
                     tracing::warn!(listener = %l.name, proto = %l.proto,
                         "listener not served: this kernel has no {} support (skipped: --skip-unavailable)",
                         l.proto.as_str().to_uppercase());
-                    out.push(Err(format!(
+                    Err(format!(
                         "unavailable: this kernel has no {} support",
                         l.proto.as_str().to_uppercase()
-                    )));
+                    ))
                 }
                 Err(e) if p.template.is_some() => {
                     tracing::warn!(error = %e, "template instance not bound");
-                    out.push(Err(e.to_string()));
+                    Err(e.to_string())
                 }
                 Err(e) => return Err(e.into()),
-            }
+            });
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|b| b.expect("every listener decided"))
+            .collect())
     }
 
-    /// Creates listener `l`'s sockets (one per worker) and, for a proxy, its
-    /// upstream set with filled socket pools.
-    fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
-        let path = self.cfg.netns_path(l);
+    /// The binder request for listener `l`'s sockets: one per worker (one for a
+    /// one-to-many SCTP listener).
+    fn batch_item(&self, l: &ListenerConfig) -> BatchItem {
         let count = self.worker_count();
         let spec = match l.proto {
             Proto::Tcp => SocketSpec::TcpListeners {
@@ -346,9 +365,21 @@ impl Server {
                 opts: l.sctp.socket_opts(),
             },
         };
+        BatchItem {
+            owner: l.name.clone(),
+            netns: self.cfg.netns_path(l),
+            netns_label: l.netns_label(),
+            spec,
+        }
+    }
+
+    /// Creates listener `l`'s sockets (one per worker) and, for a proxy, its
+    /// upstream set with filled socket pools.
+    fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
+        let it = self.batch_item(l);
         let fds = self
             .binder
-            .create(&l.name, path.as_deref(), &l.netns_label(), spec)?;
+            .create(&it.owner, it.netns.as_deref(), &it.netns_label, it.spec)?;
         let upstream = self.upstream_set(l)?;
         Ok(Bound { fds, upstream })
     }

@@ -94,8 +94,29 @@ struct Request {
 /// Called by the binder with the socket a peel-off produced (or its error).
 pub type PeelReply = Box<dyn FnOnce(io::Result<OwnedFd>) + Send>;
 
+/// One socket request of a batch ([`Binder::create_many`]).
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    /// The listener (or client) the sockets are for, used in errors.
+    pub owner: String,
+    /// The namespace file (`None`: the root namespace).
+    pub netns: NetnsPath,
+    /// How the namespace is named in errors ("root" if `None`).
+    pub netns_label: String,
+    /// What to make.
+    pub spec: SocketSpec,
+}
+
+/// Items per binder message in [`Binder::create_many`]: bounds how long one
+/// message keeps the binder from other work (peel-offs, pool refills).
+const BATCH_MAX: usize = 256;
+
+type BatchReply = mpsc::SyncSender<Vec<Result<Vec<OwnedFd>, BindError>>>;
+
 enum Msg {
     Create(Request),
+    /// Several requests, grouped by namespace: one setns pair per namespace.
+    Batch(Vec<BatchItem>, BatchReply),
     /// Peel association `assoc` off one-to-many socket `fd` (a dup) in `netns`.
     Peeloff {
         netns: Option<PathBuf>,
@@ -153,6 +174,9 @@ impl Binder {
                         Ok(Msg::Create(req)) => {
                             let result = state.serve(&req);
                             let _ = req.reply.send(result);
+                        }
+                        Ok(Msg::Batch(items, reply)) => {
+                            let _ = reply.send(state.serve_batch(&items));
                         }
                         Ok(Msg::Peeloff {
                             netns,
@@ -237,6 +261,54 @@ impl Binder {
         rx.recv().map_err(|_| gone("reply"))?
     }
 
+    /// Creates the sockets of every item, as [`Binder::create`] would one by one,
+    /// but entering each namespace once for all its items (the items are grouped
+    /// by namespace; at most [`BATCH_MAX`] per message to the binder). Results come
+    /// back in the order of `items`.
+    ///
+    /// Blocks until the binder answers.
+    ///
+    /// # Errors
+    /// Per item, a [`BindError`] as from [`Binder::create`]; an item whose
+    /// namespace cannot be entered gets step "enter". No socket of a failed item
+    /// stays open.
+    pub fn create_many(&self, items: Vec<BatchItem>) -> Vec<Result<Vec<OwnedFd>, BindError>> {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|&a, &b| items[a].netns.cmp(&items[b].netns));
+        let mut out: Vec<Option<Result<Vec<OwnedFd>, BindError>>> =
+            (0..items.len()).map(|_| None).collect();
+        for chunk in order.chunks(BATCH_MAX) {
+            let batch: Vec<BatchItem> = chunk.iter().map(|&i| items[i].clone()).collect();
+            let (reply, rx) = mpsc::sync_channel(1);
+            let results = match self.tx.send(Msg::Batch(batch, reply)) {
+                Ok(()) => rx.recv().ok(),
+                Err(_) => None,
+            };
+            match results {
+                Some(results) => {
+                    for (&i, r) in chunk.iter().zip(results) {
+                        out[i] = Some(r);
+                    }
+                }
+                None => {
+                    for &i in chunk {
+                        let it = &items[i];
+                        out[i] = Some(Err(BindError {
+                            listener: it.owner.clone(),
+                            step: "request",
+                            addr: it.spec.addr(),
+                            netns: it.netns_label.clone(),
+                            source: io::Error::other("binder thread is gone"),
+                        }));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
+    }
+
     /// Asks the binder to branch association `assoc` of one-to-many SCTP socket
     /// `fd` (a duplicate; the binder closes it) off into a one-to-one socket, inside
     /// namespace file `netns` (`None`: the root namespace): Linux refuses a
@@ -289,6 +361,45 @@ impl BinderState {
         };
         self.in_netns(req.netns.as_deref(), || create_sockets(&req.spec))
             .map_err(|(s, e)| err(s, e))
+    }
+
+    /// Serves a batch whose items are sorted by namespace: one setns pair per run
+    /// of items in the same namespace.
+    fn serve_batch(&mut self, items: &[BatchItem]) -> Vec<Result<Vec<OwnedFd>, BindError>> {
+        let err = |it: &BatchItem, step: &'static str, source: io::Error| BindError {
+            listener: it.owner.clone(),
+            step,
+            addr: it.spec.addr(),
+            netns: it.netns_label.clone(),
+            source,
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for group in items.chunk_by(|a, b| a.netns == b.netns) {
+            let made = self.in_netns(group[0].netns.as_deref(), || {
+                Ok(group
+                    .iter()
+                    .map(|it| create_sockets(&it.spec))
+                    .collect::<Vec<_>>())
+            });
+            match made {
+                Ok(results) => {
+                    for (it, r) in group.iter().zip(results) {
+                        out.push(r.map_err(|(step, e)| err(it, step, e)));
+                    }
+                }
+                Err((step, e)) => {
+                    for it in group {
+                        // io::Error is not Clone: the errno is what callers test.
+                        let copy = match e.raw_os_error() {
+                            Some(n) => io::Error::from_raw_os_error(n),
+                            None => io::Error::new(e.kind(), e.to_string()),
+                        };
+                        out.push(Err(err(it, step, copy)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Runs `f` inside namespace file `netns` (`None`: here, the root namespace)
@@ -431,5 +542,66 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.step, "enter");
         assert_eq!(e.errno(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn batch_keeps_order_and_enters_each_namespace() {
+        let b = Binder::start().unwrap();
+        let pid = std::process::id();
+        let a = netns::TempNetns::create(&format!("rgb-a-{pid}")).unwrap();
+        let c = netns::TempNetns::create(&format!("rgb-c-{pid}")).unwrap();
+        let missing = PathBuf::from(format!("/run/netns/rgb-missing-{pid}"));
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let item = |owner: &str, netns: Option<PathBuf>| BatchItem {
+            owner: owner.to_string(),
+            netns,
+            netns_label: owner.to_string(),
+            spec: SocketSpec::TcpListeners {
+                addr,
+                backlog: 8,
+                count: 2,
+            },
+        };
+        // Interleaved namespaces: results must come back in this order.
+        let items = vec![
+            item("a1", Some(a.path())),
+            item("r1", None),
+            item("c1", Some(c.path())),
+            item("x", Some(missing)),
+            item("a2", Some(a.path())),
+        ];
+        let out = b.create_many(items);
+        assert_eq!(out.len(), 5);
+        let ino = |fd: &OwnedFd| {
+            // SIOCGSKNS gives the socket's namespace as an fd (Linux 4.9).
+            // SAFETY: ioctl on a socket we own; it returns a new fd or -1.
+            let ns = unsafe { libc::ioctl(fd.as_raw_fd(), 0x894C) };
+            assert!(ns >= 0, "{}", io::Error::last_os_error());
+            // SAFETY: the ioctl just gave us this fd.
+            let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(ns) };
+            f.metadata().unwrap().ino()
+        };
+        let ns_ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+        let want = [
+            Some(ns_ino(a.path())),
+            Some(b.root_inode()),
+            Some(ns_ino(c.path())),
+            None,
+            Some(ns_ino(a.path())),
+        ];
+        for (r, w) in out.iter().zip(want) {
+            match (r, w) {
+                (Ok(fds), Some(w)) => {
+                    assert_eq!(fds.len(), 2);
+                    assert!(fds.iter().all(|f| ino(f) == w));
+                }
+                (Err(e), None) => {
+                    assert_eq!((e.step, e.errno()), ("enter", Some(libc::ENOENT)));
+                    assert_eq!(e.listener, "x");
+                }
+                (r, w) => panic!("{:?} vs {w:?}", r.as_ref().map(|f| f.len())),
+            }
+        }
+        assert_eq!(netns::thread_netns_inode(b.tid()).unwrap(), b.root_inode());
     }
 }
