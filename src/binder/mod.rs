@@ -167,8 +167,12 @@ impl Binder {
                     root_inode,
                     cache: HashMap::new(),
                 };
-                // The thread starts in its parent's namespace; make sure it is the root.
-                state.return_to_root();
+                // The thread starts in its parent's namespace, the root. No setns
+                // unless it is not (setns needs CAP_SYS_ADMIN: an unprivileged
+                // ringress serving only its own namespace must not need it).
+                if netns::current_netns_inode().ok() != Some(root_inode) {
+                    state.return_to_root();
+                }
                 loop {
                     match rx.recv_timeout(NS_CACHE_IDLE) {
                         Ok(Msg::Create(req)) => {
@@ -417,7 +421,17 @@ impl BinderState {
             return f();
         };
         let ns = self.namespace(path).map_err(|e| ("enter", e))?;
-        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| ("enter", e.into()))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+            let e = io::Error::from(e);
+            if e.raw_os_error() == Some(libc::EPERM) {
+                // setns(2): CAP_SYS_ADMIN in the caller's user namespace is needed.
+                let hint =
+                    "entering a network namespace needs CAP_SYS_ADMIN, which this process lacks";
+                ("enter", io::Error::new(e.kind(), format!("{e}: {hint}")))
+            } else {
+                ("enter", e)
+            }
+        })?;
         let result = f();
         self.return_to_root();
         result

@@ -76,8 +76,14 @@ impl<B: Backend> Worker<B> {
             return;
         }
         if let Err(e) = drop_new_handshakes(l.fd.as_fd()) {
-            tracing::warn!(listener = %l.shared.name, error = %e,
-                "cannot stop new handshakes on a removed listener; closing it at once");
+            // EPERM: this kernel asks CAP_BPF or CAP_SYS_ADMIN for it (seen on 6.18
+            // without capabilities). Said once per process, not per listener.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(listener = %l.shared.name, error = %e,
+                    "cannot attach a socket filter to stop new handshakes; removed listeners \
+                     close at once and may reset connections still queued");
+            });
             self.remove_listener(k);
             return;
         }
@@ -178,7 +184,8 @@ impl<B: Backend> Worker<B> {
 /// and Documentation/networking/filter.rst.
 ///
 /// # Errors
-/// setsockopt(2) failed (ENOMEM; EINVAL would mean a malformed program).
+/// setsockopt(2) failed: EPERM where the kernel wants CAP_BPF or CAP_SYS_ADMIN
+/// for it (seen on Linux 6.18 without capabilities), ENOMEM.
 pub(crate) fn drop_new_handshakes(fd: BorrowedFd<'_>) -> io::Result<()> {
     const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
     const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
