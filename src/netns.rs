@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 /// Directory where `ip netns` keeps named namespaces (iproute2's `NETNS_RUN_DIR`).
@@ -105,20 +105,77 @@ impl fmt::Display for NetnsRef {
     }
 }
 
-/// Opens a namespace file read-only with `O_CLOEXEC` and checks that it is one
-/// (its filesystem is nsfs).
+/// Opens a network namespace file safely and checks that it is one.
+///
+/// - Only a regular file is opened (nsfs files are regular; see namespaces(7)):
+///   FIFOs, devices, sockets and directories are refused from `stat(2)` alone,
+///   so opening a FIFO can never hang and no device is opened.
+/// - A symbolic link is followed only when it is a namespace link of /proc
+///   (`/proc/PID/ns/net`, whose target reads `net:[INODE]`); any other symlink
+///   (e.g. one planted under `/run/netns`) is refused.
+/// - The file is opened with `O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY`, must
+///   be on nsfs (`fstatfs(2)`), and `ioctl(NS_GET_NSTYPE)` (Linux 4.11,
+///   ioctl_ns(2)) must say `CLONE_NEWNET`: a uts or mount namespace file is refused.
 ///
 /// # Errors
-/// The `open(2)` or `fstatfs(2)` error (ENOENT when the file is missing), or
-/// `InvalidInput` when the file exists but is not a namespace (for example a name
-/// that `ip netns add` has created but not yet bind-mounted).
+/// The `stat(2)`/`open(2)`/`fstatfs(2)` error (ENOENT when the file is missing),
+/// or `InvalidInput` naming the path and what it is instead (not a regular file,
+/// a symlink, not on nsfs — for example a name that `ip netns add` has created but
+/// not yet bind-mounted —, or another kind of namespace).
 pub fn open_netns(path: &Path) -> io::Result<std::fs::File> {
-    let f = std::fs::File::open(path)?;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let invalid = |what: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} {what}", path.display()),
+        )
+    };
+    let link = std::fs::symlink_metadata(path)?;
+    if link.file_type().is_symlink() {
+        let target = std::fs::read_link(path)?;
+        // /proc/PID/ns/* links read `TYPE:[INODE]`; the type is checked below.
+        let t = target.to_string_lossy();
+        if !(t.contains(":[") && t.ends_with(']') && !t.contains('/')) {
+            return Err(invalid(format!(
+                "is a symbolic link to {} (not followed: name a namespace file directly)",
+                target.display()
+            )));
+        }
+    }
+    let meta = std::fs::metadata(path)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(invalid(format!("is {kind}, not a namespace file")));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
     let st = nix::sys::statfs::fstatfs(f.as_fd()).map_err(io::Error::from)?;
     if st.filesystem_type().0 as i64 != NSFS_MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a namespace file", path.display()),
+        return Err(invalid("is not a namespace file".into()));
+    }
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3), ioctl_ns(2).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an argument-less ioctl on a file we own; it returns a CLONE_NEW* flag.
+    let t = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if t < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if t != libc::CLONE_NEWNET {
+        return Err(invalid(
+            "is a namespace file, but not of a network namespace".into(),
         ));
     }
     Ok(f)
@@ -185,6 +242,45 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         let e = check_netns(Path::new("/run/netns/does-not-exist-ringress")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// Whatever a path names, it is refused without hanging or opening a device
+    /// unless it is a network namespace file.
+    #[test]
+    fn odd_files_are_refused_without_being_opened() {
+        let dir = std::env::temp_dir().join(format!("ringress-nsodd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let sock = dir.join("sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("/proc/self/ns/net", &link).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let cases: [(&Path, &str); 7] = [
+            (&fifo, "is a FIFO"),
+            (Path::new("/dev/null"), "is a device"),
+            (&sock, "is a socket"),
+            (&dir, "is a directory"),
+            (&link, "is a symbolic link"),
+            (&file, "is not a namespace file"),
+            (Path::new("/proc/self/ns/uts"), "not of a network namespace"),
+        ];
+        for (p, want) in cases {
+            let e = check_netns(p).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::InvalidInput,
+                "{}: {e}",
+                p.display()
+            );
+            assert!(e.to_string().contains(want), "{}: {e}", p.display());
+        }
+        // A /proc namespace link is followed.
+        check_netns(Path::new("/proc/thread-self/ns/net")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 

@@ -1,6 +1,8 @@
 //! Running with fewer privileges, on both drivers: with no capability at all,
 //! listeners in ringress's own namespace serve; one that needs a namespace switch
-//! is refused with an error naming the capability.
+//! is refused with an error naming the capability. Namespace paths that name
+//! something else (FIFO, device, socket, plain file, another namespace type) are
+//! refused by `check` and `run` at once.
 
 mod common;
 
@@ -114,4 +116,56 @@ fn no_capabilities_serve_own_namespace_and_name_what_is_missing(driver: &str) {
         err.contains("listener inns: enter") && err.contains("needs CAP_SYS_ADMIN"),
         "{err}"
     );
+}
+
+#[test]
+fn odd_namespace_paths_are_refused_at_once() {
+    let dir = TempDir::new("nspaths");
+    let fifo = dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let sock = dir.0.join("sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let file = dir.0.join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let port = free_port();
+    let cases = [
+        (fifo.to_str().unwrap().to_string(), "is a FIFO"),
+        ("/dev/null".to_string(), "is a device"),
+        (sock.to_str().unwrap().to_string(), "is a socket"),
+        (
+            file.to_str().unwrap().to_string(),
+            "is not a namespace file",
+        ),
+        (
+            "/proc/self/ns/uts".to_string(),
+            "not of a network namespace",
+        ),
+    ];
+    for (path, want) in cases {
+        let cfg = dir.0.join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[listener]]\nname = \"a\"\nnetns = \"{path}\"\nlisten = \"127.0.0.1:{port}\"\n\
+                 action = \"echo\"\n"
+            ),
+        )
+        .unwrap();
+        for cmd in ["check", "run"] {
+            let t0 = Instant::now();
+            let out = Command::new("timeout")
+                .args(["5", bin(), cmd, cfg.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {path}: {err}");
+            assert!(err.contains(want), "{cmd} {path}: {err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "{cmd} {path} took {:?}",
+                t0.elapsed()
+            );
+        }
+    }
 }
