@@ -18,7 +18,138 @@ both_drivers!(
     non_root_with_only_its_capabilities,
     explicit_namespace_vanishes_and_returns,
     status_shows_the_io_uring_probe,
+    sighup_during_start_up_reloads_once_ready,
+    sigterm_during_start_up_exits_0_and_frees_the_port,
+    signals_wait_while_the_config_is_read,
 );
+
+/// Starts ringress for a start-up signal test and waits `ms` milliseconds: counted
+/// from the spawn for a child started with the signals already blocked (`pre`),
+/// else from the moment ringress's own code has blocked them. A signal sent
+/// before that (while the child is still in execve(2) or the dynamic loader)
+/// gets the default action before any code of ringress runs; only a mask set
+/// before execve (as here with `pre`, or by a supervisor) can keep it.
+fn spawn_and_wait(tag: &str, driver: &str, cfg: &str, ms: u64, pre: bool) -> Ringress {
+    let mut r = Ringress::spawn(tag, driver, cfg, pre);
+    if !pre {
+        r.wait_signals_blocked();
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    r
+}
+
+/// (delay in ms, child started with the signals blocked) for the start-up tests.
+const START_UP_SIGNALS: &[(u64, bool)] = &[
+    (0, true),
+    (1, true),
+    (5, true),
+    (0, false),
+    (1, false),
+    (5, false),
+];
+
+fn echo_cfg(port: u16) -> String {
+    format!(
+        "[runtime]\nworkers = 2\n[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    )
+}
+
+fn sighup_during_start_up_reloads_once_ready(driver: &str) {
+    for &(ms, blocked) in START_UP_SIGNALS {
+        let port = free_port();
+        let tag = format!("hup{ms}-{driver}");
+        let mut r = spawn_and_wait(&tag, driver, &echo_cfg(port), ms, blocked);
+        r.signal(libc::SIGHUP);
+        r.wait_running();
+        // Acted on once ready: a reload of the same file.
+        r.wait_log("config reloaded", 1, 10);
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "SIGHUP at {ms} ms (pre-blocked: {blocked}) ended the process"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(
+            echo_roundtrip(connect_in(None, addr).unwrap(), b"after hup"),
+            b"after hup"
+        );
+        let st = r.stop();
+        assert!(
+            st.success(),
+            "SIGHUP at {ms} ms (pre-blocked: {blocked}), then SIGTERM: exit status {st}"
+        );
+    }
+}
+
+/// The config is a FIFO: ringress waits in read(2) for it while the signals are
+/// sent, so they are blocked before the config is read (deterministically, not by
+/// timing). SIGHUP: once started it reloads (reading the FIFO again) and serves;
+/// SIGTERM: it exits 0 once started, leaving the port free.
+fn signals_wait_while_the_config_is_read(driver: &str) {
+    for sig in [libc::SIGHUP, libc::SIGTERM] {
+        let port = free_port();
+        let dir = TempDir::new(&format!("fifo{sig}-{driver}"));
+        let fifo = dir.0.join("ringress.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut r = Ringress::spawn_with_config_path(driver, &fifo);
+        r.wait_signals_blocked();
+        r.signal(sig);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "signal {sig} before the config ended the process"
+        );
+        let cfg = echo_cfg(port);
+        let (f2, c2) = (fifo.clone(), cfg.clone());
+        // Blocks until ringress opens the FIFO to read it.
+        let writer = std::thread::spawn(move || std::fs::write(&f2, &c2).unwrap());
+        if sig == libc::SIGHUP {
+            r.wait_running();
+            writer.join().unwrap();
+            r.wait_log("SIGHUP received during start-up", 1, 20);
+            r.wait_log("SIGHUP: reloading", 1, 10);
+            // The reload reads the FIFO again.
+            std::fs::write(&fifo, &cfg).unwrap();
+            r.wait_log("config reloaded", 1, 10);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            assert_eq!(
+                echo_roundtrip(connect_in(None, addr).unwrap(), b"fifo"),
+                b"fifo"
+            );
+            let st = r.stop();
+            assert!(st.success(), "exit status {st}");
+        } else {
+            writer.join().unwrap();
+            let st = r.wait_exit(20);
+            assert!(
+                st.success(),
+                "SIGTERM before the config: exit status {st}:\n{}",
+                r.stderr()
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still bound");
+        }
+        drop(dir);
+    }
+}
+
+fn sigterm_during_start_up_exits_0_and_frees_the_port(driver: &str) {
+    for &(ms, blocked) in START_UP_SIGNALS {
+        let port = free_port();
+        let tag = format!("term{ms}-{driver}");
+        let mut r = spawn_and_wait(&tag, driver, &echo_cfg(port), ms, blocked);
+        r.signal(libc::SIGTERM);
+        let st = r.wait_exit(20);
+        assert!(
+            st.success(),
+            "SIGTERM at {ms} ms (pre-blocked: {blocked}): exit status {st}:\n{}",
+            r.stderr()
+        );
+        // Nothing left bound: the port can be bound again at once.
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("SIGTERM at {ms} ms: port {port} still bound: {e}"));
+    }
+}
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
     sample(samples, name, listener, None)

@@ -5,8 +5,23 @@
 //! stays open unless `Connection: close`; HTTP/1.0 closes unless
 //! `Connection: keep-alive`. A request body announced by `Content-Length` is read
 //! and discarded; `Transfer-Encoding` bodies are refused with 501 and a close.
+//!
+//! Graceful shutdown ([`HttpSession::on_drain`]): a connection idle between
+//! requests closes at once; one with a request in progress answers it with
+//! `Connection: close`, then closes. "Closes" is a lingering close (RFC 9112 §9.6):
+//! FIN once every queued response has been sent, then whatever the client still
+//! sends is read and discarded until its own FIN, for at most [`DRAIN_LINGER_MS`],
+//! so that a request racing the close does not turn it into a reset (closing a
+//! TCP socket with unread input sends RST, RFC 2525 §2.17).
+
+use std::time::{Duration, Instant};
 
 use super::SessionIo;
+
+/// How long a connection closed by a graceful shutdown goes on reading (and
+/// discarding) after its FIN, waiting for the client's FIN, before it closes
+/// anyway (ms).
+pub const DRAIN_LINGER_MS: u64 = 1000;
 
 /// Most header fields parsed per request; more gives 431.
 const MAX_HEADERS: usize = 64;
@@ -29,6 +44,11 @@ pub struct HttpSession {
     partial: Vec<u8>,
     /// Body bytes of the current request still to be skipped.
     body_left: u64,
+    /// The process is shutting down: the next response says `Connection: close`.
+    draining: bool,
+    /// Shut down (FIN queued): input is read and discarded until EOF or the
+    /// deadline.
+    lingering: bool,
 }
 
 enum Parsed {
@@ -97,37 +117,84 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 }
 
 impl HttpSession {
-    /// Consumes `data`, queueing one response per complete request into `io`.
-    /// Closes (after the queue drains) on `Connection: close`, HTTP/1.0 without
-    /// keep-alive, or a malformed request.
-    pub fn on_input(&mut self, mut data: &[u8], io: &mut SessionIo) {
+    /// Consumes `data` received at `now`, queueing one response per complete
+    /// request into `io`. Closes (after the queue drains) on `Connection: close`,
+    /// HTTP/1.0 without keep-alive, or a malformed request. While draining, the
+    /// first complete request gets `Connection: close` and a lingering close;
+    /// while lingering, input is discarded.
+    pub fn on_input(&mut self, mut data: &[u8], io: &mut SessionIo, now: Instant) {
+        if self.lingering {
+            return;
+        }
         // Skip the rest of a body still in flight.
         let skip = (self.body_left.min(data.len() as u64)) as usize;
         self.body_left -= skip as u64;
         data = &data[skip..];
         if data.is_empty() {
+            if self.draining && self.idle() && !io.close {
+                // The body of a request answered before the drain has ended.
+                self.linger(io, now);
+            }
             return;
         }
         if self.partial.is_empty() {
-            let used = self.parse_all(data, io);
-            if used < data.len() && !io.close {
+            let used = self.parse_all(data, io, now);
+            if used < data.len() && !io.close && !self.lingering {
                 self.partial.extend_from_slice(&data[used..]);
             }
         } else {
             let mut buf = std::mem::take(&mut self.partial);
             buf.extend_from_slice(data);
-            let used = self.parse_all(&buf, io);
-            if used < buf.len() && !io.close {
+            let used = self.parse_all(&buf, io, now);
+            if used < buf.len() && !io.close && !self.lingering {
                 buf.drain(..used);
                 self.partial = buf;
             }
         }
     }
 
+    /// Graceful shutdown, at `now`: a connection idle between requests (no
+    /// partial request head, no body being read) starts a lingering close at once
+    /// (FIN after the responses already queued); otherwise the request in
+    /// progress is answered with `Connection: close` and the connection closes
+    /// after that response. Called once; later calls change nothing.
+    pub fn on_drain(&mut self, io: &mut SessionIo, now: Instant) {
+        if self.draining || io.close {
+            return;
+        }
+        self.draining = true;
+        if self.idle() {
+            self.linger(io, now);
+        }
+    }
+
+    /// Whether a deadline that passes now ends a lingering close (a clean close,
+    /// not a reset).
+    pub fn lingering(&self) -> bool {
+        self.lingering
+    }
+
+    /// No request in progress: no partial head, no body left to skip.
+    fn idle(&self) -> bool {
+        self.partial.is_empty() && self.body_left == 0
+    }
+
+    /// Starts a lingering close at `now`: FIN once the queue is sent, then read
+    /// and discard until EOF (which closes) or [`DRAIN_LINGER_MS`] (which closes
+    /// too).
+    fn linger(&mut self, io: &mut SessionIo, now: Instant) {
+        self.lingering = true;
+        self.partial = Vec::new();
+        self.body_left = 0;
+        io.client().shutdown_write();
+        io.client().recv();
+        io.set_deadline(Some(now + Duration::from_millis(DRAIN_LINGER_MS)));
+    }
+
     /// Parses as many whole requests as `buf` holds; returns the bytes consumed.
-    fn parse_all(&mut self, buf: &[u8], io: &mut SessionIo) -> usize {
+    fn parse_all(&mut self, buf: &[u8], io: &mut SessionIo, now: Instant) -> usize {
         let mut pos = 0;
-        while pos < buf.len() && !io.close {
+        while pos < buf.len() && !io.close && !self.lingering {
             match parse_one(&buf[pos..]) {
                 Parsed::Partial => break,
                 Parsed::Reject(resp) => {
@@ -146,6 +213,12 @@ impl HttpSession {
                     let skip = body.min(avail);
                     pos += skip as usize;
                     self.body_left = body - skip;
+                    if self.draining {
+                        // Shutting down: this is the last response.
+                        io.client().send(RESP_CLOSE);
+                        self.linger(io, now);
+                        return buf.len();
+                    }
                     if keep_alive {
                         io.client().send(if http10 {
                             RESP_KEEPALIVE_10
@@ -173,7 +246,7 @@ mod tests {
     fn feed(s: &mut HttpSession, chunks: &[&[u8]]) -> (Vec<u8>, bool) {
         let mut io = SessionIo::default();
         for c in chunks {
-            s.on_input(c, &mut io);
+            s.on_input(c, &mut io, Instant::now());
         }
         let close = io.close;
         (std::mem::take(&mut io.client().out), close)
