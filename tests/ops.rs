@@ -21,6 +21,9 @@ both_drivers!(
     sighup_during_start_up_reloads_once_ready,
     sigterm_during_start_up_exits_0_and_frees_the_port,
     signals_wait_while_the_config_is_read,
+    sigterm_closes_an_idle_keep_alive_at_once,
+    sigterm_answers_a_request_in_progress_with_close,
+    sigterm_lets_a_64mib_proxy_transfer_finish,
 );
 
 /// Starts ringress for a start-up signal test and waits `ms` milliseconds: counted
@@ -371,6 +374,125 @@ fn sigterm_lets_transfers_finish(driver: &str) {
     }
     let status = r.wait_exit(10);
     assert!(status.success(), "exit status {status}");
+}
+
+fn http_cfg(port: u16) -> String {
+    format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 20000\n[[listener]]\nname = \"h\"\n\
+         listen = \"127.0.0.1:{port}\"\naction = \"http\"\n"
+    )
+}
+
+/// Reads one `200 OK` response (head and its 3-byte body) from `s`.
+fn read_response(s: &mut std::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        s.read_exact(&mut b).expect("reading a response");
+        got.push(b[0]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+fn sigterm_closes_an_idle_keep_alive_at_once(driver: &str) {
+    let port = free_port();
+    let mut r = Ringress::start(&format!("idle-{driver}"), driver, &http_cfg(port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = connect_in(None, addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let resp = read_response(&mut s);
+    assert!(!resp.contains("Connection: close"), "{resp}");
+    // The connection is now idle between requests.
+    let t0 = Instant::now();
+    r.signal(libc::SIGTERM);
+    let (rest, err) = read_until_end(&mut s);
+    assert!(
+        err.is_none() && rest.is_empty(),
+        "idle client: {rest:?} {err:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "EOF after {:?}",
+        t0.elapsed()
+    );
+    drop(s);
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "exit {:?} after SIGTERM with shutdown_timeout_ms = 20000",
+        t0.elapsed()
+    );
+}
+
+fn sigterm_answers_a_request_in_progress_with_close(driver: &str) {
+    let port = free_port();
+    let mut r = Ringress::start(&format!("inprog-{driver}"), driver, &http_cfg(port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = connect_in(None, addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    read_response(&mut s);
+    // Half a head before SIGTERM, the rest after the workers were told.
+    s.write_all(b"GET /second HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    r.signal(libc::SIGTERM);
+    r.wait_log("shutting down", 1, 5);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "exited with a request in progress"
+    );
+    s.write_all(b"st: x\r\n\r\n").unwrap();
+    let resp = read_response(&mut s);
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    assert!(
+        resp.contains("Connection: close\r\n"),
+        "no Connection: close:\n{resp}"
+    );
+    let (rest, err) = read_until_end(&mut s);
+    assert!(
+        err.is_none() && rest.is_empty(),
+        "after the response: {rest:?} {err:?}"
+    );
+    drop(s);
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "exit {:?} after SIGTERM",
+        t0.elapsed()
+    );
+}
+
+fn sigterm_lets_a_64mib_proxy_transfer_finish(driver: &str) {
+    let up_port = free_port();
+    let _up = Upstream::spawn(None, SocketAddr::from(([127, 0, 0, 1], up_port)), |s| {
+        // Echo as it arrives, then FIN.
+        let mut w = s.try_clone().unwrap();
+        let mut r = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let port = free_port();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 20000\n[[listener]]\nname = \"px\"\n\
+         listen = \"127.0.0.1:{port}\"\naction = \"proxy\"\nupstream = \"127.0.0.1:{up_port}\"\n"
+    );
+    let mut r = Ringress::start(&format!("pxterm-{driver}"), driver, &cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // 64 MiB written over about 2 s and echoed back through the proxy.
+    let transfer = paced_echo(connect_in(None, addr).unwrap(), 64 << 20, 2.0, 7);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!transfer.is_finished(), "the transfer ended before SIGTERM");
+    r.signal(libc::SIGTERM);
+    r.wait_log("shutting down", 1, 5);
+    assert!(
+        transfer.join().unwrap(),
+        "the transfer did not finish intact"
+    );
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
 }
 
 fn ready_arrives_after_listeners_accept(driver: &str) {

@@ -130,11 +130,13 @@ impl HttpSession {
         let skip = (self.body_left.min(data.len() as u64)) as usize;
         self.body_left -= skip as u64;
         data = &data[skip..];
+        if self.draining && skip > 0 && self.body_left == 0 {
+            // The body of a request answered before the drain has ended: the
+            // connection is idle, whatever follows.
+            self.linger(io, now);
+            return;
+        }
         if data.is_empty() {
-            if self.draining && self.idle() && !io.close {
-                // The body of a request answered before the drain has ended.
-                self.linger(io, now);
-            }
             return;
         }
         if self.partial.is_empty() {
@@ -313,5 +315,117 @@ mod tests {
         let (out, close) = feed(&mut s, &[b"GET /", &big]);
         assert!(out.starts_with(b"HTTP/1.1 431"));
         assert!(close);
+    }
+
+    /// A small xorshift generator for the randomized drain test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Feeds `data` to `s` in random pieces.
+    fn feed_pieces(s: &mut HttpSession, data: &[u8], io: &mut SessionIo, rng: &mut Rng) {
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = 1 + rng.below(data.len() - pos);
+            s.on_input(&data[pos..pos + n], io, Instant::now());
+            pos += n;
+        }
+    }
+
+    /// Randomized: a stream of keep-alive requests (some with bodies) is cut at a
+    /// random byte, the first part fed in random pieces, then the drain, then the
+    /// rest. Cut between requests (idle): no further response, FIN asked for.
+    /// Cut inside a head: exactly one more response, with `Connection: close`, then
+    /// FIN. Cut inside a body (its head already answered): no further response,
+    /// FIN. Never an abort; the close waits for the client's FIN (lingering).
+    #[test]
+    fn drain_closes_idle_and_answers_a_request_in_progress_with_close() {
+        for seed in 1..=2000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            // (start, head end, body end) of each request.
+            let mut stream = Vec::new();
+            let mut spans = Vec::new();
+            for _ in 0..1 + rng.below(4) {
+                let start = stream.len();
+                let body = if rng.below(3) == 0 { rng.below(40) } else { 0 };
+                let head = if body > 0 {
+                    format!("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: {body}\r\n\r\n")
+                } else {
+                    "GET / HTTP/1.1\r\nHost: h\r\n\r\n".to_string()
+                };
+                stream.extend_from_slice(head.as_bytes());
+                let head_end = stream.len();
+                stream.extend(std::iter::repeat_n(b'b', body));
+                spans.push((start, head_end, stream.len()));
+            }
+            let cut = rng.below(stream.len() + 1);
+            let mut s = HttpSession::default();
+            let mut io = SessionIo::default();
+            feed_pieces(&mut s, &stream[..cut], &mut io, &mut rng);
+            let before = std::mem::take(&mut io.client().out);
+            s.on_drain(&mut io, Instant::now());
+            feed_pieces(&mut s, &stream[cut..], &mut io, &mut rng);
+            let after = std::mem::take(&mut io.client().out);
+            let ctx = format!(
+                "seed {seed}, cut {cut} of {}, spans {spans:?}",
+                stream.len()
+            );
+            // Heads complete before the cut were answered, as keep-alive.
+            let answered = spans.iter().filter(|&&(_, h, _)| h <= cut).count();
+            assert_eq!(count(&before), answered, "{ctx}");
+            assert_eq!(before, RESP_KEEPALIVE.repeat(answered), "{ctx}");
+            let in_head = spans.iter().any(|&(st, h, _)| st < cut && cut < h);
+            if in_head {
+                assert_eq!(after, RESP_CLOSE, "{ctx}");
+            } else {
+                assert!(
+                    after.is_empty(),
+                    "{ctx}: {}",
+                    String::from_utf8_lossy(&after)
+                );
+            }
+            assert!(s.lingering(), "{ctx}: not closing");
+            assert!(io.client().shutdown_write && io.client().want_recv, "{ctx}");
+            assert!(!io.abort && !io.close && io.deadline.is_some(), "{ctx}");
+            // Later input is read and discarded.
+            s.on_input(b"GET / HTTP/1.1\r\n\r\n", &mut io, Instant::now());
+            assert!(io.client().out.is_empty(), "{ctx}");
+        }
+    }
+
+    #[test]
+    fn a_lingering_close_ends_cleanly_at_eof_or_its_deadline() {
+        use crate::config::Action;
+        use crate::proto::{Completion, Session, Side};
+        for end in [Completion::Eof, Completion::Timeout] {
+            let mut s = Session::new(&Action::Http);
+            let mut io = SessionIo::default();
+            let now = Instant::now();
+            s.on_complete(
+                Side::Client,
+                Completion::Recv(b"GET / HTTP/1.1\r\n\r\n"),
+                &mut io,
+                now,
+            );
+            s.on_drain(&mut io, now);
+            assert_eq!(
+                io.deadline,
+                Some(now + Duration::from_millis(DRAIN_LINGER_MS))
+            );
+            s.on_complete(Side::Client, end, &mut io, now);
+            assert!(io.close && !io.abort, "a lingering close must not reset");
+        }
+        // Without a drain, a timeout still aborts as before.
+        let mut s = Session::new(&Action::Http);
+        let mut io = SessionIo::default();
+        s.on_complete(Side::Client, Completion::Timeout, &mut io, Instant::now());
+        assert!(io.abort);
     }
 }
