@@ -398,7 +398,8 @@ impl Session {
         }
         match c {
             Completion::Timeout if matches!(self, Session::Http(h) if h.lingering()) => {
-                // A lingering close ran out of time: its FIN went long ago.
+                // A lingering close ran out of time: close cleanly (its FIN is
+                // sent, or queued after the last response), not with a reset.
                 io.close();
                 return;
             }
