@@ -4,9 +4,19 @@
 //!
 //! - SIGHUP: re-read and validate the config, apply it ([`Server::reload`]); a
 //!   config that fails is logged and the running one goes on.
-//! - SIGTERM/SIGINT: stop accepting, let open connections finish for up to
-//!   `shutdown_timeout_ms`, then close the rest and return (exit 0). A second
-//!   SIGTERM/SIGINT exits at once (status 130).
+//! - SIGTERM/SIGINT: stop accepting, tell every worker to drain
+//!   ([`Command::Drain`]: idle HTTP keep-alive connections close at once, a
+//!   request in progress is answered with `Connection: close`, other sessions go
+//!   on; see [`crate::proto::Session::on_drain`]), and return (exit 0) as soon as
+//!   no session is open (checked every 50 ms), at the latest after
+//!   `shutdown_timeout_ms`, closing what is left. A second SIGTERM/SIGINT exits at
+//!   once (status 130).
+//! - Signals sent during start-up: `main` blocks them before anything else runs
+//!   ([`crate::signals`]), so they wait, pending, and the signalfd reads them once
+//!   the server is ready, before the loop first waits: a SIGHUP then reloads the
+//!   same file (logged at info as received during start-up), a SIGTERM/SIGINT
+//!   shuts down as above, closing what was bound, and exits 0 (two of them during
+//!   start-up count as one).
 //! - inotify on the netns directory: a new entry is bound by the templates and
 //!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
 //!   creates the file before it mounts the namespace on it); a removed entry closes
@@ -26,6 +36,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::admin::{Admin, Interest};
 use crate::config::Config;
+use crate::driver::Command;
 use crate::netns;
 use crate::sdnotify;
 use crate::server::Server;
@@ -106,6 +117,13 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
     sdnotify::notify_or_log("READY=1");
     let mut pending: Vec<Pending> = Vec::new();
     let mut draining: Option<Instant> = None;
+    // Signals sent while starting up (blocked since main's first instruction)
+    // are pending on the signalfd: act on them now that everything is open.
+    for sig in read_signals(&sfd) {
+        if let Some(exit) = on_signal(sig, true, &mut server, &mut draining, config_path) {
+            return Ok(exit);
+        }
+    }
     let mut events = vec![EpollEvent::empty(); 64];
     loop {
         let now = Instant::now();
@@ -132,38 +150,12 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         for ev in &events[..n] {
             match ev.data() {
                 T_SIGNAL => {
-                    while let Ok(Some(info)) = sfd.read_signal() {
-                        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
-                            continue;
-                        };
-                        if sig == Signal::SIGHUP {
-                            if draining.is_some() {
-                                tracing::warn!("SIGHUP while shutting down: ignored");
-                            } else {
-                                reload(&mut server, config_path);
-                            }
-                            continue;
+                    for sig in read_signals(&sfd) {
+                        if let Some(exit) =
+                            on_signal(sig, false, &mut server, &mut draining, config_path)
+                        {
+                            return Ok(exit);
                         }
-                        if crate::driver::worker_failed() {
-                            if draining.is_none() {
-                                tracing::error!("a worker stopped; shutting down (exit status 1)");
-                                sdnotify::notify_or_log("STOPPING=1");
-                                server.stop_accepting();
-                                let t = server.config().runtime.shutdown_timeout_ms;
-                                draining = Some(Instant::now() + Duration::from_millis(t));
-                            }
-                            continue;
-                        }
-                        if draining.is_some() {
-                            tracing::warn!(signal = %sig, "second signal: exiting now");
-                            return Ok(Exit::Forced);
-                        }
-                        let t = server.config().runtime.shutdown_timeout_ms;
-                        tracing::info!(signal = %sig, timeout_ms = t,
-                            "shutting down: no new connections; open ones may finish");
-                        sdnotify::notify_or_log("STOPPING=1");
-                        server.stop_accepting();
-                        draining = Some(Instant::now() + Duration::from_millis(t));
                     }
                 }
                 T_INOTIFY => {
@@ -221,7 +213,14 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         }
         if let Some(deadline) = draining {
             let open = server.open_sessions();
-            if open == 0 || now >= deadline {
+            // TCP listeners serve their accept queues for LISTENER_DRAIN_MS after
+            // they stop (Command::RemoveListener): no exit before that, or what
+            // they still hold would be reset at close.
+            let t = Duration::from_millis(server.config().runtime.shutdown_timeout_ms);
+            let queues_served = now
+                >= deadline.checked_sub(t).unwrap_or(deadline)
+                    + Duration::from_millis(crate::driver::LISTENER_DRAIN_MS);
+            if (open == 0 && queues_served) || now >= deadline {
                 if open > 0 {
                     tracing::warn!(open, "shutdown timeout: closing the remaining connections");
                 }
@@ -237,6 +236,78 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             netns_events(events, &mut pending, &mut server);
         }
     }
+}
+
+/// The handled signals waiting on `sfd` (non-blocking), in the order read.
+fn read_signals(sfd: &SignalFd) -> Vec<Signal> {
+    let mut out = Vec::new();
+    while let Ok(Some(info)) = sfd.read_signal() {
+        if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+            out.push(sig);
+        }
+    }
+    out
+}
+
+/// Acts on one signal: SIGHUP reloads (ignored while shutting down); the first
+/// SIGTERM/SIGINT starts the graceful shutdown (`draining` becomes its deadline),
+/// a later one ends the loop at once ([`Exit::Forced`]), unless both came during
+/// start-up (`starting`: read before the loop first waited), where the operator
+/// could not have seen the first one acted on. After a worker failed, any
+/// terminating signal starts (or continues) the shutdown.
+fn on_signal(
+    sig: Signal,
+    starting: bool,
+    server: &mut Server,
+    draining: &mut Option<Instant>,
+    config_path: &Path,
+) -> Option<Exit> {
+    if sig == Signal::SIGHUP {
+        if draining.is_some() {
+            tracing::warn!("SIGHUP while shutting down: ignored");
+        } else {
+            if starting {
+                tracing::info!(
+                    "SIGHUP received during start-up: reloading now that the server is ready"
+                );
+            }
+            reload(server, config_path);
+        }
+        return None;
+    }
+    if crate::driver::worker_failed() {
+        if draining.is_none() {
+            tracing::error!("a worker stopped; shutting down (exit status 1)");
+            begin_shutdown(server, draining);
+        }
+        return None;
+    }
+    if draining.is_some() {
+        if starting {
+            return None;
+        }
+        tracing::warn!(signal = %sig, "second signal: exiting now");
+        return Some(Exit::Forced);
+    }
+    let t = server.config().runtime.shutdown_timeout_ms;
+    tracing::info!(signal = %sig, timeout_ms = t, during_start_up = starting,
+        "shutting down: no new connections; idle keep-alive connections close, open ones may finish");
+    begin_shutdown(server, draining);
+    None
+}
+
+/// Stops every listener, then tells every worker to drain its sessions
+/// ([`Command::Drain`]); `draining` becomes the deadline
+/// (now + `runtime.shutdown_timeout_ms`).
+fn begin_shutdown(server: &mut Server, draining: &mut Option<Instant>) {
+    sdnotify::notify_or_log("STOPPING=1");
+    server.stop_accepting();
+    for w in server.workers() {
+        // A worker that has exited has no session left to drain.
+        let _ = w.send(Command::Drain);
+    }
+    let t = server.config().runtime.shutdown_timeout_ms;
+    *draining = Some(Instant::now() + Duration::from_millis(t));
 }
 
 /// Acts on names that appeared (bind, retried while they settle) or vanished.

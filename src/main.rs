@@ -72,8 +72,30 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     Ok(cfg)
 }
 
+/// Blocks the handled signals before `main`, as early as a program can: from the
+/// `.init_array` constructors, which the dynamic loader runs once the libraries
+/// are loaded and relocated, before the Rust runtime's set-up and `main` (System V
+/// gABI, "Initialization and Termination Functions"). A SIGHUP or SIGTERM sent
+/// right after `fork`+`execve` then stays pending instead of ending the process
+/// (see `signals`); `main` blocks them again and reports a failure.
+#[used]
+#[link_section = ".init_array"]
+static BLOCK_SIGNALS_EARLY: extern "C" fn() = block_signals_early;
+
+extern "C" fn block_signals_early() {
+    let _ = signals::block();
+}
+
 fn main() -> ExitCode {
+    // First of all, before the command line and the config are read: a SIGHUP or
+    // SIGTERM sent while `run` starts up stays pending until the control loop
+    // reads it, instead of ending the process (see `signals`).
+    let blocked = signals::block();
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Check { .. }) {
+        // `check` keeps the default dispositions, as it always had.
+        let _ = signals::unblock();
+    }
     init_logs(&cli.log_level, &cli.log_format);
     if !matches!(cli.cmd, Cmd::Check { .. }) {
         match ringress::procstat::raise_nofile_limit() {
@@ -123,7 +145,7 @@ fn main() -> ExitCode {
             if let Some(w) = workers {
                 cfg.runtime.workers = w.max(1);
             }
-            if let Err(e) = signals::block() {
+            if let Err(e) = blocked {
                 eprintln!("error: blocking signals: {e}");
                 return ExitCode::FAILURE;
             }

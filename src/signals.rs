@@ -1,7 +1,18 @@
-//! Signals as messages: the supervisor blocks SIGINT, SIGTERM and SIGHUP in every
-//! thread (threads inherit the mask) and reads them from a signalfd(2) in its
-//! control loop ([`crate::control`]); the demo polls them with sigtimedwait(2)
-//! ([`wait`]). No signal handler and no extra thread is needed.
+//! Signals as messages: `main` blocks SIGINT, SIGTERM and SIGHUP as its first
+//! instruction, before the command line is parsed and the config is loaded, so
+//! every thread inherits the mask (pthread_sigmask(3)) and a signal sent while
+//! `run` starts up waits, pending, instead of killing the process with its
+//! default action. The supervisor reads them from a signalfd(2) in its control
+//! loop ([`crate::control`]), which also sees the ones that became pending before
+//! it existed (signalfd(2): "the set of signals readable via the file descriptor
+//! includes those pending"); the demo polls them with sigtimedwait(2) ([`wait`]).
+//! No signal handler and no extra thread is needed. `check` unblocks them again
+//! ([`unblock`]): it keeps the default dispositions.
+//!
+//! A signal that arrives before ringress runs any code of its own (between
+//! execve(2) and `main`: the dynamic loader, the runtime's set-up) still gets the
+//! default action; a supervisor that must close that window starts ringress with
+//! the signals already blocked (the mask is inherited across execve(2)).
 
 use std::time::Duration;
 
@@ -22,6 +33,15 @@ pub fn handled() -> SigSet {
 /// pthread_sigmask(3) failed (EINVAL only, which cannot happen with these signals).
 pub fn block() -> nix::Result<()> {
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled()), None)
+}
+
+/// Unblocks the handled signals in the calling thread: a pending one is delivered
+/// at once, with its disposition (by default: the process ends).
+///
+/// # Errors
+/// pthread_sigmask(3) failed (EINVAL only, which cannot happen with these signals).
+pub fn unblock() -> nix::Result<()> {
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None)
 }
 
 /// Waits up to `timeout` for a handled signal; `None` when none arrived.

@@ -18,7 +18,141 @@ both_drivers!(
     non_root_with_only_its_capabilities,
     explicit_namespace_vanishes_and_returns,
     status_shows_the_io_uring_probe,
+    sighup_during_start_up_reloads_once_ready,
+    sigterm_during_start_up_exits_0_and_frees_the_port,
+    signals_wait_while_the_config_is_read,
+    sigterm_closes_an_idle_keep_alive_at_once,
+    sigterm_answers_a_request_in_progress_with_close,
+    sigterm_lets_a_64mib_proxy_transfer_finish,
 );
+
+/// Starts ringress for a start-up signal test and waits `ms` milliseconds: counted
+/// from the spawn for a child started with the signals already blocked (`pre`),
+/// else from the moment ringress's own code has blocked them. A signal sent
+/// before that (while the child is still in execve(2) or the dynamic loader)
+/// gets the default action before any code of ringress runs; only a mask set
+/// before execve (as here with `pre`, or by a supervisor) can keep it.
+fn spawn_and_wait(tag: &str, driver: &str, cfg: &str, ms: u64, pre: bool) -> Ringress {
+    let mut r = Ringress::spawn(tag, driver, cfg, pre);
+    if !pre {
+        r.wait_signals_blocked();
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    r
+}
+
+/// (delay in ms, child started with the signals blocked) for the start-up tests.
+const START_UP_SIGNALS: &[(u64, bool)] = &[
+    (0, true),
+    (1, true),
+    (5, true),
+    (0, false),
+    (1, false),
+    (5, false),
+];
+
+fn echo_cfg(port: u16) -> String {
+    format!(
+        "[runtime]\nworkers = 2\n[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"
+    )
+}
+
+fn sighup_during_start_up_reloads_once_ready(driver: &str) {
+    for &(ms, blocked) in START_UP_SIGNALS {
+        let port = free_port();
+        let tag = format!("hup{ms}-{driver}");
+        let mut r = spawn_and_wait(&tag, driver, &echo_cfg(port), ms, blocked);
+        r.signal(libc::SIGHUP);
+        r.wait_running();
+        // Acted on once ready: a reload of the same file.
+        r.wait_log("config reloaded", 1, 10);
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "SIGHUP at {ms} ms (pre-blocked: {blocked}) ended the process"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(
+            echo_roundtrip(connect_in(None, addr).unwrap(), b"after hup"),
+            b"after hup"
+        );
+        let st = r.stop();
+        assert!(
+            st.success(),
+            "SIGHUP at {ms} ms (pre-blocked: {blocked}), then SIGTERM: exit status {st}"
+        );
+    }
+}
+
+/// The config is a FIFO: ringress waits in read(2) for it while the signals are
+/// sent, so they are blocked before the config is read (deterministically, not by
+/// timing). SIGHUP: once started it reloads (reading the FIFO again) and serves;
+/// SIGTERM: it exits 0 once started, leaving the port free.
+fn signals_wait_while_the_config_is_read(driver: &str) {
+    for sig in [libc::SIGHUP, libc::SIGTERM] {
+        let port = free_port();
+        let dir = TempDir::new(&format!("fifo{sig}-{driver}"));
+        let fifo = dir.0.join("ringress.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut r = Ringress::spawn_with_config_path(driver, &fifo);
+        r.wait_signals_blocked();
+        r.signal(sig);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "signal {sig} before the config ended the process"
+        );
+        let cfg = echo_cfg(port);
+        let (f2, c2) = (fifo.clone(), cfg.clone());
+        // Blocks until ringress opens the FIFO to read it.
+        let writer = std::thread::spawn(move || std::fs::write(&f2, &c2).unwrap());
+        if sig == libc::SIGHUP {
+            r.wait_running();
+            writer.join().unwrap();
+            r.wait_log("SIGHUP received during start-up", 1, 20);
+            r.wait_log("SIGHUP: reloading", 1, 10);
+            // The reload reads the FIFO again.
+            std::fs::write(&fifo, &cfg).unwrap();
+            r.wait_log("config reloaded", 1, 10);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            assert_eq!(
+                echo_roundtrip(connect_in(None, addr).unwrap(), b"fifo"),
+                b"fifo"
+            );
+            let st = r.stop();
+            assert!(st.success(), "exit status {st}");
+        } else {
+            writer.join().unwrap();
+            let st = r.wait_exit(20);
+            assert!(
+                st.success(),
+                "SIGTERM before the config: exit status {st}:\n{}",
+                r.stderr()
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still bound");
+        }
+        drop(dir);
+    }
+}
+
+fn sigterm_during_start_up_exits_0_and_frees_the_port(driver: &str) {
+    for &(ms, blocked) in START_UP_SIGNALS {
+        let port = free_port();
+        let tag = format!("term{ms}-{driver}");
+        let mut r = spawn_and_wait(&tag, driver, &echo_cfg(port), ms, blocked);
+        r.signal(libc::SIGTERM);
+        let st = r.wait_exit(20);
+        assert!(
+            st.success(),
+            "SIGTERM at {ms} ms (pre-blocked: {blocked}): exit status {st}:\n{}",
+            r.stderr()
+        );
+        // Nothing left bound: the port can be bound again at once.
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("SIGTERM at {ms} ms: port {port} still bound: {e}"));
+    }
+}
 
 fn metric(samples: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
     sample(samples, name, listener, None)
@@ -240,6 +374,125 @@ fn sigterm_lets_transfers_finish(driver: &str) {
     }
     let status = r.wait_exit(10);
     assert!(status.success(), "exit status {status}");
+}
+
+fn http_cfg(port: u16) -> String {
+    format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 20000\n[[listener]]\nname = \"h\"\n\
+         listen = \"127.0.0.1:{port}\"\naction = \"http\"\n"
+    )
+}
+
+/// Reads one `200 OK` response (head and its 3-byte body) from `s`.
+fn read_response(s: &mut std::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        s.read_exact(&mut b).expect("reading a response");
+        got.push(b[0]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+fn sigterm_closes_an_idle_keep_alive_at_once(driver: &str) {
+    let port = free_port();
+    let mut r = Ringress::start(&format!("idle-{driver}"), driver, &http_cfg(port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = connect_in(None, addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let resp = read_response(&mut s);
+    assert!(!resp.contains("Connection: close"), "{resp}");
+    // The connection is now idle between requests.
+    let t0 = Instant::now();
+    r.signal(libc::SIGTERM);
+    let (rest, err) = read_until_end(&mut s);
+    assert!(
+        err.is_none() && rest.is_empty(),
+        "idle client: {rest:?} {err:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "EOF after {:?}",
+        t0.elapsed()
+    );
+    drop(s);
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "exit {:?} after SIGTERM with shutdown_timeout_ms = 20000",
+        t0.elapsed()
+    );
+}
+
+fn sigterm_answers_a_request_in_progress_with_close(driver: &str) {
+    let port = free_port();
+    let mut r = Ringress::start(&format!("inprog-{driver}"), driver, &http_cfg(port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = connect_in(None, addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    read_response(&mut s);
+    // Half a head before SIGTERM, the rest after the workers were told.
+    s.write_all(b"GET /second HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    r.signal(libc::SIGTERM);
+    r.wait_log("shutting down", 1, 5);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "exited with a request in progress"
+    );
+    s.write_all(b"st: x\r\n\r\n").unwrap();
+    let resp = read_response(&mut s);
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    assert!(
+        resp.contains("Connection: close\r\n"),
+        "no Connection: close:\n{resp}"
+    );
+    let (rest, err) = read_until_end(&mut s);
+    assert!(
+        err.is_none() && rest.is_empty(),
+        "after the response: {rest:?} {err:?}"
+    );
+    drop(s);
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "exit {:?} after SIGTERM",
+        t0.elapsed()
+    );
+}
+
+fn sigterm_lets_a_64mib_proxy_transfer_finish(driver: &str) {
+    let up_port = free_port();
+    let _up = Upstream::spawn(None, SocketAddr::from(([127, 0, 0, 1], up_port)), |s| {
+        // Echo as it arrives, then FIN.
+        let mut w = s.try_clone().unwrap();
+        let mut r = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let port = free_port();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 20000\n[[listener]]\nname = \"px\"\n\
+         listen = \"127.0.0.1:{port}\"\naction = \"proxy\"\nupstream = \"127.0.0.1:{up_port}\"\n"
+    );
+    let mut r = Ringress::start(&format!("pxterm-{driver}"), driver, &cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // 64 MiB written over about 2 s and echoed back through the proxy.
+    let transfer = paced_echo(connect_in(None, addr).unwrap(), 64 << 20, 2.0, 7);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!transfer.is_finished(), "the transfer ended before SIGTERM");
+    r.signal(libc::SIGTERM);
+    r.wait_log("shutting down", 1, 5);
+    assert!(
+        transfer.join().unwrap(),
+        "the transfer did not finish intact"
+    );
+    let st = r.wait_exit(5);
+    assert!(st.success(), "exit status {st}");
 }
 
 fn ready_arrives_after_listeners_accept(driver: &str) {

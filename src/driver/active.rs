@@ -170,6 +170,12 @@ impl ActiveSession {
         c
     }
 
+    /// Tells the session that the process is stopping (graceful shutdown), at
+    /// `now`; see [`Session::on_drain`].
+    pub fn drain(&mut self, now: Instant) {
+        self.session.on_drain(&mut self.io, now);
+    }
+
     /// Reports a completion other than a send on `side` to the session, counting
     /// bytes and upstream failures (and logging those, naming listener and upstream).
     pub fn complete(&mut self, side: Side, c: Completion<'_>, now: Instant) {

@@ -209,6 +209,13 @@ pub enum Command {
         /// The listener's id.
         id: u64,
     },
+    /// Graceful shutdown, sent after every listener was removed: tell every session
+    /// once, and every session opened later (an accept or SCTP peel-off that was
+    /// already under way), that the process is stopping
+    /// ([`crate::proto::Session::on_drain`]: idle HTTP keep-alive connections
+    /// close, the rest finish their work). Nothing is cut; [`Command::Shutdown`]
+    /// still ends the thread.
+    Drain,
     /// Close every listener and connection and end the thread.
     Shutdown,
 }

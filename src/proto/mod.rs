@@ -28,7 +28,7 @@ use crate::sctp::MsgInfo;
 pub use backoff::{
     SendBackoff, UpstreamChoice, SEND_RETRY_MAX_MS, SEND_STALL_LIMIT, UPSTREAM_BACKOFF_MS,
 };
-pub use http::HttpSession;
+pub use http::{HttpSession, DRAIN_LINGER_MS};
 pub use proxy::ProxySession;
 pub use sctp::{OutMessage, Piece, SctpSession};
 
@@ -355,6 +355,25 @@ impl Session {
         }
     }
 
+    /// Graceful shutdown: the process has stopped accepting and is stopping; told
+    /// once per session, at `now`, by a draining worker
+    /// ([`crate::driver::Command::Drain`]), also to sessions opened after it.
+    /// What each action does:
+    /// - `http`: a connection idle between requests closes at once; a request in
+    ///   progress is answered with `Connection: close`, then the connection
+    ///   closes. Both close cleanly (FIN, then input is discarded until the
+    ///   client's FIN, for at most [`DRAIN_LINGER_MS`]), never with a reset
+    ///   ([`HttpSession::on_drain`]);
+    /// - `respond`: nothing changes (its one answer and FIN are queued at open);
+    /// - `echo`, `proxy`, SCTP: nothing changes: transfers go on until the peers
+    ///   end them or `runtime.shutdown_timeout_ms` cuts them.
+    pub fn on_drain(&mut self, io: &mut SessionIo, now: Instant) {
+        match self {
+            Session::Http(h) => h.on_drain(io, now),
+            Session::Echo | Session::Respond { .. } | Session::Proxy(_) | Session::Sctp(_) => {}
+        }
+    }
+
     /// Whether [`Session::on_open`] needs the connection's addresses.
     pub fn needs_info(action: &Action) -> bool {
         matches!(action, Action::Proxy(p) if p.proxy_protocol.is_some())
@@ -378,6 +397,12 @@ impl Session {
             _ => {}
         }
         match c {
+            Completion::Timeout if matches!(self, Session::Http(h) if h.lingering()) => {
+                // A lingering close ran out of time: close cleanly (its FIN is
+                // sent, or queued after the last response), not with a reset.
+                io.close();
+                return;
+            }
             Completion::Error(_) | Completion::Timeout => {
                 io.abort();
                 return;
@@ -412,7 +437,7 @@ impl Session {
             }
             Session::Http(h) => match c {
                 Completion::Recv(data) => {
-                    h.on_input(data, io);
+                    h.on_input(data, io, now);
                     resume_below_window(io);
                 }
                 Completion::Sent(_) => resume_below_window(io),

@@ -174,18 +174,116 @@ impl Ringress {
             .spawn()
             .expect("spawn ringress");
         let mut r = Ringress { child, dir, log };
+        r.wait_running();
+        r
+    }
+
+    /// Starts `ringress run` on `config` with `--io driver` and returns at once,
+    /// without waiting for it to run. With `blocked`, the child starts with
+    /// SIGINT, SIGTERM and SIGHUP already blocked (set before execve(2), which
+    /// keeps the mask), as a supervisor would start it to close the window before
+    /// ringress runs its first instruction.
+    pub fn spawn(tag: &str, driver: &str, config: &str, blocked: bool) -> Ringress {
+        let dir = TempDir::new(tag);
+        let cfg = dir.0.join("ringress.toml");
+        std::fs::write(&cfg, config).unwrap();
+        Ringress::spawn_in(dir, driver, &cfg, blocked)
+    }
+
+    /// Starts `ringress run PATH --io driver` on a config the test provides (a
+    /// FIFO, say) and returns at once.
+    pub fn spawn_with_config_path(driver: &str, path: &Path) -> Ringress {
+        Ringress::spawn_in(TempDir::new("path"), driver, path, false)
+    }
+
+    fn spawn_in(dir: TempDir, driver: &str, cfg: &Path, blocked: bool) -> Ringress {
+        use std::os::unix::process::CommandExt;
+        let log = dir.0.join("stderr.log");
+        let mut cmd = Command::new(bin());
+        if blocked {
+            // SAFETY: sigemptyset, sigaddset and sigprocmask are async-signal-safe;
+            // they run in the child before exec, on a local sigset_t.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                        libc::sigaddset(&mut set, sig);
+                    }
+                    if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .args(["run", cfg.to_str().unwrap(), "--io", driver])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn ringress");
+        Ringress { child, dir, log }
+    }
+
+    /// Waits (up to 10 s, polling without sleeping) until the server's own code
+    /// has blocked SIGINT, SIGTERM and SIGHUP: the process runs the ringress
+    /// binary (/proc/PID/exe; before execve(2) the forked child may have every
+    /// signal blocked for a moment) and its `SigBlk` mask in /proc/PID/status
+    /// (proc(5)) holds them.
+    pub fn wait_signals_blocked(&mut self) {
+        let exe = std::fs::canonicalize(bin()).unwrap();
+        let want: u64 = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+            .iter()
+            .map(|&s| 1u64 << (s - 1))
+            .sum();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+            let blk = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0);
+            let execed =
+                std::fs::read_link(format!("/proc/{}/exe", self.pid())).is_ok_and(|p| p == exe);
+            if execed && blk & want == want {
+                return;
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "ringress exited with {st} before blocking signals:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringress never blocked its signals"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits (up to 20 s) until the server logs that it is running; panics if it
+    /// exits first.
+    pub fn wait_running(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if r.stderr().contains("ringress running") {
-                return r;
+            if self.stderr().contains("ringress running") {
+                return;
             }
-            if let Some(st) = r.child.try_wait().unwrap() {
-                panic!("ringress exited with {st} before running:\n{}", r.stderr());
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "ringress exited with {st} before running:\n{}",
+                    self.stderr()
+                );
             }
             assert!(
                 Instant::now() < deadline,
                 "ringress did not start:\n{}",
-                r.stderr()
+                self.stderr()
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -152,6 +152,9 @@ pub(crate) struct Worker<B: Backend> {
     events: Vec<Event>,
     /// Set by [`Command::Shutdown`]: the time by which operations must have ended.
     shutdown: Option<Instant>,
+    /// Set by [`Command::Drain`]: every session, and every one opened from now
+    /// on, has been told ([`crate::proto::Session::on_drain`]).
+    draining: bool,
     /// The time of the batch being handled: what sessions are told it is.
     now: Instant,
     /// Tests: a clock read instead of `Instant::now()` (a fake backend moves it
@@ -178,6 +181,7 @@ impl<B: Backend> Worker<B> {
             wake_op: None,
             events: Vec::with_capacity(256),
             shutdown: None,
+            draining: false,
             now: Instant::now(),
             #[cfg(test)]
             clock: None,
@@ -411,8 +415,28 @@ impl<B: Backend> Worker<B> {
                     }
                     None => {}
                 },
+                Command::Drain => self.begin_drain(),
                 Command::Shutdown => self.begin_shutdown(),
             }
+        }
+    }
+
+    /// Tells every open session that the process is stopping (once); sessions
+    /// opened later are told as they open ([`Worker::insert_session`]). What each
+    /// does is the session's policy ([`crate::proto::Session::on_drain`]).
+    fn begin_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let now = self.now;
+        for k in self.sessions.keys() {
+            if let Some(e) = self.sessions.get_mut(k) {
+                if !e.ops.closing {
+                    e.session.drain(now);
+                }
+            }
+            self.drive(k);
         }
     }
 

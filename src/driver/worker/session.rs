@@ -16,7 +16,12 @@ use crate::proto::{Completion, Side};
 use crate::proto::{Origin, SEND_STALL_LIMIT};
 
 impl<B: Backend> Worker<B> {
-    pub(super) fn insert_session(&mut self, session: ActiveSession) -> Key {
+    /// Adds a session just opened; a draining worker tells it at once
+    /// ([`crate::proto::Session::on_drain`]), before it is first driven.
+    pub(super) fn insert_session(&mut self, mut session: ActiveSession) -> Key {
+        if self.draining {
+            session.drain(self.now);
+        }
         self.sessions.insert(SessionSlot {
             session,
             ops: SessionOps::default(),

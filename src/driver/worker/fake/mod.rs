@@ -166,6 +166,10 @@ pub(super) struct FakeBackend {
     engine_shutdown: bool,
     remove_at: Option<usize>,
     removed: bool,
+    /// Send [`Command::Drain`] right after the listener is removed (as the
+    /// supervisor does at SIGTERM). Only for actions it leaves unchanged (not
+    /// http), so the peers' expectations hold as they are.
+    drain_on_remove: bool,
     /// The worker cancelled its accept: the listener is being removed.
     accept_cancelled: bool,
     early_shutdown_at: Option<usize>,
@@ -336,6 +340,12 @@ impl FakeBackend {
             self.removed = true;
             hit("listener removed while sessions run");
             self.send_cmd(Command::RemoveListener { id: 1 });
+            if self.drain_on_remove {
+                if self.sessions.iter().any(|s| s.accepted && !s.closed()) {
+                    hit("Drain with sessions open");
+                }
+                self.send_cmd(Command::Drain);
+            }
         }
         let early = self.early_shutdown_at.is_some_and(|at| self.steps >= at);
         if early || self.may_end() {

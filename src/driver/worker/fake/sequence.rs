@@ -325,6 +325,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
         engine_shutdown: false,
         remove_at: remove,
         removed: false,
+        drain_on_remove: act != Act::Http,
         accept_cancelled: false,
         early_shutdown_at: early,
         accept_error,
