@@ -29,6 +29,24 @@ pub const MAX_ADMIN_CONNS: usize = 64;
 
 type Labels = Vec<(String, String)>;
 
+/// `v` escaped as a label value of the text exposition formats: backslash,
+/// double quote and line feed become `\\`, `\"` and `\n` (OpenMetrics 1.0,
+/// "Escaping"; Prometheus text format 0.0.4 says the same). prometheus-client
+/// writes label values as given, so names from the config and from the netns
+/// directory (where `ip netns add` allows any of these) are escaped here.
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Renders the metrics of `server` in the OpenMetrics text format (which Prometheus
 /// scrapes): per listener, per worker, and for the process.
 pub fn render_metrics(server: &Server) -> String {
@@ -91,8 +109,8 @@ pub fn render_metrics(server: &Server) -> String {
     for l in server.listeners() {
         let s = &l.shared.stats;
         let lab: Labels = vec![
-            ("listener".into(), l.config.name.clone()),
-            ("netns".into(), l.config.netns_label()),
+            ("listener".into(), label_value(&l.config.name)),
+            ("netns".into(), label_value(&l.config.netns_label())),
             ("proto".into(), l.config.proto.to_string()),
         ];
         accepted
@@ -379,10 +397,17 @@ fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
             }
             let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
             Some(match path {
-                "/metrics" => response(
+                // Content negotiation as Prometheus does it: OpenMetrics for a
+                // scraper that asks for it, text format 0.0.4 otherwise.
+                "/metrics" if wants_openmetrics(req.headers) => response(
                     200,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     &render_metrics(server),
+                ),
+                "/metrics" => response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    &to_prometheus_text(&render_metrics(server)),
                 ),
                 "/status" => response(200, "application/json", &render_status(server)),
                 // Not healthy once a worker stopped: its listeners' share of new
@@ -399,6 +424,58 @@ fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
             })
         }
     }
+}
+
+/// Whether the request's `Accept` header lists `application/openmetrics-text`.
+fn wants_openmetrics(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("accept")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("application/openmetrics-text")
+    })
+}
+
+/// OpenMetrics text (as prometheus-client writes it) turned into the Prometheus
+/// text format 0.0.4: a counter family's `# HELP`/`# TYPE` name its `_total`
+/// samples, `unknown` becomes `untyped`, and `# UNIT` and `# EOF` lines, which 0.0.4
+/// does not have, are left out. Samples and label escaping are the same in both.
+fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                let tail = if p == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                };
+                out.push_str(&format!("{p}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 fn response(code: u16, ctype: &str, body: &str) -> Vec<u8> {
