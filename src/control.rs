@@ -11,6 +11,10 @@
 //!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
 //!   creates the file before it mounts the namespace on it); a removed entry closes
 //!   its listeners.
+//! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
+//!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
+//!   which it took, those are detached here (the shared sockets untouched), the
+//!   others stop accepting, and the process drains as on SIGTERM (exit 0).
 //! - sd_notify: READY=1 once running, RELOADING=1/READY=1 around a reload,
 //!   STOPPING=1 at shutdown.
 
@@ -30,6 +34,7 @@ use crate::netns;
 use crate::sdnotify;
 use crate::server::Server;
 use crate::signals;
+use crate::takeover::TakeoverServer;
 
 /// How long a new netns entry is retried before giving up (with a warning).
 pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
@@ -39,6 +44,8 @@ const NETNS_RETRY: Duration = Duration::from_millis(20);
 const T_SIGNAL: u64 = 1;
 const T_INOTIFY: u64 = 2;
 const T_ADMIN: u64 = 3;
+const T_TAKEOVER: u64 = 4;
+const T_TAKEOVER_CONN: u64 = 5;
 /// Admin connections: `T_CONN_BASE + id`.
 const T_CONN_BASE: u64 = 1 << 32;
 
@@ -86,6 +93,15 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             .map_err(|e| format!("epoll_ctl: {e}"))?;
             tracing::info!(address = %addr, "admin endpoint: /metrics /status /healthz");
             Some(a)
+        }
+        None => None,
+    };
+
+    let mut takeover = match &server.config().runtime.takeover_socket {
+        Some(path) => {
+            let t = TakeoverServer::bind(path)?;
+            add(&ep, t.listener().as_fd(), T_TAKEOVER)?;
+            Some(t)
         }
         None => None,
     };
@@ -158,6 +174,10 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                             tracing::warn!(signal = %sig, "second signal: exiting now");
                             return Ok(Exit::Forced);
                         }
+                        if let Some(t) = &mut takeover {
+                            // A takeover in progress is abandoned: the new process sees EOF.
+                            t.conn = None;
+                        }
                         let t = server.config().runtime.shutdown_timeout_ms;
                         tracing::info!(signal = %sig, timeout_ms = t,
                             "shutting down: no new connections; open ones may finish");
@@ -182,6 +202,49 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                                 ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
                             drive_admin(&ep, a, id, fd, &server);
                         }
+                    }
+                }
+                T_TAKEOVER => {
+                    if let Some(t) = &mut takeover {
+                        while let Some(conn) = t.accept() {
+                            if draining.is_some() {
+                                tracing::warn!("takeover refused: this process is shutting down");
+                                continue;
+                            }
+                            let offered = server
+                                .export_listeners()
+                                .and_then(|offer| t.offer(conn, offer));
+                            match (offered, &t.conn) {
+                                (Ok(()), Some(c)) => add(&ep, c.as_fd(), T_TAKEOVER_CONN)?,
+                                (Ok(()), None) => {}
+                                (Err(e), _) => {
+                                    tracing::warn!(error = %e, "takeover abandoned; still serving")
+                                }
+                            }
+                        }
+                    }
+                }
+                T_TAKEOVER_CONN => {
+                    let answer = takeover.as_mut().map(|t| t.read_accept());
+                    match answer {
+                        Some(Ok(Some(taken))) => {
+                            let t = server.config().runtime.shutdown_timeout_ms;
+                            tracing::info!(taken = taken.len(), timeout_ms = t,
+                                "taken over by a new process: no new connections here; open ones may finish");
+                            sdnotify::notify_or_log("STOPPING=1");
+                            server.handed_over(&taken);
+                            // The new process binds the admin address and the
+                            // takeover socket once it has the answer.
+                            admin = None;
+                            if let Some(t) = takeover.take() {
+                                t.stopped();
+                            }
+                            draining = Some(Instant::now() + Duration::from_millis(t));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "takeover abandoned; still serving")
+                        }
+                        _ => {}
                     }
                 }
                 t if t >= T_CONN_BASE => {

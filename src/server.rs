@@ -14,12 +14,14 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::binder::{BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
+use crate::takeover::{Inherited, SocketInfo};
 
 /// Why the server could not start or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +70,18 @@ pub enum StartError {
 }
 
 /// How [`Server::start_with`] treats listeners it cannot serve.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     /// A listener whose protocol this kernel lacks (SCTP without the sctp module)
     /// is logged and left down instead of failing the start or reload
     /// (`ringress run --skip-unavailable`).
     pub skip_unavailable: bool,
+    /// Listening sockets received from a running process (`ringress run
+    /// --takeover`): a listener whose namespace file, protocol and address match
+    /// an offered one reuses its sockets instead of binding (binding only extra
+    /// ones if this process has more workers). Consulted by [`Server::start_with`]
+    /// only; the sockets left over are closed when it returns.
+    pub inherited: Option<Arc<Mutex<Inherited>>>,
 }
 
 /// Whether a listener is accepting.
@@ -98,6 +106,10 @@ pub struct RunningListener {
     pub shared: Arc<ListenerShared>,
     /// Serving or down.
     pub state: ListenerState,
+    /// Worker-side ids of sockets beyond one per worker (a listener taken over
+    /// from a process with more workers: some workers then serve two or more of
+    /// its sockets, each under its own id). Empty otherwise.
+    pub extra_ids: Vec<u64>,
 }
 
 /// A running server: binder, workers, listeners.
@@ -217,6 +229,15 @@ impl Server {
         for (p, b) in planned.into_iter().zip(bound) {
             server.install(p, b);
         }
+        // Offered sockets no listener took: the old process drains them.
+        if let Some(i) = server.opts.inherited.take() {
+            if let Ok(mut i) = i.lock() {
+                for name in i.release_rest() {
+                    tracing::info!(listener = %name,
+                        "takeover: not in this config; the old process drains it");
+                }
+            }
+        }
         Ok(server)
     }
 
@@ -312,7 +333,7 @@ impl Server {
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let path = self.cfg.netns_path(l);
         let count = self.worker_count();
-        let spec = match l.proto {
+        let spec = |count| match l.proto {
             Proto::Tcp => SocketSpec::TcpListeners {
                 addr: l.listen,
                 backlog: l.backlog,
@@ -335,9 +356,44 @@ impl Server {
                 opts: l.sctp.socket_opts(),
             },
         };
-        let fds = self
-            .binder
-            .create(&l.name, path.as_deref(), &l.netns_label(), spec)?;
+        let one_to_many = l.proto == Proto::Sctp && l.sctp.style == crate::sctp::Style::OneToMany;
+        let inherited = match &self.opts.inherited {
+            Some(i) if l.listen.port() != 0 && !one_to_many => i
+                .lock()
+                .ok()
+                .and_then(|mut i| i.take(path.as_deref(), l.proto, l.listen)),
+            _ => None,
+        };
+        let fds = match inherited {
+            Some(mut fds) => {
+                let taken = fds.len();
+                if l.proto != Proto::Udp {
+                    // listen(2) again sets the new backlog on the shared socket.
+                    for fd in &fds {
+                        if let Err(e) = socket2::SockRef::from(fd).listen(l.backlog as i32) {
+                            tracing::warn!(listener = %l.name, error = %e,
+                                "takeover: cannot set the backlog of a taken-over socket");
+                        }
+                    }
+                }
+                if taken < count {
+                    // More workers here: more sockets in the same SO_REUSEPORT group.
+                    fds.extend(self.binder.create(
+                        &l.name,
+                        path.as_deref(),
+                        &l.netns_label(),
+                        spec(count - taken),
+                    )?);
+                }
+                tracing::info!(listener = %l.name, netns = %l.netns_label(), proto = %l.proto,
+                    address = %l.listen, taken, bound = fds.len() - taken,
+                    "takeover: listener reuses the running process's sockets");
+                fds
+            }
+            None => self
+                .binder
+                .create(&l.name, path.as_deref(), &l.netns_label(), spec(count))?,
+        };
         let upstream = match &l.action {
             Action::Proxy(p) => {
                 let ns = p.upstream_netns_path.clone().map(|path| {
@@ -390,9 +446,24 @@ impl Server {
             }),
             stats: Default::default(),
         });
-        for (w, fd) in self.workers.iter().zip(fds) {
+        // One socket per worker; sockets beyond that (taken over from a process
+        // with more workers) go round again, each under an id of its own: closing
+        // one would reset the connections queued in it.
+        let mut extra_ids = Vec::new();
+        let n = self.workers.len().max(1);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let wid = if i < n {
+                id
+            } else {
+                self.next_id += 1;
+                extra_ids.push(self.next_id - 1);
+                self.next_id - 1
+            };
+            let Some(w) = self.workers.get(i % n) else {
+                break;
+            };
             if let Err(e) = w.send(Command::AddListener {
-                id,
+                id: wid,
                 fd,
                 shared: shared.clone(),
             }) {
@@ -422,6 +493,7 @@ impl Server {
                 template: p.template,
                 shared,
                 state,
+                extra_ids,
             },
         );
     }
@@ -434,8 +506,10 @@ impl Server {
             return;
         };
         if l.state == ListenerState::Serving {
-            for w in &self.workers {
-                let _ = w.send(Command::RemoveListener { id: l.id });
+            for id in std::iter::once(l.id).chain(l.extra_ids.iter().copied()) {
+                for w in &self.workers {
+                    let _ = w.send(Command::RemoveListener { id });
+                }
             }
             tracing::info!(listener = %name, reason, "listener closed");
         }
@@ -602,6 +676,89 @@ impl Server {
         for n in names {
             self.retire(&n, false, "shutting down");
         }
+    }
+
+    /// Close-on-exec copies of every serving listener's sockets, asked from the
+    /// workers ([`Command::ExportListeners`]), with the listener's identity, for a
+    /// takeover. Left out: listeners on port 0 (their address names no socket) and
+    /// one-to-many SCTP listeners (their socket carries associations).
+    ///
+    /// # Errors
+    /// A worker did not answer within 2 s (the copies received are closed).
+    pub fn export_listeners(&self) -> Result<Vec<(SocketInfo, Vec<OwnedFd>)>, String> {
+        let (tx, rx) = mpsc::channel();
+        let mut asked = 0;
+        for w in &self.workers {
+            if w.send(Command::ExportListeners { reply: tx.clone() })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut by_id: HashMap<u64, Vec<OwnedFd>> = HashMap::new();
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) => {
+                    for (id, fd) in v {
+                        by_id.entry(id).or_default().push(fd);
+                    }
+                }
+                Err(_) => return Err("a worker did not hand over its sockets in 2 s".into()),
+            }
+        }
+        let mut out = Vec::new();
+        for l in self.listeners.values() {
+            let c = &l.config;
+            if l.state != ListenerState::Serving
+                || c.listen.port() == 0
+                || (c.proto == Proto::Sctp && c.sctp.style == crate::sctp::Style::OneToMany)
+            {
+                continue;
+            }
+            let fds: Vec<OwnedFd> = std::iter::once(l.id)
+                .chain(l.extra_ids.iter().copied())
+                .filter_map(|id| by_id.remove(&id))
+                .flatten()
+                .collect();
+            if fds.is_empty() {
+                continue;
+            }
+            out.push((
+                SocketInfo {
+                    name: c.name.clone(),
+                    netns: self.cfg.netns_path(c),
+                    netns_label: c.netns_label(),
+                    proto: c.proto.as_str().to_string(),
+                    address: c.listen,
+                    fds: fds.len(),
+                },
+                fds,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A new process serves the listeners in `taken` now (takeover): their
+    /// workers stop accepting and close their fds without touching the shared
+    /// sockets ([`Command::DetachListener`]); every other listener stops
+    /// accepting as on SIGTERM. Open connections go on.
+    pub fn handed_over(&mut self, taken: &HashSet<String>) {
+        for (name, l) in &mut self.listeners {
+            if l.state != ListenerState::Serving || !taken.contains(name) {
+                continue;
+            }
+            for id in std::iter::once(l.id).chain(l.extra_ids.iter().copied()) {
+                for w in &self.workers {
+                    let _ = w.send(Command::DetachListener { id });
+                }
+            }
+            l.state = ListenerState::Down("handed over to a new process".into());
+            tracing::info!(listener = %name, "listener handed over to the new process");
+        }
+        self.stop_accepting();
     }
 
     /// The listeners (serving and down), by name.

@@ -422,13 +422,14 @@ fn check_socket(fd: &OwnedFd, proto: Proto, addr: SocketAddr) -> Result<(), Stri
     {
         return Err("fd is not a listening socket".into());
     }
-    let name = sock
-        .local_addr()
-        .map_err(|e| format!("getsockname: {e}"))?;
+    let name = sock.local_addr().map_err(|e| format!("getsockname: {e}"))?;
     match name.as_socket() {
         Some(b) if b.ip() == addr.ip() && b.port() == addr.port() => Ok(()),
         Some(b) => Err(format!("fd is bound to {b}, not {addr}")),
-        None => Err(format!("fd is not an inet socket (family {:?})", name.family())),
+        None => Err(format!(
+            "fd is not an inet socket (family {:?})",
+            name.family()
+        )),
     }
 }
 
@@ -447,7 +448,10 @@ impl Inherited {
         addr: SocketAddr,
     ) -> Option<Vec<OwnedFd>> {
         let e = self.entries.iter_mut().find(|e| {
-            !e.taken && e.proto == proto && e.info.address == addr && e.info.netns.as_deref() == netns
+            !e.taken
+                && e.proto == proto
+                && e.info.address == addr
+                && e.info.netns.as_deref() == netns
         })?;
         e.taken = true;
         Some(std::mem::take(&mut e.fds))
@@ -480,12 +484,16 @@ impl Inherited {
             .map(|e| e.info.name.clone())
             .collect();
         let path = self.path.clone();
-        send_frame(&mut self.conn, &Accept { taken: taken.clone() }).map_err(|source| {
-            TakeoverError::Io {
-                path: path.clone(),
-                step: "asking the old process to stop",
-                source,
-            }
+        send_frame(
+            &mut self.conn,
+            &Accept {
+                taken: taken.clone(),
+            },
+        )
+        .map_err(|source| TakeoverError::Io {
+            path: path.clone(),
+            step: "asking the old process to stop",
+            source,
         })?;
         let stopped: Stopped = recv_frame(&self.conn).map_err(|e| match e {
             ReadError::Io(source) => TakeoverError::Io {
@@ -498,8 +506,12 @@ impl Inherited {
                 message,
             },
         })?;
-        tracing::info!(old_pid = stopped.pid, taken = taken.len(), released = released.len(),
-            "takeover done: the old process stopped accepting and drains");
+        tracing::info!(
+            old_pid = stopped.pid,
+            taken = taken.len(),
+            released = released.len(),
+            "takeover done: the old process stopped accepting and drains"
+        );
         Ok(stopped.pid)
     }
 }
@@ -527,7 +539,8 @@ impl TakeoverServer {
     /// The directory cannot be made, `path` exists and is not a socket, or
     /// bind(2)/listen(2) failed; the message names the path and errno.
     pub fn bind(path: &Path) -> Result<TakeoverServer, String> {
-        let ctx = |what: &str, e: io::Error| format!("takeover socket {}: {what}: {e}", path.display());
+        let ctx =
+            |what: &str, e: io::Error| format!("takeover socket {}: {what}: {e}", path.display());
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| ctx("creating its directory", e))?;
         }
@@ -675,6 +688,8 @@ impl TakeoverServer {
     /// Step 4: tells the new process this one has stopped accepting, and closes
     /// the connection and the takeover socket (removing its file).
     pub fn stopped(mut self) {
+        // The file goes first: the new process makes its own once it has the answer.
+        self.remove_file();
         if let Some(mut conn) = self.conn.take() {
             let _ = conn.set_nonblocking(false);
             if let Err(e) = send_frame(
@@ -690,14 +705,21 @@ impl TakeoverServer {
     }
 }
 
-impl Drop for TakeoverServer {
+impl TakeoverServer {
     /// Removes the socket file if the path still names the one we made.
-    fn drop(&mut self) {
+    fn remove_file(&mut self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.ident {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+impl Drop for TakeoverServer {
+    /// Removes the socket file if the path still names the one we made.
+    fn drop(&mut self) {
+        self.remove_file();
     }
 }
 
@@ -728,12 +750,16 @@ mod tests {
         // A huge announced length.
         let (mut a, b) = pair();
         a.write_all(&(u32::MAX).to_le_bytes()).unwrap();
-        assert!(matches!(recv_frame::<Offer>(&b), Err(ReadError::Protocol(m)) if m.contains("bytes announced")));
+        assert!(
+            matches!(recv_frame::<Offer>(&b), Err(ReadError::Protocol(m)) if m.contains("bytes announced"))
+        );
         // Not JSON.
         let (mut a, b) = pair();
         a.write_all(&3u32.to_le_bytes()).unwrap();
         a.write_all(b"abc").unwrap();
-        assert!(matches!(recv_frame::<Offer>(&b), Err(ReadError::Protocol(m)) if m.contains("bad JSON")));
+        assert!(
+            matches!(recv_frame::<Offer>(&b), Err(ReadError::Protocol(m)) if m.contains("bad JSON"))
+        );
         // Truncated, then closed.
         let (mut a, b) = pair();
         a.write_all(&10u32.to_le_bytes()).unwrap();
@@ -752,7 +778,9 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(matches!(recv_fds(&b, 5), Err(ReadError::Protocol(m)) if m.contains("announces 5")));
+        assert!(
+            matches!(recv_fds(&b, 5), Err(ReadError::Protocol(m)) if m.contains("announces 5"))
+        );
     }
 
     #[test]
@@ -762,9 +790,13 @@ mod tests {
         let taddr = t.local_addr().unwrap();
         let t: OwnedFd = t.into();
         assert!(check_socket(&t, Proto::Tcp, taddr).is_ok());
-        assert!(check_socket(&t, Proto::Udp, taddr).unwrap_err().contains("not udp"));
+        assert!(check_socket(&t, Proto::Udp, taddr)
+            .unwrap_err()
+            .contains("not udp"));
         assert!(check_socket(&u, Proto::Tcp, taddr).is_err());
         let other = SocketAddr::from(([127, 0, 0, 1], taddr.port().wrapping_add(1)));
-        assert!(check_socket(&t, Proto::Tcp, other).unwrap_err().contains("bound to"));
+        assert!(check_socket(&t, Proto::Tcp, other)
+            .unwrap_err()
+            .contains("bound to"));
     }
 }

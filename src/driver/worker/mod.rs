@@ -434,11 +434,9 @@ impl<B: Backend> Worker<B> {
         let mut out = Vec::with_capacity(self.ids.len());
         for (&id, r) in &self.ids {
             let fd = match *r {
-                ListenerRef::Stream(k) => self
-                    .listeners
-                    .get(k)
-                    .filter(|l| !l.removing)
-                    .map(|l| &l.fd),
+                ListenerRef::Stream(k) => {
+                    self.listeners.get(k).filter(|l| !l.removing).map(|l| &l.fd)
+                }
                 ListenerRef::Udp(k) => self
                     .udp
                     .listeners
