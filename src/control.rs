@@ -283,8 +283,11 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             a.expire(now);
         }
         if let Some(deadline) = draining {
+            // A listener still being detached may yet accept a connection: it
+            // has to be closed before "no session" means "done" (read first).
+            let closing = server.listener_sockets() > 0 && !crate::driver::worker_failed();
             let open = server.open_sessions();
-            if open == 0 || now >= deadline {
+            if (open == 0 && !closing) || now >= deadline {
                 if open > 0 {
                     tracing::warn!(open, "shutdown timeout: closing the remaining connections");
                 }

@@ -801,6 +801,17 @@ impl Server {
             .sum()
     }
 
+    /// Listener sockets the workers still hold (removed ones count until their
+    /// accept or receive has ended): 0 once no connection can be accepted. Read
+    /// it before [`Server::open_sessions`]: the sessions a listener accepted are
+    /// counted by then (Acquire, paired with the worker's Release).
+    pub fn listener_sockets(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.stats.listeners.load(std::sync::atomic::Ordering::Acquire))
+            .sum()
+    }
+
     /// Closes every listener and connection, and joins the workers.
     pub fn shutdown(self) {
         for w in self.workers {

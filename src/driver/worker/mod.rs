@@ -353,6 +353,7 @@ impl<B: Backend> Worker<B> {
             match cmd {
                 Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
                     let k = self.udp.add_listener(fd, shared);
+                    self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Udp(k));
                     self.arm_udp(K_UDP_LISTENER, k);
                 }
@@ -374,6 +375,7 @@ impl<B: Backend> Worker<B> {
                         removing: false,
                         paused: false,
                     });
+                    self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Stream(k));
                     self.arm_accept(k);
                 }
