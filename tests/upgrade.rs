@@ -17,6 +17,8 @@ use common::*;
 both_drivers!(
     upgrades_under_load_lose_nothing,
     missing_takeover_socket_binds_nothing,
+    hostile_peer_is_a_clear_error,
+    failed_upgrade_leaves_the_old_process_serving,
 );
 
 /// Upgrades in a row.
@@ -297,4 +299,84 @@ fn missing_takeover_socket_binds_nothing(driver: &str) {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("Connection refused"), "{err}");
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+}
+
+fn hostile_peer_is_a_clear_error(driver: &str) {
+    let port = free_port();
+    let dir = TempDir::new(&format!("upg-bad-{driver}"));
+    let sock = dir.0.join("takeover.sock");
+    let cfg = dir.0.join("new.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"),
+    )
+    .unwrap();
+    // A frame announcing 4 GiB, then one that is not JSON.
+    let frames: [&[u8]; 2] = [b"\xff\xff\xff\xff", b"\x03\x00\x00\x00{x}"];
+    for (frame, needle) in frames.into_iter().zip(["bytes announced", "bad JSON"]) {
+        let _ = std::fs::remove_file(&sock);
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(frame);
+            // Hold the connection until the other side gives up.
+            let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
+        });
+        let (code, _, err) = ringress_cmd(&[
+            "run",
+            cfg.to_str().unwrap(),
+            "--io",
+            driver,
+            "--takeover",
+            sock.to_str().unwrap(),
+        ]);
+        peer.join().unwrap();
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("malformed message") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+}
+
+fn failed_upgrade_leaves_the_old_process_serving(driver: &str) {
+    let (port, busy) = (free_port(), free_port());
+    let dir = TempDir::new(&format!("upg-fail-{driver}"));
+    let sock = dir.0.join("takeover.sock");
+    let base = format!(
+        "[runtime]\nworkers = 2\ntakeover_socket = \"{}\"\n\
+         [[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n",
+        sock.display()
+    );
+    let old = Ringress::start(&format!("upf-{driver}"), driver, &base);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // The new config also wants a port that is taken: the new process gets the
+    // sockets, fails to bind, and exits; the old one never hears "stop".
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", busy)).unwrap();
+    let bad = format!(
+        "{base}[[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:{busy}\"\naction = \"echo\"\n"
+    );
+    let bad_cfg = dir.0.join("bad.toml");
+    std::fs::write(&bad_cfg, bad).unwrap();
+    let (code, _, err) = ringress_cmd(&[
+        "run",
+        bad_cfg.to_str().unwrap(),
+        "--io",
+        driver,
+        "--takeover",
+        sock.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("Address already in use"), "{err}");
+    old.wait_log("takeover abandoned; still serving", 1, 10);
+    let data = payload(1000, 7);
+    assert_eq!(echo_roundtrip(connect_in(None, addr).unwrap(), &data), data);
+    // The takeover socket still answers: the next upgrade goes through.
+    let mut old = old;
+    let new = Ringress::start_takeover(&format!("upf2-{driver}"), driver, &base, &sock);
+    assert!(old.wait_exit(15).success(), "{}", old.stderr());
+    assert_eq!(echo_roundtrip(connect_in(None, addr).unwrap(), &data), data);
+    assert!(new.stop().success());
 }
