@@ -286,6 +286,24 @@ fn missing_takeover_socket_binds_nothing(driver: &str) {
     // Nothing bound: the port is free.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
 
+    // `check` shows the takeover socket.
+    let with = dir.0.join("with.toml");
+    std::fs::write(
+        &with,
+        format!(
+            "[runtime]\ntakeover_socket = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             action = \"echo\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = ringress_cmd(&["check", with.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("takeover socket: {}", sock.display())),
+        "{out}"
+    );
+
     // A stale socket file (nobody listening) refuses: the same, ECONNREFUSED.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let (code, _, err) = ringress_cmd(&[
