@@ -14,7 +14,9 @@
 //! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
 //!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
 //!   which it took, those are detached here (the shared sockets untouched), the
-//!   others stop accepting, and the process drains as on SIGTERM (exit 0).
+//!   others stop accepting, and the process drains as on SIGTERM (exit 0). While
+//!   a takeover is pending (at most [`crate::takeover::PENDING_MAX`]), SIGHUP is
+//!   ignored with a warning: the offered sockets are shared.
 //! - sd_notify: READY=1 once running, RELOADING=1/READY=1 around a reload,
 //!   STOPPING=1 at shutdown.
 
@@ -136,6 +138,13 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         if admin.is_some() {
             wait = Some(wait.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1))));
         }
+        if let Some(d) = takeover
+            .as_ref()
+            .and_then(|t| t.conn.as_ref().and(t.deadline))
+        {
+            let left = d.saturating_duration_since(now);
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+        }
         let timeout = match wait {
             None => EpollTimeout::NONE,
             Some(d) => EpollTimeout::from(d.as_millis().min(u16::MAX as u128 - 1) as u16),
@@ -155,6 +164,10 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                         if sig == Signal::SIGHUP {
                             if draining.is_some() {
                                 tracing::warn!("SIGHUP while shutting down: ignored");
+                            } else if takeover.as_ref().is_some_and(|t| t.conn.is_some()) {
+                                // The offered sockets are shared with the new process
+                                // now: a reload must not close or change them.
+                                tracing::warn!("SIGHUP during a takeover: ignored");
                             } else {
                                 reload(&mut server, config_path);
                             }
@@ -279,6 +292,15 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             still.push(p);
         }
         pending = still;
+        if let Some(t) = &mut takeover {
+            if t.conn.is_some() && t.deadline.is_some_and(|d| now >= d) {
+                tracing::warn!(
+                    waited_s = crate::takeover::PENDING_MAX.as_secs(),
+                    "takeover abandoned: the new process did not answer; still serving"
+                );
+                t.conn = None;
+            }
+        }
         if let Some(a) = &mut admin {
             a.expire(now);
         }

@@ -47,7 +47,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     getsockopt, recv, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -65,6 +65,10 @@ pub const MAX_FRAME: usize = 16 << 20;
 /// Deadline of each step of the exchange on the new process's side: connecting,
 /// each message read or written, and the old process's [`Stopped`] answer.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the running process waits, after its offer, for the new process to
+/// serve and answer; then it abandons the takeover (closes the connection) and
+/// goes on as before (SIGHUP is ignored meanwhile).
+pub const PENDING_MAX: Duration = Duration::from_secs(60);
 
 /// Why a takeover failed.
 #[derive(Debug, thiserror::Error)]
@@ -529,6 +533,8 @@ pub struct TakeoverServer {
     ident: (u64, u64),
     /// The connection of the takeover in progress, after the offer was sent.
     pub conn: Option<UnixStream>,
+    /// When the takeover in progress is abandoned ([`PENDING_MAX`] after the offer).
+    pub deadline: Option<Instant>,
 }
 
 impl TakeoverServer {
@@ -569,6 +575,7 @@ impl TakeoverServer {
             listener,
             ident: (m.dev(), m.ino()),
             conn: None,
+            deadline: None,
         })
     }
 
@@ -636,6 +643,7 @@ impl TakeoverServer {
             "takeover: listening sockets sent; serving on until the new process is ready"
         );
         self.conn = Some(conn);
+        self.deadline = Some(Instant::now() + PENDING_MAX);
         Ok(())
     }
 
