@@ -21,10 +21,16 @@
 //!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
 //!   creates the file before it mounts the namespace on it); a removed entry closes
 //!   its listeners.
+//! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
+//!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
+//!   which it took, those are detached here (the shared sockets untouched), the
+//!   others stop accepting, and the process drains as on SIGTERM (exit 0). While
+//!   a takeover is pending (at most [`crate::takeover::PENDING_MAX`]), SIGHUP is
+//!   ignored with a warning: the offered sockets are shared.
 //! - sd_notify: READY=1 once running, RELOADING=1/READY=1 around a reload,
 //!   STOPPING=1 at shutdown.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,6 +47,7 @@ use crate::netns;
 use crate::sdnotify;
 use crate::server::Server;
 use crate::signals;
+use crate::takeover::TakeoverServer;
 
 /// How long a new netns entry is retried before giving up (with a warning).
 pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
@@ -50,6 +57,8 @@ const NETNS_RETRY: Duration = Duration::from_millis(20);
 const T_SIGNAL: u64 = 1;
 const T_INOTIFY: u64 = 2;
 const T_ADMIN: u64 = 3;
+const T_TAKEOVER: u64 = 4;
+const T_TAKEOVER_CONN: u64 = 5;
 /// Admin connections: `T_CONN_BASE + id`.
 const T_CONN_BASE: u64 = 1 << 32;
 
@@ -101,6 +110,15 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         None => None,
     };
 
+    let mut takeover = match &server.config().runtime.takeover_socket {
+        Some(path) => {
+            let t = TakeoverServer::bind(path)?;
+            add(&ep, t.listener().as_fd(), T_TAKEOVER)?;
+            Some(t)
+        }
+        None => None,
+    };
+
     let mut watch = NetnsWatch::new(&server.config().netns_dir);
     if let Some(w) = &watch {
         add(&ep, w.fd.as_fd(), T_INOTIFY)?;
@@ -120,7 +138,14 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
     // Signals sent while starting up (blocked since main's first instruction)
     // are pending on the signalfd: act on them now that everything is open.
     for sig in read_signals(&sfd) {
-        if let Some(exit) = on_signal(sig, true, &mut server, &mut draining, config_path) {
+        if let Some(exit) = on_signal(
+            sig,
+            true,
+            &mut server,
+            &mut draining,
+            &mut takeover,
+            config_path,
+        ) {
             return Ok(exit);
         }
     }
@@ -138,6 +163,13 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         if admin.is_some() {
             wait = Some(wait.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1))));
         }
+        if let Some(d) = takeover
+            .as_ref()
+            .and_then(|t| t.conn.as_ref().and(t.deadline))
+        {
+            let left = d.saturating_duration_since(now);
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+        }
         let timeout = match wait {
             None => EpollTimeout::NONE,
             Some(d) => EpollTimeout::from(d.as_millis().min(u16::MAX as u128 - 1) as u16),
@@ -151,9 +183,14 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             match ev.data() {
                 T_SIGNAL => {
                     for sig in read_signals(&sfd) {
-                        if let Some(exit) =
-                            on_signal(sig, false, &mut server, &mut draining, config_path)
-                        {
+                        if let Some(exit) = on_signal(
+                            sig,
+                            false,
+                            &mut server,
+                            &mut draining,
+                            &mut takeover,
+                            config_path,
+                        ) {
                             return Ok(exit);
                         }
                     }
@@ -174,6 +211,47 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                                 ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
                             drive_admin(&ep, a, id, fd, &server);
                         }
+                    }
+                }
+                T_TAKEOVER => {
+                    if let Some(t) = &mut takeover {
+                        while let Some(conn) = t.accept() {
+                            if draining.is_some() {
+                                tracing::warn!("takeover refused: this process is shutting down");
+                                continue;
+                            }
+                            let offered = server
+                                .export_listeners()
+                                .and_then(|offer| t.offer(conn, offer));
+                            match (offered, &t.conn) {
+                                (Ok(()), Some(c)) => add(&ep, c.as_fd(), T_TAKEOVER_CONN)?,
+                                (Ok(()), None) => {}
+                                (Err(e), _) => {
+                                    tracing::warn!(error = %e, "takeover abandoned; still serving")
+                                }
+                            }
+                        }
+                    }
+                }
+                T_TAKEOVER_CONN => {
+                    let answer = takeover.as_mut().map(|t| t.read_accept());
+                    match answer {
+                        Some(Ok(Some(taken))) => {
+                            let t = server.config().runtime.shutdown_timeout_ms;
+                            tracing::info!(taken = taken.len(), timeout_ms = t,
+                                "taken over by a new process: no new connections here; open ones may finish");
+                            begin_shutdown(&mut server, &mut draining, Stop::HandedOver(&taken));
+                            // The new process binds the admin address and the
+                            // takeover socket once it has the answer.
+                            admin = None;
+                            if let Some(t) = takeover.take() {
+                                t.stopped();
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "takeover abandoned; still serving")
+                        }
+                        _ => {}
                     }
                 }
                 t if t >= T_CONN_BASE => {
@@ -208,19 +286,24 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             still.push(p);
         }
         pending = still;
+        if let Some(t) = &mut takeover {
+            if t.conn.is_some() && t.deadline.is_some_and(|d| now >= d) {
+                tracing::warn!(
+                    waited_s = crate::takeover::PENDING_MAX.as_secs(),
+                    "takeover abandoned: the new process did not answer; still serving"
+                );
+                t.conn = None;
+            }
+        }
         if let Some(a) = &mut admin {
             a.expire(now);
         }
         if let Some(deadline) = draining {
+            // A listener still being detached may yet accept a connection: it
+            // has to be closed before "no session" means "done" (read first).
+            let closing = server.listener_sockets() > 0 && !crate::driver::worker_failed();
             let open = server.open_sessions();
-            // TCP listeners serve their accept queues for LISTENER_DRAIN_MS after
-            // they stop (Command::RemoveListener): no exit before that, or what
-            // they still hold would be reset at close.
-            let t = Duration::from_millis(server.config().runtime.shutdown_timeout_ms);
-            let queues_served = now
-                >= deadline.checked_sub(t).unwrap_or(deadline)
-                    + Duration::from_millis(crate::driver::LISTENER_DRAIN_MS);
-            if (open == 0 && queues_served) || now >= deadline {
+            if (open == 0 && !closing) || now >= deadline {
                 if open > 0 {
                     tracing::warn!(open, "shutdown timeout: closing the remaining connections");
                 }
@@ -260,11 +343,16 @@ fn on_signal(
     starting: bool,
     server: &mut Server,
     draining: &mut Option<Instant>,
+    takeover: &mut Option<TakeoverServer>,
     config_path: &Path,
 ) -> Option<Exit> {
     if sig == Signal::SIGHUP {
         if draining.is_some() {
             tracing::warn!("SIGHUP while shutting down: ignored");
+        } else if takeover.as_ref().is_some_and(|t| t.conn.is_some()) {
+            // The offered sockets are shared with the new process now: a reload
+            // must not close or change them.
+            tracing::warn!("SIGHUP during a takeover: ignored");
         } else {
             if starting {
                 tracing::info!(
@@ -278,7 +366,7 @@ fn on_signal(
     if crate::driver::worker_failed() {
         if draining.is_none() {
             tracing::error!("a worker stopped; shutting down (exit status 1)");
-            begin_shutdown(server, draining);
+            begin_shutdown(server, draining, Stop::All);
         }
         return None;
     }
@@ -289,19 +377,35 @@ fn on_signal(
         tracing::warn!(signal = %sig, "second signal: exiting now");
         return Some(Exit::Forced);
     }
+    if let Some(t) = takeover {
+        // A takeover in progress is abandoned: the new process sees EOF.
+        t.conn = None;
+    }
     let t = server.config().runtime.shutdown_timeout_ms;
     tracing::info!(signal = %sig, timeout_ms = t, during_start_up = starting,
         "shutting down: no new connections; idle keep-alive connections close, open ones may finish");
-    begin_shutdown(server, draining);
+    begin_shutdown(server, draining, Stop::All);
     None
 }
 
-/// Stops every listener, then tells every worker to drain its sessions
-/// ([`Command::Drain`]); `draining` becomes the deadline
-/// (now + `runtime.shutdown_timeout_ms`).
-fn begin_shutdown(server: &mut Server, draining: &mut Option<Instant>) {
+/// How the listeners stop when a graceful shutdown begins.
+enum Stop<'a> {
+    /// Every listener stops accepting (SIGTERM, a failed worker).
+    All,
+    /// A new process took these listeners over: they are detached, the rest stop.
+    HandedOver(&'a HashSet<String>),
+}
+
+/// Stops the listeners as `stop` says, then tells every worker to drain its
+/// sessions ([`Command::Drain`]); `draining` becomes the deadline
+/// (now + `runtime.shutdown_timeout_ms`). The one path for SIGTERM, a failed
+/// worker and a finished takeover.
+fn begin_shutdown(server: &mut Server, draining: &mut Option<Instant>, stop: Stop<'_>) {
     sdnotify::notify_or_log("STOPPING=1");
-    server.stop_accepting();
+    match stop {
+        Stop::All => server.stop_accepting(),
+        Stop::HandedOver(taken) => server.handed_over(taken),
+    }
     for w in server.workers() {
         // A worker that has exited has no session left to drain.
         let _ = w.send(Command::Drain);

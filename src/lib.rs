@@ -23,3 +23,4 @@ pub mod sctp;
 pub mod sdnotify;
 pub mod server;
 pub mod signals;
+pub mod takeover;

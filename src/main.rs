@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand};
 use ringress::config::{Config, IoChoice, Proto};
@@ -39,6 +40,12 @@ enum Cmd {
         /// (SCTP without the sctp module); without it such a listener fails the start.
         #[arg(long)]
         skip_unavailable: bool,
+        /// Binary upgrade: take the listening sockets of the ringress running with
+        /// `[runtime] takeover_socket = PATH` (reusing those whose namespace,
+        /// protocol and address match a listener of CONFIG), serve, then tell it to
+        /// stop accepting and drain. Fails, binding nothing, if PATH does not answer.
+        #[arg(long, value_name = "PATH")]
+        takeover: Option<PathBuf>,
     },
     /// Validate CONFIG (syntax, keys, addresses, namespaces) and exit; non-zero on error.
     Check {
@@ -122,6 +129,13 @@ fn main() -> ExitCode {
                     cfg.listeners.len(),
                     if cfg.listeners.len() == 1 { "" } else { "s" }
                 );
+                if let Some(p) = &cfg.runtime.takeover_socket {
+                    println!(
+                        "takeover socket: {} (binary upgrade: ringress run NEW.toml --takeover {})",
+                        p.display(),
+                        p.display()
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -134,6 +148,7 @@ fn main() -> ExitCode {
             io,
             workers,
             skip_unavailable,
+            takeover,
         } => {
             let mut cfg = match load(&config) {
                 Ok(c) => c,
@@ -149,14 +164,43 @@ fn main() -> ExitCode {
                 eprintln!("error: blocking signals: {e}");
                 return ExitCode::FAILURE;
             }
-            let opts = ringress::server::StartOptions { skip_unavailable };
+            // Takeover: receive the running process's sockets before binding anything.
+            let inherited = match &takeover {
+                Some(path) => match ringress::takeover::receive(path) {
+                    Ok(i) => Some(Arc::new(Mutex::new(i))),
+                    Err(e) => {
+                        eprintln!("error: takeover failed, nothing was bound: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => None,
+            };
+            let opts = ringress::server::StartOptions {
+                skip_unavailable,
+                inherited: inherited.clone(),
+            };
             let server = match Server::start_with(&cfg, io, opts) {
                 Ok(s) => s,
                 Err(e) => {
+                    // Dropping the received sockets and the connection abandons the
+                    // takeover: the running process goes on serving.
                     eprintln!("error: {e}");
                     return ExitCode::FAILURE;
                 }
             };
+            if let Some(i) = inherited {
+                // The workers have taken their sockets once they answer this.
+                let _ = server.export_listeners();
+                let done = Arc::try_unwrap(i)
+                    .map_err(|_| "the received sockets are still shared".to_string())
+                    .and_then(|m| m.into_inner().map_err(|e| e.to_string()))
+                    .and_then(|i| i.finish().map_err(|e| e.to_string()));
+                if let Err(e) = done {
+                    eprintln!("error: takeover failed: {e}");
+                    server.shutdown();
+                    return ExitCode::FAILURE;
+                }
+            }
             match control::run(server, &config) {
                 Ok(control::Exit::Clean) => ExitCode::SUCCESS,
                 // A second signal: leave now, without waiting for the workers.

@@ -14,12 +14,14 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::binder::{BatchItem, BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
+use crate::takeover::{Inherited, SocketInfo};
 
 /// Why the server could not start or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +70,18 @@ pub enum StartError {
 }
 
 /// How [`Server::start_with`] treats listeners it cannot serve.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     /// A listener whose protocol this kernel lacks (SCTP without the sctp module)
     /// is logged and left down instead of failing the start or reload
     /// (`ringress run --skip-unavailable`).
     pub skip_unavailable: bool,
+    /// Listening sockets received from a running process (`ringress run
+    /// --takeover`): a listener whose namespace file, protocol and address match
+    /// an offered one reuses its sockets instead of binding (binding only extra
+    /// ones if this process has more workers). Consulted by [`Server::start_with`]
+    /// only; the sockets left over are closed when it returns.
+    pub inherited: Option<Arc<Mutex<Inherited>>>,
 }
 
 /// Whether a listener is accepting.
@@ -98,6 +106,10 @@ pub struct RunningListener {
     pub shared: Arc<ListenerShared>,
     /// Serving or down.
     pub state: ListenerState,
+    /// Worker-side ids of sockets beyond one per worker (a listener taken over
+    /// from a process with more workers: some workers then serve two or more of
+    /// its sockets, each under its own id). Empty otherwise.
+    pub extra_ids: Vec<u64>,
 }
 
 /// A running server: binder, workers, listeners.
@@ -228,6 +240,15 @@ impl Server {
         for (p, b) in planned.into_iter().zip(bound) {
             server.install(p, b);
         }
+        // Offered sockets no listener took: the old process drains them.
+        if let Some(i) = server.opts.inherited.take() {
+            if let Ok(mut i) = i.lock() {
+                for name in i.release_rest() {
+                    tracing::info!(listener = %name,
+                        "takeover: not in this config; the old process drains it");
+                }
+            }
+        }
         Ok(server)
     }
 
@@ -270,6 +291,7 @@ impl Server {
     ) -> Result<Vec<Result<Bound, String>>, StartError> {
         let mut out: Vec<Option<Result<Bound, String>>> = Vec::with_capacity(planned.len());
         let mut items = Vec::with_capacity(planned.len());
+        let mut inherited = Vec::with_capacity(planned.len());
         for p in planned {
             let l = &p.config;
             let key = self.addr_key(l);
@@ -291,16 +313,29 @@ impl Server {
                 seen.insert(key, l.name.clone());
             }
             out.push(None);
-            items.push(self.batch_item(l));
+            // Sockets handed over by a takeover first; the binder makes the rest.
+            let (fds, more) = self.inherited_for(l);
+            let asks = more > 0 || fds.is_empty();
+            if asks {
+                items.push(self.batch_item(l, more.max(1)));
+            }
+            inherited.push((fds, asks));
         }
         // Every socket in one batch: the binder enters each namespace once.
         let mut made = self.binder.create_many(items).into_iter();
+        let mut inherited = inherited.into_iter();
         for (p, slot) in planned.iter().zip(&mut out) {
             if slot.is_some() {
                 continue;
             }
             let l = &p.config;
-            let bound = made.next().expect("one result per item").and_then(|fds| {
+            let (mut fds, asks) = inherited.next().expect("one entry per listener");
+            let made = match asks {
+                true => made.next().expect("one result per item"),
+                false => Ok(Vec::new()),
+            };
+            let bound = made.and_then(|more| {
+                fds.extend(more);
                 Ok(Bound {
                     fds,
                     upstream: self.upstream_set(l)?,
@@ -338,11 +373,10 @@ impl Server {
             .collect())
     }
 
-    /// The binder request for listener `l`'s sockets: one per worker (one for a
-    /// one-to-many SCTP listener).
-    fn batch_item(&self, l: &ListenerConfig) -> BatchItem {
-        let count = self.worker_count();
-        let spec = match l.proto {
+    /// The sockets listener `l` needs: `count` of them (one per worker; one for a
+    /// one-to-many SCTP listener, whatever `count` says).
+    fn spec_for(&self, l: &ListenerConfig, count: usize) -> SocketSpec {
+        match l.proto {
             Proto::Tcp => SocketSpec::TcpListeners {
                 addr: l.listen,
                 backlog: l.backlog,
@@ -364,22 +398,66 @@ impl Server {
                 style: l.sctp.style,
                 opts: l.sctp.socket_opts(),
             },
-        };
+        }
+    }
+
+    /// The binder request for `count` of listener `l`'s sockets.
+    fn batch_item(&self, l: &ListenerConfig, count: usize) -> BatchItem {
         BatchItem {
             owner: l.name.clone(),
             netns: self.cfg.netns_path(l),
             netns_label: l.netns_label(),
-            spec,
+            spec: self.spec_for(l, count),
         }
     }
 
-    /// Creates listener `l`'s sockets (one per worker) and, for a proxy, its
-    /// upstream set with filled socket pools.
+    /// The sockets of listener `l` handed over by the running process in a
+    /// takeover (same namespace, protocol and address), if any, with the new
+    /// backlog applied; and how many more must be bound to give every worker one.
+    fn inherited_for(&self, l: &ListenerConfig) -> (Vec<OwnedFd>, usize) {
+        let count = self.worker_count();
+        let one_to_many = l.proto == Proto::Sctp && l.sctp.style == crate::sctp::Style::OneToMany;
+        let path = self.cfg.netns_path(l);
+        let fds = match &self.opts.inherited {
+            Some(i) if l.listen.port() != 0 && !one_to_many => i
+                .lock()
+                .ok()
+                .and_then(|mut i| i.take(path.as_deref(), l.proto, l.listen)),
+            _ => None,
+        };
+        let Some(fds) = fds else {
+            return (Vec::new(), count);
+        };
+        if l.proto != Proto::Udp {
+            // listen(2) again sets the new backlog on the shared socket.
+            for fd in &fds {
+                if let Err(e) = socket2::SockRef::from(fd).listen(l.backlog as i32) {
+                    tracing::warn!(listener = %l.name, error = %e,
+                        "takeover: cannot set the backlog of a taken-over socket");
+                }
+            }
+        }
+        let more = count.saturating_sub(fds.len());
+        tracing::info!(listener = %l.name, netns = %l.netns_label(), proto = %l.proto,
+            address = %l.listen, taken = fds.len(), bound = more,
+            "takeover: listener reuses the running process's sockets");
+        (fds, more)
+    }
+
+    /// Creates listener `l`'s sockets (one per worker; taken-over ones first, see
+    /// [`Server::inherited_for`]) and, for a proxy, its upstream set with filled
+    /// socket pools.
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
-        let it = self.batch_item(l);
-        let fds = self
-            .binder
-            .create(&it.owner, it.netns.as_deref(), &it.netns_label, it.spec)?;
+        let (mut fds, more) = self.inherited_for(l);
+        if more > 0 || fds.is_empty() {
+            let it = self.batch_item(l, more.max(1));
+            fds.extend(self.binder.create(
+                &it.owner,
+                it.netns.as_deref(),
+                &it.netns_label,
+                it.spec,
+            )?);
+        }
         let upstream = self.upstream_set(l)?;
         Ok(Bound { fds, upstream })
     }
@@ -446,9 +524,24 @@ impl Server {
             Err(reason) => (ListenerState::Down(reason), Vec::new(), None),
         };
         let shared = self.shared_for(&l, upstream, Default::default());
-        for (w, fd) in self.workers.iter().zip(fds) {
+        // One socket per worker; sockets beyond that (taken over from a process
+        // with more workers) go round again, each under an id of its own: closing
+        // one would reset the connections queued in it.
+        let mut extra_ids = Vec::new();
+        let n = self.workers.len().max(1);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let wid = if i < n {
+                id
+            } else {
+                self.next_id += 1;
+                extra_ids.push(self.next_id - 1);
+                self.next_id - 1
+            };
+            let Some(w) = self.workers.get(i % n) else {
+                break;
+            };
             if let Err(e) = w.send(Command::AddListener {
-                id,
+                id: wid,
                 fd,
                 shared: shared.clone(),
             }) {
@@ -478,6 +571,7 @@ impl Server {
                 template: p.template,
                 shared,
                 state,
+                extra_ids,
             },
         );
     }
@@ -490,8 +584,10 @@ impl Server {
             return;
         };
         if l.state == ListenerState::Serving {
-            for w in &self.workers {
-                let _ = w.send(Command::RemoveListener { id: l.id });
+            for id in std::iter::once(l.id).chain(l.extra_ids.iter().copied()) {
+                for w in &self.workers {
+                    let _ = w.send(Command::RemoveListener { id });
+                }
             }
             tracing::info!(listener = %name, reason, "listener closed");
         }
@@ -642,13 +738,20 @@ impl Server {
         let shared = self.shared_for(&l, upstream, stats);
         let backlog =
             (l.backlog != running.config.backlog && l.proto != Proto::Udp).then_some(l.backlog);
+        // A worker that does not hold one of these ids ignores it.
+        let ids: Vec<u64> = std::iter::once(running.id)
+            .chain(running.extra_ids.iter().copied())
+            .collect();
         for w in &self.workers {
-            if let Err(e) = w.send(Command::UpdateListener {
-                id: running.id,
-                shared: shared.clone(),
-                backlog,
-            }) {
-                tracing::error!(listener = %l.name, error = %e, "cannot update listener in worker");
+            for &id in &ids {
+                if let Err(e) = w.send(Command::UpdateListener {
+                    id,
+                    shared: shared.clone(),
+                    backlog,
+                }) {
+                    tracing::error!(listener = %l.name, error = %e,
+                        "cannot update listener in worker");
+                }
             }
         }
         tracing::info!(listener = %l.name, previous = %old, netns = %l.netns_label(),
@@ -750,6 +853,89 @@ impl Server {
         }
     }
 
+    /// Close-on-exec copies of every serving listener's sockets, asked from the
+    /// workers ([`Command::ExportListeners`]), with the listener's identity, for a
+    /// takeover. Left out: listeners on port 0 (their address names no socket) and
+    /// one-to-many SCTP listeners (their socket carries associations).
+    ///
+    /// # Errors
+    /// A worker did not answer within 2 s (the copies received are closed).
+    pub fn export_listeners(&self) -> Result<Vec<(SocketInfo, Vec<OwnedFd>)>, String> {
+        let (tx, rx) = mpsc::channel();
+        let mut asked = 0;
+        for w in &self.workers {
+            if w.send(Command::ExportListeners { reply: tx.clone() })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut by_id: HashMap<u64, Vec<OwnedFd>> = HashMap::new();
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) => {
+                    for (id, fd) in v {
+                        by_id.entry(id).or_default().push(fd);
+                    }
+                }
+                Err(_) => return Err("a worker did not hand over its sockets in 2 s".into()),
+            }
+        }
+        let mut out = Vec::new();
+        for l in self.listeners.values() {
+            let c = &l.config;
+            if l.state != ListenerState::Serving
+                || c.listen.port() == 0
+                || (c.proto == Proto::Sctp && c.sctp.style == crate::sctp::Style::OneToMany)
+            {
+                continue;
+            }
+            let fds: Vec<OwnedFd> = std::iter::once(l.id)
+                .chain(l.extra_ids.iter().copied())
+                .filter_map(|id| by_id.remove(&id))
+                .flatten()
+                .collect();
+            if fds.is_empty() {
+                continue;
+            }
+            out.push((
+                SocketInfo {
+                    name: c.name.clone(),
+                    netns: self.cfg.netns_path(c),
+                    netns_label: c.netns_label(),
+                    proto: c.proto.as_str().to_string(),
+                    address: c.listen,
+                    fds: fds.len(),
+                },
+                fds,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A new process serves the listeners in `taken` now (takeover): their
+    /// workers stop accepting and close their fds without touching the shared
+    /// sockets ([`Command::DetachListener`]); every other listener stops
+    /// accepting as on SIGTERM. Open connections go on.
+    pub fn handed_over(&mut self, taken: &HashSet<String>) {
+        for (name, l) in &mut self.listeners {
+            if l.state != ListenerState::Serving || !taken.contains(name) {
+                continue;
+            }
+            for id in std::iter::once(l.id).chain(l.extra_ids.iter().copied()) {
+                for w in &self.workers {
+                    let _ = w.send(Command::DetachListener { id });
+                }
+            }
+            l.state = ListenerState::Down("handed over to a new process".into());
+            tracing::info!(listener = %name, "listener handed over to the new process");
+        }
+        self.stop_accepting();
+    }
+
     /// The listeners (serving and down), by name.
     pub fn listeners(&self) -> impl Iterator<Item = &RunningListener> {
         self.listeners.values()
@@ -787,6 +973,17 @@ impl Server {
         self.workers
             .iter()
             .map(|w| w.stats.sessions.load(Relaxed))
+            .sum()
+    }
+
+    /// Listener sockets the workers still hold (removed ones count until their
+    /// accept or receive has ended): 0 once no connection can be accepted. Read
+    /// it before [`Server::open_sessions`]: the sessions a listener accepted are
+    /// counted by then (Acquire, paired with the worker's Release).
+    pub fn listener_sockets(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.stats.listeners.load(std::sync::atomic::Ordering::Acquire))
             .sum()
     }
 

@@ -796,7 +796,9 @@ fn parsed_listener_labels(body: &str, format: &str) -> Result<Vec<String>, Strin
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("/usr/bin/python3: {e} (tools/setup installs python3-prometheus-client)"))?;
+        .map_err(|e| {
+            format!("/usr/bin/python3: {e} (tools/setup installs python3-prometheus-client)")
+        })?;
     child
         .stdin
         .take()

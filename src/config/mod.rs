@@ -9,6 +9,8 @@
 //! workers = 2                # optional; 1..=1024, default: online CPUs
 //! io = "auto"                # optional; "uring" | "epoll" | "auto"
 //! shutdown_timeout_ms = 10000 # optional; how long open connections may finish (ms)
+//! takeover_socket = "/run/ringress/takeover.sock" # optional; hands the listeners to
+//!                            #   `ringress run NEW.toml --takeover PATH` (binary upgrade)
 //!
 //! [admin]
 //! listen = "127.0.0.1:9900"  # optional table; GET /metrics, /status, /healthz
@@ -299,7 +301,7 @@ impl Action {
 }
 
 /// The `[runtime]` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runtime {
     /// Number of worker threads, 1..=[`MAX_WORKERS`].
     pub workers: usize,
@@ -308,6 +310,11 @@ pub struct Runtime {
     /// On SIGTERM/SIGINT, how long open connections may go on before they are
     /// closed (ms); default [`DEFAULT_SHUTDOWN_TIMEOUT_MS`].
     pub shutdown_timeout_ms: u64,
+    /// Where the running process listens (unix stream socket, mode 0600) for a new
+    /// process that takes its listening sockets over (`ringress run --takeover
+    /// PATH`, [`crate::takeover`]); `None`: no takeover. An absolute path of at most
+    /// 107 bytes (`sun_path`, unix(7)).
+    pub takeover_socket: Option<PathBuf>,
 }
 
 /// Default `[runtime] shutdown_timeout_ms` (ms).
@@ -320,6 +327,7 @@ impl Default for Runtime {
             workers: default_workers(),
             io: IoChoice::Auto,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            takeover_socket: None,
         }
     }
 }

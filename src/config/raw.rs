@@ -21,6 +21,7 @@ pub(super) struct RawRuntime {
     pub(super) workers: Option<Spanned<i64>>,
     pub(super) io: Option<Spanned<String>>,
     pub(super) shutdown_timeout_ms: Option<Spanned<i64>>,
+    pub(super) takeover_socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -64,6 +64,7 @@ fn full_config() {
             workers: 3,
             io: IoChoice::Epoll,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            takeover_socket: None,
         }
     );
     assert_eq!(c.listeners.len(), 3);
@@ -564,5 +565,34 @@ fn proxy_keys() {
     assert!(
         m.contains("ringress.toml:5:") && m.contains("key `upstream_netns`"),
         "{m}"
+    );
+}
+
+#[test]
+fn takeover_socket_is_an_absolute_socket_path() {
+    let c = parse(
+        "[runtime]\ntakeover_socket = \"/run/ringress/takeover.sock\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:7000\"\naction = \"echo\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.runtime.takeover_socket,
+        Some(PathBuf::from("/run/ringress/takeover.sock"))
+    );
+    err(
+        "[runtime]\n\ntakeover_socket = \"takeover.sock\"\n",
+        3,
+        &["[runtime]", "key `takeover_socket`", "absolute path"],
+    );
+    err(
+        "[runtime]\ntakeover_socket = \"/\"\n",
+        2,
+        &["key `takeover_socket`", "absolute path"],
+    );
+    let long = format!("/{}", "x".repeat(120));
+    err(
+        &format!("[runtime]\ntakeover_socket = \"{long}\"\n"),
+        2,
+        &["key `takeover_socket`", "107"],
     );
 }

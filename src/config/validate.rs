@@ -149,10 +149,41 @@ pub(super) fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, 
         DEFAULT_SHUTDOWN_TIMEOUT_MS,
         " (ms)",
     )?;
+    let takeover_socket = match &rt.takeover_socket {
+        None => None,
+        Some(s) => {
+            let p = std::path::PathBuf::from(s.get_ref());
+            if !p.is_absolute() || p.file_name().is_none() {
+                return Err(cx.invalid(
+                    s.span(),
+                    Scope::Runtime,
+                    "takeover_socket",
+                    format!(
+                        "\"{}\" is not an absolute path of a socket file (e.g. \"/run/ringress/takeover.sock\")",
+                        s.get_ref()
+                    ),
+                ));
+            }
+            // sockaddr_un.sun_path: 108 bytes with the terminating NUL (unix(7)).
+            if s.get_ref().len() > 107 {
+                return Err(cx.invalid(
+                    s.span(),
+                    Scope::Runtime,
+                    "takeover_socket",
+                    format!(
+                        "path is {} bytes; a unix socket path holds at most 107 (unix(7))",
+                        s.get_ref().len()
+                    ),
+                ));
+            }
+            Some(p)
+        }
+    };
     Ok(Runtime {
         workers,
         io,
         shutdown_timeout_ms,
+        takeover_socket,
     })
 }
 

@@ -216,6 +216,22 @@ pub enum Command {
     /// close, the rest finish their work). Nothing is cut; [`Command::Shutdown`]
     /// still ends the thread.
     Drain,
+    /// Stop accepting on listener `id` and close this worker's fd of it, without
+    /// touching the socket itself (no filter, no option): after a takeover
+    /// ([`crate::takeover`]) another process shares the same socket and goes on
+    /// accepting from its queue. Connections go on.
+    DetachListener {
+        /// The listener's id.
+        id: u64,
+    },
+    /// Reply with close-on-exec copies (`F_DUPFD_CLOEXEC`) of the worker's
+    /// accepting TCP, one-to-one SCTP and UDP listener sockets, by listener id
+    /// (for a takeover; one-to-many SCTP sockets are left out). The worker keeps
+    /// its own fds and goes on accepting.
+    ExportListeners {
+        /// Where the `(listener id, fd copy)` pairs go.
+        reply: mpsc::Sender<Vec<(u64, OwnedFd)>>,
+    },
     /// Close every listener and connection and end the thread.
     Shutdown,
 }

@@ -115,6 +115,10 @@ pub struct WorkerStats {
     pub enobufs: AtomicU64,
     /// Sessions open now on this worker (a gauge).
     pub sessions: AtomicU64,
+    /// Listener sockets (TCP, one-to-one SCTP, UDP) this worker holds now (a
+    /// gauge): a removed one counts until its accept or receive has ended and its
+    /// fd is closed, so once it is 0 no connection can be accepted any more.
+    pub listeners: AtomicU64,
     /// The worker's backend failed and the worker stopped.
     pub failed: AtomicBool,
 }

@@ -144,6 +144,26 @@ impl Ringress {
         nofile: Option<u64>,
         env: &[(&str, &str)],
     ) -> Ringress {
+        Ringress::start_args(tag, driver, config, nofile, env, &[])
+    }
+
+    /// `ringress run CONFIG --io DRIVER --takeover PATH`: a binary upgrade of the
+    /// ringress listening on takeover socket `path`; returns once the new process
+    /// runs (the old one has then stopped accepting).
+    pub fn start_takeover(tag: &str, driver: &str, config: &str, path: &Path) -> Ringress {
+        let path = path.to_str().unwrap();
+        Ringress::start_args(tag, driver, config, None, &[], &["--takeover", path])
+    }
+
+    /// As [`Ringress::start_with`], with `extra` arguments after `run CONFIG --io DRIVER`.
+    pub fn start_args(
+        tag: &str,
+        driver: &str,
+        config: &str,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Ringress {
         use std::os::unix::process::CommandExt;
         let dir = TempDir::new(tag);
         let cfg = dir.0.join("ringress.toml");
@@ -168,6 +188,7 @@ impl Ringress {
         let child = cmd
             .envs(env.iter().copied())
             .args(["run", cfg.to_str().unwrap(), "--io", driver])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

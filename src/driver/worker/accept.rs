@@ -105,6 +105,11 @@ impl<B: Backend> Worker<B> {
 
     pub(super) fn drop_listener(&mut self, k: Key) {
         if let Some(l) = self.listeners.remove(k) {
+            // Release: the sessions it accepted are counted before it is seen gone.
+            self.ctx
+                .stats
+                .listeners
+                .fetch_sub(1, std::sync::atomic::Ordering::Release);
             self.backend.close(l.fd);
         }
     }
@@ -123,7 +128,11 @@ impl<B: Backend> Worker<B> {
         if ev.res >= 0 {
             // SAFETY: as above.
             let fd = unsafe { OwnedFd::from_raw_fd(ev.res) };
-            if l.removing {
+            // A connection accepted while the listener is being removed is served
+            // all the same (closing it would reset a client the kernel already
+            // accepted; after a takeover the socket goes on in the new process);
+            // only a worker shutting down closes it.
+            if l.removing && self.shutdown.is_some() {
                 self.backend.close(fd);
             } else {
                 let session = ActiveSession::open(

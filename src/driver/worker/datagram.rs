@@ -132,7 +132,14 @@ impl<B: Backend> Worker<B> {
     /// Closes a UDP socket whose receive has ended.
     pub(super) fn udp_remove(&mut self, kind: u8, k: Key) {
         let fd = if kind == K_UDP_LISTENER {
-            self.udp.listeners.remove(k).map(|l| l.fd)
+            let l = self.udp.listeners.remove(k);
+            if l.is_some() {
+                self.ctx
+                    .stats
+                    .listeners
+                    .fetch_sub(1, std::sync::atomic::Ordering::Release);
+            }
+            l.map(|l| l.fd)
         } else {
             self.udp.upstreams.remove(k).map(|u| u.fd)
         };

@@ -360,6 +360,7 @@ impl<B: Backend> Worker<B> {
             match cmd {
                 Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
                     let k = self.udp.add_listener(fd, shared);
+                    self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Udp(k));
                     self.arm_udp(K_UDP_LISTENER, k);
                 }
@@ -382,6 +383,7 @@ impl<B: Backend> Worker<B> {
                         draining: false,
                         paused: false,
                     });
+                    self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Stream(k));
                     self.arm_accept(k);
                 }
@@ -416,6 +418,10 @@ impl<B: Backend> Worker<B> {
                     None => {}
                 },
                 Command::Drain => self.begin_drain(),
+                Command::DetachListener { id } => self.detach_listener(id),
+                Command::ExportListeners { reply } => {
+                    let _ = reply.send(self.export_listeners());
+                }
                 Command::Shutdown => self.begin_shutdown(),
             }
         }
@@ -438,6 +444,59 @@ impl<B: Backend> Worker<B> {
             }
             self.drive(k);
         }
+    }
+
+    /// Stops accepting on listener `id` and closes this worker's fd of it, and
+    /// nothing more: no socket option or filter touches the socket, which another
+    /// process may share (binary upgrade). Connections already accepted go on; a
+    /// UDP listener's proxy sessions end (their replies left through its fd).
+    fn detach_listener(&mut self, id: u64) {
+        match self.ids.remove(&id) {
+            Some(ListenerRef::Stream(k)) => self.remove_listener(k),
+            Some(ListenerRef::Udp(k)) => {
+                for uk in self.udp.end_sessions(k) {
+                    self.udp_close(K_UDP_UPSTREAM, uk);
+                }
+                self.udp_close(K_UDP_LISTENER, k);
+            }
+            Some(ListenerRef::Many(k)) => {
+                if let Some(e) = self.sessions.get_mut(k) {
+                    e.session.io.close();
+                }
+                self.drive(k);
+            }
+            None => {}
+        }
+    }
+
+    /// Copies (`F_DUPFD_CLOEXEC`, close-on-exec) of this worker's TCP, one-to-one
+    /// SCTP and UDP listener sockets that are accepting, by listener id. One-to-many
+    /// SCTP sockets carry associations and are not exported. A failed dup (EMFILE)
+    /// leaves that socket out, with a warning.
+    fn export_listeners(&self) -> Vec<(u64, OwnedFd)> {
+        let mut out = Vec::with_capacity(self.ids.len());
+        for (&id, r) in &self.ids {
+            let fd = match *r {
+                ListenerRef::Stream(k) => {
+                    self.listeners.get(k).filter(|l| !l.removing).map(|l| &l.fd)
+                }
+                ListenerRef::Udp(k) => self
+                    .udp
+                    .listeners
+                    .get(k)
+                    .filter(|l| !l.closing)
+                    .map(|l| &l.fd),
+                ListenerRef::Many(_) => None,
+            };
+            if let Some(fd) = fd {
+                match fd.try_clone() {
+                    Ok(c) => out.push((id, c)),
+                    Err(e) => tracing::warn!(worker = self.ctx.index, listener = id, error = %e,
+                        "cannot copy a listener socket for a takeover"),
+                }
+            }
+        }
+        out
     }
 
     /// Stops accepting, ends every session (what is queued is dropped, sockets are
