@@ -146,20 +146,74 @@ fn netns_problem(e: &io::Error) -> &'static str {
 }
 
 /// Maps byte offsets in the config text to 1-based line numbers.
-pub(super) struct Lines<'a> {
-    pub(super) text: &'a str,
+///
+/// Built once per file ([`Lines::new`], one pass over the text); each lookup is a
+/// binary search over the line starts, O(log lines), so mapping the spans of n
+/// listeners costs O(n log n) rather than O(n × file size).
+pub(super) struct Lines {
+    /// Byte offset of the start of every line: `starts[0] == 0`, then one past
+    /// each `\n`.
+    starts: Vec<usize>,
+    /// Length of the text (bytes); offsets beyond it map to the last line.
+    len: usize,
 }
 
-impl Lines<'_> {
+impl Lines {
+    /// Indexes the line starts of `text`.
+    pub(super) fn new(text: &str) -> Lines {
+        let mut starts = Vec::with_capacity(text.len() / 32 + 1);
+        starts.push(0);
+        starts.extend(
+            text.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        Lines {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// The 1-based line of byte `offset`: one more than the number of `\n` before
+    /// it (an offset past the end counts the newlines of the whole text).
     pub(super) fn of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        1 + self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
+        let end = offset.min(self.len);
+        // Line starts at or before `end`; a `\n` at byte `end - 1` starts a line
+        // at `end`, which is counted, as the newline before `end` is.
+        self.starts.partition_point(|&s| s <= end)
     }
 
     pub(super) fn of_span(&self, span: Range<usize>) -> usize {
         self.of(span.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lines;
+
+    /// The index agrees with counting newlines from the start, at every offset.
+    #[test]
+    fn line_index_matches_counting() {
+        for text in [
+            "",
+            "a",
+            "\n",
+            "a\n",
+            "a\nb",
+            "\n\nab\n\ncd\n",
+            "x\r\ny\n\nz",
+        ] {
+            let lines = Lines::new(text);
+            for off in 0..=text.len() + 2 {
+                let end = off.min(text.len());
+                let want = 1 + text.as_bytes()[..end]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
+                assert_eq!(lines.of(off), want, "text {text:?} offset {off}");
+            }
+        }
     }
 }

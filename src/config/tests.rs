@@ -413,6 +413,91 @@ fn duplicate_addresses() {
     assert_eq!(parse(text).unwrap().listeners.len(), 2);
 }
 
+/// 10,000 listeners (10 ports in each of 1,000 namespaces), each table 5 lines:
+/// `[runtime]` on lines 1-2, listener k's header on line 5k + 4, its `netns` on
+/// 5k + 5 and its `listen` on 5k + 6.
+fn many_listeners() -> String {
+    let mut t = String::from("[runtime]\nworkers = 1\n");
+    for ns in 0..1000 {
+        for port in 0..10 {
+            t += &format!(
+                "\n[[listener]]\nnetns = \"t{ns}\"\nlisten = \"127.0.0.1:{}\"\naction = \"echo\"\n",
+                20000 + port
+            );
+        }
+    }
+    t
+}
+
+#[test]
+fn many_listeners_keep_their_lines() {
+    let text = many_listeners();
+    let c = parse(&text).unwrap();
+    assert_eq!(c.listeners.len(), 10_000);
+    for (k, l) in c.listeners.iter().enumerate() {
+        assert_eq!(l.line, 5 * k + 4, "{}", l.name);
+        assert_eq!(l.netns_line, 5 * k + 5, "{}", l.name);
+    }
+    assert_eq!(c.listeners[9_999].name, "t999-tcp-127.0.0.1:20009");
+
+    // A duplicate address after 10,000 listeners names both lines. Its derived name
+    // collides too, and names are checked first: give it its own name.
+    let dup = format!(
+        "{text}\n[[listener]]\nname = \"late\"\nnetns = \"t500\"\nlisten = \"127.0.0.1:20003\"\naction = \"echo\"\n"
+    );
+    let k = 500 * 10 + 3;
+    err(
+        &dup,
+        50_000 + 7,
+        &[
+            "listener \"late\"",
+            "key `listen`",
+            &format!(
+                "already used by listener \"t500-tcp-127.0.0.1:20003\" (line {})",
+                5 * k + 4
+            ),
+        ],
+    );
+
+    // A duplicate (derived) name: the error points at the table's header.
+    let dup = format!(
+        "{text}\n[[listener]]\nnetns = \"t7\"\nlisten = \"127.0.0.1:20001\"\naction = \"http\"\n"
+    );
+    let k = 7 * 10 + 1;
+    err(
+        &dup,
+        50_000 + 4,
+        &[
+            "key `name`",
+            "duplicate listener name \"t7-tcp-127.0.0.1:20001\"",
+            &format!("first defined at line {}", 5 * k + 4),
+        ],
+    );
+}
+
+#[test]
+fn many_listeners_in_one_namespace_then_a_missing_one() {
+    // 2,000 listeners share one namespace file (checked once), then one names a
+    // namespace that does not exist: the error is about that one, at its line.
+    let mut text = String::new();
+    for port in 0..2000 {
+        text += &format!(
+            "[[listener]]\nnetns = \"/proc/self/ns/net\"\nlisten = \"127.0.0.1:{}\"\naction = \"echo\"\n",
+            20000 + port
+        );
+    }
+    let c = parse(&text).unwrap();
+    c.check_namespaces().unwrap();
+    text += "[[listener]]\nname = \"gone\"\nnetns = \"/proc/self/ns/does-not-exist\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n";
+    let c = parse(&text).unwrap();
+    let e = c.check_namespaces().unwrap_err();
+    assert_eq!(e.line(), Some(2000 * 4 + 3), "{e}");
+    assert!(
+        e.to_string().contains("listener \"gone\": key `netns`"),
+        "{e}"
+    );
+}
+
 #[test]
 fn invalid_netns_name() {
     err(

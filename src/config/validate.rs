@@ -24,7 +24,7 @@ use crate::netns::NetnsRef;
 /// Builds errors that all name the same file.
 pub(super) struct Ctx<'a> {
     pub(super) file: &'a Path,
-    pub(super) lines: Lines<'a>,
+    pub(super) lines: Lines,
 }
 
 impl Ctx<'_> {
