@@ -316,7 +316,25 @@ pub struct Runtime {
     /// PATH`, [`crate::takeover`]); `None`: no takeover. An absolute path of at most
     /// 107 bytes (`sun_path`, unix(7)).
     pub takeover_socket: Option<PathBuf>,
+    /// Most sessions open at once in the process (TCP connections, SCTP
+    /// associations, UDP proxy sessions; counts); 0 (the default): no count limit,
+    /// only the fd budget ([`crate::driver::budget`]).
+    pub max_connections: u64,
+    /// File descriptors kept out of the session fd budget (counts), for the admin
+    /// endpoint, reload, the binder's pools and new listeners; default
+    /// [`DEFAULT_FD_RESERVE`].
+    pub fd_reserve: u64,
+    /// The share of the session fd budget that the listeners of one namespace may
+    /// hold together (percent, 1..=100); default [`DEFAULT_NETNS_FD_SHARE`].
+    pub netns_fd_share: u64,
 }
+
+/// Default `[runtime] fd_reserve` (fds).
+pub const DEFAULT_FD_RESERVE: u64 = 256;
+/// Default `[runtime] netns_fd_share` (percent).
+pub const DEFAULT_NETNS_FD_SHARE: u64 = 50;
+/// Largest `max_connections` (counts).
+pub const MAX_CONNECTIONS: u64 = 1 << 30;
 
 /// Default `[runtime] shutdown_timeout_ms` (ms).
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
@@ -329,6 +347,9 @@ impl Default for Runtime {
             io: IoChoice::Auto,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             takeover_socket: None,
+            max_connections: 0,
+            fd_reserve: DEFAULT_FD_RESERVE,
+            netns_fd_share: DEFAULT_NETNS_FD_SHARE,
         }
     }
 }
@@ -369,6 +390,11 @@ pub struct ListenerConfig {
     pub max_datagram_bytes: usize,
     /// SCTP: style, streams and largest message (defaults for other protocols).
     pub sctp: SctpConfig,
+    /// Most sessions of this listener open at once (counts; each template instance
+    /// on its own); 0 (the default): no per-listener limit. At the limit the
+    /// listener stops accepting (the kernel's backlog holds new connections) and
+    /// resumes below it.
+    pub max_connections: u64,
 }
 
 impl ListenerConfig {

@@ -22,6 +22,9 @@ pub(super) struct RawRuntime {
     pub(super) io: Option<Spanned<String>>,
     pub(super) shutdown_timeout_ms: Option<Spanned<i64>>,
     pub(super) takeover_socket: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) fd_reserve: Option<Spanned<i64>>,
+    pub(super) netns_fd_share: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -53,4 +56,5 @@ pub(super) struct RawListener {
     pub(super) sctp_style: Option<Spanned<String>>,
     pub(super) sctp_streams: Option<Spanned<i64>>,
     pub(super) max_message_bytes: Option<Spanned<i64>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
 }

@@ -65,6 +65,9 @@ fn full_config() {
             io: IoChoice::Epoll,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             takeover_socket: None,
+            max_connections: 0,
+            fd_reserve: DEFAULT_FD_RESERVE,
+            netns_fd_share: DEFAULT_NETNS_FD_SHARE,
         }
     );
     assert_eq!(c.listeners.len(), 3);
@@ -680,4 +683,37 @@ fn takeover_socket_is_an_absolute_socket_path() {
         2,
         &["key `takeover_socket`", "107"],
     );
+}
+
+#[test]
+fn connection_limits_and_fd_budget_keys() {
+    let c = parse(
+        "[runtime]\nmax_connections = 5000\nfd_reserve = 100\nnetns_fd_share = 25\n\
+         [[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nmax_connections = 7\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.runtime.max_connections,
+            c.runtime.fd_reserve,
+            c.runtime.netns_fd_share
+        ),
+        (5000, 100, 25)
+    );
+    assert_eq!(c.listeners[0].max_connections, 7);
+    let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n").unwrap();
+    assert_eq!(d.listeners[0].max_connections, 0);
+    for (bad, key) in [
+        ("[runtime]\nnetns_fd_share = 0\n", "netns_fd_share"),
+        ("[runtime]\nnetns_fd_share = 101\n", "netns_fd_share"),
+        ("[runtime]\nfd_reserve = 3\n", "fd_reserve"),
+        ("[runtime]\nmax_connections = -1\n", "max_connections"),
+    ] {
+        let e = parse(&format!(
+            "{bad}[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(key) && e.contains("must be between"), "{e}");
+    }
 }

@@ -15,9 +15,10 @@ use super::raw::{RawListener, RawRuntime};
 use super::{
     default_workers, Action, ConfigError, IoChoice, ListenerConfig, ListenerId, Proto, ProxyConfig,
     Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG, DEFAULT_BUFFER_BYTES,
-    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SESSIONS,
-    DEFAULT_SCTP_STREAMS, DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS,
-    MAX_BACKLOG, MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
+    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
+    DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_BACKLOG, MAX_CONNECTIONS,
+    MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
 };
 use crate::netns::NetnsRef;
 
@@ -179,11 +180,38 @@ pub(super) fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, 
             Some(p)
         }
     };
+    let max_connections = cx.ranged(
+        &rt.max_connections,
+        Scope::Runtime,
+        "max_connections",
+        0..=MAX_CONNECTIONS,
+        0,
+        " (0: no limit but the fd budget)",
+    )?;
+    let fd_reserve = cx.ranged(
+        &rt.fd_reserve,
+        Scope::Runtime,
+        "fd_reserve",
+        16..=1_000_000,
+        DEFAULT_FD_RESERVE,
+        " (fds)",
+    )?;
+    let netns_fd_share = cx.ranged(
+        &rt.netns_fd_share,
+        Scope::Runtime,
+        "netns_fd_share",
+        1..=100,
+        DEFAULT_NETNS_FD_SHARE,
+        " (percent)",
+    )?;
     Ok(Runtime {
         workers,
         io,
         shutdown_timeout_ms,
         takeover_socket,
+        max_connections,
+        fd_reserve,
+        netns_fd_share,
     })
 }
 
@@ -370,6 +398,14 @@ pub(super) fn convert_listener(
         "",
     )?;
     let sctp = convert_sctp(cx, &scope, raw)?;
+    let max_connections = cx.ranged(
+        &raw.max_connections,
+        scope(),
+        "max_connections",
+        0..=MAX_CONNECTIONS,
+        0,
+        " (0: no limit)",
+    )?;
 
     Ok(ListenerConfig {
         name,
@@ -382,6 +418,7 @@ pub(super) fn convert_listener(
         netns_line,
         max_datagram_bytes,
         sctp,
+        max_connections,
     })
 }
 
