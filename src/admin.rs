@@ -106,6 +106,16 @@ pub fn render_metrics(server: &Server) -> String {
         "ringress_listener_up",
         "1 when the listener is accepting, 0 when it is down",
     );
+    let at_capacity = gauge(
+        &mut reg,
+        "ringress_listener_at_capacity",
+        "Sockets of the listener not accepting because of a cap (its max_connections, its namespace's fd share, the process budget)",
+    );
+    let capacity_pauses = counter(
+        &mut reg,
+        "ringress_listener_capacity_pauses",
+        "Times a worker stopped accepting on the listener at a cap",
+    );
     for l in server.listeners() {
         let s = &l.shared.stats;
         let lab: Labels = vec![
@@ -126,6 +136,12 @@ pub fn render_metrics(server: &Server) -> String {
             .inc_by(s.bytes_out.load(Relaxed));
         up.get_or_create(&lab)
             .set(i64::from(l.state == ListenerState::Serving));
+        at_capacity
+            .get_or_create(&lab)
+            .set(s.at_capacity.load(Relaxed) as i64);
+        capacity_pauses
+            .get_or_create(&lab)
+            .inc_by(s.capacity_pauses.load(Relaxed));
         match l.config.proto {
             crate::config::Proto::Udp => udp_sessions.get_or_create(&lab).set(s.active() as i64),
             crate::config::Proto::Sctp => {
@@ -194,6 +210,28 @@ pub fn render_metrics(server: &Server) -> String {
     let fds = Gauge::<i64>::default();
     fds.set(procstat::open_fds(me).unwrap_or(0) as i64);
     reg.register("ringress_process_open_fds", "Open file descriptors", fds);
+    let b = server.budget();
+    for (name, help, v) in [
+        (
+            "ringress_process_fd_budget",
+            "Session file descriptors allowed: RLIMIT_NOFILE minus the fds the process holds for itself minus [runtime] fd_reserve",
+            b.limit(),
+        ),
+        (
+            "ringress_process_fd_budget_used",
+            "Session file descriptors held now (client and upstream sockets)",
+            b.used(),
+        ),
+        (
+            "ringress_process_sessions",
+            "Sessions open now (TCP connections, SCTP associations)",
+            b.sessions(),
+        ),
+    ] {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        reg.register(name, help, g);
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -222,6 +260,8 @@ pub fn render_status(server: &Server) -> String {
                 "reason": reason,
                 "driver": server.driver().to_string(),
                 "connections_active": l.shared.stats.active(),
+                "max_connections": l.config.max_connections,
+                "at_capacity": l.shared.stats.at_capacity.load(Relaxed) > 0,
             })
         })
         .collect();
@@ -230,6 +270,15 @@ pub fn render_status(server: &Server) -> String {
         "workers": server.workers().len(),
         "listeners": listeners,
         "io_uring": io_uring_status(server),
+        "fd_budget": {
+            "limit": server.budget().limit(),
+            "used": server.budget().used(),
+            "netns_limit": server.budget().netns_limit(),
+            "sessions": server.budget().sessions(),
+            "max_connections": server.config().runtime.max_connections,
+            "fd_reserve": server.config().runtime.fd_reserve,
+            "netns_fd_share": server.config().runtime.netns_fd_share,
+        },
     });
     let mut s = v.to_string();
     s.push('\n');

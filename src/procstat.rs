@@ -31,6 +31,22 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/PID/status"))
 }
 
+/// This process's soft RLIMIT_NOFILE (count of fds; getrlimit(2)).
+///
+/// # Errors
+/// getrlimit(2) failed.
+pub fn nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (as servers such as
 /// nginx and HAProxy do): every connection costs an fd, a proxied one two.
 /// Returns the new soft limit (count of fds).

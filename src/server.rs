@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::binder::{BatchItem, BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
+use crate::driver::budget::{FdBudget, NetnsFds};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
 use crate::netns::{self, NetnsRef};
 use crate::takeover::{Inherited, SocketInfo};
@@ -115,6 +116,11 @@ pub struct RunningListener {
 /// A running server: binder, workers, listeners.
 pub struct Server {
     binder: Binder,
+    /// The session budget every listener charges ([`crate::driver::budget`]).
+    budget: Arc<FdBudget>,
+    /// Session fds per namespace (keyed by namespace file; `None`: root), shared
+    /// by the listeners of that namespace across reloads.
+    netns_fds: Mutex<HashMap<Option<PathBuf>, Arc<NetnsFds>>>,
     workers: Vec<WorkerHandle>,
     listeners: BTreeMap<String, RunningListener>,
     driver: DriverKind,
@@ -225,6 +231,8 @@ impl Server {
         let binder = Binder::start().map_err(StartError::Workers)?;
         let mut server = Server {
             binder,
+            budget: Arc::default(),
+            netns_fds: Mutex::default(),
             workers: Vec::new(),
             listeners: BTreeMap::new(),
             driver,
@@ -249,6 +257,7 @@ impl Server {
                 }
             }
         }
+        server.refresh_budget();
         Ok(server)
     }
 
@@ -488,6 +497,33 @@ impl Server {
         )?)))
     }
 
+    /// The session-fd counter of listener `l`'s namespace (made on first use).
+    fn netns_fds(&self, l: &ListenerConfig) -> Arc<NetnsFds> {
+        let mut m = self.netns_fds.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(self.cfg.netns_path(l)).or_default().clone()
+    }
+
+    /// Recomputes the session budget from RLIMIT_NOFILE and the fds open now
+    /// (after start, reload and namespace changes: listener sockets and pools
+    /// change what the process holds for itself).
+    pub fn refresh_budget(&self) {
+        let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
+        let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
+        let rt = &self.cfg.runtime;
+        self.budget.refresh(
+            nofile,
+            open,
+            rt.fd_reserve,
+            rt.max_connections,
+            rt.netns_fd_share,
+        );
+    }
+
+    /// The session budget (for metrics and /status).
+    pub fn budget(&self) -> &FdBudget {
+        &self.budget
+    }
+
     /// What the workers get to know about listener `l`.
     fn shared_for(
         &self,
@@ -511,6 +547,9 @@ impl Server {
                 netns: self.cfg.netns_path(l),
             }),
             stats,
+            max_connections: l.max_connections,
+            budget: self.budget.clone(),
+            netns_fds: self.netns_fds(l),
         })
     }
 
@@ -695,6 +734,7 @@ impl Server {
         for (p, b) in todo.into_iter().zip(bound) {
             self.install(p, b);
         }
+        self.refresh_budget();
         tracing::info!(
             kept = unchanged.len(),
             updated,
@@ -821,6 +861,7 @@ impl Server {
                 }
             }
         }
+        self.refresh_budget();
         done
     }
 

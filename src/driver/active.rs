@@ -113,6 +113,9 @@ pub(crate) struct ActiveSession {
     /// The session of a whole one-to-many SCTP socket (not one connection: it is
     /// not counted as accepted, and its associations are counted instead).
     pub many: bool,
+    /// What it holds of the session budget (its fds); `None` for a one-to-many
+    /// socket, which is the listener.
+    charge: Option<super::budget::FdCharge>,
 }
 
 impl ActiveSession {
@@ -128,6 +131,7 @@ impl ActiveSession {
         now: Instant,
     ) -> ActiveSession {
         let many = how == Origin::Many;
+        let charge = (!many).then(|| listener.budget.charge(&listener.netns_fds, 1));
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
@@ -164,6 +168,7 @@ impl ActiveSession {
             worker: worker.clone(),
             parked: false,
             many,
+            charge,
         };
         c.session
             .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io, now);
@@ -424,12 +429,15 @@ impl ActiveSession {
                 set.mark_down(addr, now);
             }
         }
-        tracing::warn!(
-            listener = %self.listener.name,
-            upstream = ?self.upstream,
-            error = %std::io::Error::from_raw_os_error(errno),
-            "upstream connect failed; closing the client"
-        );
+        if let Some(held_back) = st.logs.upstream.allow() {
+            tracing::warn!(
+                listener = %self.listener.name,
+                upstream = ?self.upstream,
+                error = %std::io::Error::from_raw_os_error(errno),
+                more_in_last_10s = held_back,
+                "upstream connect failed; closing the client (one line per 10 s per listener; counters have every one)"
+            );
+        }
     }
 
     /// Reports that `n` bytes of the send from [`ActiveSession::take_send`] on `side` were
@@ -568,6 +576,9 @@ impl ActiveSession {
                 }
                 sock.fd = Some(fd);
                 sock.connecting = true;
+                if let Some(c) = &mut self.charge {
+                    c.add_fd();
+                }
                 sock.dest = Some(Box::new(addr.into()));
                 ConnectStart::Go
             }

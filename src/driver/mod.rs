@@ -22,6 +22,7 @@
 
 pub(crate) mod active;
 pub mod backend;
+pub mod budget;
 pub mod epoll;
 pub mod shared;
 pub(crate) mod slab;

@@ -42,6 +42,13 @@ pub struct ListenerStats {
     pub send_drops: AtomicU64,
     /// SCTP messages larger than `max_message_bytes` (their association was aborted).
     pub message_too_big: AtomicU64,
+    /// Times a worker stopped accepting on this listener at a cap (its own
+    /// `max_connections`, its namespace's fd share, the process budget).
+    pub capacity_pauses: AtomicU64,
+    /// This listener's sockets held at a cap now (0..=workers; a gauge).
+    pub at_capacity: AtomicU64,
+    /// Rate limits of its warnings.
+    pub logs: ListenerLogs,
 }
 
 impl ListenerStats {
@@ -51,6 +58,60 @@ impl ListenerStats {
             .load(Relaxed)
             .saturating_sub(self.closed.load(Relaxed))
     }
+}
+
+/// How often one kind of warning may be logged per listener (ms): the first one
+/// goes out, the next ones within this window are counted and said in one line
+/// with the next warning after it ("N more in the last 10 s").
+pub const LOG_EVERY_MS: u64 = 10_000;
+
+/// A rate limit for one kind of warning of one listener, shared by the workers:
+/// at most one line per [`LOG_EVERY_MS`]; counters keep the exact numbers.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    /// When the next line may go out (ms since [`log_clock_ms`]'s start).
+    next_ms: AtomicU64,
+    /// Warnings not logged since the last line.
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    /// Whether a warning may be logged now; `Some(n)`: yes, and `n` were held back
+    /// since the last one (say so in the line). `None`: counted, not logged.
+    pub fn allow(&self) -> Option<u64> {
+        let now = log_clock_ms();
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + LOG_EVERY_MS, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+/// Milliseconds since the first call (a monotonic clock for [`LogLimit`]).
+fn log_clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// The rate-limited warnings of one listener, by kind.
+#[derive(Debug, Default)]
+pub struct ListenerLogs {
+    /// "upstream connect failed" (TCP/SCTP proxy) and UDP upstream errors.
+    pub upstream: LogLimit,
+    /// "accept failed".
+    pub accept: LogLimit,
+    /// "at capacity" (a cap stopped accepting).
+    pub capacity: LogLimit,
 }
 
 /// What every worker knows about one listener.
@@ -75,6 +136,12 @@ pub struct ListenerShared {
     pub peel: Option<PeelSource>,
     /// Its counters (kept across a reload that keeps the listener's name).
     pub stats: Arc<ListenerStats>,
+    /// Most sessions open at once (0: no limit; `max_connections`).
+    pub max_connections: u64,
+    /// The process's session budget.
+    pub budget: Arc<super::budget::FdBudget>,
+    /// The session fds its namespace's listeners hold together.
+    pub netns_fds: Arc<super::budget::NetnsFds>,
 }
 
 /// Where a one-to-many SCTP proxy listener's associations are peeled off: the

@@ -166,8 +166,10 @@ impl UdpState {
                 };
                 if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
                     st.upstream_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
-                        "udp upstream connect failed");
+                    if let Some(held_back) = st.logs.upstream.allow() {
+                        tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
+                            more_in_last_10s = held_back, "udp upstream connect failed");
+                    }
                     return After::Nothing;
                 }
                 let uk = self.upstreams.insert(UdpUpstream {

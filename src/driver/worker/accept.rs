@@ -11,6 +11,7 @@ use super::{Worker, K_ACCEPT};
 use crate::config::Proto;
 use crate::driver::active::ActiveSession;
 use crate::driver::backend::{Backend, Event, Op};
+use crate::driver::budget::{Cap, CAPACITY_RECHECK_MS};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
 use crate::driver::{ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
@@ -29,6 +30,14 @@ impl<B: Backend> Worker<B> {
         }
         if l.op.is_some() || l.paused {
             return;
+        }
+        if let Err(cap) = admits(&l.shared) {
+            self.hold_at_capacity(k, cap);
+            return;
+        }
+        if l.capped {
+            l.capped = false;
+            l.shared.stats.at_capacity.fetch_sub(1, Relaxed);
         }
         let fd = l.fd.as_raw_fd();
         let id = self.submit(K_ACCEPT, k, Op::Accept { fd });
@@ -103,8 +112,41 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// Listener `k` stops accepting at `cap` (its accept is not armed, or its
+    /// multishot accept is cancelled) and looks again after
+    /// [`CAPACITY_RECHECK_MS`]; the kernel's backlog holds new connections.
+    fn hold_at_capacity(&mut self, k: Key, cap: Cap) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if !l.capped {
+            l.capped = true;
+            let st = &l.shared.stats;
+            st.at_capacity.fetch_add(1, Relaxed);
+            st.capacity_pauses.fetch_add(1, Relaxed);
+            if let Some(held_back) = st.logs.capacity.allow() {
+                tracing::warn!(listener = %l.shared.name, cap = cap.as_str(),
+                    sessions = st.active(), max_connections = l.shared.max_connections,
+                    netns_fds = l.shared.netns_fds.used(), budget_fds = l.shared.budget.used(),
+                    budget_limit = l.shared.budget.limit(), more_in_last_10s = held_back,
+                    "listener at capacity: not accepting until below it (the backlog holds new connections)");
+            }
+        }
+        if let Some(id) = l.op {
+            self.backend.cancel(id);
+        }
+        if !l.paused {
+            l.paused = true;
+            let at = self.now + Duration::from_millis(CAPACITY_RECHECK_MS);
+            self.timers.start(at, Timer::AcceptPause, k);
+        }
+    }
+
     pub(super) fn drop_listener(&mut self, k: Key) {
         if let Some(l) = self.listeners.remove(k) {
+            if l.capped {
+                l.shared.stats.at_capacity.fetch_sub(1, Relaxed);
+            }
             // Release: the sessions it accepted are counted before it is seen gone.
             self.ctx
                 .stats
@@ -144,6 +186,13 @@ impl<B: Backend> Worker<B> {
                 );
                 let ck = self.insert_session(session);
                 self.drive(ck);
+                // A multishot accept goes on by itself: stop it at a cap.
+                if ev.more {
+                    let cap = self.listeners.get(k).and_then(|l| admits(&l.shared).err());
+                    if let Some(cap) = cap {
+                        self.hold_at_capacity(k, cap);
+                    }
+                }
             }
         } else {
             let errno = -ev.res;
@@ -158,8 +207,10 @@ impl<B: Backend> Worker<B> {
                 // below rather than stop accepting for good.
             } else if crate::driver::accept_error_pauses(errno) {
                 l.shared.stats.accept_errors.fetch_add(1, Relaxed);
-                tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
-                    "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
+                if let Some(held_back) = l.shared.stats.logs.accept.allow() {
+                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
+                        more_in_last_10s = held_back, "accept failed; pausing {ACCEPT_PAUSE_MS} ms");
+                }
                 if !ev.more && !l.paused {
                     l.paused = true;
                     let at = self.now + Duration::from_millis(ACCEPT_PAUSE_MS);
@@ -173,13 +224,30 @@ impl<B: Backend> Worker<B> {
                 tracing::debug!(listener = %l.shared.name, "accept interrupted (EINTR); re-armed");
             } else if !crate::driver::accept_error_benign(errno) {
                 l.shared.stats.accept_errors.fetch_add(1, Relaxed);
-                tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno), "accept failed");
+                if let Some(held_back) = l.shared.stats.logs.accept.allow() {
+                    tracing::warn!(listener = %l.shared.name, error = %io::Error::from_raw_os_error(errno),
+                        more_in_last_10s = held_back, "accept failed");
+                }
             }
         }
         if !ev.more {
             self.arm_accept(k);
         }
     }
+}
+
+/// Whether listener `l` may accept one more session now ([`FdBudget::admits`]): a
+/// proxy session will hold two fds (client and upstream), the others one.
+///
+/// [`FdBudget::admits`]: crate::driver::budget::FdBudget::admits
+fn admits(l: &ListenerShared) -> Result<(), Cap> {
+    let fds = if matches!(l.action, crate::config::Action::Proxy(_)) {
+        2
+    } else {
+        1
+    };
+    l.budget
+        .admits(&l.netns_fds, l.stats.active(), l.max_connections, fds)
 }
 
 /// Attaches a classic BPF socket filter to TCP listener `fd` that drops segments

@@ -87,8 +87,10 @@ struct StreamListener {
     removing: bool,
     /// Removed, draining its accept queue until its [`Timer::ListenerDrain`].
     draining: bool,
-    /// Accepting paused (EMFILE...) until its timer fires.
+    /// Accepting paused (EMFILE..., or a cap) until its timer fires.
     paused: bool,
+    /// Held at a cap (counted in the listener's `at_capacity` gauge).
+    capped: bool,
 }
 
 /// Where a listener id leads.
@@ -382,6 +384,7 @@ impl<B: Backend> Worker<B> {
                         removing: false,
                         draining: false,
                         paused: false,
+                        capped: false,
                     });
                     self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Stream(k));

@@ -48,6 +48,9 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
         sctp: SctpConfig::default(),
         peel: None,
         stats: Default::default(),
+        max_connections: 0,
+        budget: Default::default(),
+        netns_fds: Default::default(),
     });
     let cmd = Command::AddListener {
         id: 1,

@@ -274,6 +274,9 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
         sctp: SctpConfig::default(),
         peel: None,
         stats: Default::default(),
+        max_connections: 0,
+        budget: Default::default(),
+        netns_fds: Default::default(),
     });
     let listener = OwnedFd::from(
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket"),
