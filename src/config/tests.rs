@@ -80,7 +80,7 @@ fn full_config() {
     assert_eq!(c.netns_path(a), Some(PathBuf::from("/tmp/netns/ns-alpha")));
     let b = &c.listeners[1];
     assert_eq!(b.name, "/proc/self/ns/net-tcp-127.0.0.1:7000");
-    assert_eq!(b.action, Action::Http);
+    assert_eq!(b.action, Action::Http(crate::config::HttpConfig::default()));
     assert_eq!(b.line, 17);
     assert_eq!(c.netns_path(b), Some(PathBuf::from("/proc/self/ns/net")));
     let d = &c.listeners[2];
@@ -129,7 +129,7 @@ fn io_choice_and_proto_strings() {
     assert!("SCTP".parse::<Proto>().unwrap_err().contains("\"sctp\""));
     assert_eq!("udp".parse::<Proto>().unwrap(), Proto::Udp);
     assert_eq!(Action::Echo.kind(), "echo");
-    assert_eq!(Action::Http.kind(), "http");
+    assert_eq!(Action::Http(Default::default()).kind(), "http");
 }
 
 #[test]
