@@ -566,3 +566,54 @@ fn proxy_keys() {
         "{m}"
     );
 }
+
+#[test]
+fn http_keys() {
+    let c = parse(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n\
+         header_timeout_ms = 250\nkeepalive_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.listeners[0].action,
+        Action::Http(HttpConfig {
+            header_timeout_ms: 250,
+            keepalive_timeout_ms: 3000,
+        })
+    );
+    let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n").unwrap();
+    let Action::Http(h) = d.listeners[0].action else {
+        panic!("not http")
+    };
+    assert_eq!(
+        (h.header_timeout_ms, h.keepalive_timeout_ms),
+        (DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS)
+    );
+    let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n";
+    err(
+        &format!("{base}header_timeout_ms = 0\n"),
+        4,
+        &["key `header_timeout_ms`"],
+    );
+    err(
+        &format!("{base}keepalive_timeout_ms = -1\n"),
+        4,
+        &["key `keepalive_timeout_ms`"],
+    );
+    // Refused on the other actions, naming the action.
+    for (action, extra) in [("echo", ""), ("respond", "respond = \"x\"\n")] {
+        for key in ["header_timeout_ms", "keepalive_timeout_ms"] {
+            err(
+                &format!(
+                    "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"{action}\"\n{extra}{key} = 5\n"
+                ),
+                if extra.is_empty() { 4 } else { 5 },
+                &[
+                    &format!("key `{key}`"),
+                    "only allowed with action = \"http\"",
+                    &format!("\"{action}\""),
+                ],
+            );
+        }
+    }
+}
