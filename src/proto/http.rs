@@ -303,7 +303,7 @@ impl HttpSession {
         }
     }
 
-    /// The deadline set by [`HttpSession::arm`] passed, at `now`: a head (or a
+    /// The session's deadline (see the module notes) passed, at `now`: a head (or a
     /// body whose answer is still owed) in progress gets 408; in every case the
     /// connection ends with a lingering close.
     pub fn on_timeout(&mut self, io: &mut SessionIo, now: Instant) {
