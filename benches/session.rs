@@ -36,7 +36,7 @@ fn http_session(c: &mut Criterion) {
             g.throughput(Throughput::Elements(n as u64));
             g.bench_with_input(BenchmarkId::new(label, n), &input, |b, input| {
                 b.iter(|| {
-                    let mut s = Session::new(&Action::Http);
+                    let mut s = Session::new(&Action::Http(Default::default()));
                     let mut io = SessionIo::default();
                     s.on_complete(
                         Side::Client,

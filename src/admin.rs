@@ -239,7 +239,8 @@ pub fn render_metrics(server: &Server) -> String {
 }
 
 /// Renders `server`'s listeners as JSON: name, netns, proto, address, action,
-/// state, driver (and, when down, why); and, under `"io_uring"`, what the io_uring
+/// state, driver (and, when down, why), for http listeners `header_timeout_ms`
+/// and `keepalive_timeout_ms` (ms); and, under `"io_uring"`, what the io_uring
 /// probe found (see [`io_uring_status`]).
 pub fn render_status(server: &Server) -> String {
     let listeners: Vec<serde_json::Value> = server
@@ -249,7 +250,7 @@ pub fn render_status(server: &Server) -> String {
                 ListenerState::Serving => ("serving", None),
                 ListenerState::Down(r) => ("down", Some(r.clone())),
             };
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "name": l.config.name,
                 "netns": l.config.netns_label(),
                 "proto": l.config.proto.to_string(),
@@ -262,7 +263,13 @@ pub fn render_status(server: &Server) -> String {
                 "connections_active": l.shared.stats.active(),
                 "max_connections": l.config.max_connections,
                 "at_capacity": l.shared.stats.at_capacity.load(Relaxed) > 0,
-            })
+            });
+            if let crate::config::Action::Http(h) = &l.config.action {
+                // The effective deadlines (defaults included), ms.
+                v["header_timeout_ms"] = h.header_timeout_ms.into();
+                v["keepalive_timeout_ms"] = h.keepalive_timeout_ms.into();
+            }
+            v
         })
         .collect();
     let v = serde_json::json!({

@@ -510,12 +510,19 @@ impl Server {
         let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
         let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
         let rt = &self.cfg.runtime;
+        let namespaces: HashSet<Option<PathBuf>> = self
+            .listeners
+            .values()
+            .filter(|l| l.state == ListenerState::Serving)
+            .map(|l| self.cfg.netns_path(&l.config))
+            .collect();
         self.budget.refresh(
             nofile,
             open,
             rt.fd_reserve,
             rt.max_connections,
             rt.netns_fd_share,
+            namespaces.len() as u64,
         );
     }
 
@@ -548,6 +555,7 @@ impl Server {
             }),
             stats,
             max_connections: l.max_connections,
+            backlog: l.backlog,
             budget: self.budget.clone(),
             netns_fds: self.netns_fds(l),
         })

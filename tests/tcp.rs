@@ -277,11 +277,14 @@ fn out_of_fds_pauses_accepting_and_recovers(driver: &str) {
         used < 50,
         "server used {used} ticks/s while out of fds (busy loop?)"
     );
+    // ringress's own fd budget stops accepting before the kernel's limit does
+    // (the backlog holds the rest); the process never runs out.
     assert!(
-        r.stderr().contains("pausing"),
-        "no EMFILE log:\n{}",
+        r.stderr().contains("listener at capacity") && r.stderr().contains("cap=\"process\""),
+        "no at-capacity log:\n{}",
         r.stderr()
     );
+    assert!(r.fds() < 40, "{} fds: past the limit", r.fds());
     // Free them; every later connection is served again.
     drop(held);
     std::thread::sleep(Duration::from_millis(300));

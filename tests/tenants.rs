@@ -146,20 +146,23 @@ fn listener_cap_holds_the_backlog_and_resumes(driver: &str) {
     let (port, admin) = (free_port(), free_port());
     let cfg = format!(
         "[runtime]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-         [[listener]]\nname = \"c\"\nlisten = \"127.0.0.1:{port}\"\naction = \"respond\"\n\
-         respond = \"hi\\n\"\nmax_connections = 20\n"
+         [[listener]]\nname = \"c\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n\
+         max_connections = 20\n"
     );
     let r = Ringress::start(&format!("cap-{driver}"), driver, &cfg);
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    // `respond` answers at once and closes when the client does: holding the
-    // client open holds the session.
+    // An echo session lasts while its client is open.
     let held: Vec<std::net::TcpStream> = (0..30)
         .map(|_| connect_in(None, addr).expect("connect"))
         .collect();
+    for mut s in &held {
+        use std::io::Write;
+        s.write_all(b"hi\n").unwrap();
+    }
     let answered = |mut s: &std::net::TcpStream| {
         use std::io::Read;
-        s.set_read_timeout(Some(Duration::from_millis(300)))
+        s.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let mut b = [0u8; 3];
         matches!(s.read(&mut b), Ok(3))

@@ -34,7 +34,9 @@
 //! when proxying, `session_idle_timeout_ms` (default 30000) and `max_sessions`
 //! (default 65536). SCTP listeners take `sctp_style` (`"one-to-one"` (default) |
 //! `"one-to-many"`), `sctp_streams` (default 16) and `max_message_bytes` (default
-//! 256 KiB). A key given for a protocol or action it does not apply to is an error.
+//! 256 KiB). `action = "http"` takes `header_timeout_ms` (default 10000) and
+//! `keepalive_timeout_ms` (default 75000), see [`HttpConfig`]. A key given for a
+//! protocol or action it does not apply to is an error.
 //!
 //! [`Config::parse`] and [`Config::load`] check everything that can be checked from
 //! the text alone; [`Config::check_namespaces`] additionally checks that every
@@ -174,10 +176,58 @@ pub enum Action {
     Echo,
     /// Send these bytes (never empty), then close.
     Respond(Vec<u8>),
-    /// Answer HTTP/1.x requests.
-    Http,
+    /// Answer HTTP/1.x requests, with these deadlines.
+    Http(HttpConfig),
     /// Forward bytes both ways to an upstream.
     Proxy(Arc<ProxyConfig>),
+}
+
+/// Default `header_timeout_ms` of an http listener (ms): 10 s. A whole request
+/// head must arrive within it (from the connection's opening for the first
+/// head, from its first byte for later ones), or the client gets 408 and the
+/// connection closes. nginx's `client_header_timeout` is 60 s; HAProxy's manual
+/// uses `timeout http-request 10s` in its examples, and Envoy recommends a
+/// `request_headers_timeout` of seconds for edge proxies: the `http` action
+/// answers health checks and load generators, whose heads come in one packet,
+/// so the shorter deadline costs them nothing and bounds slow-head clients
+/// (slowloris) six times sooner.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default `keepalive_timeout_ms` of an http listener (ms): 75 s, nginx's
+/// `keepalive_timeout`. An idle keep-alive connection (no request in progress,
+/// its answers sent) closes cleanly after it. Longer than the 60 s idle timeout
+/// common in load balancers in front (AWS ALB, nginx), so that they, not we,
+/// close an idle pooled connection, and never race a request against our close.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 75_000;
+
+/// The settings of `action = "http"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HttpConfig {
+    /// `header_timeout_ms`: the longest a request head may take, from the
+    /// connection's opening (first head) or the head's first byte (later heads)
+    /// to its end (ms, 1..=[`MAX_TIMEOUT_MS`], default
+    /// [`DEFAULT_HEADER_TIMEOUT_MS`]); also the longest a request body may
+    /// stall between reads. Expiry: 408 if a head (or a body whose answer is
+    /// owed) is in progress, then a lingering close.
+    pub header_timeout_ms: u64,
+    /// `keepalive_timeout_ms`: how long a connection may stay idle between
+    /// requests, counted from the end of the last request or from when its
+    /// answer was last taken by the kernel, whichever is later (ms,
+    /// 1..=[`MAX_TIMEOUT_MS`], default [`DEFAULT_KEEPALIVE_TIMEOUT_MS`]). Expiry:
+    /// a clean close.
+    ///
+    /// In code (never from the file, which takes 1 and up), 0 in either field
+    /// means no such deadline.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    /// [`DEFAULT_HEADER_TIMEOUT_MS`] and [`DEFAULT_KEEPALIVE_TIMEOUT_MS`].
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
+            keepalive_timeout_ms: DEFAULT_KEEPALIVE_TIMEOUT_MS,
+        }
+    }
 }
 
 /// Default `connect_timeout_ms` of a proxy listener (ms).
@@ -295,7 +345,7 @@ impl Action {
         match self {
             Action::Echo => "echo",
             Action::Respond(_) => "respond",
-            Action::Http => "http",
+            Action::Http(_) => "http",
             Action::Proxy(_) => "proxy",
         }
     }

@@ -57,4 +57,6 @@ pub(super) struct RawListener {
     pub(super) sctp_streams: Option<Spanned<i64>>,
     pub(super) max_message_bytes: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) header_timeout_ms: Option<Spanned<i64>>,
+    pub(super) keepalive_timeout_ms: Option<Spanned<i64>>,
 }

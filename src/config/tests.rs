@@ -84,7 +84,7 @@ fn full_config() {
     assert_eq!(c.netns_path(a), Some(PathBuf::from("/tmp/netns/ns-alpha")));
     let b = &c.listeners[1];
     assert_eq!(b.name, "/proc/self/ns/net-tcp-127.0.0.1:7000");
-    assert_eq!(b.action, Action::Http);
+    assert_eq!(b.action, Action::Http(crate::config::HttpConfig::default()));
     assert_eq!(b.line, 17);
     assert_eq!(c.netns_path(b), Some(PathBuf::from("/proc/self/ns/net")));
     let d = &c.listeners[2];
@@ -133,7 +133,7 @@ fn io_choice_and_proto_strings() {
     assert!("SCTP".parse::<Proto>().unwrap_err().contains("\"sctp\""));
     assert_eq!("udp".parse::<Proto>().unwrap(), Proto::Udp);
     assert_eq!(Action::Echo.kind(), "echo");
-    assert_eq!(Action::Http.kind(), "http");
+    assert_eq!(Action::Http(Default::default()).kind(), "http");
 }
 
 #[test]
@@ -715,5 +715,56 @@ fn connection_limits_and_fd_budget_keys() {
         .unwrap_err()
         .to_string();
         assert!(e.contains(key) && e.contains("must be between"), "{e}");
+    }
+}
+
+#[test]
+fn http_keys() {
+    let c = parse(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n\
+         header_timeout_ms = 250\nkeepalive_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.listeners[0].action,
+        Action::Http(HttpConfig {
+            header_timeout_ms: 250,
+            keepalive_timeout_ms: 3000,
+        })
+    );
+    let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n").unwrap();
+    let Action::Http(h) = d.listeners[0].action else {
+        panic!("not http")
+    };
+    assert_eq!(
+        (h.header_timeout_ms, h.keepalive_timeout_ms),
+        (DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS)
+    );
+    let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"http\"\n";
+    err(
+        &format!("{base}header_timeout_ms = 0\n"),
+        4,
+        &["key `header_timeout_ms`"],
+    );
+    err(
+        &format!("{base}keepalive_timeout_ms = -1\n"),
+        4,
+        &["key `keepalive_timeout_ms`"],
+    );
+    // Refused on the other actions, naming the action.
+    for (action, extra) in [("echo", ""), ("respond", "respond = \"x\"\n")] {
+        for key in ["header_timeout_ms", "keepalive_timeout_ms"] {
+            err(
+                &format!(
+                    "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"{action}\"\n{extra}{key} = 5\n"
+                ),
+                if extra.is_empty() { 4 } else { 5 },
+                &[
+                    &format!("key `{key}`"),
+                    "only allowed with action = \"http\"",
+                    &format!("\"{action}\""),
+                ],
+            );
+        }
     }
 }

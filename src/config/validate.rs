@@ -13,9 +13,10 @@ use toml::Spanned;
 use super::diag::Lines;
 use super::raw::{RawListener, RawRuntime};
 use super::{
-    default_workers, Action, ConfigError, IoChoice, ListenerConfig, ListenerId, Proto, ProxyConfig,
-    Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG, DEFAULT_BUFFER_BYTES,
-    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE, DEFAULT_MAX_MESSAGE_BYTES,
+    default_workers, Action, ConfigError, HttpConfig, IoChoice, ListenerConfig, ListenerId, Proto,
+    ProxyConfig, Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG,
+    DEFAULT_BUFFER_BYTES, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE,
+    DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS, DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
     DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_BACKLOG, MAX_CONNECTIONS,
     MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
@@ -320,7 +321,7 @@ pub(super) fn convert_listener(
         }
         Some(a) => match a.get_ref().as_str() {
             "echo" => Action::Echo,
-            "http" => Action::Http,
+            "http" => Action::Http(convert_http(cx, &scope, raw)?),
             "respond" => match &raw.respond {
                 None => {
                     return Err(cx.invalid(
@@ -363,6 +364,25 @@ pub(super) fn convert_listener(
                 action.kind()
             ),
         ));
+    }
+
+    if !matches!(action, Action::Http(_)) {
+        for (key, v) in [
+            ("header_timeout_ms", &raw.header_timeout_ms),
+            ("keepalive_timeout_ms", &raw.keepalive_timeout_ms),
+        ] {
+            if let Some(v) = v {
+                return Err(cx.invalid(
+                    v.span(),
+                    scope(),
+                    key,
+                    format!(
+                        "`{key}` is only allowed with action = \"http\" (this listener's action is {:?})",
+                        action.kind()
+                    ),
+                ));
+            }
+        }
     }
 
     if !matches!(action, Action::Proxy(_)) {
@@ -419,6 +439,29 @@ pub(super) fn convert_listener(
         max_datagram_bytes,
         sctp,
         max_connections,
+    })
+}
+
+/// The `header_timeout_ms` and `keepalive_timeout_ms` keys of an http listener.
+fn convert_http(
+    cx: &Ctx<'_>,
+    scope: &dyn Fn() -> Scope,
+    raw: &RawListener,
+) -> Result<HttpConfig, ConfigError> {
+    let ms = |v: &Option<Spanned<i64>>, key: &'static str, default: u64| {
+        cx.ranged(v, scope(), key, 1..=MAX_TIMEOUT_MS, default, " (ms)")
+    };
+    Ok(HttpConfig {
+        header_timeout_ms: ms(
+            &raw.header_timeout_ms,
+            "header_timeout_ms",
+            DEFAULT_HEADER_TIMEOUT_MS,
+        )?,
+        keepalive_timeout_ms: ms(
+            &raw.keepalive_timeout_ms,
+            "keepalive_timeout_ms",
+            DEFAULT_KEEPALIVE_TIMEOUT_MS,
+        )?,
     })
 }
 

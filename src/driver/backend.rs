@@ -47,12 +47,17 @@ pub enum MultiKind {
 #[derive(Debug)]
 pub enum Op {
     /// Accept connections on a listening socket, as non-blocking, close-on-exec
-    /// sockets (`accept4(2)` flags `SOCK_NONBLOCK | SOCK_CLOEXEC`). Multishot: one
-    /// event per connection (`res` = the new fd) while `more`; the op ends on an
-    /// error that pauses accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM) or on cancel.
+    /// sockets (`accept4(2)` flags `SOCK_NONBLOCK | SOCK_CLOEXEC`). With
+    /// `multishot`: one event per connection (`res` = the new fd) while `more`;
+    /// the op ends on an error that pauses accepting (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM) or on cancel. Without: one connection (or error), then the op ends;
+    /// the worker asks for it near a cap, where a multishot accept could take a
+    /// whole accept queue before it is cancelled.
     Accept {
         /// The listening socket.
         fd: RawFd,
+        /// Go on accepting until cancelled (else: one connection).
+        multishot: bool,
     },
     /// Readable-poll of an eventfd (the worker's wake-up). Multishot: one event per
     /// wake-up; the worker drains the eventfd.
@@ -125,7 +130,7 @@ impl Op {
     /// The socket the operation is on.
     pub fn fd(&self) -> RawFd {
         match self {
-            Op::Accept { fd }
+            Op::Accept { fd, .. }
             | Op::PollIn { fd }
             | Op::Recv { fd, .. }
             | Op::RecvMsg { fd, .. }

@@ -7,12 +7,14 @@
 //!
 //! - **process**: `limit` session fds = RLIMIT_NOFILE − fds the process holds for
 //!   itself (listener sockets, rings, pools, the admin endpoint: everything open
-//!   that is not a session) − `[runtime] fd_reserve`; recomputed after start,
+//!   that is not a session) − `[runtime] fd_reserve` (at most a quarter of what is
+//!   left, for tiny limits); recomputed after start,
 //!   reload and namespace changes ([`FdBudget::refresh`]). `[runtime]
 //!   max_connections`, if set, also caps the number of sessions.
 //! - **namespace**: the listeners of one namespace together may hold at most
-//!   `[runtime] netns_fd_share` percent of that limit, so one tenant cannot take
-//!   the budget of the others.
+//!   `max(netns_fd_share % of the limit, limit / namespaces with listeners)`, so
+//!   one tenant cannot take the budget of the others, while a lone namespace (or
+//!   two at 50 %) may use all of it.
 //! - **listener**: `max_connections` sessions per listener (each template
 //!   instance on its own).
 //!
@@ -63,6 +65,8 @@ pub struct FdBudget {
     max_sessions: AtomicU64,
     /// A namespace's share of `limit` (percent).
     netns_share: AtomicU64,
+    /// Namespaces that have listeners (counts, at least 1).
+    namespaces: AtomicU64,
 }
 
 impl Default for FdBudget {
@@ -74,6 +78,7 @@ impl Default for FdBudget {
             sessions: AtomicU64::new(0),
             max_sessions: AtomicU64::new(0),
             netns_share: AtomicU64::new(100),
+            namespaces: AtomicU64::new(1),
         }
     }
 }
@@ -95,8 +100,11 @@ impl FdBudget {
     /// Sets the limits: `nofile` is the process's RLIMIT_NOFILE (soft), `open_now`
     /// the fds open in the process now (sessions included), `reserve` the fds kept
     /// out of the budget; `max_sessions` (0: none) and `netns_share` (percent) as
-    /// configured. The session fd limit becomes
-    /// `nofile − (open_now − used) − reserve`, at least 0.
+    /// configured; `namespaces` the namespaces that have listeners. With
+    /// `free = nofile − (open_now − used)`, the session fd limit
+    /// becomes `free − min(reserve, free / 4)`: the whole reserve when the limit
+    /// allows it, a quarter of what is free under a tiny RLIMIT_NOFILE (so that a
+    /// 64-fd limit still serves sessions).
     pub fn refresh(
         &self,
         nofile: u64,
@@ -104,12 +112,15 @@ impl FdBudget {
         reserve: u64,
         max_sessions: u64,
         netns_share: u64,
+        namespaces: u64,
     ) {
         let own = open_now.saturating_sub(self.used.load(Relaxed));
-        let limit = nofile.saturating_sub(own).saturating_sub(reserve);
+        let free = nofile.saturating_sub(own);
+        let limit = free - reserve.min(free / 4);
         self.limit.store(limit, Relaxed);
         self.max_sessions.store(max_sessions, Relaxed);
         self.netns_share.store(netns_share.clamp(1, 100), Relaxed);
+        self.namespaces.store(namespaces.max(1), Relaxed);
     }
 
     /// Session fds allowed to the whole process (counts).
@@ -127,15 +138,17 @@ impl FdBudget {
         self.sessions.load(Relaxed)
     }
 
-    /// Session fds allowed to the listeners of one namespace together (counts).
+    /// Session fds allowed to the listeners of one namespace together (counts):
+    /// `max(netns_fd_share % of the limit, limit / namespaces)`.
     pub fn netns_limit(&self) -> u64 {
         let limit = self.limit();
         let share = self.netns_share.load(Relaxed);
-        if share >= 100 {
+        let by_share = if share >= 100 {
             limit
         } else {
             limit / 100 * share + limit % 100 * share / 100
-        }
+        };
+        by_share.max(limit / self.namespaces.load(Relaxed).max(1))
     }
 
     /// Whether a listener with `active` sessions out of `max` (0: no limit) in
@@ -156,6 +169,24 @@ impl FdBudget {
             return Err(Cap::Netns);
         }
         Ok(())
+    }
+
+    /// How many more sessions of `fds` fds each a listener with `active` sessions
+    /// out of `max` (0: no limit) in namespace `netns` may open before a cap
+    /// (counts). The worker accepts one connection at a time (not multishot) when
+    /// this is smaller than what one multishot burst can bring (its backlog).
+    pub fn headroom(&self, netns: &NetnsFds, active: u64, max: u64, fds: u64) -> u64 {
+        let fds = fds.max(1);
+        let mut room = self.limit().saturating_sub(self.used()) / fds;
+        room = room.min(self.netns_limit().saturating_sub(netns.used()) / fds);
+        if max > 0 {
+            room = room.min(max.saturating_sub(active));
+        }
+        let max_sessions = self.max_sessions.load(Relaxed);
+        if max_sessions > 0 {
+            room = room.min(max_sessions.saturating_sub(self.sessions()));
+        }
+        room
     }
 
     /// Charges one new session holding `fds` fds to the process and to `netns`;
@@ -205,12 +236,19 @@ mod tests {
     #[test]
     fn caps_in_order_and_charges_return() {
         let b = Arc::new(FdBudget::default());
-        // 1,000 fds allowed: 1,100 − (150 open − 0 used) + ... − 50 reserve = 900.
-        b.refresh(1100, 150, 50, 0, 50);
+        // 1,100 − (150 open − 0 used) − 50 reserve = 900 fds for sessions.
+        b.refresh(1100, 150, 50, 0, 50, 2);
         assert_eq!((b.limit(), b.netns_limit()), (900, 450));
+        // Alone, a namespace may use it all; among ten, still its 50 %.
+        b.refresh(1100, 150, 50, 0, 50, 1);
+        assert_eq!(b.netns_limit(), 900);
+        b.refresh(1100, 150, 50, 0, 50, 10);
+        assert_eq!(b.netns_limit(), 450);
         let a = Arc::new(NetnsFds::default());
         let c = Arc::new(NetnsFds::default());
         assert_eq!(b.admits(&a, 3, 3, 1), Err(Cap::Listener));
+        assert_eq!(b.headroom(&a, 3, 10, 1), 7);
+        assert_eq!(b.headroom(&a, 0, 0, 2), 225);
         let mut held: Vec<FdCharge> = (0..225).map(|_| b.charge(&a, 2)).collect();
         assert_eq!(a.used(), 450);
         assert_eq!(b.admits(&a, 0, 0, 1), Err(Cap::Netns));
@@ -228,7 +266,7 @@ mod tests {
         drop(held);
         assert_eq!((b.used(), b.sessions(), a.used(), c.used()), (0, 0, 0, 0));
         // A session count limit.
-        b.refresh(1100, 150, 50, 2, 100);
+        b.refresh(1100, 150, 50, 2, 100, 1);
         let _x = (b.charge(&a, 1), b.charge(&a, 1));
         assert_eq!(b.admits(&c, 0, 0, 1), Err(Cap::Process));
     }
@@ -245,7 +283,7 @@ mod tests {
             seed % n
         };
         let b = Arc::new(FdBudget::default());
-        b.refresh(10_000, 0, 0, 0, 30);
+        b.refresh(10_000, 0, 0, 0, 30, 4);
         let ns: Vec<Arc<NetnsFds>> = (0..4).map(|_| Arc::default()).collect();
         let mut held: Vec<(usize, FdCharge)> = Vec::new();
         for _ in 0..20_000 {

@@ -310,7 +310,10 @@ impl EpollBackend {
         };
         let (readable, writable, hup) = (st.readable, st.writable, st.hup);
         match &mut o.op {
-            Op::Accept { .. } => self.exec_accept(k, fd, readable),
+            Op::Accept { multishot, .. } => {
+                let multishot = *multishot;
+                self.exec_accept(k, fd, readable, multishot)
+            }
             Op::PollIn { .. } => {
                 if readable {
                     if let Some(st) = self.fds.get_mut(&fd) {
@@ -468,11 +471,11 @@ impl EpollBackend {
         }
     }
 
-    fn exec_accept(&mut self, k: Key, fd: RawFd, readable: bool) {
+    fn exec_accept(&mut self, k: Key, fd: RawFd, readable: bool, multishot: bool) {
         if !readable {
             return self.park(k, fd, true);
         }
-        for _ in 0..CHUNK {
+        for _ in 0..if multishot { CHUNK } else { 1 } {
             // SAFETY: accept4 on a listening fd the worker keeps open, with null
             // address pointers.
             let n = unsafe {
@@ -483,6 +486,9 @@ impl EpollBackend {
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
+            if n >= 0 && !multishot {
+                return self.finish(k, n, None, Meta::None);
+            }
             if n >= 0 {
                 self.shot(k, n, None, Meta::None);
                 continue;
@@ -494,8 +500,8 @@ impl EpollBackend {
                 self.set_readable(fd, false);
                 return self.park(k, fd, true);
             }
-            if super::accept_error_pauses(errno) {
-                // The op ends; the worker pauses and starts a new one.
+            if super::accept_error_pauses(errno) || !multishot {
+                // The op ends; the worker pauses (or asks again) and starts a new one.
                 return self.finish(k, -errno, None, Meta::None);
             }
             self.shot(k, -errno, None, Meta::None);

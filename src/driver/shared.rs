@@ -138,6 +138,9 @@ pub struct ListenerShared {
     pub stats: Arc<ListenerStats>,
     /// Most sessions open at once (0: no limit; `max_connections`).
     pub max_connections: u64,
+    /// The accept backlog (connections; `backlog`): how many one multishot accept
+    /// may bring at once.
+    pub backlog: u32,
     /// The process's session budget.
     pub budget: Arc<super::budget::FdBudget>,
     /// The session fds its namespace's listeners hold together.

@@ -11,6 +11,7 @@
 //! what echo, respond, http or proxy mean. See [`crate::driver`] for the driver side.
 
 pub mod backoff;
+pub mod chunked;
 mod http;
 pub mod proxy;
 pub mod proxy_header;
@@ -21,14 +22,14 @@ pub mod udp;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{Action, Proto, SctpConfig};
 use crate::sctp::MsgInfo;
 pub use backoff::{
     SendBackoff, UpstreamChoice, SEND_RETRY_MAX_MS, SEND_STALL_LIMIT, UPSTREAM_BACKOFF_MS,
 };
-pub use http::{HttpSession, DRAIN_LINGER_MS};
+pub use http::{HttpSession, MAX_HEADERS, MAX_HEAD_BYTES};
 pub use proxy::ProxySession;
 pub use sctp::{OutMessage, Piece, SctpSession};
 
@@ -36,6 +37,20 @@ pub use sctp::{OutMessage, Piece, SctpSession};
 /// before it stops asking for more input (back-pressure toward a client that does
 /// not read). Proxy sessions use the listener's `buffer_bytes` instead.
 pub const SEND_WINDOW: usize = 256 * 1024;
+
+/// How long a lingering close ([`SessionIo::linger`]) goes on reading and
+/// discarding input after its FIN waits for the client's FIN, before it closes
+/// anyway (ms). Also the longest a lingering close waits for the client to take
+/// more of the bytes still queued before its FIN: a client that takes nothing
+/// for this long is reset. Apache httpd lingers 2 s after its FIN; nginx's
+/// `lingering_timeout` is 5 s between reads (within `lingering_time` 30 s).
+/// One second is enough for input already in flight; a tenant cannot hold a
+/// slot for long with it.
+pub const LINGER_MS: u64 = 1000;
+
+/// Most input a lingering close reads and discards before it closes anyway
+/// (bytes); a close with input still unread may then be a reset (RFC 2525 §2.17).
+pub const LINGER_MAX_BYTES: usize = 256 * 1024;
 
 /// Which socket of a session an operation concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +172,9 @@ pub struct SessionIo {
     pub(crate) dropped: u32,
     /// SCTP: the association was lost (COMM_LOST: aborted by the peer or failed).
     pub(crate) lost: bool,
+    /// A lingering close is under way ([`SessionIo::linger`]): input discarded
+    /// so far (bytes).
+    pub(crate) linger: Option<usize>,
 }
 
 impl SessionIo {
@@ -219,6 +237,68 @@ impl SessionIo {
         self.close
     }
 
+    /// Lingering close of the client, at `now` (RFC 9112 §9.6; what nginx's
+    /// `lingering_close` does): FIN once every queued byte has been sent, then
+    /// whatever the client still sends is read and discarded until its FIN,
+    /// which closes. Closing a TCP socket with unread input sends RST instead of
+    /// FIN and the peer may lose what was sent before it (RFC 2525 §2.17), so
+    /// every action that ends a connection it has written to while input may
+    /// still arrive ends it this way. Bounded: the close comes anyway
+    /// [`LINGER_MS`] after the queue was last seen to shrink (a reset if the
+    /// client took nothing queued in that time, a FIN otherwise), or after
+    /// [`LINGER_MAX_BYTES`] of input. The session's own handling stops: every
+    /// later completion is taken by [`Session::on_complete`] for the linger.
+    /// Nothing happens if the session is already closing or lingering.
+    pub fn linger(&mut self, now: Instant) {
+        if self.close || self.linger.is_some() {
+            return;
+        }
+        self.linger = Some(0);
+        let c = self.client();
+        c.shutdown_write();
+        c.recv();
+        self.set_deadline(Some(now + Duration::from_millis(LINGER_MS)));
+    }
+
+    /// Whether a lingering close ([`SessionIo::linger`]) is under way.
+    pub fn lingering(&self) -> bool {
+        self.linger.is_some()
+    }
+
+    /// What a completion does to a lingering close at `now` (see
+    /// [`SessionIo::linger`]).
+    fn on_linger(&mut self, side: Side, c: &Completion<'_>, now: Instant) {
+        if side != Side::Client {
+            return;
+        }
+        match *c {
+            Completion::Recv(d) => {
+                let n = self.linger.get_or_insert(0);
+                *n = n.saturating_add(d.len());
+                if *n > LINGER_MAX_BYTES {
+                    self.close();
+                } else {
+                    self.client().recv();
+                }
+            }
+            Completion::Eof => self.close(),
+            // The client took more: it gets LINGER_MS again (for the rest, or
+            // after the FIN, for its own).
+            Completion::Sent(_) => self.set_deadline(Some(now + Duration::from_millis(LINGER_MS))),
+            Completion::Timeout => {
+                if self.client().unsent() > 0 {
+                    // A reader stalled on a zero window: a graceful close
+                    // would wait forever.
+                    self.abort();
+                } else {
+                    self.close();
+                }
+            }
+            Completion::Error(_) => self.abort(),
+            _ => {}
+        }
+    }
+
     /// Gives up on association `assoc` of the one-to-many SCTP socket on `side`
     /// (its peer took no message for [`SEND_STALL_LIMIT`]): drops every message
     /// queued for it and queues an `SCTP_ABORT` for it first of all, so that the
@@ -257,12 +337,10 @@ pub struct ConnInfo {
 pub enum Session {
     /// Every byte received is sent back; EOF closes after the echo drains.
     Echo,
-    /// Fixed bytes are written once, then the write side is shut down; input is
-    /// read and discarded until EOF (so that closing does not reset the peer).
-    Respond {
-        /// Input discarded so far, in bytes; past [`RESPOND_DISCARD_LIMIT`] we close.
-        discarded: usize,
-    },
+    /// Fixed bytes are written once, then a lingering close
+    /// ([`SessionIo::linger`]): FIN, input read and discarded until the client's
+    /// FIN, bounded in time and bytes (so that closing does not reset the peer).
+    Respond,
     /// A fixed `200 OK` per HTTP/1.x request, keep-alive and pipelining honoured.
     Http(HttpSession),
     /// Bytes both ways between the client and an upstream.
@@ -271,9 +349,6 @@ pub enum Session {
     /// socket).
     Sctp(Box<SctpSession>),
 }
-
-/// How much input a `respond` session reads and discards before closing anyway (bytes).
-pub const RESPOND_DISCARD_LIMIT: usize = 64 * 1024;
 
 /// How a session's client socket came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,8 +378,8 @@ impl Session {
     pub fn new(action: &Action) -> Session {
         match action {
             Action::Echo => Session::Echo,
-            Action::Respond(_) => Session::Respond { discarded: 0 },
-            Action::Http => Session::Http(HttpSession::default()),
+            Action::Respond(_) => Session::Respond,
+            Action::Http(h) => Session::Http(HttpSession::new(*h)),
             Action::Proxy(p) => Session::Proxy(Box::new(ProxySession::new(p.clone()))),
         }
     }
@@ -342,13 +417,13 @@ impl Session {
         now: Instant,
     ) {
         match self {
-            Session::Echo | Session::Http(_) => io.client().recv(),
-            Session::Respond { .. } => {
+            Session::Echo => io.client().recv(),
+            Session::Http(h) => h.on_open(io, now),
+            Session::Respond => {
                 if let Action::Respond(bytes) = action {
                     io.client().send(bytes);
                 }
-                io.client().shutdown_write();
-                io.client().recv();
+                io.linger(now);
             }
             Session::Proxy(p) => p.on_open(info, netns, io, now),
             Session::Sctp(s) => s.on_open(io, now),
@@ -361,16 +436,17 @@ impl Session {
     /// What each action does:
     /// - `http`: a connection idle between requests closes at once; a request in
     ///   progress is answered with `Connection: close`, then the connection
-    ///   closes. Both close cleanly (FIN, then input is discarded until the
-    ///   client's FIN, for at most [`DRAIN_LINGER_MS`]), never with a reset
-    ///   ([`HttpSession::on_drain`]);
-    /// - `respond`: nothing changes (its one answer and FIN are queued at open);
+    ///   closes. Both close cleanly (a lingering close, [`SessionIo::linger`]:
+    ///   FIN, then input is discarded until the client's FIN, for at most
+    ///   [`LINGER_MS`]), never with a reset ([`HttpSession::on_drain`]);
+    /// - `respond`: nothing changes (its one answer and its lingering close
+    ///   start at open);
     /// - `echo`, `proxy`, SCTP: nothing changes: transfers go on until the peers
     ///   end them or `runtime.shutdown_timeout_ms` cuts them.
     pub fn on_drain(&mut self, io: &mut SessionIo, now: Instant) {
         match self {
             Session::Http(h) => h.on_drain(io, now),
-            Session::Echo | Session::Respond { .. } | Session::Proxy(_) | Session::Sctp(_) => {}
+            Session::Echo | Session::Respond | Session::Proxy(_) | Session::Sctp(_) => {}
         }
     }
 
@@ -391,18 +467,17 @@ impl Session {
             // filled the window would start one more receive past it.)
             io.side(side).want_recv = false;
         }
+        if io.linger.is_some() {
+            io.on_linger(side, &c, now);
+            return;
+        }
         match self {
             Session::Proxy(p) => return p.on_complete(side, c, io, now),
             Session::Sctp(s) => return s.on_complete(side, c, io, now),
             _ => {}
         }
         match c {
-            Completion::Timeout if matches!(self, Session::Http(h) if h.lingering()) => {
-                // A lingering close ran out of time: close cleanly (its FIN is
-                // sent, or queued after the last response), not with a reset.
-                io.close();
-                return;
-            }
+            Completion::Timeout if matches!(self, Session::Http(_)) => {}
             Completion::Error(_) | Completion::Timeout => {
                 io.abort();
                 return;
@@ -425,22 +500,18 @@ impl Session {
                 Completion::Sent(_) => resume_below_window(io),
                 _ => {}
             },
-            Session::Respond { discarded } => {
-                if let Completion::Recv(data) = c {
-                    *discarded += data.len();
-                    if *discarded > RESPOND_DISCARD_LIMIT {
-                        io.close();
-                    } else {
-                        cl.recv();
-                    }
-                }
-            }
+            // Lingering from its open on: every completion went to the linger.
+            Session::Respond => {}
             Session::Http(h) => match c {
                 Completion::Recv(data) => {
                     h.on_input(data, io, now);
                     resume_below_window(io);
                 }
-                Completion::Sent(_) => resume_below_window(io),
+                Completion::Sent(_) => {
+                    h.on_sent(io, now);
+                    resume_below_window(io);
+                }
+                Completion::Timeout => h.on_timeout(io, now),
                 _ => {}
             },
             Session::Proxy(_) | Session::Sctp(_) => {}
@@ -572,7 +643,12 @@ mod tests {
     #[test]
     fn for_listener_picks_the_session_kind() {
         let sctp = SctpConfig::default();
-        let s = Session::for_listener(&Action::Http, Proto::Tcp, &sctp, Origin::Accepted);
+        let s = Session::for_listener(
+            &Action::Http(Default::default()),
+            Proto::Tcp,
+            &sctp,
+            Origin::Accepted,
+        );
         assert!(matches!(s, Session::Http(_)));
         let s = Session::for_listener(&Action::Echo, Proto::Sctp, &sctp, Origin::Many);
         assert!(matches!(&s, Session::Sctp(x) if x.one_to_many()));

@@ -16,9 +16,9 @@ impl UringBackend {
         let ud = crate::driver::slab::token(UD_OP, k);
         let uop = m.ops.get_mut(k)?;
         let e = match &mut uop.op {
-            Op::Accept { fd } => {
+            Op::Accept { fd, multishot } => {
                 let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-                if self.multishot_accept {
+                if self.multishot_accept && *multishot {
                     opcode::AcceptMulti::new(types::Fd(*fd))
                         .flags(flags)
                         .build()

@@ -40,7 +40,10 @@ impl<B: Backend> Worker<B> {
             l.shared.stats.at_capacity.fetch_sub(1, Relaxed);
         }
         let fd = l.fd.as_raw_fd();
-        let id = self.submit(K_ACCEPT, k, Op::Accept { fd });
+        // A multishot accept may bring a whole accept queue before it can be
+        // cancelled: near a cap, one connection at a time.
+        let multishot = headroom(&l.shared) > u64::from(l.shared.backlog) + 64;
+        let id = self.submit(K_ACCEPT, k, Op::Accept { fd, multishot });
         if let Some(l) = self.listeners.get_mut(k) {
             l.op = Some(id);
         }
@@ -241,13 +244,32 @@ impl<B: Backend> Worker<B> {
 ///
 /// [`FdBudget::admits`]: crate::driver::budget::FdBudget::admits
 fn admits(l: &ListenerShared) -> Result<(), Cap> {
-    let fds = if matches!(l.action, crate::config::Action::Proxy(_)) {
+    l.budget.admits(
+        &l.netns_fds,
+        l.stats.active(),
+        l.max_connections,
+        session_fds(l),
+    )
+}
+
+/// How many more sessions listener `l` may open before a cap (counts).
+fn headroom(l: &ListenerShared) -> u64 {
+    l.budget.headroom(
+        &l.netns_fds,
+        l.stats.active(),
+        l.max_connections,
+        session_fds(l),
+    )
+}
+
+/// The fds one session of listener `l` holds: two for a proxy (client and
+/// upstream), one otherwise.
+fn session_fds(l: &ListenerShared) -> u64 {
+    if matches!(l.action, crate::config::Action::Proxy(_)) {
         2
     } else {
         1
-    };
-    l.budget
-        .admits(&l.netns_fds, l.stats.active(), l.max_connections, fds)
+    }
 }
 
 /// Attaches a classic BPF socket filter to TCP listener `fd` that drops segments

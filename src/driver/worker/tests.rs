@@ -49,6 +49,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
         peel: None,
         stats: Default::default(),
         max_connections: 0,
+        backlog: 128,
         budget: Default::default(),
         netns_fds: Default::default(),
     });

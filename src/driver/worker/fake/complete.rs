@@ -73,7 +73,7 @@ impl FakeBackend {
                     );
                 }
             }
-            Op::Accept { fd } => {
+            Op::Accept { fd, multishot } => {
                 let due = self
                     .accept_error
                     .filter(|&(after, _)| !cancelled && self.next_client >= after);
@@ -97,15 +97,17 @@ impl FakeBackend {
                 self.arrive_at = self.steps + self.rng.range(0, 30);
                 let raw = self.open_client(s);
                 self.tr(|| format!("op {id} accepts session {s} (fd {raw})"));
-                out.push(Event::new(token, raw, true));
-                self.ops.insert(
-                    id,
-                    Pending {
-                        token,
-                        op: Op::Accept { fd },
-                        cancelled,
-                    },
-                );
+                out.push(Event::new(token, raw, multishot));
+                if multishot {
+                    self.ops.insert(
+                        id,
+                        Pending {
+                            token,
+                            op: Op::Accept { fd, multishot },
+                            cancelled,
+                        },
+                    );
+                }
             }
             Op::Recv { fd, .. } => self.end_recv(id, token, fd, cancelled, out),
             Op::Send { fd, buf, off } => self.end_send(id, token, fd, buf, off, cancelled, out),
@@ -401,7 +403,7 @@ impl FakeBackend {
                     "two wake-up polls"
                 );
             }
-            Op::Accept { fd } => {
+            Op::Accept { fd, .. } => {
                 assert_eq!((*fd, kind), (self.listener, K_ACCEPT));
                 assert!(
                     !self.ops.values().any(|p| matches!(p.op, Op::Accept { .. })),
