@@ -531,6 +531,8 @@ pub struct TakeoverServer {
     /// (st_dev, st_ino) of the socket file we made: removed at exit only if the
     /// path still names it (a new process may have made its own since).
     ident: (u64, u64),
+    /// The file was removed (by [`TakeoverServer::stopped`] or at drop).
+    removed: bool,
     /// The connection of the takeover in progress, after the offer was sent.
     pub conn: Option<UnixStream>,
     /// When the takeover in progress is abandoned ([`PENDING_MAX`] after the offer).
@@ -574,6 +576,7 @@ impl TakeoverServer {
             path: path.to_path_buf(),
             listener,
             ident: (m.dev(), m.ino()),
+            removed: false,
             conn: None,
             deadline: None,
         })
@@ -714,13 +717,20 @@ impl TakeoverServer {
 }
 
 impl TakeoverServer {
-    /// Removes the socket file if the path still names the one we made.
+    /// Removes the socket file if the path still names the one we made, once:
+    /// after that the path may be the new process's socket, whose inode number
+    /// can be the one just freed (filesystems reuse them), so a second removal
+    /// (at drop) would delete it.
     fn remove_file(&mut self) {
+        if self.removed {
+            return;
+        }
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.ident {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+        self.removed = true;
     }
 }
 
