@@ -116,6 +116,11 @@ pub fn render_metrics(server: &Server) -> String {
         "ringress_listener_capacity_pauses",
         "Times a worker stopped accepting on the listener at a cap",
     );
+    let timeouts = counter(
+        &mut reg,
+        "ringress_listener_timeouts",
+        "Sessions ended by a deadline, by kind: idle (idle_timeout_ms), header (header_timeout_ms, answered 408), keepalive (keepalive_timeout_ms)",
+    );
     for l in server.listeners() {
         let s = &l.shared.stats;
         let lab: Labels = vec![
@@ -142,6 +147,15 @@ pub fn render_metrics(server: &Server) -> String {
         capacity_pauses
             .get_or_create(&lab)
             .inc_by(s.capacity_pauses.load(Relaxed));
+        for (kind, v) in [
+            ("idle", &s.timeouts_idle),
+            ("header", &s.timeouts_header),
+            ("keepalive", &s.timeouts_keepalive),
+        ] {
+            let mut k = lab.clone();
+            k.push(("kind".into(), kind.into()));
+            timeouts.get_or_create(&k).inc_by(v.load(Relaxed));
+        }
         match l.config.proto {
             crate::config::Proto::Udp => udp_sessions.get_or_create(&lab).set(s.active() as i64),
             crate::config::Proto::Sctp => {
@@ -264,10 +278,20 @@ pub fn render_status(server: &Server) -> String {
                 "max_connections": l.config.max_connections,
                 "at_capacity": l.shared.stats.at_capacity.load(Relaxed) > 0,
             });
-            if let crate::config::Action::Http(h) = &l.config.action {
-                // The effective deadlines (defaults included), ms.
-                v["header_timeout_ms"] = h.header_timeout_ms.into();
-                v["keepalive_timeout_ms"] = h.keepalive_timeout_ms.into();
+            // The effective deadlines (defaults included), ms.
+            match &l.config.action {
+                crate::config::Action::Http(h) => {
+                    v["header_timeout_ms"] = h.header_timeout_ms.into();
+                    v["keepalive_timeout_ms"] = h.keepalive_timeout_ms.into();
+                }
+                crate::config::Action::Proxy(p) => {
+                    v["connect_timeout_ms"] = p.connect_timeout_ms.into();
+                    v["idle_timeout_ms"] = p.idle_timeout_ms.into();
+                }
+                crate::config::Action::Echo => {
+                    v["idle_timeout_ms"] = l.config.idle_timeout_ms.into();
+                }
+                crate::config::Action::Respond(_) => {}
             }
             v
         })

@@ -110,6 +110,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             netns_line: i + 1,
             max_datagram_bytes: crate::config::MAX_DATAGRAM_BYTES,
             sctp: Default::default(),
+            idle_timeout_ms: crate::config::DEFAULT_IDLE_TIMEOUT_MS,
             max_connections: 0,
         })
         .collect();

@@ -556,6 +556,7 @@ impl Server {
             stats,
             max_connections: l.max_connections,
             backlog: l.backlog,
+            idle_timeout_ms: l.idle_timeout_ms,
             budget: self.budget.clone(),
             netns_fds: self.netns_fds(l),
         })

@@ -15,6 +15,7 @@ use ringress::binder::SocketSpec;
 both_drivers!(
     idle_flood_in_one_namespace_leaves_the_others_served,
     listener_cap_holds_the_backlog_and_resumes,
+    idle_echo_is_closed_by_its_timeout_and_defaults_show,
 );
 
 /// `n` TCP client sockets in `ns`, each connecting (non-blocking) to `addr`;
@@ -196,5 +197,62 @@ fn listener_cap_holds_the_backlog_and_resumes(driver: &str) {
         assert!(Instant::now() < deadline, "still at capacity");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(r.stop().success());
+}
+
+/// An echo client that never sends is closed by `idle_timeout_ms` (300 ms here)
+/// with a clean EOF, not a reset, and counted; one that keeps talking is not.
+/// Without the keys, /status shows the defaults of every action.
+fn idle_echo_is_closed_by_its_timeout_and_defaults_show(driver: &str) {
+    use std::io::{Read, Write};
+    let (pe, pd, ph, admin) = (free_port(), free_port(), free_port(), free_port());
+    let cfg = format!(
+        "[runtime]\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{pe}\"\naction = \"echo\"\n\
+         idle_timeout_ms = 300\n\
+         [[listener]]\nname = \"d\"\nlisten = \"127.0.0.1:{pd}\"\naction = \"echo\"\n\
+         [[listener]]\nname = \"h\"\nlisten = \"127.0.0.1:{ph}\"\naction = \"http\"\n"
+    );
+    let r = Ringress::start(&format!("idle-{driver}"), driver, &cfg);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let e = SocketAddr::from(([127, 0, 0, 1], pe));
+    let t0 = Instant::now();
+    let mut quiet = connect_in(None, e).unwrap();
+    let mut talker = connect_in(None, e).unwrap();
+    // The talker sends every 100 ms for 1 s and keeps getting its bytes back.
+    for i in 0..10u8 {
+        talker.write_all(&[i]).unwrap();
+        let mut b = [0u8; 1];
+        talker.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut buf = [0u8; 16];
+    // The quiet one was closed cleanly meanwhile: EOF, not ECONNRESET.
+    let n = quiet.read(&mut buf).expect("a clean close, not a reset");
+    assert_eq!(n, 0);
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        scrape(admin, "ringress_listener_timeouts_total", "e", Some("idle")),
+        1.0
+    );
+    let (code, body) = Ringress::admin_get(admin, "/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = |name: &str| {
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(l("e")["idle_timeout_ms"], 300);
+    assert_eq!(l("d")["idle_timeout_ms"], 600_000);
+    assert_eq!(l("h")["header_timeout_ms"], 10_000);
+    assert_eq!(l("h")["keepalive_timeout_ms"], 75_000);
+    assert_eq!(l("d")["max_connections"], 0);
+    drop(talker);
     assert!(r.stop().success());
 }

@@ -28,7 +28,8 @@
 //!
 //! `action = "proxy"` takes `upstream = "ADDR:PORT"` or `upstreams = [...]`
 //! (round-robin) and optionally `upstream_netns`; TCP and SCTP proxies also
-//! `connect_timeout_ms` (default 5000), `idle_timeout_ms` (default 0 = none) and
+//! `connect_timeout_ms` (default 5000), `idle_timeout_ms` (default 600000; also
+//! on TCP `echo` listeners; 0 = none) and
 //! `buffer_bytes` (window per direction, default 64 KiB), TCP ones `proxy_protocol`
 //! (`"v1"` | `"v2"`). UDP listeners take `max_datagram_bytes` (default 65507) and,
 //! when proxying, `session_idle_timeout_ms` (default 30000) and `max_sessions`
@@ -230,6 +231,12 @@ impl Default for HttpConfig {
     }
 }
 
+/// Default `idle_timeout_ms` of `echo` and `proxy` listeners (ms): 10 minutes,
+/// nginx stream's `proxy_timeout` default (Envoy's TCP proxy uses 1 h, HAProxy
+/// ships none and warns). A connection with no byte either way for this long is
+/// closed cleanly (FIN, lingering close); 0 disables it.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 600_000;
+
 /// Default `connect_timeout_ms` of a proxy listener (ms).
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
 /// Default `buffer_bytes` of a proxy listener: the window of each direction (bytes).
@@ -253,7 +260,8 @@ pub struct ProxyConfig {
     pub upstream_netns_line: usize,
     /// How long a connect to an upstream may take before the client is closed (ms).
     pub connect_timeout_ms: u64,
-    /// Close a session with no traffic for this long (ms); 0 = never.
+    /// Close a session with no traffic for this long (ms); 0 = never; default
+    /// [`DEFAULT_IDLE_TIMEOUT_MS`].
     pub idle_timeout_ms: u64,
     /// Window of each direction (bytes): a side stops reading while the other side
     /// has this much unsent.
@@ -440,6 +448,11 @@ pub struct ListenerConfig {
     pub max_datagram_bytes: usize,
     /// SCTP: style, streams and largest message (defaults for other protocols).
     pub sctp: SctpConfig,
+    /// `echo` over TCP: close a connection with no byte either way for this long
+    /// (ms; 0 = never; default [`DEFAULT_IDLE_TIMEOUT_MS`]). A proxy's is in its
+    /// [`ProxyConfig`]; `http` has `header_timeout_ms`/`keepalive_timeout_ms`
+    /// instead, and `respond` closes after its answer.
+    pub idle_timeout_ms: u64,
     /// Most sessions of this listener open at once (counts; each template instance
     /// on its own); 0 (the default): no per-listener limit. At the limit the
     /// listener stops accepting (the kernel's backlog holds new connections) and

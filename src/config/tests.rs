@@ -608,7 +608,7 @@ fn proxy_keys() {
     };
     assert_eq!(
         (p.connect_timeout_ms, p.idle_timeout_ms),
-        (DEFAULT_CONNECT_TIMEOUT_MS, 0)
+        (DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS)
     );
     assert_eq!(p.buffer_bytes, DEFAULT_BUFFER_BYTES);
     // Errors name the key and its line.
@@ -766,5 +766,38 @@ fn http_keys() {
                 ],
             );
         }
+    }
+}
+
+#[test]
+fn idle_timeout_for_echo_and_proxy_with_a_default() {
+    let c = parse(
+        "[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nidle_timeout_ms = 250\n\
+         [[listener]]\nname = \"d\"\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\n\
+         [[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:3\"\naction = \"proxy\"\nupstream = \"127.0.0.1:4\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].idle_timeout_ms, 250);
+    assert_eq!(c.listeners[1].idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+    let Action::Proxy(p) = &c.listeners[2].action else {
+        panic!("not a proxy")
+    };
+    assert_eq!(p.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+    for (action, hint) in [
+        (
+            "action = \"respond\"\nrespond = \"x\"",
+            "respond connection closes",
+        ),
+        (
+            "action = \"http\"",
+            "header_timeout_ms and keepalive_timeout_ms",
+        ),
+    ] {
+        let e = parse(&format!(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n{action}\nidle_timeout_ms = 5\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("idle_timeout_ms") && e.contains(hint), "{e}");
     }
 }

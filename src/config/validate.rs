@@ -16,8 +16,8 @@ use super::{
     default_workers, Action, ConfigError, HttpConfig, IoChoice, ListenerConfig, ListenerId, Proto,
     ProxyConfig, Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG,
     DEFAULT_BUFFER_BYTES, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE,
-    DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
+    DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
     DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_BACKLOG, MAX_CONNECTIONS,
     MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
 };
@@ -385,6 +385,19 @@ pub(super) fn convert_listener(
         }
     }
 
+    // idle_timeout_ms: echo and proxy (http and respond have their own deadlines).
+    if let (Some(x), Action::Respond(_) | Action::Http(_)) = (&raw.idle_timeout_ms, &action) {
+        let instead = match action {
+            Action::Http(_) => "use header_timeout_ms and keepalive_timeout_ms",
+            _ => "a respond connection closes after its answer (lingering close, at most 1 s)",
+        };
+        return Err(cx.invalid(
+            x.span(),
+            scope(),
+            "idle_timeout_ms",
+            format!("`idle_timeout_ms` is for action = \"echo\" and \"proxy\" ({instead})"),
+        ));
+    }
     if !matches!(action, Action::Proxy(_)) {
         if let Some((key, span)) = proxy_only_keys(raw).into_iter().next() {
             return Err(cx.invalid(
@@ -418,6 +431,14 @@ pub(super) fn convert_listener(
         "",
     )?;
     let sctp = convert_sctp(cx, &scope, raw)?;
+    let idle_timeout_ms = cx.ranged(
+        &raw.idle_timeout_ms,
+        scope(),
+        "idle_timeout_ms",
+        0..=MAX_TIMEOUT_MS,
+        DEFAULT_IDLE_TIMEOUT_MS,
+        " (ms)",
+    )?;
     let max_connections = cx.ranged(
         &raw.max_connections,
         scope(),
@@ -438,6 +459,7 @@ pub(super) fn convert_listener(
         netns_line,
         max_datagram_bytes,
         sctp,
+        idle_timeout_ms,
         max_connections,
     })
 }
@@ -685,7 +707,6 @@ fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
     }
     for (k, x) in [
         ("connect_timeout_ms", &raw.connect_timeout_ms),
-        ("idle_timeout_ms", &raw.idle_timeout_ms),
         ("buffer_bytes", &raw.buffer_bytes),
     ] {
         if let Some(x) = x {
@@ -778,7 +799,12 @@ fn convert_proxy(
         DEFAULT_CONNECT_TIMEOUT_MS,
         1,
     )?;
-    let idle_timeout_ms = ms(&raw.idle_timeout_ms, "idle_timeout_ms", 0, 0)?;
+    let idle_timeout_ms = ms(
+        &raw.idle_timeout_ms,
+        "idle_timeout_ms",
+        DEFAULT_IDLE_TIMEOUT_MS,
+        0,
+    )?;
     let session_idle_timeout_ms = ms(
         &raw.session_idle_timeout_ms,
         "session_idle_timeout_ms",

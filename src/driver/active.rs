@@ -17,7 +17,7 @@ use super::upstream;
 use crate::config::Proto;
 use crate::proto::{
     Completion, ConnInfo, Origin, OutMessage, Piece, SendBackoff, SendFailed, Session, SessionIo,
-    Side, SEND_STALL_LIMIT,
+    Side, TimeoutKind, SEND_STALL_LIMIT,
 };
 use crate::sctp::{MsgInfo, RecvHeader, SendHeader};
 
@@ -157,10 +157,17 @@ impl ActiveSession {
         if sctp {
             client.set_message();
         }
+        let mut io = SessionIo::default();
+        if !sctp
+            && matches!(listener.action, crate::config::Action::Echo)
+            && listener.idle_timeout_ms > 0
+        {
+            io.idle_timeout = Some(std::time::Duration::from_millis(listener.idle_timeout_ms));
+        }
         let mut c = ActiveSession {
             sockets: [client, SideSocket::new(None)],
             session,
-            io: SessionIo::default(),
+            io,
             listener,
             failed: false,
             upstream: None,
@@ -186,6 +193,15 @@ impl ActiveSession {
     pub fn complete(&mut self, side: Side, c: Completion<'_>, now: Instant) {
         self.account(side, &c, now);
         self.session.on_complete(side, c, &mut self.io, now);
+        if let Some(kind) = self.io.timed_out.take() {
+            let st = &self.listener.stats;
+            match kind {
+                TimeoutKind::Idle => &st.timeouts_idle,
+                TimeoutKind::Header => &st.timeouts_header,
+                TimeoutKind::KeepAlive => &st.timeouts_keepalive,
+            }
+            .fetch_add(1, Relaxed);
+        }
         self.take_sctp_events();
     }
 

@@ -47,6 +47,12 @@ pub struct ListenerStats {
     pub capacity_pauses: AtomicU64,
     /// This listener's sockets held at a cap now (0..=workers; a gauge).
     pub at_capacity: AtomicU64,
+    /// Sessions ended by their idle timeout (echo, proxy `idle_timeout_ms`).
+    pub timeouts_idle: AtomicU64,
+    /// http connections ended by `header_timeout_ms` (a 408 was sent).
+    pub timeouts_header: AtomicU64,
+    /// http connections ended idle between requests by `keepalive_timeout_ms`.
+    pub timeouts_keepalive: AtomicU64,
     /// Rate limits of its warnings.
     pub logs: ListenerLogs,
 }
@@ -138,6 +144,8 @@ pub struct ListenerShared {
     pub stats: Arc<ListenerStats>,
     /// Most sessions open at once (0: no limit; `max_connections`).
     pub max_connections: u64,
+    /// TCP `echo`: close after this long without a byte either way (ms; 0: never).
+    pub idle_timeout_ms: u64,
     /// The accept backlog (connections; `backlog`): how many one multishot accept
     /// may bring at once.
     pub backlog: u32,

@@ -312,6 +312,9 @@ impl HttpSession {
         }
         if !self.partial.is_empty() || self.deferred.is_some() {
             io.client().send(RESP_408);
+            io.timed_out = Some(super::TimeoutKind::Header);
+        } else {
+            io.timed_out = Some(super::TimeoutKind::KeepAlive);
         }
         self.end(io, now);
     }

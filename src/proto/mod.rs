@@ -175,6 +175,35 @@ pub struct SessionIo {
     /// A lingering close is under way ([`SessionIo::linger`]): input discarded
     /// so far (bytes).
     pub(crate) linger: Option<usize>,
+    /// The listener's idle timeout for a TCP `echo` session (set by the driver
+    /// before [`Session::on_open`]); `None`: none.
+    pub(crate) idle_timeout: Option<std::time::Duration>,
+    /// The kind of the deadline that ended the session, if one did (for the
+    /// listener's timeout counters; the driver takes it).
+    pub(crate) timed_out: Option<TimeoutKind>,
+}
+
+/// Which deadline ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// No byte either way for `idle_timeout_ms` (echo, proxy).
+    Idle,
+    /// An http request head (or a body owed an answer) not finished within
+    /// `header_timeout_ms`: answered 408.
+    Header,
+    /// An http connection idle between requests for `keepalive_timeout_ms`.
+    KeepAlive,
+}
+
+impl TimeoutKind {
+    /// The label used in metrics: "idle", "header", "keepalive".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::Idle => "idle",
+            TimeoutKind::Header => "header",
+            TimeoutKind::KeepAlive => "keepalive",
+        }
+    }
 }
 
 impl SessionIo {
@@ -212,6 +241,9 @@ impl SessionIo {
     /// timeout, or bytes a peer will not take, e.g. a reader stalled on a zero
     /// window, for which a graceful close would wait forever) both are reset.
     pub fn proxy_timeout(&mut self, connected: bool) {
+        if connected {
+            self.timed_out = Some(TimeoutKind::Idle);
+        }
         let stuck = self.sides.iter().any(|l| l.unsent() > 0);
         if connected && !stuck {
             self.close();
@@ -332,6 +364,14 @@ pub struct ConnInfo {
     pub local: Option<SocketAddr>,
 }
 
+/// Moves an echo session's idle deadline to its idle timeout after `now` (none
+/// without one): every byte either way counts as activity.
+fn echo_idle(io: &mut SessionIo, now: Instant) {
+    if let Some(d) = io.idle_timeout {
+        io.set_deadline(Some(now + d));
+    }
+}
+
 /// The per-session state machine of one action.
 #[derive(Debug)]
 pub enum Session {
@@ -417,7 +457,10 @@ impl Session {
         now: Instant,
     ) {
         match self {
-            Session::Echo => io.client().recv(),
+            Session::Echo => {
+                io.client().recv();
+                echo_idle(io, now);
+            }
             Session::Http(h) => h.on_open(io, now),
             Session::Respond => {
                 if let Action::Respond(bytes) = action {
@@ -478,6 +521,12 @@ impl Session {
         }
         match c {
             Completion::Timeout if matches!(self, Session::Http(_)) => {}
+            Completion::Timeout if matches!(self, Session::Echo) && io.idle_timeout.is_some() => {
+                // Idle: a clean end (FIN, then input discarded until the client's).
+                io.timed_out = Some(TimeoutKind::Idle);
+                io.linger(now);
+                return;
+            }
             Completion::Error(_) | Completion::Timeout => {
                 io.abort();
                 return;
@@ -490,16 +539,19 @@ impl Session {
         }
         let cl = io.client();
         match self {
-            Session::Echo => match c {
-                Completion::Recv(data) => {
-                    cl.send(data);
-                    if cl.unsent() < SEND_WINDOW {
-                        cl.recv();
+            Session::Echo => {
+                match c {
+                    Completion::Recv(data) => {
+                        cl.send(data);
+                        if cl.unsent() < SEND_WINDOW {
+                            cl.recv();
+                        }
                     }
+                    Completion::Sent(_) => resume_below_window(io),
+                    _ => {}
                 }
-                Completion::Sent(_) => resume_below_window(io),
-                _ => {}
-            },
+                echo_idle(io, now);
+            }
             // Lingering from its open on: every completion went to the linger.
             Session::Respond => {}
             Session::Http(h) => match c {
@@ -601,6 +653,36 @@ mod tests {
         io.client().out.clear();
         s.on_complete(Side::Client, Completion::Sent(SEND_WINDOW), &mut io, now());
         assert!(io.client().want_recv);
+    }
+
+    /// An echo session with an idle timeout: the deadline follows every byte
+    /// either way; when it passes, a lingering close (FIN, not a reset) starts and
+    /// the timeout is reported as idle. Without one, no deadline is set.
+    #[test]
+    fn echo_idle_timeout_moves_with_traffic_and_ends_cleanly() {
+        let t0 = now();
+        let d = std::time::Duration::from_millis(100);
+        let mut s = Session::new(&Action::Echo);
+        let mut io = SessionIo {
+            idle_timeout: Some(d),
+            ..Default::default()
+        };
+        s.on_open(&Action::Echo, &NO_INFO, "root", &mut io, t0);
+        assert_eq!(io.deadline, Some(t0 + d));
+        let t1 = t0 + std::time::Duration::from_millis(60);
+        s.on_complete(Side::Client, Completion::Recv(b"x"), &mut io, t1);
+        assert_eq!(io.deadline, Some(t1 + d));
+        let t2 = t1 + std::time::Duration::from_millis(30);
+        s.on_complete(Side::Client, Completion::Sent(1), &mut io, t2);
+        assert_eq!(io.deadline, Some(t2 + d));
+        s.on_complete(Side::Client, Completion::Timeout, &mut io, t2 + d);
+        assert!(io.lingering() && !io.abort, "{io:?}");
+        assert_eq!(io.timed_out, Some(TimeoutKind::Idle));
+
+        let mut s = Session::new(&Action::Echo);
+        let mut io = SessionIo::default();
+        s.on_open(&Action::Echo, &NO_INFO, "root", &mut io, t0);
+        assert_eq!(io.deadline, None);
     }
 
     #[test]

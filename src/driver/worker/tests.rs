@@ -50,6 +50,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
         stats: Default::default(),
         max_connections: 0,
         backlog: 128,
+        idle_timeout_ms: 0,
         budget: Default::default(),
         netns_fds: Default::default(),
     });

@@ -290,6 +290,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
         stats: Default::default(),
         max_connections: 0,
         backlog: 128,
+        idle_timeout_ms: 0,
         budget: Default::default(),
         netns_fds: Default::default(),
     });
