@@ -16,6 +16,7 @@ both_drivers!(
     idle_flood_in_one_namespace_leaves_the_others_served,
     listener_cap_holds_the_backlog_and_resumes,
     idle_echo_is_closed_by_its_timeout_and_defaults_show,
+    refused_upstream_storm_is_counted_not_logged_per_connection,
 );
 
 /// `n` TCP client sockets in `ns`, each connecting (non-blocking) to `addr`;
@@ -254,5 +255,68 @@ fn idle_echo_is_closed_by_its_timeout_and_defaults_show(driver: &str) {
     assert_eq!(l("h")["keepalive_timeout_ms"], 75_000);
     assert_eq!(l("d")["max_connections"], 0);
     drop(talker);
+    assert!(r.stop().success());
+}
+
+/// A client loops connect/close for 3 s against a proxy whose upstream refuses:
+/// every connection is counted as an upstream failure, and the log holds a few
+/// lines, not one per connection.
+fn refused_upstream_storm_is_counted_not_logged_per_connection(driver: &str) {
+    let (port, admin) = (free_port(), free_port());
+    // A port nobody listens on: connects are refused.
+    let refused = free_port();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:{port}\"\naction = \"proxy\"\n\
+         upstream = \"127.0.0.1:{refused}\"\n"
+    );
+    let r = Ringress::start(&format!("storm-{driver}"), driver, &cfg);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let before = r.stderr().lines().count();
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < Duration::from_secs(3) && n < 200_000 {
+        // The proxy resets the client once its upstream refused, sometimes before
+        // connect(2) has returned here.
+        match connect_in(None, addr) {
+            Ok(mut s) => {
+                let _ = read_until_end(&mut s);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+        n += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let failures = || {
+        ["upstream_refused", "upstream_error", "upstream_timeout"]
+            .iter()
+            .map(|k| scrape(admin, "ringress_listener_errors_total", "p", Some(k)))
+            .sum::<f64>()
+    };
+    while failures() < n as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} failures for {n} connections",
+            failures()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(failures(), n as f64);
+    assert_eq!(
+        scrape(
+            admin,
+            "ringress_listener_connections_accepted_total",
+            "p",
+            None
+        ),
+        n as f64
+    );
+    let log = r.stderr();
+    let lines = log.lines().count() - before;
+    assert!(n > 100, "too few connections to tell: {n}");
+    assert!(lines < 20, "{lines} log lines for {n} connections:\n{log}");
+    assert!(log.contains("upstream connect failed"), "{log}");
     assert!(r.stop().success());
 }
