@@ -243,6 +243,12 @@ impl Server {
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
         let bound = server.bind_all(&planned, HashMap::new())?;
+        // A first budget before any worker accepts (refreshed once all is running).
+        let namespaces: HashSet<Option<PathBuf>> = planned
+            .iter()
+            .map(|p| server.cfg.netns_path(&p.config))
+            .collect();
+        server.refresh_budget_for(namespaces.len());
         server.workers =
             driver::spawn_workers(server.worker_count(), driver).map_err(StartError::Workers)?;
         for (p, b) in planned.into_iter().zip(bound) {
@@ -507,22 +513,27 @@ impl Server {
     /// (after start, reload and namespace changes: listener sockets and pools
     /// change what the process holds for itself).
     pub fn refresh_budget(&self) {
-        let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
-        let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
-        let rt = &self.cfg.runtime;
         let namespaces: HashSet<Option<PathBuf>> = self
             .listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving)
             .map(|l| self.cfg.netns_path(&l.config))
             .collect();
+        self.refresh_budget_for(namespaces.len());
+    }
+
+    /// [`Server::refresh_budget`] with `namespaces` namespaces that have listeners.
+    fn refresh_budget_for(&self, namespaces: usize) {
+        let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
+        let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
+        let rt = &self.cfg.runtime;
         self.budget.refresh(
             nofile,
             open,
             rt.fd_reserve,
             rt.max_connections,
             rt.netns_fd_share,
-            namespaces.len() as u64,
+            namespaces as u64,
         );
     }
 

@@ -162,7 +162,7 @@ impl ActiveSession {
             && matches!(listener.action, crate::config::Action::Echo)
             && listener.idle_timeout_ms > 0
         {
-            io.idle_timeout = Some(std::time::Duration::from_millis(listener.idle_timeout_ms));
+            io.idle_timeout_ms = u32::try_from(listener.idle_timeout_ms).unwrap_or(u32::MAX);
         }
         let mut c = ActiveSession {
             sockets: [client, SideSocket::new(None)],

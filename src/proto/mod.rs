@@ -174,10 +174,11 @@ pub struct SessionIo {
     pub(crate) lost: bool,
     /// A lingering close is under way ([`SessionIo::linger`]): input discarded
     /// so far (bytes).
-    pub(crate) linger: Option<usize>,
-    /// The listener's idle timeout for a TCP `echo` session (set by the driver
-    /// before [`Session::on_open`]); `None`: none.
-    pub(crate) idle_timeout: Option<std::time::Duration>,
+    pub(crate) linger: Option<u32>,
+    /// The listener's idle timeout for a TCP `echo` session (ms; 0: none; set by
+    /// the driver before [`Session::on_open`]; u32 keeps every session small:
+    /// `MAX_TIMEOUT_MS` fits).
+    pub(crate) idle_timeout_ms: u32,
     /// The kind of the deadline that ended the session, if one did (for the
     /// listener's timeout counters; the driver takes it).
     pub(crate) timed_out: Option<TimeoutKind>,
@@ -306,8 +307,8 @@ impl SessionIo {
         match *c {
             Completion::Recv(d) => {
                 let n = self.linger.get_or_insert(0);
-                *n = n.saturating_add(d.len());
-                if *n > LINGER_MAX_BYTES {
+                *n = n.saturating_add(u32::try_from(d.len()).unwrap_or(u32::MAX));
+                if *n as usize > LINGER_MAX_BYTES {
                     self.close();
                 } else {
                     self.client().recv();
@@ -367,8 +368,10 @@ pub struct ConnInfo {
 /// Moves an echo session's idle deadline to its idle timeout after `now` (none
 /// without one): every byte either way counts as activity.
 fn echo_idle(io: &mut SessionIo, now: Instant) {
-    if let Some(d) = io.idle_timeout {
-        io.set_deadline(Some(now + d));
+    if io.idle_timeout_ms > 0 {
+        io.set_deadline(Some(
+            now + std::time::Duration::from_millis(u64::from(io.idle_timeout_ms)),
+        ));
     }
 }
 
@@ -381,8 +384,10 @@ pub enum Session {
     /// ([`SessionIo::linger`]): FIN, input read and discarded until the client's
     /// FIN, bounded in time and bytes (so that closing does not reset the peer).
     Respond,
-    /// A fixed `200 OK` per HTTP/1.x request, keep-alive and pipelining honoured.
-    Http(HttpSession),
+    /// A fixed `200 OK` per HTTP/1.x request, keep-alive and pipelining honoured
+    /// (boxed like the other large variants: every session is as big as the
+    /// largest variant, and most are echo or proxy).
+    Http(Box<HttpSession>),
     /// Bytes both ways between the client and an upstream.
     Proxy(Box<ProxySession>),
     /// SCTP echo or proxy of whole messages (one association, or a one-to-many
@@ -419,7 +424,7 @@ impl Session {
         match action {
             Action::Echo => Session::Echo,
             Action::Respond(_) => Session::Respond,
-            Action::Http(h) => Session::Http(HttpSession::new(*h)),
+            Action::Http(h) => Session::Http(Box::new(HttpSession::new(*h))),
             Action::Proxy(p) => Session::Proxy(Box::new(ProxySession::new(p.clone()))),
         }
     }
@@ -521,7 +526,7 @@ impl Session {
         }
         match c {
             Completion::Timeout if matches!(self, Session::Http(_)) => {}
-            Completion::Timeout if matches!(self, Session::Echo) && io.idle_timeout.is_some() => {
+            Completion::Timeout if matches!(self, Session::Echo) && io.idle_timeout_ms > 0 => {
                 // Idle: a clean end (FIN, then input discarded until the client's).
                 io.timed_out = Some(TimeoutKind::Idle);
                 io.linger(now);
@@ -664,7 +669,7 @@ mod tests {
         let d = std::time::Duration::from_millis(100);
         let mut s = Session::new(&Action::Echo);
         let mut io = SessionIo {
-            idle_timeout: Some(d),
+            idle_timeout_ms: 100,
             ..Default::default()
         };
         s.on_open(&Action::Echo, &NO_INFO, "root", &mut io, t0);

@@ -42,7 +42,7 @@ impl<B: Backend> Worker<B> {
         let fd = l.fd.as_raw_fd();
         // A multishot accept may bring a whole accept queue before it can be
         // cancelled: near a cap, one connection at a time.
-        let multishot = headroom(&l.shared) > u64::from(l.shared.backlog) + 64;
+        let multishot = multishot_pays(&l.shared);
         let id = self.submit(K_ACCEPT, k, Op::Accept { fd, multishot });
         if let Some(l) = self.listeners.get_mut(k) {
             l.op = Some(id);
@@ -189,11 +189,19 @@ impl<B: Backend> Worker<B> {
                 );
                 let ck = self.insert_session(session);
                 self.drive(ck);
-                // A multishot accept goes on by itself: stop it at a cap.
+                // A multishot accept goes on by itself: stop it at a cap, and
+                // near one go over to single accepts (cancel; re-armed single).
                 if ev.more {
-                    let cap = self.listeners.get(k).and_then(|l| admits(&l.shared).err());
-                    if let Some(cap) = cap {
-                        self.hold_at_capacity(k, cap);
+                    if let Some(l) = self.listeners.get(k) {
+                        match admits(&l.shared) {
+                            Err(cap) => self.hold_at_capacity(k, cap),
+                            Ok(()) if !multishot_pays(&l.shared) => {
+                                if let Some(id) = l.op {
+                                    self.backend.cancel(id);
+                                }
+                            }
+                            Ok(()) => {}
+                        }
                     }
                 }
             }
@@ -250,6 +258,13 @@ fn admits(l: &ListenerShared) -> Result<(), Cap> {
         l.max_connections,
         session_fds(l),
     )
+}
+
+/// Whether listener `l` is far enough from every cap for a multishot accept,
+/// which may bring a whole accept queue (up to its backlog) before it can be
+/// cancelled.
+fn multishot_pays(l: &ListenerShared) -> bool {
+    headroom(l) > u64::from(l.backlog) + 64
 }
 
 /// How many more sessions listener `l` may open before a cap (counts).
