@@ -2,6 +2,12 @@
 //! (echo it, or forward it through the client's proxy session), the session table,
 //! and the datagram syscalls both drivers use.
 //!
+//! A proxy session is keyed by the client's address and the local address it sent
+//! to. A new session whose upstream socket must come from the binder's pool and
+//! finds it empty waits for the refill and keeps its first datagrams meanwhile
+//! ([`UdpSessions::enqueue`]); the worker retries waiting sessions after each batch
+//! of events (the refill wakes it through its eventfd) and on every sweep.
+//!
 //! The backends only receive (a multishot [`super::backend::Op::RecvMulti`]:
 //! io_uring RECVMSG from a provided-buffer ring, epoll recvmsg(2) until EAGAIN). Sends are sendmsg(2) with
 //! MSG_DONTWAIT from both drivers: a UDP send never waits for the peer, and a full
@@ -25,13 +31,15 @@ use super::shared::{ListenerShared, ListenerStats};
 use super::slab::{Key, Slab};
 use super::upstream::GetSocket;
 use crate::config::Action;
-use crate::proto::udp::{Lookup, UdpSessions};
+use crate::config::ProxyConfig;
+use crate::proto::udp::{may_open_session, Expiry, Lookup, UdpSession, UdpSessions};
 
 /// Room for a source address (`sockaddr_in6` is the larger of the two), bytes.
 pub(crate) const NAME_SPACE: usize = size_of::<libc::sockaddr_in6>();
 /// Room for one IP_PKTINFO and one IPV6_PKTINFO control message, bytes.
 pub(crate) const CONTROL_SPACE: usize = 128;
-/// How often idle UDP sessions are looked for.
+/// How often idle and unreplied UDP sessions are looked for (so a session ends up
+/// to this much after its timeout).
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// A received datagram.
@@ -51,7 +59,7 @@ pub(crate) struct UdpListener {
     pub fd: OwnedFd,
     pub shared: Arc<ListenerShared>,
     pub max_datagram: usize,
-    /// Proxy sessions by client; `None` for echo.
+    /// Proxy sessions by client and local address; `None` for echo.
     pub sessions: Option<UdpSessions<Key>>,
     /// Its multishot receive, while in flight.
     pub recv: Option<OpId>,
@@ -90,12 +98,10 @@ impl UdpState {
     /// Adds a listener socket; returns its key.
     pub fn add_listener(&mut self, fd: OwnedFd, shared: Arc<ListenerShared>) -> Key {
         let (max_datagram, sessions) = match &shared.action {
-            Action::Proxy(p) => (
-                shared.max_datagram,
-                Some(UdpSessions::new(Duration::from_millis(
-                    p.session_idle_timeout_ms,
-                ))),
-            ),
+            Action::Proxy(p) => {
+                let (idle, unreplied) = timeouts(p);
+                (shared.max_datagram, Some(UdpSessions::new(idle, unreplied)))
+            }
             _ => (shared.max_datagram, None),
         };
         if sessions.is_some() && self.next_sweep.is_none() {
@@ -136,56 +142,139 @@ impl UdpState {
             count_send(st, send_to_from(l.fd.as_raw_fd(), d.data, Some(from), d.to));
             return After::Nothing;
         };
-        let (Action::Proxy(p), Some(set)) = (&l.shared.action, &l.shared.upstream) else {
+        let (Action::Proxy(p), Some(_)) = (&l.shared.action, &l.shared.upstream) else {
             return After::Nothing;
         };
-        match sessions.lookup(from, st.active() as usize, p.max_sessions) {
+        let max = p.max_sessions;
+        let admit = || may_open_session(st.active() as usize, max);
+        let id = match sessions.lookup(from, d.to, admit) {
             Lookup::Existing(id) => {
                 sessions.touch(id, now);
-                if let Some(uk) = sessions.get(id).map(|s| s.upstream) {
-                    if let Some(u) = self.upstreams.get_mut(uk) {
-                        let r = send_to_from(u.fd.as_raw_fd(), d.data, None, None);
-                        count_upstream_send(st, r);
+                match sessions.get(id).and_then(|s| s.upstream) {
+                    Some(uk) => {
+                        if let Some(u) = self.upstreams.get_mut(uk) {
+                            let r = send_to_from(u.fd.as_raw_fd(), d.data, None, None);
+                            count_upstream_send(st, r);
+                        }
+                    }
+                    None => {
+                        if sessions.enqueue(id, d.data).is_err() {
+                            st.session_queue_full.fetch_add(1, Relaxed);
+                        }
                     }
                 }
-                After::Nothing
+                return After::Nothing;
             }
             Lookup::Full => {
                 st.session_limit.fetch_add(1, Relaxed);
-                After::Nothing
+                return After::Nothing;
             }
             Lookup::Vacant => {
-                let addr = set.pick(now);
-                let fd = match set.socket_for(addr, wake) {
-                    GetSocket::Ready(fd) => fd,
-                    GetSocket::Wait | GetSocket::Failed(_) => {
-                        // No socket right now: drop, as a congested network would.
-                        st.upstream_errors.fetch_add(1, Relaxed);
-                        return After::Nothing;
-                    }
-                };
-                if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
-                    st.upstream_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
-                        "udp upstream connect failed");
-                    return After::Nothing;
-                }
-                let uk = self.upstreams.insert(UdpUpstream {
-                    fd,
-                    listener: lk,
-                    session: u32::MAX,
-                    recv: None,
-                    closing: false,
-                });
-                let id = sessions.insert(from, d.to, uk, now);
+                let id = sessions.insert(from, d.to, None, now);
                 st.accepted.fetch_add(1, Relaxed);
-                if let Some(u) = self.upstreams.get_mut(uk) {
-                    u.session = id;
-                    count_upstream_send(st, send_to_from(u.fd.as_raw_fd(), d.data, None, None));
+                // Kept until the upstream socket is there (sent at once if it is).
+                if sessions.enqueue(id, d.data).is_err() {
+                    st.session_queue_full.fetch_add(1, Relaxed);
                 }
-                After::Watch(uk)
+                id
+            }
+        };
+        match self.connect_session(lk, id, wake, now) {
+            Some(uk) => After::Watch(uk),
+            None => After::Nothing,
+        }
+    }
+
+    /// Gives waiting session `id` of listener `lk` an upstream socket, connects it
+    /// and sends what the session kept; returns the socket's key, to receive on.
+    /// `None` when the pool is still empty (the session goes on waiting; `wake` is
+    /// written when the refill ends) or no socket can be had (the session ends,
+    /// its kept datagrams counted as upstream errors).
+    fn connect_session(
+        &mut self,
+        lk: Key,
+        id: u32,
+        wake: &Arc<OwnedFd>,
+        now: Instant,
+    ) -> Option<Key> {
+        let l = self.listeners.get_mut(lk)?;
+        let sessions = l.sessions.as_mut()?;
+        let set = l.shared.upstream.as_ref()?;
+        let st = &l.shared.stats;
+        let addr = set.pick(now);
+        let fail = |sessions: &mut UdpSessions<Key>| {
+            if let Some(s) = sessions.remove(id) {
+                st.upstream_errors
+                    .fetch_add(s.queued().max(1) as u64, Relaxed);
+                st.closed.fetch_add(1, Relaxed);
+            }
+        };
+        let fd = match set.socket_for(addr, wake) {
+            GetSocket::Ready(fd) => fd,
+            GetSocket::Wait => return None,
+            GetSocket::Failed(_) => {
+                fail(sessions);
+                return None;
+            }
+        };
+        if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
+            tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
+                "udp upstream connect failed");
+            fail(sessions);
+            return None;
+        }
+        let raw = fd.as_raw_fd();
+        let uk = self.upstreams.insert(UdpUpstream {
+            fd,
+            listener: lk,
+            session: id,
+            recv: None,
+            closing: false,
+        });
+        for data in sessions.set_upstream(id, uk) {
+            count_upstream_send(st, send_to_from(raw, &data, None, None));
+        }
+        Some(uk)
+    }
+
+    /// Retries the sessions waiting for an upstream socket (the pool may have been
+    /// refilled); returns the upstream keys of those that got one, to receive on.
+    /// A listener's retries stop at its first session that must still wait.
+    pub fn retry_waiting(&mut self, wake: &Arc<OwnedFd>, now: Instant) -> Vec<Key> {
+        let mut watch = Vec::new();
+        for lk in self.listeners.keys() {
+            let ids = match self.listeners.get(lk).and_then(|l| l.sessions.as_ref()) {
+                Some(s) if s.waiting() > 0 => s.waiting_ids(),
+                _ => continue,
+            };
+            for id in ids {
+                match self.connect_session(lk, id, wake, now) {
+                    Some(uk) => watch.push(uk),
+                    None => {
+                        let still = self
+                            .listeners
+                            .get(lk)
+                            .and_then(|l| l.sessions.as_ref())
+                            .and_then(|s| s.get(id))
+                            .is_some();
+                        if still {
+                            break;
+                        }
+                    }
+                }
             }
         }
+        watch
+    }
+
+    /// Whether some session waits for an upstream socket.
+    pub fn any_waiting(&self) -> bool {
+        self.listeners.keys().into_iter().any(|lk| {
+            self.listeners
+                .get(lk)
+                .and_then(|l| l.sessions.as_ref())
+                .is_some_and(|s| s.waiting() > 0)
+        })
     }
 
     /// A datagram arrived on upstream socket `uk`: back to its session's client,
@@ -209,9 +298,9 @@ impl UdpState {
         // The session may have ended (and its id been reused) while this socket's
         // last datagrams were still on their way.
         match sessions.get(id) {
-            Some(s) if s.upstream == uk => {
+            Some(s) if s.upstream == Some(uk) => {
                 let (client, local) = (s.client, s.local);
-                sessions.touch(id, now);
+                sessions.reply(id, now);
                 count_send(
                     st,
                     send_to_from(l.fd.as_raw_fd(), d.data, Some(client), local),
@@ -249,9 +338,13 @@ impl UdpState {
         for lk in self.listeners.keys() {
             if let Some(l) = self.listeners.get_mut(lk) {
                 if let Some(sessions) = &mut l.sessions {
-                    for s in sessions.expire(now) {
-                        l.shared.stats.closed.fetch_add(1, Relaxed);
-                        gone.push(s.upstream);
+                    for (s, why) in sessions.expire(now) {
+                        let st = &l.shared.stats;
+                        match why {
+                            Expiry::Unreplied => st.expired_unreplied.fetch_add(1, Relaxed),
+                            Expiry::Idle => st.expired_idle.fetch_add(1, Relaxed),
+                        };
+                        gone.extend(ended(st, s));
                     }
                 }
             }
@@ -270,7 +363,7 @@ impl UdpState {
     /// sessions end and their upstream keys are returned for the driver to drop.
     pub fn update_listener(&mut self, lk: Key, shared: Arc<ListenerShared>) -> Vec<Key> {
         let proxy_idle = match &shared.action {
-            Action::Proxy(p) => Some(Duration::from_millis(p.session_idle_timeout_ms)),
+            Action::Proxy(p) => Some(timeouts(p)),
             _ => None,
         };
         let ended = if proxy_idle.is_none() {
@@ -284,9 +377,9 @@ impl UdpState {
         l.max_datagram = shared.max_datagram;
         l.shared = shared;
         match (proxy_idle, &mut l.sessions) {
-            (Some(idle), Some(s)) => s.set_idle(idle),
-            (Some(idle), None) => {
-                l.sessions = Some(UdpSessions::new(idle));
+            (Some((idle, unreplied)), Some(s)) => s.set_timeouts(idle, unreplied),
+            (Some((idle, unreplied)), None) => {
+                l.sessions = Some(UdpSessions::new(idle, unreplied));
                 if self.next_sweep.is_none() {
                     self.next_sweep = Some(Instant::now() + SWEEP_EVERY);
                 }
@@ -305,13 +398,31 @@ impl UdpState {
         };
         let mut ups = Vec::new();
         if let Some(sessions) = &mut l.sessions {
-            for s in sessions.expire(Instant::now() + Duration::from_secs(86_400 * 365)) {
-                l.shared.stats.closed.fetch_add(1, Relaxed);
-                ups.push(s.upstream);
+            for s in sessions.drain() {
+                ups.extend(ended(&l.shared.stats, s));
             }
         }
         ups
     }
+}
+
+/// The idle and unreplied timeouts of a proxy listener's sessions.
+fn timeouts(p: &ProxyConfig) -> (Duration, Duration) {
+    (
+        Duration::from_millis(p.session_idle_timeout_ms),
+        Duration::from_millis(p.session_unreplied_timeout_ms),
+    )
+}
+
+/// Counts session `s` as closed (its kept datagrams, never sent, as upstream
+/// errors); returns its upstream socket's key, if it had one, for the driver to
+/// stop receiving on and drop.
+fn ended(st: &ListenerStats, s: UdpSession<Key>) -> Option<Key> {
+    st.closed.fetch_add(1, Relaxed);
+    if s.queued() > 0 {
+        st.upstream_errors.fetch_add(s.queued() as u64, Relaxed);
+    }
+    s.upstream
 }
 
 fn count_send(st: &ListenerStats, r: io::Result<usize>) {
