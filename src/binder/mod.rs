@@ -47,7 +47,7 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::netns;
 
-pub use self::pool::SocketPool;
+pub use self::pool::{SocketPool, GROWTH as POOL_GROWTH, SHRINK_AFTER as POOL_SHRINK_AFTER};
 use self::spec::create_sockets;
 pub use self::spec::{udp_socket, ClientProto, SocketSpec};
 

@@ -1,17 +1,29 @@
 //! Upstream client sockets made ahead of time ([`SocketPool`]), one pool per
 //! listener, namespace and address family, and their refill by the binder thread:
 //! a worker connects from a pooled socket without a binder round trip.
+//!
+//! A pool that runs dry between two refills doubles its target for the next one
+//! (up to [`GROWTH`] times its base), so a burst of new sessions waits for fewer
+//! binder round trips; a refill that starts with the pool still more than half
+//! full and no take having found it empty for [`SHRINK_AFTER`] halves it again
+//! (not below the base), so a pool that is not drained returns to its base.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
+
+/// Most a pool's target grows under load, as a multiple of its base (count): a
+/// pool of base 64 keeps at most 512 sockets ready.
+pub const GROWTH: usize = 8;
+/// A grown pool shrinks once no take has found it empty for this long.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(10);
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -22,7 +34,14 @@ pub struct SocketPool {
     label: String,
     family_of: SocketAddr,
     proto: ClientProto,
-    target: usize,
+    /// Sockets kept ready when idle (count).
+    base: usize,
+    /// Sockets the next refill fills up to (count): `base..=base * GROWTH`.
+    target: AtomicUsize,
+    /// A take found the pool empty since the last refill began.
+    ran_dry: AtomicBool,
+    /// When a take last found the pool empty.
+    dry_at: Mutex<Option<Instant>>,
     fds: Mutex<Vec<OwnedFd>>,
     refilling: AtomicBool,
     /// errno of the last failed fill, 0 if the last fill worked.
@@ -45,7 +64,7 @@ impl fmt::Debug for SocketPool {
 impl SocketPool {
     /// An empty pool for `proto` sockets of `family_of`'s family in namespace file
     /// `netns` (labelled `label` in errors), for listener `owner`, kept at `target`
-    /// sockets.
+    /// sockets when idle (at least 2), up to [`GROWTH`] times that under load.
     pub fn new(
         owner: String,
         netns: PathBuf,
@@ -60,7 +79,10 @@ impl SocketPool {
             label,
             family_of,
             proto,
-            target: target.max(2),
+            base: target.max(2),
+            target: AtomicUsize::new(target.max(2)),
+            ran_dry: AtomicBool::new(false),
+            dry_at: Mutex::new(None),
             fds: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             last_error: AtomicI32::new(0),
@@ -73,9 +95,39 @@ impl SocketPool {
         self.fds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a socket, if one is ready.
+    /// Takes a socket, if one is ready. Finding none makes the next refill
+    /// larger.
     pub fn take(&self) -> Option<OwnedFd> {
-        self.lock().pop()
+        let fd = self.lock().pop();
+        if fd.is_none() {
+            self.ran_dry.store(true, Ordering::Release);
+            *self.dry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        fd
+    }
+
+    /// The target of the next refill (count), sockets ready at `now` being
+    /// `ready`: doubled if the pool ran dry since the last refill, halved if it is
+    /// more than half full and has not run dry for [`SHRINK_AFTER`], within
+    /// `base..=base * GROWTH`.
+    fn next_target(&self, ready: usize, now: Instant) -> usize {
+        let t = self.target.load(Ordering::Acquire);
+        let dry_at = *self.dry_at.lock().unwrap_or_else(|p| p.into_inner());
+        let calm = dry_at.is_none_or(|d| now.saturating_duration_since(d) >= SHRINK_AFTER);
+        let next = if self.ran_dry.swap(false, Ordering::AcqRel) {
+            (t * 2).min(self.base * GROWTH)
+        } else if calm && ready > t / 2 {
+            (t / 2).max(self.base)
+        } else {
+            t
+        };
+        self.target.store(next, Ordering::Release);
+        next
+    }
+
+    /// The target the pool is refilled to now (count).
+    pub fn target(&self) -> usize {
+        self.target.load(Ordering::Acquire)
     }
 
     /// Sockets ready (count).
@@ -93,7 +145,7 @@ impl SocketPool {
     /// while a refill runs are made up by the next one, so refills batch under
     /// load, and an idle pool is always full.
     pub fn wants_refill(&self) -> bool {
-        self.len() < self.target
+        self.len() < self.target()
             && self
                 .refilling
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -208,7 +260,10 @@ impl BinderState {
 
     /// One refill of `pool` to its target.
     fn fill_once(&mut self, pool: &SocketPool) -> Result<(), BindError> {
-        let missing = pool.target.saturating_sub(pool.len());
+        let ready = pool.len();
+        let missing = pool
+            .next_target(ready, Instant::now())
+            .saturating_sub(ready);
         let req = Request {
             owner: pool.owner.clone(),
             netns_label: pool.label.clone(),
@@ -244,6 +299,40 @@ impl BinderState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_that_runs_dry_grows_bounded_and_shrinks_when_idle() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            ClientProto::Udp,
+            64,
+        );
+        let now = Instant::now();
+        assert_eq!(pool.target(), 64);
+        // Not dry, nearly empty: the target stays.
+        assert_eq!(pool.next_target(0, now), 64);
+        for want in [128, 256, 512, 512, 512] {
+            assert!(pool.take().is_none());
+            assert_eq!(pool.next_target(0, now), want, "grows when dry, up to 8x");
+        }
+        assert_eq!(
+            pool.next_target(100, now),
+            512,
+            "a pool in use keeps its size"
+        );
+        assert_eq!(pool.next_target(511, now), 512, "ran dry just now");
+        let later = now + SHRINK_AFTER + Duration::from_secs(1);
+        for want in [256, 128, 64, 64] {
+            assert_eq!(
+                pool.next_target(want * 2 - 1, later),
+                want,
+                "halves when idle"
+            );
+        }
+    }
 
     #[test]
     fn pool_wakes_each_waiting_worker_once() {
