@@ -29,7 +29,7 @@ use socket2::SockAddr;
 use super::backend::OpId;
 use super::shared::{ListenerShared, ListenerStats};
 use super::slab::{Key, Slab};
-use super::upstream::GetSocket;
+use super::upstream::{GetSocket, UpstreamSet};
 use crate::config::Action;
 use crate::config::ProxyConfig;
 use crate::proto::udp::{may_open_session, Expiry, Lookup, UdpSession, UdpSessions};
@@ -142,12 +142,12 @@ impl UdpState {
             count_send(st, send_to_from(l.fd.as_raw_fd(), d.data, Some(from), d.to));
             return After::Nothing;
         };
-        let (Action::Proxy(p), Some(_)) = (&l.shared.action, &l.shared.upstream) else {
+        let (Action::Proxy(p), Some(set)) = (&l.shared.action, &l.shared.upstream) else {
             return After::Nothing;
         };
         let max = p.max_sessions;
         let admit = || may_open_session(st.active() as usize, max);
-        let id = match sessions.lookup(from, d.to, admit) {
+        let (id, fd) = match sessions.lookup(from, d.to, admit) {
             Lookup::Existing(id) => {
                 sessions.touch(id, now);
                 match sessions.get(id).and_then(|s| s.upstream) {
@@ -169,60 +169,36 @@ impl UdpState {
                 st.session_limit.fetch_add(1, Relaxed);
                 return After::Nothing;
             }
-            Lookup::Vacant => {
-                let id = sessions.insert(from, d.to, None, now);
-                st.accepted.fetch_add(1, Relaxed);
-                // Kept until the upstream socket is there (sent at once if it is).
-                if sessions.enqueue(id, d.data).is_err() {
-                    st.session_queue_full.fetch_add(1, Relaxed);
+            Lookup::Vacant => match upstream_socket(&l.shared.name, set, wake, now) {
+                Err(()) => {
+                    // No socket can be had: dropped, as a congested network would.
+                    st.upstream_errors.fetch_add(1, Relaxed);
+                    return After::Nothing;
                 }
-                id
-            }
+                Ok(None) => {
+                    // The pool is empty: the session waits for its refill, keeping
+                    // this datagram ([`UdpState::retry_waiting`]).
+                    let id = sessions.insert(from, d.to, None, now);
+                    st.accepted.fetch_add(1, Relaxed);
+                    if sessions.enqueue(id, d.data).is_err() {
+                        st.session_queue_full.fetch_add(1, Relaxed);
+                    }
+                    return After::Nothing;
+                }
+                Ok(Some(fd)) => {
+                    let id = sessions.insert(from, d.to, None, now);
+                    st.accepted.fetch_add(1, Relaxed);
+                    count_upstream_send(st, send_to_from(fd.as_raw_fd(), d.data, None, None));
+                    (id, fd)
+                }
+            },
         };
-        match self.connect_session(lk, id, wake, now) {
-            Some(uk) => After::Watch(uk),
-            None => After::Nothing,
-        }
+        After::Watch(self.add_upstream(lk, id, fd))
     }
 
-    /// Gives waiting session `id` of listener `lk` an upstream socket, connects it
-    /// and sends what the session kept; returns the socket's key, to receive on.
-    /// `None` when the pool is still empty (the session goes on waiting; `wake` is
-    /// written when the refill ends) or no socket can be had (the session ends,
-    /// its kept datagrams counted as upstream errors).
-    fn connect_session(
-        &mut self,
-        lk: Key,
-        id: u32,
-        wake: &Arc<OwnedFd>,
-        now: Instant,
-    ) -> Option<Key> {
-        let l = self.listeners.get_mut(lk)?;
-        let sessions = l.sessions.as_mut()?;
-        let set = l.shared.upstream.as_ref()?;
-        let st = &l.shared.stats;
-        let addr = set.pick(now);
-        let fail = |sessions: &mut UdpSessions<Key>| {
-            if let Some(s) = sessions.remove(id) {
-                st.upstream_errors
-                    .fetch_add(s.queued().max(1) as u64, Relaxed);
-                st.closed.fetch_add(1, Relaxed);
-            }
-        };
-        let fd = match set.socket_for(addr, wake) {
-            GetSocket::Ready(fd) => fd,
-            GetSocket::Wait => return None,
-            GetSocket::Failed(_) => {
-                fail(sessions);
-                return None;
-            }
-        };
-        if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
-            tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
-                "udp upstream connect failed");
-            fail(sessions);
-            return None;
-        }
+    /// Registers `fd` as the upstream socket of session `id` of listener `lk` and
+    /// sends the datagrams the session kept while it waited; returns its key.
+    fn add_upstream(&mut self, lk: Key, id: u32, fd: OwnedFd) -> Key {
         let raw = fd.as_raw_fd();
         let uk = self.upstreams.insert(UdpUpstream {
             fd,
@@ -231,10 +207,43 @@ impl UdpState {
             recv: None,
             closing: false,
         });
-        for data in sessions.set_upstream(id, uk) {
-            count_upstream_send(st, send_to_from(raw, &data, None, None));
+        if let Some(l) = self.listeners.get_mut(lk) {
+            if let Some(sessions) = &mut l.sessions {
+                for data in sessions.set_upstream(id, uk) {
+                    count_upstream_send(&l.shared.stats, send_to_from(raw, &data, None, None));
+                }
+            }
         }
-        Some(uk)
+        uk
+    }
+
+    /// Gives waiting session `id` of listener `lk` an upstream socket and sends
+    /// what the session kept; returns the socket's key, to receive on. `None` when
+    /// the pool is still empty (the session goes on waiting; `wake` is written
+    /// when the refill ends) or no socket can be had (the session ends, its kept
+    /// datagrams counted as upstream errors).
+    fn connect_session(
+        &mut self,
+        lk: Key,
+        id: u32,
+        wake: &Arc<OwnedFd>,
+        now: Instant,
+    ) -> Option<Key> {
+        let l = self.listeners.get_mut(lk)?;
+        let set = l.shared.upstream.as_ref()?;
+        match upstream_socket(&l.shared.name, set, wake, now) {
+            Ok(Some(fd)) => Some(self.add_upstream(lk, id, fd)),
+            Ok(None) => None,
+            Err(()) => {
+                let st = &l.shared.stats;
+                if let Some(s) = l.sessions.as_mut().and_then(|t| t.remove(id)) {
+                    st.upstream_errors
+                        .fetch_add(s.queued().max(1) as u64, Relaxed);
+                    st.closed.fetch_add(1, Relaxed);
+                }
+                None
+            }
+        }
     }
 
     /// Retries the sessions waiting for an upstream socket (the pool may have been
@@ -269,12 +278,9 @@ impl UdpState {
 
     /// Whether some session waits for an upstream socket.
     pub fn any_waiting(&self) -> bool {
-        self.listeners.keys().into_iter().any(|lk| {
-            self.listeners
-                .get(lk)
-                .and_then(|l| l.sessions.as_ref())
-                .is_some_and(|s| s.waiting() > 0)
-        })
+        self.listeners
+            .values()
+            .any(|l| l.sessions.as_ref().is_some_and(|s| s.waiting() > 0))
     }
 
     /// A datagram arrived on upstream socket `uk`: back to its session's client,
@@ -404,6 +410,33 @@ impl UdpState {
         }
         ups
     }
+}
+
+/// A socket connected to the next upstream of `set` (listener `name`, for logs):
+/// `Ok(None)` when the binder's pool is empty (`wake` is written when its refill
+/// ends).
+///
+/// # Errors
+/// No socket can be had (the pool's namespace is gone, socket(2) failed) or
+/// connect(2) failed (logged): the caller drops what it would have sent.
+fn upstream_socket(
+    name: &str,
+    set: &UpstreamSet,
+    wake: &Arc<OwnedFd>,
+    now: Instant,
+) -> Result<Option<OwnedFd>, ()> {
+    let addr = set.pick(now);
+    let fd = match set.socket_for(addr, wake) {
+        GetSocket::Ready(fd) => fd,
+        GetSocket::Wait => return Ok(None),
+        GetSocket::Failed(_) => return Err(()),
+    };
+    if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
+        tracing::warn!(listener = %name, upstream = %addr, error = %e,
+            "udp upstream connect failed");
+        return Err(());
+    }
+    Ok(Some(fd))
 }
 
 /// The idle and unreplied timeouts of a proxy listener's sessions.
