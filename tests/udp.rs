@@ -501,12 +501,14 @@ fn rotating_source_ports_against_a_silent_upstream_stay_bounded(driver: &str) {
     );
     assert!(asked >= 20, "the legitimate client hardly ran ({asked})");
     assert_eq!(answered, asked, "the legitimate client lost round trips");
-    // Once the sessions are gone, so are their sockets (the pools may stay grown).
+    // Once the sessions are gone, so are their sockets, and the grown socket pool
+    // returns to its base 5 s after it last ran dry (checked every second). The
+    // legitimate client's session (idle timeout 30 s) keeps its one socket.
     let t1 = Instant::now();
-    while r.fds() > base + 2 * 8 * 64 {
+    while r.fds() > base + 1 {
         assert!(
-            t1.elapsed() < Duration::from_secs(5),
-            "fds not released: {} (base {base}): {}",
+            t1.elapsed() < Duration::from_secs(12),
+            "fds not back to the baseline: {} (base {base} + 1): {}",
             r.fds(),
             r.fd_kinds()
         );

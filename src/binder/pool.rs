@@ -4,9 +4,9 @@
 //!
 //! A pool that runs dry between two refills doubles its target for the next one
 //! (up to [`GROWTH`] times its base), so a burst of new sessions waits for fewer
-//! binder round trips; a refill that starts with the pool still more than half
-//! full and no take having found it empty for [`SHRINK_AFTER`] halves it again
-//! (not below the base), so a pool that is not drained returns to its base.
+//! binder round trips; once no take has found it empty for [`SHRINK_AFTER`], the
+//! binder sets it back to its base and closes the sockets beyond it, so a pool
+//! that is not drained holds its base.
 
 use std::fmt;
 use std::io;
@@ -22,8 +22,10 @@ use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
 /// Most a pool's target grows under load, as a multiple of its base (count): a
 /// pool of base 64 keeps at most 512 sockets ready.
 pub const GROWTH: usize = 8;
-/// A grown pool shrinks once no take has found it empty for this long.
-pub const SHRINK_AFTER: Duration = Duration::from_secs(10);
+/// A grown pool returns to its base once no take has found it empty for this long.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
+/// How often the binder looks for grown pools to trim, while there are some.
+pub(super) const TRIM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -106,23 +108,38 @@ impl SocketPool {
         fd
     }
 
-    /// The target of the next refill (count), sockets ready at `now` being
-    /// `ready`: doubled if the pool ran dry since the last refill, halved if it is
-    /// more than half full and has not run dry for [`SHRINK_AFTER`], within
-    /// `base..=base * GROWTH`.
-    fn next_target(&self, ready: usize, now: Instant) -> usize {
+    /// The target of the next refill (count): doubled if the pool ran dry since
+    /// the last refill, at most `base * GROWTH`.
+    fn next_target(&self) -> usize {
         let t = self.target.load(Ordering::Acquire);
-        let dry_at = *self.dry_at.lock().unwrap_or_else(|p| p.into_inner());
-        let calm = dry_at.is_none_or(|d| now.saturating_duration_since(d) >= SHRINK_AFTER);
         let next = if self.ran_dry.swap(false, Ordering::AcqRel) {
             (t * 2).min(self.base * GROWTH)
-        } else if calm && ready > t / 2 {
-            (t / 2).max(self.base)
         } else {
             t
         };
         self.target.store(next, Ordering::Release);
         next
+    }
+
+    /// Sets a grown pool back to its base and closes the sockets beyond it, if no
+    /// take has found it empty for [`SHRINK_AFTER`] at `now`; returns whether it
+    /// is at its base now.
+    pub(super) fn trim(&self, now: Instant) -> bool {
+        if self.target() == self.base {
+            return true;
+        }
+        let dry_at = *self.dry_at.lock().unwrap_or_else(|p| p.into_inner());
+        if dry_at.is_some_and(|d| now.saturating_duration_since(d) < SHRINK_AFTER) {
+            return false;
+        }
+        self.target.store(self.base, Ordering::Release);
+        let extra: Vec<OwnedFd> = {
+            let mut fds = self.lock();
+            let keep = fds.len().min(self.base);
+            fds.split_off(keep)
+        };
+        drop(extra);
+        true
     }
 
     /// The target the pool is refilled to now (count).
@@ -241,13 +258,20 @@ impl Binder {
 }
 
 impl BinderState {
+    /// Trims the grown pools that have been calm ([`SocketPool::trim`]); forgets
+    /// those back at their base and those whose listener has gone.
+    pub(super) fn trim_pools(&mut self, now: Instant) {
+        self.grown
+            .retain(|w| w.upgrade().is_some_and(|p| !p.trim(now)));
+    }
+
     /// Fills `pool` up to its target in its namespace; wakes its waiters.
     ///
     /// Sockets taken while a refill runs do not start another refill, and the
     /// running one counted what was missing when it began: so once it ends, the
     /// pool is topped up again here if it is short (a few passes at most), and an
     /// idle pool is full.
-    pub(super) fn fill(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+    pub(super) fn fill(&mut self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
         let mut out = self.fill_once(pool);
         for _ in 0..3 {
             if out.is_err() || !pool.wants_refill() {
@@ -255,15 +279,17 @@ impl BinderState {
             }
             out = self.fill_once(pool);
         }
+        if pool.target() > pool.base && !self.grown.iter().any(|w| w.as_ptr() == Arc::as_ptr(pool))
+        {
+            self.grown.push(Arc::downgrade(pool));
+        }
         out
     }
 
     /// One refill of `pool` to its target.
     fn fill_once(&mut self, pool: &SocketPool) -> Result<(), BindError> {
         let ready = pool.len();
-        let missing = pool
-            .next_target(ready, Instant::now())
-            .saturating_sub(ready);
+        let missing = pool.next_target().saturating_sub(ready);
         let req = Request {
             owner: pool.owner.clone(),
             netns_label: pool.label.clone(),
@@ -301,7 +327,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pool_that_runs_dry_grows_bounded_and_shrinks_when_idle() {
+    fn a_pool_that_runs_dry_grows_bounded_and_is_trimmed_when_calm() {
         let pool = SocketPool::new(
             "t".into(),
             "/proc/self/ns/net".into(),
@@ -310,28 +336,23 @@ mod tests {
             ClientProto::Udp,
             64,
         );
-        let now = Instant::now();
         assert_eq!(pool.target(), 64);
-        // Not dry, nearly empty: the target stays.
-        assert_eq!(pool.next_target(0, now), 64);
+        // Not dry: the target stays.
+        assert_eq!(pool.next_target(), 64);
+        assert!(pool.trim(Instant::now()), "at its base");
         for want in [128, 256, 512, 512, 512] {
             assert!(pool.take().is_none());
-            assert_eq!(pool.next_target(0, now), want, "grows when dry, up to 8x");
+            assert_eq!(pool.next_target(), want, "grows when dry, up to 8x");
         }
-        assert_eq!(
-            pool.next_target(100, now),
-            512,
-            "a pool in use keeps its size"
-        );
-        assert_eq!(pool.next_target(511, now), 512, "ran dry just now");
-        let later = now + SHRINK_AFTER + Duration::from_secs(1);
-        for want in [256, 128, 64, 64] {
-            assert_eq!(
-                pool.next_target(want * 2 - 1, later),
-                want,
-                "halves when idle"
-            );
-        }
+        assert_eq!(pool.next_target(), 512, "a pool not dry keeps its size");
+        // 100 sockets ready (any fds will do).
+        pool.lock()
+            .extend((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
+        let now = Instant::now();
+        assert!(!pool.trim(now), "ran dry just now");
+        assert_eq!((pool.target(), pool.len()), (512, 100));
+        assert!(pool.trim(now + SHRINK_AFTER));
+        assert_eq!((pool.target(), pool.len()), (64, 64), "back to its base");
     }
 
     #[test]
