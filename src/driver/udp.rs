@@ -5,8 +5,8 @@
 //! A proxy session is keyed by the client's address and the local address it sent
 //! to. A new session whose upstream socket must come from the binder's pool and
 //! finds it empty waits for the refill and keeps its first datagrams meanwhile
-//! ([`UdpSessions::enqueue`]); the worker retries waiting sessions after each batch
-//! of events (the refill wakes it through its eventfd) and on every sweep.
+//! ([`UdpSessions::enqueue`]); the worker retries waiting sessions each time it
+//! wakes (the refill wakes it through its eventfd; a sweep every 250 ms too).
 //!
 //! The backends only receive (a multishot [`super::backend::Op::RecvMulti`]:
 //! io_uring RECVMSG from a provided-buffer ring, epoll recvmsg(2) until EAGAIN). Sends are sendmsg(2) with
