@@ -89,12 +89,17 @@ pub fn render_metrics(server: &Server) -> String {
     let errors = counter(
         &mut reg,
         "ringress_listener_errors",
-        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept, truncated_datagram, session_limit, send_dropped, message_too_big",
+        "Errors by kind: upstream_refused, upstream_timeout, upstream_error, reset, accept, truncated_datagram, session_limit, session_queue_full, send_dropped, message_too_big",
     );
     let udp_sessions = gauge(
         &mut reg,
         "ringress_listener_udp_sessions",
         "UDP proxy sessions open now (UDP listeners)",
+    );
+    let udp_expired = counter(
+        &mut reg,
+        "ringress_listener_udp_sessions_expired",
+        "UDP proxy sessions ended by a timeout, by kind: unreplied (the upstream never answered, session_unreplied_timeout_ms), idle (session_idle_timeout_ms)",
     );
     let sctp_associations = gauge(
         &mut reg,
@@ -157,7 +162,17 @@ pub fn render_metrics(server: &Server) -> String {
             timeouts.get_or_create(&k).inc_by(v.load(Relaxed));
         }
         match l.config.proto {
-            crate::config::Proto::Udp => udp_sessions.get_or_create(&lab).set(s.active() as i64),
+            crate::config::Proto::Udp => {
+                for (kind, v) in [
+                    ("unreplied", &s.expired_unreplied),
+                    ("idle", &s.expired_idle),
+                ] {
+                    let mut k = lab.clone();
+                    k.push(("kind".into(), kind.into()));
+                    udp_expired.get_or_create(&k).inc_by(v.load(Relaxed));
+                }
+                udp_sessions.get_or_create(&lab).set(s.active() as i64)
+            }
             crate::config::Proto::Sctp => {
                 sctp_associations.get_or_create(&lab).set(s.active() as i64)
             }
@@ -171,6 +186,7 @@ pub fn render_metrics(server: &Server) -> String {
             ("accept", &s.accept_errors),
             ("truncated_datagram", &s.truncated),
             ("session_limit", &s.session_limit),
+            ("session_queue_full", &s.session_queue_full),
             ("send_dropped", &s.send_drops),
             ("message_too_big", &s.message_too_big),
         ] {
@@ -238,7 +254,7 @@ pub fn render_metrics(server: &Server) -> String {
         ),
         (
             "ringress_process_sessions",
-            "Sessions open now (TCP connections, SCTP associations)",
+            "Sessions open now (TCP connections, SCTP associations, UDP proxy sessions with an upstream socket)",
             b.sessions(),
         ),
     ] {

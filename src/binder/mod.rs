@@ -47,7 +47,7 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::netns;
 
-pub use self::pool::SocketPool;
+pub use self::pool::{SocketPool, GROWTH as POOL_GROWTH, SHRINK_AFTER as POOL_SHRINK_AFTER};
 use self::spec::create_sockets;
 pub use self::spec::{udp_socket, ClientProto, SocketSpec};
 
@@ -166,6 +166,7 @@ impl Binder {
                     root,
                     root_inode,
                     cache: HashMap::new(),
+                    grown: Vec::new(),
                 };
                 // The thread starts in its parent's namespace, the root. No setns
                 // unless it is not (setns needs CAP_SYS_ADMIN: an unprivileged
@@ -174,7 +175,12 @@ impl Binder {
                     state.return_to_root();
                 }
                 loop {
-                    match rx.recv_timeout(NS_CACHE_IDLE) {
+                    let wait = if state.grown.is_empty() {
+                        NS_CACHE_IDLE
+                    } else {
+                        pool::TRIM_CHECK_EVERY
+                    };
+                    match rx.recv_timeout(wait) {
                         Ok(Msg::Create(req)) => {
                             let result = state.serve(&req);
                             let _ = req.reply.send(result);
@@ -206,6 +212,7 @@ impl Binder {
                     state
                         .cache
                         .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
+                    state.trim_pools(now);
                 }
             })?;
         let tid = tid_rx
@@ -351,6 +358,9 @@ struct BinderState {
     root: File,
     root_inode: u64,
     cache: HashMap<PathBuf, CachedNs>,
+    /// Pools grown past their base, to be trimmed back once calm
+    /// ([`SocketPool::trim`]).
+    grown: Vec<std::sync::Weak<SocketPool>>,
 }
 
 impl BinderState {

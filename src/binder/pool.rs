@@ -1,17 +1,31 @@
 //! Upstream client sockets made ahead of time ([`SocketPool`]), one pool per
 //! listener, namespace and address family, and their refill by the binder thread:
 //! a worker connects from a pooled socket without a binder round trip.
+//!
+//! A pool that runs dry between two refills doubles its target for the next one
+//! (up to [`GROWTH`] times its base), so a burst of new sessions waits for fewer
+//! binder round trips; once no take has found it empty for [`SHRINK_AFTER`], the
+//! binder sets it back to its base and closes the sockets beyond it, so a pool
+//! that is not drained holds its base.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
+
+/// Most a pool's target grows under load, as a multiple of its base (count): a
+/// pool of base 64 keeps at most 512 sockets ready.
+pub const GROWTH: usize = 8;
+/// A grown pool returns to its base once no take has found it empty for this long.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
+/// How often the binder looks for grown pools to trim, while there are some.
+pub(super) const TRIM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -22,7 +36,14 @@ pub struct SocketPool {
     label: String,
     family_of: SocketAddr,
     proto: ClientProto,
-    target: usize,
+    /// Sockets kept ready when idle (count).
+    base: usize,
+    /// Sockets the next refill fills up to (count): `base..=base * GROWTH`.
+    target: AtomicUsize,
+    /// A take found the pool empty since the last refill began.
+    ran_dry: AtomicBool,
+    /// When a take last found the pool empty.
+    dry_at: Mutex<Option<Instant>>,
     fds: Mutex<Vec<OwnedFd>>,
     refilling: AtomicBool,
     /// errno of the last failed fill, 0 if the last fill worked.
@@ -45,7 +66,7 @@ impl fmt::Debug for SocketPool {
 impl SocketPool {
     /// An empty pool for `proto` sockets of `family_of`'s family in namespace file
     /// `netns` (labelled `label` in errors), for listener `owner`, kept at `target`
-    /// sockets.
+    /// sockets when idle (at least 2), up to [`GROWTH`] times that under load.
     pub fn new(
         owner: String,
         netns: PathBuf,
@@ -60,7 +81,10 @@ impl SocketPool {
             label,
             family_of,
             proto,
-            target: target.max(2),
+            base: target.max(2),
+            target: AtomicUsize::new(target.max(2)),
+            ran_dry: AtomicBool::new(false),
+            dry_at: Mutex::new(None),
             fds: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             last_error: AtomicI32::new(0),
@@ -73,9 +97,54 @@ impl SocketPool {
         self.fds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a socket, if one is ready.
+    /// Takes a socket, if one is ready. Finding none makes the next refill
+    /// larger.
     pub fn take(&self) -> Option<OwnedFd> {
-        self.lock().pop()
+        let fd = self.lock().pop();
+        if fd.is_none() {
+            self.ran_dry.store(true, Ordering::Release);
+            *self.dry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        fd
+    }
+
+    /// The target of the next refill (count): doubled if the pool ran dry since
+    /// the last refill, at most `base * GROWTH`.
+    fn next_target(&self) -> usize {
+        let t = self.target.load(Ordering::Acquire);
+        let next = if self.ran_dry.swap(false, Ordering::AcqRel) {
+            (t * 2).min(self.base * GROWTH)
+        } else {
+            t
+        };
+        self.target.store(next, Ordering::Release);
+        next
+    }
+
+    /// Sets a grown pool back to its base and closes the sockets beyond it, if no
+    /// take has found it empty for [`SHRINK_AFTER`] at `now`; returns whether it
+    /// is at its base now.
+    pub(super) fn trim(&self, now: Instant) -> bool {
+        if self.target() == self.base {
+            return true;
+        }
+        let dry_at = *self.dry_at.lock().unwrap_or_else(|p| p.into_inner());
+        if dry_at.is_some_and(|d| now.saturating_duration_since(d) < SHRINK_AFTER) {
+            return false;
+        }
+        self.target.store(self.base, Ordering::Release);
+        let extra: Vec<OwnedFd> = {
+            let mut fds = self.lock();
+            let keep = fds.len().min(self.base);
+            fds.split_off(keep)
+        };
+        drop(extra);
+        true
+    }
+
+    /// The target the pool is refilled to now (count).
+    pub fn target(&self) -> usize {
+        self.target.load(Ordering::Acquire)
     }
 
     /// Sockets ready (count).
@@ -93,7 +162,7 @@ impl SocketPool {
     /// while a refill runs are made up by the next one, so refills batch under
     /// load, and an idle pool is always full.
     pub fn wants_refill(&self) -> bool {
-        self.len() < self.target
+        self.len() < self.target()
             && self
                 .refilling
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -189,13 +258,20 @@ impl Binder {
 }
 
 impl BinderState {
+    /// Trims the grown pools that have been calm ([`SocketPool::trim`]); forgets
+    /// those back at their base and those whose listener has gone.
+    pub(super) fn trim_pools(&mut self, now: Instant) {
+        self.grown
+            .retain(|w| w.upgrade().is_some_and(|p| !p.trim(now)));
+    }
+
     /// Fills `pool` up to its target in its namespace; wakes its waiters.
     ///
     /// Sockets taken while a refill runs do not start another refill, and the
     /// running one counted what was missing when it began: so once it ends, the
     /// pool is topped up again here if it is short (a few passes at most), and an
     /// idle pool is full.
-    pub(super) fn fill(&mut self, pool: &SocketPool) -> Result<(), BindError> {
+    pub(super) fn fill(&mut self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
         let mut out = self.fill_once(pool);
         for _ in 0..3 {
             if out.is_err() || !pool.wants_refill() {
@@ -203,12 +279,17 @@ impl BinderState {
             }
             out = self.fill_once(pool);
         }
+        if pool.target() > pool.base && !self.grown.iter().any(|w| w.as_ptr() == Arc::as_ptr(pool))
+        {
+            self.grown.push(Arc::downgrade(pool));
+        }
         out
     }
 
     /// One refill of `pool` to its target.
     fn fill_once(&mut self, pool: &SocketPool) -> Result<(), BindError> {
-        let missing = pool.target.saturating_sub(pool.len());
+        let ready = pool.len();
+        let missing = pool.next_target().saturating_sub(ready);
         let req = Request {
             owner: pool.owner.clone(),
             netns_label: pool.label.clone(),
@@ -244,6 +325,35 @@ impl BinderState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_that_runs_dry_grows_bounded_and_is_trimmed_when_calm() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            ClientProto::Udp,
+            64,
+        );
+        assert_eq!(pool.target(), 64);
+        // Not dry: the target stays.
+        assert_eq!(pool.next_target(), 64);
+        assert!(pool.trim(Instant::now()), "at its base");
+        for want in [128, 256, 512, 512, 512] {
+            assert!(pool.take().is_none());
+            assert_eq!(pool.next_target(), want, "grows when dry, up to 8x");
+        }
+        assert_eq!(pool.next_target(), 512, "a pool not dry keeps its size");
+        // 100 sockets ready (any fds will do).
+        pool.lock()
+            .extend((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
+        let now = Instant::now();
+        assert!(!pool.trim(now), "ran dry just now");
+        assert_eq!((pool.target(), pool.len()), (512, 100));
+        assert!(pool.trim(now + SHRINK_AFTER));
+        assert_eq!((pool.target(), pool.len()), (64, 64), "back to its base");
+    }
 
     #[test]
     fn pool_wakes_each_waiting_worker_once() {

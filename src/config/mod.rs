@@ -32,8 +32,8 @@
 //! on TCP `echo` listeners; 0 = none) and
 //! `buffer_bytes` (window per direction, default 64 KiB), TCP ones `proxy_protocol`
 //! (`"v1"` | `"v2"`). UDP listeners take `max_datagram_bytes` (default 65507) and,
-//! when proxying, `session_idle_timeout_ms` (default 30000) and `max_sessions`
-//! (default 65536). SCTP listeners take `sctp_style` (`"one-to-one"` (default) |
+//! when proxying, `session_idle_timeout_ms` (default 30000),
+//! `session_unreplied_timeout_ms` (default 5000) and `max_sessions` (default 4096). SCTP listeners take `sctp_style` (`"one-to-one"` (default) |
 //! `"one-to-many"`), `sctp_streams` (default 16) and `max_message_bytes` (default
 //! 256 KiB). `action = "http"` takes `header_timeout_ms` (default 10000) and
 //! `keepalive_timeout_ms` (default 75000), see [`HttpConfig`]. A key given for a
@@ -270,6 +270,10 @@ pub struct ProxyConfig {
     pub proxy_protocol: Option<crate::proto::proxy_header::ProxyProtocol>,
     /// UDP: a client session with no datagram either way for this long ends (ms).
     pub session_idle_timeout_ms: u64,
+    /// UDP: a client session whose upstream has never answered ends after this long
+    /// without a datagram from the client (ms); at most `session_idle_timeout_ms`
+    /// applies.
+    pub session_unreplied_timeout_ms: u64,
     /// UDP: most client sessions of the listener at once (count); datagrams of new
     /// clients beyond it are dropped and counted.
     pub max_sessions: usize,
@@ -292,6 +296,7 @@ impl ProxyConfig {
             buffer_bytes: 4096,
             proxy_protocol: None,
             session_idle_timeout_ms: 30_000,
+            session_unreplied_timeout_ms: 5_000,
             max_sessions: 1,
         }
     }
@@ -299,8 +304,22 @@ impl ProxyConfig {
 
 /// Default `session_idle_timeout_ms` of a UDP proxy listener (ms).
 pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 30_000;
-/// Default `max_sessions` of a UDP proxy listener (count).
-pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
+/// Default `session_unreplied_timeout_ms` of a UDP proxy listener (ms). Linux
+/// conntrack ends an unreplied UDP flow after 30 s (`nf_conntrack_udp_timeout`,
+/// Documentation/networking/nf_conntrack-sysctl.rst) and an assured one after
+/// 120 s; ringress's idle timeout is already conntrack's unreplied one, scaled
+/// down. An upstream next to an ingress answers within milliseconds, and a client
+/// that retries (the glibc resolver waits 5 s, resolv.conf(5) `timeout`) refreshes
+/// its session with each datagram: 5 s keeps such a client's session while a
+/// sender that never gets an answer (a port scan, rotated or spoofed sources)
+/// holds each socket 5 s instead of 30 s.
+pub const DEFAULT_SESSION_UNREPLIED_TIMEOUT_MS: u64 = 5_000;
+/// Default `max_sessions` of a UDP proxy listener (count). Each session holds one
+/// upstream socket (one fd, about 1-2 KiB of kernel and table memory). 4,096 lets
+/// 128 listeners at their limit stay within systemd's default hard fd limit
+/// (524,288) and serves about 136 new clients/s that get answers (30 s idle) or
+/// 800/s that do not (5 s unreplied); a listener with more clients sets it higher.
+pub const DEFAULT_MAX_SESSIONS: usize = 4_096;
 /// Default and largest `max_datagram_bytes` of a UDP listener (bytes): the largest
 /// UDP payload over IPv4 (65,535 - 8 - 20).
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;

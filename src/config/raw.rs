@@ -51,6 +51,7 @@ pub(super) struct RawListener {
     pub(super) buffer_bytes: Option<Spanned<i64>>,
     pub(super) proxy_protocol: Option<Spanned<String>>,
     pub(super) session_idle_timeout_ms: Option<Spanned<i64>>,
+    pub(super) session_unreplied_timeout_ms: Option<Spanned<i64>>,
     pub(super) max_sessions: Option<Spanned<i64>>,
     pub(super) max_datagram_bytes: Option<Spanned<i64>>,
     pub(super) sctp_style: Option<Spanned<String>>,

@@ -235,6 +235,22 @@ fn action_and_proto_errors() {
         panic!("not a proxy")
     };
     assert_eq!((p.max_sessions, p.session_idle_timeout_ms), (7, 9));
+    assert_eq!(
+        p.session_unreplied_timeout_ms,
+        super::DEFAULT_SESSION_UNREPLIED_TIMEOUT_MS
+    );
+    let u = parse(
+        "[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\n\
+         upstream = \"127.0.0.1:2\"\nsession_unreplied_timeout_ms = 250\n",
+    )
+    .unwrap();
+    let Action::Proxy(p) = &u.listeners[0].action else {
+        panic!("not a proxy")
+    };
+    assert_eq!(
+        (p.session_unreplied_timeout_ms, p.max_sessions),
+        (250, super::DEFAULT_MAX_SESSIONS)
+    );
     let sc = parse(
         "[[listener]]\nproto = \"sctp\"\nlisten = \"[::]:1\"\naction = \"echo\"\n\
          sctp_style = \"one-to-many\"\nsctp_streams = 8\nmax_message_bytes = 1000\n",

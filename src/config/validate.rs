@@ -18,8 +18,9 @@ use super::{
     DEFAULT_BUFFER_BYTES, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE,
     DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS,
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
-    DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_BACKLOG, MAX_CONNECTIONS,
-    MAX_DATAGRAM_BYTES, MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
+    DEFAULT_SESSION_IDLE_TIMEOUT_MS, DEFAULT_SESSION_UNREPLIED_TIMEOUT_MS,
+    DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_BACKLOG, MAX_CONNECTIONS, MAX_DATAGRAM_BYTES,
+    MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
 };
 use crate::netns::NetnsRef;
 
@@ -561,7 +562,7 @@ fn check_proto_keys(
         }
     }
     // (key, where it is, the protocols it is for, how to name them)
-    let keys: [KeyRule<'_>; 11] = [
+    let keys: [KeyRule<'_>; 12] = [
         (
             "backlog",
             span_of(&raw.backlog),
@@ -595,6 +596,12 @@ fn check_proto_keys(
         (
             "session_idle_timeout_ms",
             span_of(&raw.session_idle_timeout_ms),
+            &[Udp],
+            "UDP",
+        ),
+        (
+            "session_unreplied_timeout_ms",
+            span_of(&raw.session_unreplied_timeout_ms),
             &[Udp],
             "UDP",
         ),
@@ -718,6 +725,10 @@ fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
     }
     for (k, x) in [
         ("session_idle_timeout_ms", &raw.session_idle_timeout_ms),
+        (
+            "session_unreplied_timeout_ms",
+            &raw.session_unreplied_timeout_ms,
+        ),
         ("max_sessions", &raw.max_sessions),
     ] {
         if let Some(x) = x {
@@ -811,6 +822,12 @@ fn convert_proxy(
         DEFAULT_SESSION_IDLE_TIMEOUT_MS,
         1,
     )?;
+    let session_unreplied_timeout_ms = ms(
+        &raw.session_unreplied_timeout_ms,
+        "session_unreplied_timeout_ms",
+        DEFAULT_SESSION_UNREPLIED_TIMEOUT_MS,
+        1,
+    )?;
     let max_sessions = cx.ranged(
         &raw.max_sessions,
         scope(),
@@ -856,6 +873,7 @@ fn convert_proxy(
         buffer_bytes,
         proxy_protocol,
         session_idle_timeout_ms,
+        session_unreplied_timeout_ms,
         max_sessions,
     })
 }

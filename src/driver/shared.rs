@@ -37,6 +37,14 @@ pub struct ListenerStats {
     pub truncated: AtomicU64,
     /// UDP datagrams of new clients dropped at `max_sessions`.
     pub session_limit: AtomicU64,
+    /// UDP datagrams dropped because their session, waiting for an upstream
+    /// socket, had no room left to keep them ([`crate::proto::udp::UdpSessions::enqueue`]:
+    /// 8 datagrams or 64 KiB per session, 1 MiB per listener on each worker).
+    pub session_queue_full: AtomicU64,
+    /// UDP sessions ended by the unreplied timeout (their upstream never answered).
+    pub expired_unreplied: AtomicU64,
+    /// UDP sessions ended by the idle timeout (after their upstream answered).
+    pub expired_idle: AtomicU64,
     /// UDP datagrams dropped because the socket buffer was full (EAGAIN) or the
     /// send failed; SCTP one-to-many messages whose send failed (association gone).
     pub send_drops: AtomicU64,

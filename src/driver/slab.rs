@@ -72,6 +72,11 @@ impl<T> Slab<T> {
         }
     }
 
+    /// The values in the slab, in slot order (no allocation).
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().filter_map(|(_, v)| v.as_ref())
+    }
+
     pub fn keys(&self) -> Vec<Key> {
         self.entries
             .iter()

@@ -2,6 +2,12 @@
 //! (echo it, or forward it through the client's proxy session), the session table,
 //! and the datagram syscalls both drivers use.
 //!
+//! A proxy session is keyed by the client's address and the local address it sent
+//! to. A new session whose upstream socket must come from the binder's pool and
+//! finds it empty waits for the refill and keeps its first datagrams meanwhile
+//! ([`UdpSessions::enqueue`]); the worker retries waiting sessions each time it
+//! wakes (the refill wakes it through its eventfd; a sweep every 250 ms too).
+//!
 //! The backends only receive (a multishot [`super::backend::Op::RecvMulti`]:
 //! io_uring RECVMSG from a provided-buffer ring, epoll recvmsg(2) until EAGAIN). Sends are sendmsg(2) with
 //! MSG_DONTWAIT from both drivers: a UDP send never waits for the peer, and a full
@@ -21,17 +27,20 @@ use std::time::{Duration, Instant};
 use socket2::SockAddr;
 
 use super::backend::OpId;
+use super::budget::FdCharge;
 use super::shared::{ListenerShared, ListenerStats};
 use super::slab::{Key, Slab};
-use super::upstream::GetSocket;
+use super::upstream::{GetSocket, UpstreamSet};
 use crate::config::Action;
-use crate::proto::udp::{Lookup, UdpSessions};
+use crate::config::ProxyConfig;
+use crate::proto::udp::{may_open_session, Expiry, Lookup, UdpSession, UdpSessions};
 
 /// Room for a source address (`sockaddr_in6` is the larger of the two), bytes.
 pub(crate) const NAME_SPACE: usize = size_of::<libc::sockaddr_in6>();
 /// Room for one IP_PKTINFO and one IPV6_PKTINFO control message, bytes.
 pub(crate) const CONTROL_SPACE: usize = 128;
-/// How often idle UDP sessions are looked for.
+/// How often idle and unreplied UDP sessions are looked for (so a session ends up
+/// to this much after its timeout).
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// A received datagram.
@@ -51,7 +60,7 @@ pub(crate) struct UdpListener {
     pub fd: OwnedFd,
     pub shared: Arc<ListenerShared>,
     pub max_datagram: usize,
-    /// Proxy sessions by client; `None` for echo.
+    /// Proxy sessions by client and local address; `None` for echo.
     pub sessions: Option<UdpSessions<Key>>,
     /// Its multishot receive, while in flight.
     pub recv: Option<OpId>,
@@ -68,6 +77,8 @@ pub(crate) struct UdpUpstream {
     pub recv: Option<OpId>,
     /// Its session ended: closed when its receive has ended.
     pub closing: bool,
+    /// What it holds of the session fd budget (its socket); given back on drop.
+    _charge: Option<FdCharge>,
 }
 
 /// What the driver must do after a datagram was handled.
@@ -90,12 +101,10 @@ impl UdpState {
     /// Adds a listener socket; returns its key.
     pub fn add_listener(&mut self, fd: OwnedFd, shared: Arc<ListenerShared>) -> Key {
         let (max_datagram, sessions) = match &shared.action {
-            Action::Proxy(p) => (
-                shared.max_datagram,
-                Some(UdpSessions::new(Duration::from_millis(
-                    p.session_idle_timeout_ms,
-                ))),
-            ),
+            Action::Proxy(p) => {
+                let (idle, unreplied) = timeouts(p);
+                (shared.max_datagram, Some(UdpSessions::new(idle, unreplied)))
+            }
             _ => (shared.max_datagram, None),
         };
         if sessions.is_some() && self.next_sweep.is_none() {
@@ -139,55 +148,157 @@ impl UdpState {
         let (Action::Proxy(p), Some(set)) = (&l.shared.action, &l.shared.upstream) else {
             return After::Nothing;
         };
-        match sessions.lookup(from, st.active() as usize, p.max_sessions) {
+        let max = p.max_sessions;
+        // A new session also needs room in the fd budget (one fd: its upstream
+        // socket) and under the listener's max_connections; refused ones count
+        // as session_limit.
+        let shared = &l.shared;
+        let admit = || {
+            may_open_session(st.active() as usize, max)
+                && shared
+                    .budget
+                    .admits(&shared.netns_fds, st.active(), shared.max_connections, 1)
+                    .is_ok()
+        };
+        let (id, fd) = match sessions.lookup(from, d.to, admit) {
             Lookup::Existing(id) => {
                 sessions.touch(id, now);
-                if let Some(uk) = sessions.get(id).map(|s| s.upstream) {
-                    if let Some(u) = self.upstreams.get_mut(uk) {
-                        let r = send_to_from(u.fd.as_raw_fd(), d.data, None, None);
-                        count_upstream_send(st, r);
+                match sessions.get(id).and_then(|s| s.upstream) {
+                    Some(uk) => {
+                        if let Some(u) = self.upstreams.get_mut(uk) {
+                            let r = send_to_from(u.fd.as_raw_fd(), d.data, None, None);
+                            count_upstream_send(st, r);
+                        }
+                    }
+                    None => {
+                        if sessions.enqueue(id, d.data).is_err() {
+                            st.session_queue_full.fetch_add(1, Relaxed);
+                        }
                     }
                 }
-                After::Nothing
+                return After::Nothing;
             }
             Lookup::Full => {
                 st.session_limit.fetch_add(1, Relaxed);
-                After::Nothing
+                return After::Nothing;
             }
-            Lookup::Vacant => {
-                let addr = set.pick(now);
-                let fd = match set.socket_for(addr, wake) {
-                    GetSocket::Ready(fd) => fd,
-                    GetSocket::Wait | GetSocket::Failed(_) => {
-                        // No socket right now: drop, as a congested network would.
-                        st.upstream_errors.fetch_add(1, Relaxed);
-                        return After::Nothing;
-                    }
-                };
-                if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
+            Lookup::Vacant => match upstream_socket(&l.shared, set, wake, now) {
+                Err(()) => {
+                    // No socket can be had: dropped, as a congested network would.
                     st.upstream_errors.fetch_add(1, Relaxed);
-                    if let Some(held_back) = st.logs.upstream.allow() {
-                        tracing::warn!(listener = %l.shared.name, upstream = %addr, error = %e,
-                            more_in_last_10s = held_back, "udp upstream connect failed");
+                    return After::Nothing;
+                }
+                Ok(None) => {
+                    // The pool is empty: the session waits for its refill, keeping
+                    // this datagram ([`UdpState::retry_waiting`]).
+                    let id = sessions.insert(from, d.to, None, now);
+                    st.accepted.fetch_add(1, Relaxed);
+                    if sessions.enqueue(id, d.data).is_err() {
+                        st.session_queue_full.fetch_add(1, Relaxed);
                     }
                     return After::Nothing;
                 }
-                let uk = self.upstreams.insert(UdpUpstream {
-                    fd,
-                    listener: lk,
-                    session: u32::MAX,
-                    recv: None,
-                    closing: false,
-                });
-                let id = sessions.insert(from, d.to, uk, now);
-                st.accepted.fetch_add(1, Relaxed);
-                if let Some(u) = self.upstreams.get_mut(uk) {
-                    u.session = id;
-                    count_upstream_send(st, send_to_from(u.fd.as_raw_fd(), d.data, None, None));
+                Ok(Some(fd)) => {
+                    let id = sessions.insert(from, d.to, None, now);
+                    st.accepted.fetch_add(1, Relaxed);
+                    count_upstream_send(st, send_to_from(fd.as_raw_fd(), d.data, None, None));
+                    (id, fd)
                 }
-                After::Watch(uk)
+            },
+        };
+        After::Watch(self.add_upstream(lk, id, fd))
+    }
+
+    /// Registers `fd` as the upstream socket of session `id` of listener `lk` and
+    /// sends the datagrams the session kept while it waited; returns its key.
+    fn add_upstream(&mut self, lk: Key, id: u32, fd: OwnedFd) -> Key {
+        let raw = fd.as_raw_fd();
+        let charge = self
+            .listeners
+            .get(lk)
+            .map(|l| l.shared.budget.charge(&l.shared.netns_fds, 1));
+        let uk = self.upstreams.insert(UdpUpstream {
+            fd,
+            listener: lk,
+            session: id,
+            recv: None,
+            closing: false,
+            _charge: charge,
+        });
+        if let Some(l) = self.listeners.get_mut(lk) {
+            if let Some(sessions) = &mut l.sessions {
+                for data in sessions.set_upstream(id, uk) {
+                    count_upstream_send(&l.shared.stats, send_to_from(raw, &data, None, None));
+                }
             }
         }
+        uk
+    }
+
+    /// Gives waiting session `id` of listener `lk` an upstream socket and sends
+    /// what the session kept; returns the socket's key, to receive on. `None` when
+    /// the pool is still empty (the session goes on waiting; `wake` is written
+    /// when the refill ends) or no socket can be had (the session ends, its kept
+    /// datagrams counted as upstream errors).
+    fn connect_session(
+        &mut self,
+        lk: Key,
+        id: u32,
+        wake: &Arc<OwnedFd>,
+        now: Instant,
+    ) -> Option<Key> {
+        let l = self.listeners.get_mut(lk)?;
+        let set = l.shared.upstream.as_ref()?;
+        match upstream_socket(&l.shared, set, wake, now) {
+            Ok(Some(fd)) => Some(self.add_upstream(lk, id, fd)),
+            Ok(None) => None,
+            Err(()) => {
+                let st = &l.shared.stats;
+                if let Some(s) = l.sessions.as_mut().and_then(|t| t.remove(id)) {
+                    st.upstream_errors
+                        .fetch_add(s.queued().max(1) as u64, Relaxed);
+                    st.closed.fetch_add(1, Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    /// Retries the sessions waiting for an upstream socket (the pool may have been
+    /// refilled); returns the upstream keys of those that got one, to receive on.
+    /// A listener's retries stop at its first session that must still wait.
+    pub fn retry_waiting(&mut self, wake: &Arc<OwnedFd>, now: Instant) -> Vec<Key> {
+        let mut watch = Vec::new();
+        for lk in self.listeners.keys() {
+            let ids = match self.listeners.get(lk).and_then(|l| l.sessions.as_ref()) {
+                Some(s) if s.waiting() > 0 => s.waiting_ids(),
+                _ => continue,
+            };
+            for id in ids {
+                match self.connect_session(lk, id, wake, now) {
+                    Some(uk) => watch.push(uk),
+                    None => {
+                        let still = self
+                            .listeners
+                            .get(lk)
+                            .and_then(|l| l.sessions.as_ref())
+                            .and_then(|s| s.get(id))
+                            .is_some();
+                        if still {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        watch
+    }
+
+    /// Whether some session waits for an upstream socket.
+    pub fn any_waiting(&self) -> bool {
+        self.listeners
+            .values()
+            .any(|l| l.sessions.as_ref().is_some_and(|s| s.waiting() > 0))
     }
 
     /// A datagram arrived on upstream socket `uk`: back to its session's client,
@@ -211,9 +322,9 @@ impl UdpState {
         // The session may have ended (and its id been reused) while this socket's
         // last datagrams were still on their way.
         match sessions.get(id) {
-            Some(s) if s.upstream == uk => {
+            Some(s) if s.upstream == Some(uk) => {
                 let (client, local) = (s.client, s.local);
-                sessions.touch(id, now);
+                sessions.reply(id, now);
                 count_send(
                     st,
                     send_to_from(l.fd.as_raw_fd(), d.data, Some(client), local),
@@ -251,9 +362,13 @@ impl UdpState {
         for lk in self.listeners.keys() {
             if let Some(l) = self.listeners.get_mut(lk) {
                 if let Some(sessions) = &mut l.sessions {
-                    for s in sessions.expire(now) {
-                        l.shared.stats.closed.fetch_add(1, Relaxed);
-                        gone.push(s.upstream);
+                    for (s, why) in sessions.expire(now) {
+                        let st = &l.shared.stats;
+                        match why {
+                            Expiry::Unreplied => st.expired_unreplied.fetch_add(1, Relaxed),
+                            Expiry::Idle => st.expired_idle.fetch_add(1, Relaxed),
+                        };
+                        gone.extend(ended(st, s));
                     }
                 }
             }
@@ -272,7 +387,7 @@ impl UdpState {
     /// sessions end and their upstream keys are returned for the driver to drop.
     pub fn update_listener(&mut self, lk: Key, shared: Arc<ListenerShared>) -> Vec<Key> {
         let proxy_idle = match &shared.action {
-            Action::Proxy(p) => Some(Duration::from_millis(p.session_idle_timeout_ms)),
+            Action::Proxy(p) => Some(timeouts(p)),
             _ => None,
         };
         let ended = if proxy_idle.is_none() {
@@ -286,9 +401,9 @@ impl UdpState {
         l.max_datagram = shared.max_datagram;
         l.shared = shared;
         match (proxy_idle, &mut l.sessions) {
-            (Some(idle), Some(s)) => s.set_idle(idle),
-            (Some(idle), None) => {
-                l.sessions = Some(UdpSessions::new(idle));
+            (Some((idle, unreplied)), Some(s)) => s.set_timeouts(idle, unreplied),
+            (Some((idle, unreplied)), None) => {
+                l.sessions = Some(UdpSessions::new(idle, unreplied));
                 if self.next_sweep.is_none() {
                     self.next_sweep = Some(Instant::now() + SWEEP_EVERY);
                 }
@@ -307,13 +422,61 @@ impl UdpState {
         };
         let mut ups = Vec::new();
         if let Some(sessions) = &mut l.sessions {
-            for s in sessions.expire(Instant::now() + Duration::from_secs(86_400 * 365)) {
-                l.shared.stats.closed.fetch_add(1, Relaxed);
-                ups.push(s.upstream);
+            for s in sessions.drain() {
+                ups.extend(ended(&l.shared.stats, s));
             }
         }
         ups
     }
+}
+
+/// A socket connected to the next upstream of `set` (for `listener`'s logs):
+/// `Ok(None)` when the binder's pool is empty (`wake` is written when its refill
+/// ends).
+///
+/// # Errors
+/// No socket can be had (the pool's namespace is gone, socket(2) failed) or
+/// connect(2) failed (logged): the caller drops what it would have sent.
+fn upstream_socket(
+    listener: &ListenerShared,
+    set: &UpstreamSet,
+    wake: &Arc<OwnedFd>,
+    now: Instant,
+) -> Result<Option<OwnedFd>, ()> {
+    let addr = set.pick(now);
+    let fd = match set.socket_for(addr, wake) {
+        GetSocket::Ready(fd) => fd,
+        GetSocket::Wait => return Ok(None),
+        GetSocket::Failed(_) => return Err(()),
+    };
+    if let Err(e) = socket2::SockRef::from(&fd).connect(&SockAddr::from(addr)) {
+        // Rate-limited: a flood of new clients must not become a flood of lines.
+        if let Some(held_back) = listener.stats.logs.upstream.allow() {
+            tracing::warn!(listener = %listener.name, upstream = %addr, error = %e,
+                more_in_last_10s = held_back, "udp upstream connect failed");
+        }
+        return Err(());
+    }
+    Ok(Some(fd))
+}
+
+/// The idle and unreplied timeouts of a proxy listener's sessions.
+fn timeouts(p: &ProxyConfig) -> (Duration, Duration) {
+    (
+        Duration::from_millis(p.session_idle_timeout_ms),
+        Duration::from_millis(p.session_unreplied_timeout_ms),
+    )
+}
+
+/// Counts session `s` as closed (its kept datagrams, never sent, as upstream
+/// errors); returns its upstream socket's key, if it had one, for the driver to
+/// stop receiving on and drop.
+fn ended(st: &ListenerStats, s: UdpSession<Key>) -> Option<Key> {
+    st.closed.fetch_add(1, Relaxed);
+    if s.queued() > 0 {
+        st.upstream_errors.fetch_add(s.queued() as u64, Relaxed);
+    }
+    s.upstream
 }
 
 fn count_send(st: &ListenerStats, r: io::Result<usize>) {

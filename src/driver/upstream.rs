@@ -18,7 +18,8 @@ use std::time::Instant;
 use crate::binder::{Binder, ClientProto, SocketPool};
 use crate::proto::UpstreamChoice;
 pub use crate::proto::UPSTREAM_BACKOFF_MS;
-/// Sockets a namespace pool keeps ready per address family (count).
+/// Sockets a namespace pool keeps ready per address family when idle (count);
+/// a pool that runs dry grows up to [`crate::binder::POOL_GROWTH`] times this.
 pub const POOL_TARGET: usize = 64;
 /// After a pool fill failed, sessions fail at once for this long, then a new fill
 /// is tried.

@@ -264,7 +264,7 @@ impl<B: Backend> Worker<B> {
     }
 
     /// Work after each batch of events: timers, starved receives, parked sessions,
-    /// idle UDP sessions.
+    /// idle UDP sessions, UDP sessions waiting for an upstream socket.
     fn after_batch(&mut self) {
         self.now = self.clock();
         let now = self.now;
@@ -279,6 +279,14 @@ impl<B: Backend> Worker<B> {
         }
         for uk in self.udp.sweep(now) {
             self.udp_close(K_UDP_UPSTREAM, uk);
+        }
+        if self.udp.any_waiting() {
+            // UDP sessions waiting for an upstream socket: the pool's refill wakes
+            // the worker through its eventfd, and this batch may be that wake.
+            let wake = self.ctx.wake.clone();
+            for uk in self.udp.retry_waiting(&wake, now) {
+                self.arm_udp(K_UDP_UPSTREAM, uk);
+            }
         }
         for (kind, k) in std::mem::take(&mut self.udp_starved) {
             self.arm_udp(kind, k);
