@@ -124,6 +124,10 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         add(&ep, w.fd.as_fd(), T_INOTIFY)?;
     }
 
+    // Every endpoint of this thread is bound: from here on it needs no capability
+    // (reload and new namespaces go through the binder). crate::privs.
+    crate::privs::drop_all().map_err(|e| format!("main thread: {e}"))?;
+
     // "running" and READY=1 come once every endpoint is open: whoever waits for
     // either may use the listeners and the admin endpoint at once.
     tracing::info!(
@@ -456,9 +460,16 @@ fn drive_admin(ep: &Epoll, a: &mut Admin, id: u64, fd: RawFd, server: &Server) {
 fn reload(server: &mut Server, path: &Path) {
     sdnotify::notify_or_log(&sdnotify::reloading_message());
     tracing::info!(config = %path.display(), "SIGHUP: reloading");
+    // The namespace check runs on the binder, which may open `/proc/PID/ns/net`
+    // of a privileged process (CAP_SYS_PTRACE); this thread holds no capability.
     let result = Config::load(path)
-        .and_then(|c| c.check_namespaces().map(|_| c))
         .map_err(|e| e.to_string())
+        .and_then(|c| {
+            server
+                .binder()
+                .call(move || c.check_namespaces().map(|_| c).map_err(|e| e.to_string()))
+                .map_err(|e| e.to_string())?
+        })
         .and_then(|c| {
             if c.admin != server.config().admin {
                 tracing::warn!("[admin] changes take effect at the next start; the admin endpoint is unchanged");

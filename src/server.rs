@@ -244,7 +244,8 @@ impl Server {
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
         let bound = server.bind_all(&planned, HashMap::new())?;
         server.workers =
-            driver::spawn_workers(server.worker_count(), driver).map_err(StartError::Workers)?;
+            driver::spawn_workers(server.worker_count(), driver, Some(server.binder.clone()))
+                .map_err(StartError::Workers)?;
         for (p, b) in planned.into_iter().zip(bound) {
             server.install(p, b);
         }
