@@ -164,8 +164,12 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let poll = Duration::from_millis(50).min(d.saturating_duration_since(now));
             wait = Some(wait.map_or(poll, |w| w.min(poll)));
         }
-        if admin.is_some() {
-            wait = Some(wait.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1))));
+        if let Some(a) = &admin {
+            let left = a
+                .retry_at()
+                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
+                .min(Duration::from_secs(1));
+            wait = Some(wait.map_or(left, |w| w.min(left)));
         }
         if let Some(d) = takeover
             .as_ref()
@@ -207,14 +211,7 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                 }
                 T_ADMIN => {
                     if let Some(a) = &mut admin {
-                        for (id, fd) in a.accept() {
-                            // SAFETY: `fd` belongs to a stream the Admin keeps open
-                            // until it reports Interest::Closed.
-                            let b = unsafe { BorrowedFd::borrow_raw(fd) };
-                            let _ =
-                                ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
-                            drive_admin(&ep, a, id, fd, &server);
-                        }
+                        admin_accept(&ep, a, &server);
                     }
                 }
                 T_TAKEOVER => {
@@ -301,6 +298,11 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         }
         if let Some(a) = &mut admin {
             a.expire(now);
+            // An accept that failed for lack of fds: the edge-triggered listener
+            // would not report the queued connection again.
+            if a.retry_at().is_some_and(|t| now >= t) {
+                admin_accept(&ep, a, &server);
+            }
         }
         if let Some(deadline) = draining {
             // A listener still being detached may yet accept a connection: it
@@ -322,6 +324,19 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let events = w.rearm_if_needed();
             netns_events(events, &mut pending, &mut server);
         }
+    }
+}
+
+/// Accepts the admin connections waiting (see [`Admin::accept`]), watches them and
+/// serves what they already sent.
+fn admin_accept(ep: &Epoll, a: &mut Admin, server: &Server) {
+    for (id, fd) in a.accept() {
+        // SAFETY: `fd` belongs to a stream the Admin keeps open until it reports
+        // Interest::Closed (or evicts it, which closes the fd and so removes it
+        // from the epoll set).
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
+        drive_admin(ep, a, id, fd, server);
     }
 }
 

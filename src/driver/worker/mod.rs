@@ -611,24 +611,22 @@ pub(crate) fn serve<B: Backend>(
     let stats = ctx.stats.clone();
     let index = ctx.index;
     let mut w = Worker::new(backend, ctx);
-    let failed = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())) {
-        Ok(Ok(())) => false,
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())) {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            stats.failed.store(true, Relaxed);
+            super::notify_worker_failed();
             tracing::error!(worker = index, error = %e, "worker backend failed; the worker stops");
-            true
         }
         Err(_) => {
+            // The kernel may still write into buffers the ring owns: never free them.
+            std::mem::forget(w);
+            stats.failed.store(true, Relaxed);
+            super::notify_worker_failed();
             tracing::error!(
                 worker = index,
                 "worker panicked; the worker stops (its ring and buffers are leaked)"
             );
-            // The kernel may still write into buffers the ring owns: never free them.
-            std::mem::forget(w);
-            true
         }
-    };
-    if failed {
-        stats.failed.store(true, Relaxed);
-        super::notify_worker_failed();
     }
 }
