@@ -16,6 +16,7 @@ use common::*;
 both_drivers!(
     idle_admin_connections_do_not_block_healthz,
     healthz_answers_at_the_fd_limit,
+    healthz_is_retried_when_fds_come_back,
     worker_panic_exits_nonzero_and_healthz_says_503,
     stuck_binder_makes_healthz_503_and_binder_panic_exits_nonzero,
 );
@@ -119,6 +120,60 @@ fn healthz_answers_at_the_fd_limit(driver: &str) {
     assert_eq!(echo_roundtrip(connect_in(None, a).unwrap(), b"fd"), b"fd");
     let (code, _, _) = healthz(addr, Duration::from_secs(5)).unwrap();
     assert_eq!(code, 200);
+    assert!(r.stop().success());
+}
+
+/// The process's fds taken by UDP proxy sessions (one upstream socket per client
+/// address), no admin connection to evict: the admin accept fails with EMFILE and
+/// is retried until the sessions expire, and the `/healthz` that waited in the
+/// queue meanwhile is answered (nothing else connects to wake the listener).
+fn healthz_is_retried_when_fds_come_back(driver: &str) {
+    let (admin, port) = (free_port(), free_port());
+    let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    let extra = format!(
+        "[[listener]]\nname = \"u\"\nproto = \"udp\"\nlisten = \"127.0.0.1:{port}\"\n\
+         action = \"proxy\"\nupstream = \"{up}\"\nsession_idle_timeout_ms = 2000\n"
+    );
+    let cfg = format!(
+        "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n[admin]\n\
+         listen = \"127.0.0.1:{admin}\"\n{extra}"
+    );
+    let r = Ringress::start_limited(&format!("hz-retry-{driver}"), driver, &cfg, Some(64));
+    let addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let clients: Vec<std::net::UdpSocket> = (0..100)
+        .map(|_| {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(b"x", target).unwrap();
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.fds() < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} fds: {}",
+            r.fds(),
+            r.fd_kinds()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let answer = std::thread::scope(|s| {
+        let h = s.spawn(|| healthz(addr, Duration::from_secs(15)));
+        r.wait_log("admin endpoint cannot accept (out of fds)", 1, 5);
+        h.join().unwrap()
+    });
+    let (code, body, _) = answer.expect("/healthz sent at the fd limit was not answered");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    // Answered once the sessions expired (2 s idle), not before.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(clients);
     assert!(r.stop().success());
 }
 
