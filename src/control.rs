@@ -69,8 +69,8 @@ pub enum Exit {
     Clean,
     /// A second signal asked to stop at once.
     Forced,
-    /// A worker's backend failed (its listeners were no longer served); the others
-    /// were shut down gracefully.
+    /// A worker's backend failed or a worker panicked (its listeners were no
+    /// longer served), or the binder panicked; the rest was shut down gracefully.
     WorkerFailed,
 }
 
