@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -92,6 +93,21 @@ fn threads_hold_only_what_they_need(driver: &str) {
     let later = format!("capt{driver}-{pid}-x");
     let named = netns(&format!("capn{driver}"));
     let (p_own, p_tpl, p_new, admin) = (free_port(), free_port(), free_port(), free_port());
+    let p_path = free_port();
+    // A process in `named` holding every capability: its /proc/PID/ns/net opens
+    // only with CAP_SYS_PTRACE (the binder's, not main's).
+    let mut holder = std::process::Command::new("ip")
+        .args(["netns", "exec", named.name(), "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let holder_ns = format!("/proc/{}/ns/net", holder.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&holder_ns).map(|m| m.ino()).ok()
+        != std::fs::metadata(named.path()).map(|m| m.ino()).ok()
+    {
+        assert!(Instant::now() < deadline, "ip netns exec did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let base = format!(
         "[runtime]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
          [[listener]]\nname = \"own\"\nlisten = \"127.0.0.1:{p_own}\"\naction = \"echo\"\n\
@@ -112,7 +128,8 @@ fn threads_hold_only_what_they_need(driver: &str) {
         r.config_path(),
         format!(
             "{base}[[listener]]\nname = \"new\"\nnetns = \"{}\"\nlisten = \"127.0.0.1:{p_new}\"\n\
-             action = \"echo\"\n",
+             action = \"echo\"\n[[listener]]\nname = \"path\"\nnetns = \"{holder_ns}\"\n\
+             listen = \"127.0.0.1:{p_path}\"\naction = \"echo\"\n",
             named.name()
         ),
     )
@@ -120,9 +137,12 @@ fn threads_hold_only_what_they_need(driver: &str) {
     r.signal(libc::SIGHUP);
     r.wait_log("config reloaded", 1, 10);
     serves_within(Some(&named), at(p_new), 5);
+    serves_within(Some(&named), at(p_path), 5);
     let (code, body) = Ringress::admin_get(at(admin), "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     assert_caps(&r, 2, "after a reload and a new namespace");
     let st = r.stop();
+    let _ = holder.kill();
+    let _ = holder.wait();
     assert!(st.success(), "{st}");
 }
