@@ -693,6 +693,26 @@ mod tests {
     }
 
     #[test]
+    fn filter_and_call_run_on_the_binder_thread() {
+        let b = Binder::start().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::channel();
+        b.attach_drop_filter(
+            OwnedFd::from(l.try_clone().unwrap()),
+            Box::new(move |r| {
+                let _ = tx.send((r, nix::unistd::gettid().as_raw()));
+            }),
+        );
+        let (r, tid) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(tid, b.tid());
+        // The test process is root: the binder kept CAP_NET_ADMIN.
+        r.unwrap();
+        let tid = b.call(|| nix::unistd::gettid().as_raw()).unwrap();
+        assert_eq!(tid, b.tid());
+        assert!(!b.heartbeat().stale());
+    }
+
+    #[test]
     fn missing_namespace_is_an_enter_error() {
         let b = Binder::start().unwrap();
         let e = b
