@@ -59,16 +59,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fresh_then_stale() {
+    fn a_beat_is_fresh_and_ages() {
         let h = Heartbeat::default();
         assert!(!h.stale());
-        h.0.store(0, Relaxed);
-        std::thread::sleep(Duration::from_millis(5));
-        let _ = epoch();
-        // An epoch of at least STALE_AFTER ago is not guaranteed in a test; check
-        // the arithmetic instead.
-        assert!(h.age() >= Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(h.age() >= Duration::from_millis(20), "{:?}", h.age());
         h.beat();
-        assert!(h.age() < STALE_AFTER);
+        assert!(h.age() < Duration::from_millis(20), "{:?}", h.age());
     }
 }
