@@ -4,6 +4,14 @@
 //! It is served by the control thread's event loop ([`crate::control`]), so it adds
 //! no thread. Connections are non-blocking, one request each (`Connection: close`);
 //! requests larger than [`MAX_REQUEST`] or slower than [`ADMIN_IDLE`] are dropped.
+//!
+//! `/healthz` stays answerable: a new connection beyond [`MAX_ADMIN_CONNS`]
+//! evicts the oldest connection still waiting for its request (idle clients
+//! cannot crowd out a health check), an accept that fails for lack of fds
+//! (EMFILE, ENFILE) first evicts such a connection and else is retried every
+//! [`ACCEPT_RETRY`] (the listener is edge-triggered: nothing else would wake it
+//! for a connection already queued), and it answers 503 when a worker or the
+//! binder is not alive and responsive ([`health_problems`]).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -24,8 +32,13 @@ use crate::server::{ListenerState, Server};
 pub const MAX_REQUEST: usize = 16 * 1024;
 /// An admin connection that has not finished within this time is closed.
 pub const ADMIN_IDLE: Duration = Duration::from_secs(10);
-/// Most admin connections served at once (count); more are closed at accept.
+/// Most admin connections served at once (count); a connection beyond it evicts
+/// the oldest one still waiting for its request (or, if every one is being
+/// answered, is closed at accept).
 pub const MAX_ADMIN_CONNS: usize = 64;
+/// How often an admin accept that failed for lack of fds (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) is retried while it fails.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 type Labels = Vec<(String, String)>;
 
@@ -362,6 +375,10 @@ pub struct Admin {
     listener: TcpListener,
     conns: HashMap<u64, AdminConn>,
     next: u64,
+    /// When to try accepting again after a failure for lack of fds.
+    retry_at: Option<Instant>,
+    /// The last accept failed for lack of fds (warned once per episode).
+    out_of_fds: bool,
 }
 
 /// What the control loop should do with an admin connection's fd.
@@ -386,6 +403,8 @@ impl Admin {
             listener,
             conns: HashMap::new(),
             next: 0,
+            retry_at: None,
+            out_of_fds: false,
         })
     }
 
@@ -395,11 +414,43 @@ impl Admin {
     }
 
     /// Accepts pending connections; returns their ids and streams' fds to watch.
+    /// At [`MAX_ADMIN_CONNS`] a new connection evicts the oldest one still waiting
+    /// for its request. Out of fds (EMFILE, ENFILE) it evicts such a connection
+    /// and tries again; with none to evict it stops and asks to be called again
+    /// after [`ACCEPT_RETRY`] ([`Admin::retry_at`]).
     pub fn accept(&mut self) -> Vec<(u64, std::os::fd::RawFd)> {
         use std::os::fd::AsRawFd;
         let mut out = Vec::new();
-        while let Ok((s, _)) = self.listener.accept() {
-            if self.conns.len() >= MAX_ADMIN_CONNS || s.set_nonblocking(true).is_err() {
+        self.retry_at = None;
+        loop {
+            let s = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if crate::driver::accept_error_pauses(e.raw_os_error().unwrap_or(0)) => {
+                    if self.evict_idle() {
+                        continue;
+                    }
+                    if !self.out_of_fds {
+                        self.out_of_fds = true;
+                        tracing::warn!(error = %e, retry_ms = ACCEPT_RETRY.as_millis() as u64,
+                            "admin endpoint cannot accept (out of fds); retrying until it can");
+                    }
+                    self.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    break;
+                }
+                // EAGAIN: nothing more queued.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // A connection that failed before it was accepted (ECONNABORTED...).
+                Err(e) if crate::driver::accept_error_benign(e.raw_os_error().unwrap_or(0)) => {
+                    continue
+                }
+                Err(_) => break,
+            };
+            self.out_of_fds = false;
+            if s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.conns.len() >= MAX_ADMIN_CONNS && !self.evict_idle() {
                 continue;
             }
             let id = self.next;
@@ -416,7 +467,38 @@ impl Admin {
                 },
             );
         }
+        // A connection evicted above may have been accepted in this very call.
+        out.retain(|(id, _)| self.conns.contains_key(id));
         out
+    }
+
+    /// Closes the oldest connection that has not sent a whole request yet (one
+    /// being answered is left alone); `false` when there is none.
+    fn evict_idle(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.output.is_empty())
+            .min_by_key(|(&id, c)| (c.since, id))
+            .map(|(&id, _)| id);
+        match oldest {
+            Some(id) => {
+                self.conns.remove(&id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// When [`Admin::accept`] should be called again because an accept failed for
+    /// lack of fds (`None`: it needs no retry).
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Open admin connections (count).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
     }
 
     /// The fd of admin connection `id`, while it is open.
@@ -506,12 +588,10 @@ fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
                     &to_prometheus_text(&render_metrics(server)),
                 ),
                 "/status" => response(200, "application/json", &render_status(server)),
-                // Not healthy once a worker stopped: its listeners' share of new
-                // connections would go unanswered (the process is shutting down).
-                "/healthz" if crate::driver::worker_failed() => {
-                    response(503, "text/plain", "a worker stopped\n")
-                }
-                "/healthz" => response(200, "text/plain", "ok\n"),
+                "/healthz" => match health_problems(server) {
+                    problems if problems.is_empty() => response(200, "text/plain", "ok\n"),
+                    problems => response(503, "text/plain", &(problems.join("\n") + "\n")),
+                },
                 _ => response(
                     404,
                     "text/plain",
@@ -520,6 +600,38 @@ fn answer(input: &[u8], server: &Server) -> Option<Vec<u8>> {
             })
         }
     }
+}
+
+/// Why `/healthz` answers 503, one line each, or nothing when healthy: a worker
+/// stopped (its listeners' share of new connections would go unanswered; the
+/// process is shutting down), or a worker or the binder has not shown a sign of
+/// life for more than [`crate::health::STALE_AFTER`] (a worker beats once per
+/// loop turn, at least every second; the binder once per request, at least every
+/// second), e.g. `worker 1 not responsive (last heartbeat 2300 ms ago)`.
+pub fn health_problems(server: &Server) -> Vec<String> {
+    let mut out = Vec::new();
+    if crate::driver::worker_failed() {
+        out.push("a worker or the binder stopped".to_string());
+    }
+    for w in server.workers() {
+        if w.stats.failed.load(Relaxed) {
+            out.push(format!("worker {} stopped", w.index));
+        } else if w.stats.heartbeat.stale() {
+            out.push(format!(
+                "worker {} not responsive (last heartbeat {} ms ago)",
+                w.index,
+                w.stats.heartbeat.age().as_millis()
+            ));
+        }
+    }
+    let b = server.binder().heartbeat();
+    if b.stale() {
+        out.push(format!(
+            "binder not responsive (last heartbeat {} ms ago)",
+            b.age().as_millis()
+        ));
+    }
+    out
 }
 
 /// Whether the request's `Accept` header lists `application/openmetrics-text`.
@@ -580,6 +692,7 @@ fn response(code: u16, ctype: &str, body: &str) -> Vec<u8> {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Request Header Fields Too Large",
     };
     format!(

@@ -69,8 +69,8 @@ pub enum Exit {
     Clean,
     /// A second signal asked to stop at once.
     Forced,
-    /// A worker's backend failed (its listeners were no longer served); the others
-    /// were shut down gracefully.
+    /// A worker's backend failed or a worker panicked (its listeners were no
+    /// longer served), or the binder panicked; the rest was shut down gracefully.
     WorkerFailed,
 }
 
@@ -124,6 +124,10 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         add(&ep, w.fd.as_fd(), T_INOTIFY)?;
     }
 
+    // Every endpoint of this thread is bound: from here on it needs no capability
+    // (reload and new namespaces go through the binder). crate::privs.
+    crate::privs::drop_all().map_err(|e| format!("main thread: {e}"))?;
+
     // "running" and READY=1 come once every endpoint is open: whoever waits for
     // either may use the listeners and the admin endpoint at once.
     tracing::info!(
@@ -160,8 +164,12 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let poll = Duration::from_millis(50).min(d.saturating_duration_since(now));
             wait = Some(wait.map_or(poll, |w| w.min(poll)));
         }
-        if admin.is_some() {
-            wait = Some(wait.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1))));
+        if let Some(a) = &admin {
+            let left = a
+                .retry_at()
+                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
+                .min(Duration::from_secs(1));
+            wait = Some(wait.map_or(left, |w| w.min(left)));
         }
         if let Some(d) = takeover
             .as_ref()
@@ -203,14 +211,7 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                 }
                 T_ADMIN => {
                     if let Some(a) = &mut admin {
-                        for (id, fd) in a.accept() {
-                            // SAFETY: `fd` belongs to a stream the Admin keeps open
-                            // until it reports Interest::Closed.
-                            let b = unsafe { BorrowedFd::borrow_raw(fd) };
-                            let _ =
-                                ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
-                            drive_admin(&ep, a, id, fd, &server);
-                        }
+                        admin_accept(&ep, a, &server);
                     }
                 }
                 T_TAKEOVER => {
@@ -297,6 +298,11 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         }
         if let Some(a) = &mut admin {
             a.expire(now);
+            // An accept that failed for lack of fds: the edge-triggered listener
+            // would not report the queued connection again.
+            if a.retry_at().is_some_and(|t| now >= t) {
+                admin_accept(&ep, a, &server);
+            }
         }
         if let Some(deadline) = draining {
             // A listener still being detached may yet accept a connection: it
@@ -318,6 +324,19 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let events = w.rearm_if_needed();
             netns_events(events, &mut pending, &mut server);
         }
+    }
+}
+
+/// Accepts the admin connections waiting (see [`Admin::accept`]), watches them and
+/// serves what they already sent.
+fn admin_accept(ep: &Epoll, a: &mut Admin, server: &Server) {
+    for (id, fd) in a.accept() {
+        // SAFETY: `fd` belongs to a stream the Admin keeps open until it reports
+        // Interest::Closed (or evicts it, which closes the fd and so removes it
+        // from the epoll set).
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = ep.add(b, EpollEvent::new(EpollFlags::EPOLLIN, T_CONN_BASE + id));
+        drive_admin(ep, a, id, fd, server);
     }
 }
 
@@ -456,9 +475,16 @@ fn drive_admin(ep: &Epoll, a: &mut Admin, id: u64, fd: RawFd, server: &Server) {
 fn reload(server: &mut Server, path: &Path) {
     sdnotify::notify_or_log(&sdnotify::reloading_message());
     tracing::info!(config = %path.display(), "SIGHUP: reloading");
+    // The namespace check runs on the binder, which may open `/proc/PID/ns/net`
+    // of a privileged process (CAP_SYS_PTRACE); this thread holds no capability.
     let result = Config::load(path)
-        .and_then(|c| c.check_namespaces().map(|_| c))
         .map_err(|e| e.to_string())
+        .and_then(|c| {
+            server
+                .binder()
+                .call(move || c.check_namespaces().map(|_| c).map_err(|e| e.to_string()))
+                .map_err(|e| e.to_string())?
+        })
         .and_then(|c| {
             if c.admin != server.config().admin {
                 tracing::warn!("[admin] changes take effect at the next start; the admin endpoint is unchanged");

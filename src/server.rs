@@ -250,7 +250,8 @@ impl Server {
             .collect();
         server.refresh_budget_for(namespaces.len());
         server.workers =
-            driver::spawn_workers(server.worker_count(), driver).map_err(StartError::Workers)?;
+            driver::spawn_workers(server.worker_count(), driver, Some(server.binder.clone()))
+                .map_err(StartError::Workers)?;
         for (p, b) in planned.into_iter().zip(bound) {
             server.install(p, b);
         }
@@ -524,6 +525,13 @@ impl Server {
 
     /// [`Server::refresh_budget`] with `namespaces` namespaces that have listeners.
     fn refresh_budget_for(&self, namespaces: usize) {
+        // Debug builds only: `RINGRESS_TEST_FD_BUDGET=off` leaves the budget
+        // unlimited, so tests can run the process out of fds (what the budget
+        // prevents) and check what still copes then (the admin accept retry).
+        #[cfg(debug_assertions)]
+        if std::env::var_os("RINGRESS_TEST_FD_BUDGET").is_some_and(|v| v == "off") {
+            return;
+        }
         let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
         let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
         let rt = &self.cfg.runtime;

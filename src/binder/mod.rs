@@ -22,6 +22,17 @@
 //! setns() would create the socket in the worker's old namespace (seen on Linux 6.1
 //! and 6.18).
 //!
+//! Capabilities: the binder is the one thread that keeps any after start-up,
+//! and only [`crate::privs::BINDER_CAPS`] (those the process has): it drops the
+//! rest when it starts. So whatever needs a capability later runs here: socket
+//! creation, SCTP peel-offs, the SYN-dropping filter of a removed TCP listener
+//! ([`Binder::attach_drop_filter`]) and the namespace checks of a reload
+//! ([`Binder::call`]).
+//!
+//! Health: the binder beats its [`Heartbeat`] once per message and at least every
+//! [`crate::health::BEAT_EVERY`]; a panic on the binder thread is logged and
+//! stops the process (exit status 1) as a failed worker does.
+//!
 //! Files: `mod.rs` holds the thread, its requests and the setns guard; `spec.rs`
 //! says what sockets to make and makes them ([`SocketSpec`], [`ClientProto`]);
 //! `pool.rs` keeps upstream client sockets made ahead of time and refills them
@@ -45,6 +56,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+use crate::health::{Heartbeat, BEAT_EVERY};
 use crate::netns;
 
 pub use self::pool::{SocketPool, GROWTH as POOL_GROWTH, SHRINK_AFTER as POOL_SHRINK_AFTER};
@@ -94,6 +106,9 @@ struct Request {
 /// Called by the binder with the socket a peel-off produced (or its error).
 pub type PeelReply = Box<dyn FnOnce(io::Result<OwnedFd>) + Send>;
 
+/// Called by the binder with the result of [`Binder::attach_drop_filter`].
+pub type FilterReply = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 /// One socket request of a batch ([`Binder::create_many`]).
 #[derive(Debug, Clone)]
 pub struct BatchItem {
@@ -125,6 +140,13 @@ enum Msg {
         reply: PeelReply,
     },
     Forget(PathBuf),
+    /// Attach the SYN-dropping filter to TCP listener `fd` (a dup; closed after).
+    Filter {
+        fd: OwnedFd,
+        reply: FilterReply,
+    },
+    /// Run a closure on the binder thread (with its capabilities).
+    Run(Box<dyn FnOnce() + Send>),
     /// Fill a pool; reply when asked to (synchronous fill).
     Fill(
         Arc<SocketPool>,
@@ -139,6 +161,7 @@ pub struct Binder {
     tx: mpsc::Sender<Msg>,
     tid: i32,
     root_inode: u64,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl fmt::Debug for Binder {
@@ -151,17 +174,33 @@ impl Binder {
     /// Starts the binder thread ("ringress-binder"). The namespace of the calling
     /// thread becomes the root namespace that the binder always returns to.
     ///
+    /// The thread keeps only the capabilities of [`crate::privs::BINDER_CAPS`]
+    /// that the process has, and drops every other one of its own (the calling
+    /// thread's are untouched).
+    ///
     /// # Errors
-    /// Opening `/proc/thread-self/ns/net` failed, or the thread could not be spawned.
+    /// Opening `/proc/thread-self/ns/net` failed, the thread could not be spawned,
+    /// or it could not drop its capabilities.
     pub fn start() -> io::Result<Binder> {
         let root = File::open("/proc/thread-self/ns/net")?;
         let root_inode = root.metadata()?.ino();
         let (tx, rx) = mpsc::channel::<Msg>();
-        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        let (tid_tx, tid_rx) = mpsc::sync_channel::<io::Result<i32>>(1);
+        let heartbeat = Arc::new(Heartbeat::default());
+        let beat = heartbeat.clone();
         thread::Builder::new()
             .name("ringress-binder".into())
             .spawn(move || {
-                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                match crate::privs::keep_only(&crate::privs::BINDER_CAPS) {
+                    Ok(kept) => {
+                        tracing::debug!(kept = ?crate::privs::names(&kept), "binder capabilities");
+                        let _ = tid_tx.send(Ok(nix::unistd::gettid().as_raw()));
+                    }
+                    Err(e) => {
+                        let _ = tid_tx.send(Err(e));
+                        return;
+                    }
+                }
                 let mut state = BinderState {
                     root,
                     root_inode,
@@ -174,54 +213,22 @@ impl Binder {
                 if netns::current_netns_inode().ok() != Some(root_inode) {
                     state.return_to_root();
                 }
-                loop {
-                    let wait = if state.grown.is_empty() {
-                        NS_CACHE_IDLE
-                    } else {
-                        pool::TRIM_CHECK_EVERY
-                    };
-                    match rx.recv_timeout(wait) {
-                        Ok(Msg::Create(req)) => {
-                            let result = state.serve(&req);
-                            let _ = req.reply.send(result);
-                        }
-                        Ok(Msg::Batch(items, reply)) => {
-                            let _ = reply.send(state.serve_batch(&items));
-                        }
-                        Ok(Msg::Peeloff {
-                            netns,
-                            fd,
-                            assoc,
-                            reply,
-                        }) => {
-                            reply(state.peeloff(netns.as_deref(), &fd, assoc));
-                        }
-                        Ok(Msg::Forget(path)) => {
-                            state.cache.remove(&path);
-                        }
-                        Ok(Msg::Fill(pool, reply)) => {
-                            let r = state.fill(&pool);
-                            if let Some(reply) = reply {
-                                let _ = reply.send(r);
-                            }
-                        }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                    let now = Instant::now();
-                    state
-                        .cache
-                        .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
-                    state.trim_pools(now);
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve_loop(&mut state, &rx, &beat)
+                }));
+                if served.is_err() {
+                    tracing::error!("binder thread panicked; stopping the process");
+                    crate::driver::notify_worker_failed();
                 }
             })?;
         let tid = tid_rx
             .recv()
-            .map_err(|_| io::Error::other("binder thread died at start"))?;
+            .map_err(|_| io::Error::other("binder thread died at start"))??;
         Ok(Binder {
             tx,
             tid,
             root_inode,
+            heartbeat,
         })
     }
 
@@ -344,6 +351,147 @@ impl Binder {
     /// gone, or it was deleted).
     pub fn forget(&self, path: &Path) {
         let _ = self.tx.send(Msg::Forget(path.to_path_buf()));
+    }
+
+    /// Asks the binder to attach the SYN-dropping socket filter
+    /// ([`crate::driver::drop_new_handshakes`]) to TCP listener `fd` (a
+    /// duplicate; the binder closes it): SO_ATTACH_FILTER needs CAP_NET_ADMIN on
+    /// Linux 6.18, which workers no longer hold. The filter belongs to the socket
+    /// (the open file description), so it applies to every fd of it. `reply` gets
+    /// the result on the binder thread. Never blocks.
+    ///
+    /// # Errors
+    /// Through `reply`: setsockopt(2) failed (EPERM without CAP_NET_ADMIN,
+    /// ENOMEM), or the binder is gone.
+    pub fn attach_drop_filter(&self, fd: OwnedFd, reply: FilterReply) {
+        if let Err(mpsc::SendError(Msg::Filter { reply, .. })) =
+            self.tx.send(Msg::Filter { fd, reply })
+        {
+            reply(Err(io::Error::other("binder thread is gone")));
+        }
+    }
+
+    /// Runs `f` on the binder thread, which keeps the capabilities the other
+    /// threads dropped (e.g. CAP_SYS_PTRACE to open `/proc/PID/ns/net` of a
+    /// privileged process when a reload checks namespaces), and returns its result.
+    /// Blocks until `f` has run; `f` delays every other binder request meanwhile,
+    /// so it must be short and must not wait on a worker or the control loop.
+    ///
+    /// # Errors
+    /// The binder thread is gone (or `f` panicked there, which stops the process).
+    pub fn call<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Msg::Run(Box::new(move || {
+                let _ = tx.send(f());
+            })))
+            .map_err(|_| io::Error::other("binder thread is gone"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("binder thread is gone"))
+    }
+
+    /// The binder's heartbeat: stale (older than [`crate::health::STALE_AFTER`])
+    /// when the binder is stuck or gone.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+}
+
+/// The binder's loop: serves messages until every [`Binder`] handle is gone,
+/// beating `beat` once per message and at least every [`BEAT_EVERY`].
+fn serve_loop(state: &mut BinderState, rx: &mpsc::Receiver<Msg>, beat: &Heartbeat) {
+    #[cfg(debug_assertions)]
+    let mut hook = test_hooks::Hook::from_env();
+    loop {
+        beat.beat();
+        #[cfg(debug_assertions)]
+        if hook.as_ref().is_some_and(test_hooks::Hook::run) {
+            hook = None;
+        }
+        match rx.recv_timeout(BEAT_EVERY) {
+            Ok(Msg::Create(req)) => {
+                let result = state.serve(&req);
+                let _ = req.reply.send(result);
+            }
+            Ok(Msg::Batch(items, reply)) => {
+                let _ = reply.send(state.serve_batch(&items));
+            }
+            Ok(Msg::Peeloff {
+                netns,
+                fd,
+                assoc,
+                reply,
+            }) => {
+                reply(state.peeloff(netns.as_deref(), &fd, assoc));
+            }
+            Ok(Msg::Forget(path)) => {
+                state.cache.remove(&path);
+            }
+            Ok(Msg::Fill(pool, reply)) => {
+                let r = state.fill(&pool);
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            Ok(Msg::Filter { fd, reply }) => {
+                reply(crate::driver::drop_new_handshakes(fd.as_fd()));
+            }
+            Ok(Msg::Run(f)) => f(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        state
+            .cache
+            .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
+        // Grown pools shrink back (looked at every turn: at least every
+        // BEAT_EVERY, 1 s).
+        state.trim_pools(now);
+    }
+}
+
+/// Debug builds only, for the tests of `/healthz` and of a dying binder:
+/// `RINGRESS_TEST_BINDER=stall:AFTER_MS:FOR_MS` makes the binder thread stop
+/// answering for FOR_MS once AFTER_MS have passed since it started, and
+/// `RINGRESS_TEST_BINDER=panic:AFTER_MS` makes it panic then. Release builds have
+/// no such hook.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::time::{Duration, Instant};
+
+    pub(super) struct Hook {
+        at: Instant,
+        stall: Option<Duration>,
+    }
+
+    impl Hook {
+        pub(super) fn from_env() -> Option<Hook> {
+            let v = std::env::var("RINGRESS_TEST_BINDER").ok()?;
+            let mut it = v.split(':');
+            let kind = it.next()?;
+            let after: u64 = it.next()?.parse().ok()?;
+            let stall = match kind {
+                "stall" => Some(Duration::from_millis(it.next()?.parse().ok()?)),
+                "panic" => None,
+                _ => return None,
+            };
+            Some(Hook {
+                at: Instant::now() + Duration::from_millis(after),
+                stall,
+            })
+        }
+
+        /// Stalls or panics once its time has come; `true` once done.
+        pub(super) fn run(&self) -> bool {
+            if Instant::now() < self.at {
+                return false;
+            }
+            match self.stall {
+                Some(d) => std::thread::sleep(d),
+                None => panic!("RINGRESS_TEST_BINDER asked the binder to panic"),
+            }
+            true
+        }
     }
 }
 
@@ -549,6 +697,26 @@ mod tests {
             "{msg}"
         );
         assert_eq!(netns::thread_netns_inode(b.tid()).unwrap(), b.root_inode());
+    }
+
+    #[test]
+    fn filter_and_call_run_on_the_binder_thread() {
+        let b = Binder::start().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::channel();
+        b.attach_drop_filter(
+            OwnedFd::from(l.try_clone().unwrap()),
+            Box::new(move |r| {
+                let _ = tx.send((r, nix::unistd::gettid().as_raw()));
+            }),
+        );
+        let (r, tid) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(tid, b.tid());
+        // The test process is root: the binder kept CAP_NET_ADMIN.
+        r.unwrap();
+        let tid = b.call(|| nix::unistd::gettid().as_raw()).unwrap();
+        assert_eq!(tid, b.tid());
+        assert!(!b.heartbeat().stale());
     }
 
     #[test]

@@ -24,8 +24,6 @@ use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
 pub const GROWTH: usize = 8;
 /// A grown pool returns to its base once no take has found it empty for this long.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
-/// How often the binder looks for grown pools to trim, while there are some.
-pub(super) const TRIM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another

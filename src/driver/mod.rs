@@ -45,6 +45,7 @@ pub(crate) use crate::eventfd::{drain_eventfd, eventfd, wake};
 pub use crate::proto::{SEND_RETRY_MAX_MS, SEND_STALL_LIMIT};
 pub use shared::{ListenerShared, ListenerStats, PeelSource, WorkerStats};
 pub use upstream::UpstreamSet;
+pub(crate) use worker::drop_new_handshakes;
 use worker::WorkerCtx;
 
 /// How long a listener stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM (ms).
@@ -57,16 +58,18 @@ pub const ACCEPT_PAUSE_MS: u64 = 100;
 /// (1 s, RFC 6298 §2.1 initial RTO).
 pub const LISTENER_DRAIN_MS: u64 = 500;
 
-/// Set once a worker's backend failed.
+/// Set once a worker's backend failed, a worker panicked, or the binder panicked.
 static WORKER_FAILED: AtomicBool = AtomicBool::new(false);
 
-/// Whether a worker of this process stopped because its backend failed.
+/// Whether a worker of this process stopped (its backend failed, or it
+/// panicked), or the binder thread panicked.
 pub fn worker_failed() -> bool {
     WORKER_FAILED.load(Relaxed)
 }
 
-/// Records that a worker stopped, and tells the supervisor with a SIGTERM to the
-/// process (its control loop then shuts down and exits with status 1).
+/// Records that a worker (or the binder) stopped, and tells the supervisor with a
+/// SIGTERM to the process (its control loop then shuts down and exits with
+/// status 1).
 pub(crate) fn notify_worker_failed() {
     WORKER_FAILED.store(true, Relaxed);
     // Unit tests run workers inside the test process: no signal there.
@@ -281,12 +284,21 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts `count` workers running `kind`, worker `i` pinned to the `i`-th allowed CPU
-/// (wrapping around).
+/// (wrapping around). Each worker drops every capability of its thread once its
+/// ring (or epoll instance) exists, before it serves anything
+/// ([`crate::privs::drop_all`]); what still needs one goes through `binder`
+/// (the SYN-dropping filter of a removed TCP listener). Without a binder (tests)
+/// the worker attaches that filter itself.
 ///
 /// # Errors
-/// A ring or epoll instance could not be created, or a thread could not be spawned;
-/// workers already started are shut down.
-pub fn spawn_workers(count: usize, kind: DriverKind) -> io::Result<Vec<WorkerHandle>> {
+/// A ring or epoll instance could not be created, a worker could not drop its
+/// capabilities, or a thread could not be spawned; workers already started are
+/// shut down.
+pub fn spawn_workers(
+    count: usize,
+    kind: DriverKind,
+    binder: Option<crate::binder::Binder>,
+) -> io::Result<Vec<WorkerHandle>> {
     let cpus = allowed_cpus();
     let mut out = Vec::with_capacity(count);
     for index in 0..count {
@@ -295,7 +307,7 @@ pub fn spawn_workers(count: usize, kind: DriverKind) -> io::Result<Vec<WorkerHan
         } else {
             Some(cpus[index % cpus.len()])
         };
-        match spawn_one(index, cpu, kind) {
+        match spawn_one(index, cpu, kind, binder.clone()) {
             Ok(h) => out.push(h),
             Err(e) => {
                 for h in out {
@@ -308,7 +320,12 @@ pub fn spawn_workers(count: usize, kind: DriverKind) -> io::Result<Vec<WorkerHan
     Ok(out)
 }
 
-fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<WorkerHandle> {
+fn spawn_one(
+    index: usize,
+    cpu: Option<usize>,
+    kind: DriverKind,
+    binder: Option<crate::binder::Binder>,
+) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(eventfd()?);
     let stats = Arc::new(WorkerStats::default());
@@ -333,6 +350,8 @@ fn spawn_one(index: usize, cpu: Option<usize>, kind: DriverKind) -> io::Result<W
                 wake: w2,
                 stats: s2,
                 peeled: Default::default(),
+                binder,
+                filtered: Default::default(),
             };
             match kind {
                 #[cfg(feature = "uring")]

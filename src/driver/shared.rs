@@ -205,6 +205,9 @@ pub struct WorkerStats {
     /// gauge): a removed one counts until its accept or receive has ended and its
     /// fd is closed, so once it is 0 no connection can be accepted any more.
     pub listeners: AtomicU64,
-    /// The worker's backend failed and the worker stopped.
+    /// The worker's backend failed (or the worker panicked) and the worker stopped.
     pub failed: AtomicBool,
+    /// The worker's last loop turn: it beats at least every
+    /// [`crate::health::BEAT_EVERY`], idle or not.
+    pub heartbeat: crate::health::Heartbeat,
 }

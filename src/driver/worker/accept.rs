@@ -76,6 +76,12 @@ impl<B: Backend> Worker<B> {
     /// filter that drops new SYNs ([`drop_new_handshakes`]), keeps accepting what
     /// completed its handshake for [`LISTENER_DRAIN_MS`], then closes. Other
     /// listeners (one-to-one SCTP) close at once.
+    ///
+    /// The filter needs CAP_NET_ADMIN, which workers do not hold: the binder
+    /// attaches it to a duplicate of the socket and wakes the worker with the
+    /// answer ([`Worker::filtered`]); the listener keeps accepting meanwhile and
+    /// its drain time starts with the answer. Without a binder (tests) the worker
+    /// attaches it itself.
     pub(super) fn drain_listener(&mut self, k: Key) {
         let Some(l) = self.listeners.get_mut(k) else {
             return;
@@ -87,9 +93,53 @@ impl<B: Backend> Worker<B> {
             self.remove_listener(k);
             return;
         }
-        if let Err(e) = drop_new_handshakes(l.fd.as_fd()) {
-            // EPERM: this kernel asks CAP_BPF or CAP_SYS_ADMIN for it (seen on 6.18
-            // without capabilities). Said once per process, not per listener.
+        l.draining = true;
+        let Some(binder) = &self.ctx.binder else {
+            let r = drop_new_handshakes(l.fd.as_fd());
+            self.filter_attached(k, r);
+            return;
+        };
+        match l.fd.try_clone() {
+            Ok(dup) => {
+                let (mailbox, wake_fd) = (self.ctx.filtered.clone(), self.ctx.wake.clone());
+                binder.attach_drop_filter(
+                    dup,
+                    Box::new(move |r| {
+                        mailbox
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((k, r));
+                        crate::driver::wake(wake_fd.as_raw_fd());
+                    }),
+                );
+            }
+            Err(e) => self.filter_attached(k, Err(e)),
+        }
+    }
+
+    /// The filters the binder attached (or failed to) since the last look.
+    pub(super) fn filtered(&mut self) {
+        let done =
+            std::mem::take(&mut *self.ctx.filtered.lock().unwrap_or_else(|p| p.into_inner()));
+        for (k, r) in done {
+            self.filter_attached(k, r);
+        }
+    }
+
+    /// Listener `k`'s SYN-dropping filter is in place (it drains for
+    /// [`LISTENER_DRAIN_MS`], then closes), or could not be attached (it closes
+    /// at once, as it did before filters).
+    fn filter_attached(&mut self, k: Key, r: io::Result<()>) {
+        let Some(l) = self.listeners.get_mut(k) else {
+            return;
+        };
+        if l.removing {
+            return;
+        }
+        if let Err(e) = r {
+            // EPERM: this kernel asks CAP_NET_ADMIN for it (measured on 6.18: CAP_BPF
+            // or CAP_SYS_ADMIN alone do not do). Said once per process, not per
+            // listener.
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
                 tracing::warn!(listener = %l.shared.name, error = %e,
@@ -99,7 +149,6 @@ impl<B: Backend> Worker<B> {
             self.remove_listener(k);
             return;
         }
-        l.draining = true;
         let at = self.now + Duration::from_millis(LISTENER_DRAIN_MS);
         self.timers.start(at, Timer::ListenerDrain, k);
     }
@@ -298,8 +347,9 @@ fn session_fds(l: &ListenerShared) -> u64 {
 /// and Documentation/networking/filter.rst.
 ///
 /// # Errors
-/// setsockopt(2) failed: EPERM where the kernel wants CAP_BPF or CAP_SYS_ADMIN
-/// for it (seen on Linux 6.18 without capabilities), ENOMEM.
+/// setsockopt(2) failed: EPERM where the kernel wants CAP_NET_ADMIN for it
+/// (measured on Linux 6.18: without CAP_NET_ADMIN it fails even with CAP_SYS_ADMIN
+/// or CAP_BPF), ENOMEM.
 pub(crate) fn drop_new_handshakes(fd: BorrowedFd<'_>) -> io::Result<()> {
     const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
     const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;

@@ -22,6 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 mod accept;
+pub(crate) use accept::drop_new_handshakes;
 mod datagram;
 #[cfg(test)]
 mod fake;
@@ -75,7 +76,17 @@ pub(crate) struct WorkerCtx {
     pub stats: Arc<WorkerStats>,
     /// Peel-offs finished by the binder for this worker.
     pub peeled: PeelMailbox,
+    /// The binder, which attaches the SYN-dropping filter of a removed TCP
+    /// listener (workers hold no capability); `None` in tests: the worker does it.
+    pub binder: Option<crate::binder::Binder>,
+    /// Filters the binder attached (or failed to), by listener, waiting for this
+    /// worker (which the binder wakes through its eventfd).
+    pub filtered: FilterMailbox,
 }
+
+/// Answers of [`crate::binder::Binder::attach_drop_filter`] for a worker's
+/// listeners, by listener key.
+pub(crate) type FilterMailbox = Arc<std::sync::Mutex<Vec<(Key, io::Result<()>)>>>;
 
 /// A TCP or one-to-one SCTP listening socket of this worker.
 struct StreamListener {
@@ -222,12 +233,25 @@ impl<B: Backend> Worker<B> {
     /// it).
     pub fn run(&mut self) -> io::Result<()> {
         self.arm_wake();
+        #[cfg(debug_assertions)]
+        let panic_at = test_panic_at(self.ctx.index);
         loop {
+            self.ctx.stats.heartbeat.beat();
+            #[cfg(debug_assertions)]
+            if panic_at.is_some_and(|at| Instant::now() >= at) {
+                panic!(
+                    "RINGRESS_TEST_WORKER_PANIC asked worker {} to panic",
+                    self.ctx.index
+                );
+            }
             let now = self.clock();
             let mut wait = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            // Idle or not, the worker beats at least this often (`/healthz`).
+            let beat = crate::health::BEAT_EVERY;
+            wait = Some(wait.map_or(beat, |w| w.min(beat)));
             if self.shutdown.is_some() {
                 wait = Some(wait.map_or(SHUTDOWN_POLL, |w| w.min(SHUTDOWN_POLL)));
             }
@@ -322,6 +346,7 @@ impl<B: Backend> Worker<B> {
                 drain_eventfd(self.ctx.wake.as_raw_fd());
                 self.commands();
                 self.peeled();
+                self.filtered();
                 self.arm_wake();
             }
             K_ACCEPT => self.on_accept(k, ev),
@@ -545,6 +570,17 @@ impl<B: Backend> Worker<B> {
     }
 }
 
+/// Debug builds only: `RINGRESS_TEST_WORKER_PANIC=INDEX:AFTER_MS` makes worker
+/// INDEX panic once AFTER_MS have passed since it started (to test that a worker
+/// panic stops the process with a failure). Release builds have no such hook.
+#[cfg(debug_assertions)]
+fn test_panic_at(index: usize) -> Option<Instant> {
+    let v = std::env::var("RINGRESS_TEST_WORKER_PANIC").ok()?;
+    let (i, ms) = v.split_once(':')?;
+    let ms: u64 = ms.parse().ok()?;
+    (i.parse::<usize>().ok()? == index).then(|| Instant::now() + Duration::from_millis(ms))
+}
+
 fn side_of(i: u8) -> Side {
     if i == 0 {
         Side::Client
@@ -553,10 +589,13 @@ fn side_of(i: u8) -> Side {
     }
 }
 
-/// Runs a worker made by `make` on the calling thread until shutdown. The setup
-/// result goes to `ready` first (the supervisor waits for it). A backend failure
-/// is logged and marks the worker failed in its counters (the supervisor stops
-/// the process); its in-flight memory is leaked, never freed.
+/// Runs a worker made by `make` on the calling thread until shutdown. Once the
+/// backend exists the thread drops every capability ([`crate::privs::drop_all`]);
+/// the setup result goes to `ready` then (the supervisor waits for it). A backend
+/// failure or a panic in the loop is logged and marks the worker failed in its
+/// counters (the supervisor stops the process, exit status 1); its in-flight
+/// memory (and, after a panic, the whole worker with its ring) is leaked, never
+/// freed.
 pub(crate) fn serve<B: Backend>(
     make: impl FnOnce() -> io::Result<B>,
     ctx: WorkerCtx,
@@ -569,13 +608,33 @@ pub(crate) fn serve<B: Backend>(
             return;
         }
     };
+    if let Err(e) = crate::privs::drop_all() {
+        let _ = ready.send(Err(io::Error::other(format!(
+            "worker {}: cannot drop its capabilities: {e}",
+            ctx.index
+        ))));
+        return;
+    }
     let _ = ready.send(Ok(()));
     let stats = ctx.stats.clone();
     let index = ctx.index;
     let mut w = Worker::new(backend, ctx);
-    if let Err(e) = w.run() {
-        tracing::error!(worker = index, error = %e, "worker backend failed; the worker stops");
-        stats.failed.store(true, Relaxed);
-        super::notify_worker_failed();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            stats.failed.store(true, Relaxed);
+            super::notify_worker_failed();
+            tracing::error!(worker = index, error = %e, "worker backend failed; the worker stops");
+        }
+        Err(_) => {
+            // The kernel may still write into buffers the ring owns: never free them.
+            std::mem::forget(w);
+            stats.failed.store(true, Relaxed);
+            super::notify_worker_failed();
+            tracing::error!(
+                worker = index,
+                "worker panicked; the worker stops (its ring and buffers are leaked)"
+            );
+        }
     }
 }

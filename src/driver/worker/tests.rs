@@ -29,6 +29,8 @@ pub(super) fn ctx() -> (
         wake: wake_fd.clone(),
         stats: stats.clone(),
         peeled: Default::default(),
+        binder: None,
+        filtered: Default::default(),
     };
     (ctx, tx, wake_fd, stats)
 }
