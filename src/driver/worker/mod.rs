@@ -436,25 +436,9 @@ impl<B: Backend> Worker<B> {
                     }
                     Some(ListenerRef::Many(_)) | None => {}
                 },
-                Command::RemoveListener { id } => match self.ids.remove(&id) {
-                    Some(ListenerRef::Stream(k)) => self.drain_listener(k),
-                    Some(ListenerRef::Udp(k)) => {
-                        for uk in self.udp.end_sessions(k) {
-                            self.udp_close(K_UDP_UPSTREAM, uk);
-                        }
-                        self.udp_close(K_UDP_LISTENER, k);
-                    }
-                    Some(ListenerRef::Many(k)) => {
-                        // Its queued replies go out, then the socket closes.
-                        if let Some(e) = self.sessions.get_mut(k) {
-                            e.session.io.close();
-                        }
-                        self.drive(k);
-                    }
-                    None => {}
-                },
+                Command::RemoveListener { id } => self.stop_listener(id, true),
                 Command::Drain => self.begin_drain(),
-                Command::DetachListener { id } => self.detach_listener(id),
+                Command::DetachListener { id } => self.stop_listener(id, false),
                 Command::ExportListeners { reply } => {
                     let _ = reply.send(self.export_listeners());
                 }
@@ -482,19 +466,18 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Stops accepting on listener `id` and closes this worker's fd of it, and
-    /// nothing more: no socket option or filter touches the socket, which another
-    /// process may share (binary upgrade). Connections already accepted go on; a
-    /// UDP listener's proxy sessions end (their replies left through its fd).
-    fn detach_listener(&mut self, id: u64) {
+    /// Stops accepting on listener `id` and closes this worker's fd of it;
+    /// connections already accepted go on, a UDP listener's proxy sessions end
+    /// (their replies left through its fd), a one-to-many SCTP socket sends its
+    /// queued replies first. With `drain` ([`Command::RemoveListener`]) a TCP
+    /// listener first serves its accept queue behind a SYN filter
+    /// ([`Worker::drain_listener`]); without ([`Command::DetachListener`]) nothing
+    /// touches the socket, which another process may share (binary upgrade).
+    fn stop_listener(&mut self, id: u64, drain: bool) {
         match self.ids.remove(&id) {
+            Some(ListenerRef::Stream(k)) if drain => self.drain_listener(k),
             Some(ListenerRef::Stream(k)) => self.remove_listener(k),
-            Some(ListenerRef::Udp(k)) => {
-                for uk in self.udp.end_sessions(k) {
-                    self.udp_close(K_UDP_UPSTREAM, uk);
-                }
-                self.udp_close(K_UDP_LISTENER, k);
-            }
+            Some(ListenerRef::Udp(k)) => self.close_udp_listener(k),
             Some(ListenerRef::Many(k)) => {
                 if let Some(e) = self.sessions.get_mut(k) {
                     e.session.io.close();
@@ -503,6 +486,14 @@ impl<B: Backend> Worker<B> {
             }
             None => {}
         }
+    }
+
+    /// Ends UDP listener `k`'s sessions and closes it.
+    fn close_udp_listener(&mut self, k: Key) {
+        for uk in self.udp.end_sessions(k) {
+            self.udp_close(K_UDP_UPSTREAM, uk);
+        }
+        self.udp_close(K_UDP_LISTENER, k);
     }
 
     /// Copies (`F_DUPFD_CLOEXEC`, close-on-exec) of this worker's TCP, one-to-one
@@ -548,10 +539,7 @@ impl<B: Backend> Worker<B> {
         }
         for (_, r) in std::mem::take(&mut self.ids) {
             if let ListenerRef::Udp(k) = r {
-                for uk in self.udp.end_sessions(k) {
-                    self.udp_close(K_UDP_UPSTREAM, uk);
-                }
-                self.udp_close(K_UDP_LISTENER, k);
+                self.close_udp_listener(k);
             }
         }
         for k in self.sessions.keys() {
