@@ -111,6 +111,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             max_datagram_bytes: crate::config::MAX_DATAGRAM_BYTES,
             sctp: Default::default(),
             max_connections: 0,
+            shards: Default::default(),
         })
         .collect();
     let cfg = Config {
