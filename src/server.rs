@@ -1,5 +1,6 @@
 //! The supervisor: binds listeners through the binder, starts the workers and hands
-//! each worker its own SO_REUSEPORT socket of every listener; adds and removes
+//! each worker a socket of every listener (its own SO_REUSEPORT socket, or a dup of
+//! one shared with other workers: [`crate::config::Shards`]); adds and removes
 //! listeners at run time (reload, namespaces that come and go).
 //!
 //! Thread budget: the calling thread (signals, admin endpoint, namespace watch),
@@ -20,7 +21,9 @@ use std::time::{Duration, Instant};
 use crate::binder::{BatchItem, BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::budget::{FdBudget, NetnsFds};
-use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
+use crate::driver::{
+    self, Command, DriverKind, ListenerFd, ListenerShared, UpstreamSet, WorkerHandle,
+};
 use crate::netns::{self, NetnsRef};
 use crate::takeover::{Inherited, SocketInfo};
 
@@ -129,6 +132,27 @@ pub struct Server {
     opts: StartOptions,
 }
 
+/// Whether `l` is a one-to-many SCTP listener (one socket, owned by one worker).
+fn is_one_to_many(l: &ListenerConfig) -> bool {
+    l.proto == Proto::Sctp && l.sctp.style == crate::sctp::Style::OneToMany
+}
+
+/// What names the socket behind `fd` whichever fd refers to it: the device and
+/// inode of its sockfs file (fstat(2); dups share them). `None` if fstat fails.
+fn socket_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat(2) writes one `struct stat` into the buffer we own; the fd is
+    // valid for the borrow.
+    let rc = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstat returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
 /// A listener's namespace file, protocol and address.
 type AddrKey = (Option<PathBuf>, Proto, SocketAddr);
 
@@ -194,7 +218,13 @@ fn same(a: &ListenerConfig, b: &ListenerConfig) -> bool {
 /// namespace, protocol and address assumed): not for one-to-many SCTP (the socket
 /// is one session) nor when SCTP socket options or style change (they are set when
 /// the socket is made).
+///
+/// A change of `shards` never keeps them: the listener is bound anew with the new
+/// socket count (the old sockets drain as a removed listener's do).
 fn keeps_sockets(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    if old.shards != new.shards {
+        return false;
+    }
     match old.proto {
         Proto::Sctp => old.sctp == new.sctp && old.sctp.style == crate::sctp::Style::OneToOne,
         Proto::Tcp | Proto::Udp => true,
@@ -261,8 +291,8 @@ impl Server {
         Ok(server)
     }
 
-    /// Running workers (counts); also the sockets made per listener (the config's count
-    /// before the workers exist; a reload does not change it).
+    /// Running workers (counts; the config's count before the workers exist; a
+    /// reload does not change it).
     pub fn worker_count(&self) -> usize {
         if self.workers.is_empty() {
             self.cfg.runtime.workers.max(1)
@@ -382,8 +412,18 @@ impl Server {
             .collect())
     }
 
-    /// The sockets listener `l` needs: `count` of them (one per worker; one for a
-    /// one-to-many SCTP listener, whatever `count` says).
+    /// The listening sockets listener `l` has (counts): one per worker for
+    /// `shards = "by-worker"`, N for `shards = N` (at most one per worker), one for
+    /// a one-to-many SCTP listener.
+    fn sockets_for(&self, l: &ListenerConfig) -> usize {
+        if is_one_to_many(l) {
+            return 1;
+        }
+        l.shards.sockets(self.worker_count())
+    }
+
+    /// The sockets listener `l` needs: `count` of them (one for a one-to-many SCTP
+    /// listener, whatever `count` says).
     fn spec_for(&self, l: &ListenerConfig, count: usize) -> SocketSpec {
         match l.proto {
             Proto::Tcp => SocketSpec::TcpListeners {
@@ -422,10 +462,12 @@ impl Server {
 
     /// The sockets of listener `l` handed over by the running process in a
     /// takeover (same namespace, protocol and address), if any, with the new
-    /// backlog applied; and how many more must be bound to give every worker one.
+    /// backlog applied; and how many more must be bound to reach
+    /// [`Server::sockets_for`]. More sockets than that are all kept (closing one
+    /// would reset the connections queued in it).
     fn inherited_for(&self, l: &ListenerConfig) -> (Vec<OwnedFd>, usize) {
-        let count = self.worker_count();
-        let one_to_many = l.proto == Proto::Sctp && l.sctp.style == crate::sctp::Style::OneToMany;
+        let count = self.sockets_for(l);
+        let one_to_many = is_one_to_many(l);
         let path = self.cfg.netns_path(l);
         let fds = match &self.opts.inherited {
             Some(i) if l.listen.port() != 0 && !one_to_many => i
@@ -453,8 +495,8 @@ impl Server {
         (fds, more)
     }
 
-    /// Creates listener `l`'s sockets (one per worker; taken-over ones first, see
-    /// [`Server::inherited_for`]) and, for a proxy, its upstream set with filled
+    /// Creates listener `l`'s sockets ([`Server::sockets_for`]; taken-over ones
+    /// first, see [`Server::inherited_for`]) and, for a proxy, its upstream set with filled
     /// socket pools.
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let (mut fds, more) = self.inherited_for(l);
@@ -561,8 +603,20 @@ impl Server {
         })
     }
 
-    /// Hands a bound listener to the workers (or records it as down).
+    /// Hands a bound listener to the workers (or records it as down), with new
+    /// counters.
     fn install(&mut self, p: Planned, b: Result<Bound, String>) {
+        self.install_with(p, b, Default::default());
+    }
+
+    /// [`Server::install`] with the listener's counters `stats` (those of the
+    /// listener it replaces under the same name, when a reload binds it anew).
+    fn install_with(
+        &mut self,
+        p: Planned,
+        b: Result<Bound, String>,
+        stats: Arc<crate::driver::ListenerStats>,
+    ) {
         let l = p.config;
         let id = self.next_id;
         self.next_id += 1;
@@ -570,12 +624,25 @@ impl Server {
             Ok(b) => (ListenerState::Serving, b.fds, b.upstream),
             Err(reason) => (ListenerState::Down(reason), Vec::new(), None),
         };
-        let shared = self.shared_for(&l, upstream, Default::default());
+        let shared = self.shared_for(&l, upstream, stats);
+        let n = self.workers.len().max(1);
+        let sockets = fds.len();
+        // Fewer sockets than workers (`shards = N`): worker i accepts on socket
+        // i % N, the same fd in every worker that shares it (no dup: the listener
+        // costs N fds), under the listener's one id. Not for a one-to-many SCTP
+        // socket: one worker owns it.
+        let fds: Vec<ListenerFd> = if sockets > 0 && sockets < n && !is_one_to_many(&l) {
+            let held: Vec<Arc<OwnedFd>> = fds.into_iter().map(Arc::new).collect();
+            (0..n)
+                .map(|i| ListenerFd::Shared(held[i % sockets].clone()))
+                .collect()
+        } else {
+            fds.into_iter().map(ListenerFd::Own).collect()
+        };
         // One socket per worker; sockets beyond that (taken over from a process
         // with more workers) go round again, each under an id of its own: closing
         // one would reset the connections queued in it.
         let mut extra_ids = Vec::new();
-        let n = self.workers.len().max(1);
         for (i, fd) in fds.into_iter().enumerate() {
             let wid = if i < n {
                 id
@@ -604,6 +671,7 @@ impl Server {
                 action = l.action.kind(),
                 driver = %self.driver,
                 workers = self.workers.len(),
+                sockets,
                 "listener bound"
             );
         }
@@ -731,6 +799,11 @@ impl Server {
             .map(|l| l.config.name.clone())
             .collect();
         let removed = going.len() + stale.len();
+        let mut kept_stats: HashMap<String, Arc<crate::driver::ListenerStats>> = going
+            .iter()
+            .filter_map(|n| self.listeners.get(n))
+            .map(|l| (l.config.name.clone(), l.shared.stats.clone()))
+            .collect();
         for n in going.iter().chain(&stale) {
             self.retire(n, true, "removed or changed by reload");
         }
@@ -740,7 +813,10 @@ impl Server {
         }
         let bound_count = todo.len();
         for (p, b) in todo.into_iter().zip(bound) {
-            self.install(p, b);
+            // Bound anew under the same name (its `shards` or SCTP socket options
+            // changed): the counters go on.
+            let stats = kept_stats.remove(&p.config.name).unwrap_or_default();
+            self.install_with(p, b, stats);
         }
         self.refresh_budget();
         tracing::info!(
@@ -942,10 +1018,14 @@ impl Server {
             {
                 continue;
             }
+            // Workers sharing a socket (`shards = N`) each sent a copy of it: the
+            // new process gets each socket once (identity: fstat's dev and inode).
+            let mut sockets = HashSet::new();
             let fds: Vec<OwnedFd> = std::iter::once(l.id)
                 .chain(l.extra_ids.iter().copied())
                 .filter_map(|id| by_id.remove(&id))
                 .flatten()
+                .filter(|fd| socket_identity(fd).is_none_or(|k| sockets.insert(k)))
                 .collect();
             if fds.is_empty() {
                 continue;

@@ -395,10 +395,9 @@ pub struct Runtime {
 ///   the 4-tuple (socket(7), SO_REUSEPORT), each worker has its own accept queue,
 ///   and the listener costs `workers` fds.
 /// - [`Shards::Count`] (a number N, 1..=workers): N sockets; worker `i` accepts on
-///   socket `i % N` (through its own dup of that fd). N = 1 is one socket, one
-///   accept queue, for all workers: the listener costs one socket (plus one fd per
-///   worker in this process), and a connection goes to whichever worker accepts
-///   first. A count above the running worker count (`--workers` lower than the
+///   socket `i % N` (workers sharing a socket use its one fd, no dup). N = 1 is
+///   one socket, one accept queue and one fd for all workers, and a connection goes
+///   to whichever worker accepts first. A count above the running worker count (`--workers` lower than the
 ///   file's) is served as one socket per worker.
 ///
 /// Only TCP and one-to-one SCTP listeners take a count: a UDP socket shared by

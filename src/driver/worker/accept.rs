@@ -155,7 +155,12 @@ impl<B: Backend> Worker<B> {
                 .stats
                 .listeners
                 .fetch_sub(1, std::sync::atomic::Ordering::Release);
-            self.backend.close(l.fd);
+            match l.fd.into_last() {
+                Ok(fd) => self.backend.close(fd),
+                // Shared with other workers (`shards = N`): they go on with the
+                // fd; this worker stops watching it (the hold is dropped after).
+                Err(hold) => self.backend.forget(hold.as_raw_fd()),
+            }
         }
     }
 
