@@ -14,7 +14,7 @@ use crate::driver::backend::{Backend, Event, Op};
 use crate::driver::budget::{Cap, CAPACITY_RECHECK_MS};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
-use crate::driver::{ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
+use crate::driver::{ListenerFd, ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
 use crate::proto::Origin;
 
 impl<B: Backend> Worker<B> {
@@ -41,8 +41,15 @@ impl<B: Backend> Worker<B> {
         }
         let fd = l.fd.as_raw_fd();
         // A multishot accept may bring a whole accept queue before it can be
-        // cancelled: near a cap, one connection at a time.
-        let multishot = headroom(&l.shared) > u64::from(l.shared.backlog) + 64;
+        // cancelled: near a cap, one connection at a time. A socket shared with
+        // other workers (`shards = N`) is accepted one connection at a time too:
+        // io_uring arms an accept's poll as exclusive (IORING_OP_ACCEPT has
+        // `poll_exclusive` in io_uring/opdef.c), so each connection wakes only
+        // the first waiter of the socket's wait queue, and a multishot accept
+        // stays first and would take every connection; a single-shot one queues
+        // again at the tail, so the workers take turns.
+        let multishot = !matches!(l.fd, ListenerFd::Shared(_))
+            && headroom(&l.shared) > u64::from(l.shared.backlog) + 64;
         let id = self.submit(K_ACCEPT, k, Op::Accept { fd, multishot });
         if let Some(l) = self.listeners.get_mut(k) {
             l.op = Some(id);
