@@ -114,6 +114,10 @@ pub struct RunningListener {
     /// from a process with more workers: some workers then serve two or more of
     /// its sockets, each under its own id). Empty otherwise.
     pub extra_ids: Vec<u64>,
+    /// Namespace file, protocol and address, as resolved when it was installed
+    /// (what identifies its sockets; kept so that a reload of 10,000 listeners
+    /// does not resolve every path again).
+    key: AddrKey,
 }
 
 /// A running server: binder, workers, listeners.
@@ -130,6 +134,9 @@ pub struct Server {
     cfg: Config,
     next_id: u64,
     opts: StartOptions,
+    /// Fds the process held for itself (not sessions) at the last count
+    /// ([`Server::refresh_budget`]).
+    own_fds: u64,
 }
 
 /// Whether `l` is a one-to-many SCTP listener (one socket, owned by one worker).
@@ -201,17 +208,61 @@ fn instance(t: &ListenerConfig, ns: &str) -> ListenerConfig {
 }
 
 /// Whether two listener configs would behave the same (line numbers aside).
+/// Compares field by field, without a copy: a reload compares every listener.
 fn same(a: &ListenerConfig, b: &ListenerConfig) -> bool {
-    let norm = |l: &ListenerConfig| {
-        let mut l = l.clone();
-        l.line = 0;
-        l.netns_line = 0;
-        if let Action::Proxy(p) = &mut l.action {
-            Arc::make_mut(p).upstream_netns_line = 0;
+    // Destructured so that a new field cannot be forgotten here.
+    let ListenerConfig {
+        name,
+        netns,
+        proto,
+        listen,
+        action,
+        backlog,
+        line: _,
+        netns_line: _,
+        max_datagram_bytes,
+        sctp,
+        max_connections,
+        shards,
+    } = a;
+    *name == b.name
+        && *netns == b.netns
+        && *proto == b.proto
+        && *listen == b.listen
+        && *backlog == b.backlog
+        && *max_datagram_bytes == b.max_datagram_bytes
+        && *sctp == b.sctp
+        && *max_connections == b.max_connections
+        && *shards == b.shards
+        && match (action, &b.action) {
+            (Action::Proxy(x), Action::Proxy(y)) => Arc::ptr_eq(x, y) || same_proxy(x, y),
+            (x, y) => x == y,
         }
-        l
-    };
-    norm(a) == norm(b)
+}
+
+/// Whether two proxy settings are the same, the line of `upstream_netns` aside.
+fn same_proxy(a: &crate::config::ProxyConfig, b: &crate::config::ProxyConfig) -> bool {
+    let crate::config::ProxyConfig {
+        upstreams,
+        upstream_netns,
+        upstream_netns_path,
+        upstream_netns_line: _,
+        connect_timeout_ms,
+        idle_timeout_ms,
+        buffer_bytes,
+        proxy_protocol,
+        session_idle_timeout_ms,
+        max_sessions,
+    } = a;
+    *upstreams == b.upstreams
+        && *upstream_netns == b.upstream_netns
+        && *upstream_netns_path == b.upstream_netns_path
+        && *connect_timeout_ms == b.connect_timeout_ms
+        && *idle_timeout_ms == b.idle_timeout_ms
+        && *buffer_bytes == b.buffer_bytes
+        && *proxy_protocol == b.proxy_protocol
+        && *session_idle_timeout_ms == b.session_idle_timeout_ms
+        && *max_sessions == b.max_sessions
 }
 
 /// Whether a reload may give `old`'s sockets the settings of `new` (same
@@ -269,6 +320,7 @@ impl Server {
             cfg: cfg.clone(),
             next_id: 0,
             opts,
+            own_fds: 0,
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
@@ -312,7 +364,7 @@ impl Server {
         self.listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving && !except.contains(&l.config.name))
-            .map(|l| (self.addr_key(&l.config), l.config.name.clone()))
+            .map(|l| (l.key.clone(), l.config.name.clone()))
             .collect()
     }
 
@@ -548,15 +600,24 @@ impl Server {
     /// Recomputes the session budget from RLIMIT_NOFILE and the fds open now
     /// (after start, reload and namespace changes: listener sockets and pools
     /// change what the process holds for itself).
-    pub fn refresh_budget(&self) {
-        let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
+    pub fn refresh_budget(&mut self) {
         let open = crate::procstat::open_fds(std::process::id()).unwrap_or(0) as u64;
+        self.own_fds = open.saturating_sub(self.budget.used());
+        self.refresh_budget_settings();
+    }
+
+    /// [`Server::refresh_budget`] with the fds ringress holds for itself as last
+    /// counted (after a reload that changed no listener): the limits, RLIMIT_NOFILE
+    /// and the namespace count are applied again.
+    fn refresh_budget_settings(&self) {
+        let nofile = crate::procstat::nofile_limit().unwrap_or(1024);
+        let open = self.own_fds + self.budget.used();
         let rt = &self.cfg.runtime;
-        let namespaces: HashSet<Option<PathBuf>> = self
+        let namespaces: HashSet<&Option<PathBuf>> = self
             .listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving)
-            .map(|l| self.cfg.netns_path(&l.config))
+            .map(|l| &l.key.0)
             .collect();
         self.budget.refresh(
             nofile,
@@ -682,6 +743,7 @@ impl Server {
             l.name.clone(),
             RunningListener {
                 id,
+                key: self.addr_key(&l),
                 config: l,
                 template: p.template,
                 shared,
@@ -740,28 +802,46 @@ impl Server {
             );
         }
         let planned = plan(&new, &netns::list_dir(&new.netns_dir));
-        // Serving listeners by what identifies their sockets, in the old config.
-        let mut by_addr: HashMap<AddrKey, String> = self
+        // Down listeners the new config no longer has are forgotten (looked for
+        // only when there are down listeners).
+        let stale: Vec<String> = if self
+            .listeners
+            .values()
+            .any(|l| l.state != ListenerState::Serving)
+        {
+            let wanted: HashSet<&str> = planned.iter().map(|p| p.config.name.as_str()).collect();
+            self.listeners
+                .values()
+                .filter(|l| {
+                    l.state != ListenerState::Serving && !wanted.contains(l.config.name.as_str())
+                })
+                .map(|l| l.config.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let old_cfg = std::mem::replace(&mut self.cfg, new);
+        // Serving listeners by what identifies their sockets (as resolved when
+        // they were bound), borrowed: a reload of 10,000 unchanged listeners
+        // copies none of them.
+        let mut by_addr: HashMap<&AddrKey, &RunningListener> = self
             .listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving)
-            .map(|l| (self.addr_key(&l.config), l.config.name.clone()))
+            .map(|l| (&l.key, l))
             .collect();
-        let old_cfg = std::mem::replace(&mut self.cfg, new);
-        let wanted: HashSet<String> = planned.iter().map(|p| p.config.name.clone()).collect();
-        let mut unchanged = Vec::new();
+        let mut unchanged = 0;
         let mut updates: Vec<(String, Planned)> = Vec::new();
         let mut todo = Vec::new();
         for p in planned {
             let key = self.addr_key(&p.config);
             let old = by_addr
                 .get(&key)
-                .and_then(|n| self.listeners.get(n))
                 .filter(|o| keeps_sockets(&o.config, &p.config));
             match old {
                 Some(o) if o.config.name == p.config.name && same(&o.config, &p.config) => {
                     by_addr.remove(&key);
-                    unchanged.push(p.config.name);
+                    unchanged += 1;
                 }
                 Some(o) => {
                     let name = o.config.name.clone();
@@ -773,17 +853,22 @@ impl Server {
         }
         // Old listeners neither unchanged nor updated are about to go: their
         // addresses are free for the new ones.
-        let going: HashSet<String> = by_addr.into_values().collect();
-        let mut taken = self.taken(&going);
-        let result = self
-            .bind_all(&todo, std::mem::take(&mut taken))
-            .and_then(|bound| {
-                let ups = updates
-                    .iter()
-                    .map(|(old, p)| self.upstream_for(&self.listeners[old], &p.config))
-                    .collect::<Result<Vec<_>, BindError>>()?;
-                Ok((bound, ups))
-            });
+        let going: HashSet<String> = by_addr
+            .into_values()
+            .map(|l| l.config.name.clone())
+            .collect();
+        // Addresses served by the listeners that stay, when something is to bind.
+        let taken = match todo.is_empty() {
+            true => HashMap::new(),
+            false => self.taken(&going),
+        };
+        let result = self.bind_all(&todo, taken).and_then(|bound| {
+            let ups = updates
+                .iter()
+                .map(|(old, p)| self.upstream_for(&self.listeners[old], &p.config))
+                .collect::<Result<Vec<_>, BindError>>()?;
+            Ok((bound, ups))
+        });
         let (bound, upstreams) = match result {
             Ok(b) => b,
             Err(e) => {
@@ -791,13 +876,6 @@ impl Server {
                 return Err(e);
             }
         };
-        // Down listeners the new config no longer has are forgotten.
-        let stale: Vec<String> = self
-            .listeners
-            .values()
-            .filter(|l| l.state != ListenerState::Serving && !wanted.contains(&l.config.name))
-            .map(|l| l.config.name.clone())
-            .collect();
         let removed = going.len() + stale.len();
         let mut kept_stats: HashMap<String, Arc<crate::driver::ListenerStats>> = going
             .iter()
@@ -818,9 +896,16 @@ impl Server {
             let stats = kept_stats.remove(&p.config.name).unwrap_or_default();
             self.install_with(p, b, stats);
         }
-        self.refresh_budget();
+        // Nothing bound, updated or removed: the listener and pool fds are the
+        // same, so the fds are not counted again (a /proc/self/fd listing of
+        // 10,000 entries costs tens of ms).
+        if bound_count == 0 && updated == 0 && removed == 0 {
+            self.refresh_budget_settings();
+        } else {
+            self.refresh_budget();
+        }
         tracing::info!(
-            kept = unchanged.len(),
+            kept = unchanged,
             updated,
             bound = bound_count,
             removed,
@@ -920,15 +1005,21 @@ impl Server {
             }
         }
         let mut done = true;
+        // Addresses served now, made once (not once per listener to bind).
+        let mut taken = match todo.is_empty() {
+            true => HashMap::new(),
+            false => self.taken(&HashSet::new()),
+        };
         for p in todo {
             let key = self.addr_key(&p.config);
-            if let Some(first) = self.taken(&HashSet::new()).get(&key) {
+            if let Some(first) = taken.get(&key) {
                 tracing::warn!(listener = %p.config.name, address = %p.config.listen,
                     "not bound in namespace {name}: the address is already served by listener {first}");
                 continue;
             }
             match self.bind(&p.config) {
                 Ok(b) => {
+                    taken.insert(key, p.config.name.clone());
                     self.listeners.remove(&p.config.name);
                     self.install(p, Ok(b));
                 }
