@@ -137,6 +137,8 @@ pub struct Server {
     /// Fds the process held for itself (not sessions) at the last count
     /// ([`Server::refresh_budget`]).
     own_fds: u64,
+    /// "listener bound" lines of the current start, reload or namespace (counts).
+    bound_lines: usize,
 }
 
 /// Whether `l` is a one-to-many SCTP listener (one socket, owned by one worker).
@@ -159,6 +161,10 @@ fn socket_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
     let st = unsafe { st.assume_init() };
     Some((st.st_dev, st.st_ino))
 }
+
+/// "listener bound" lines logged at info per start, reload or namespace that
+/// appeared (counts); the others are logged at debug, and counted in one info line.
+const BOUND_INFO_LINES: usize = 16;
 
 /// A listener's namespace file, protocol and address.
 type AddrKey = (Option<PathBuf>, Proto, SocketAddr);
@@ -321,6 +327,7 @@ impl Server {
             next_id: 0,
             opts,
             own_fds: 0,
+            bound_lines: 0,
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
@@ -330,6 +337,7 @@ impl Server {
         for (p, b) in planned.into_iter().zip(bound) {
             server.install(p, b);
         }
+        server.bound_summary();
         // Offered sockets no listener took: the old process drains them.
         if let Some(i) = server.opts.inherited.take() {
             if let Ok(mut i) = i.lock() {
@@ -664,6 +672,19 @@ impl Server {
         })
     }
 
+    /// Says at info how many listeners were bound beyond the [`BOUND_INFO_LINES`]
+    /// listed one by one, and starts counting again.
+    fn bound_summary(&mut self) {
+        if self.bound_lines > BOUND_INFO_LINES {
+            tracing::info!(
+                listeners = self.bound_lines,
+                more = self.bound_lines - BOUND_INFO_LINES,
+                "listeners bound: the first {BOUND_INFO_LINES} are listed above, the others at debug level"
+            );
+        }
+        self.bound_lines = 0;
+    }
+
     /// Hands a bound listener to the workers (or records it as down), with new
     /// counters.
     fn install(&mut self, p: Planned, b: Result<Bound, String>) {
@@ -724,17 +745,30 @@ impl Server {
             }
         }
         if state == ListenerState::Serving {
-            tracing::info!(
-                listener = %l.name,
-                netns = %l.netns_label(),
-                proto = %l.proto,
-                address = %l.listen,
-                action = l.action.kind(),
-                driver = %self.driver,
-                workers = self.workers.len(),
-                sockets,
-                "listener bound"
-            );
+            macro_rules! bound {
+                ($level:expr) => {
+                    tracing::event!(
+                        $level,
+                        listener = %l.name,
+                        netns = %l.netns_label(),
+                        proto = %l.proto,
+                        address = %l.listen,
+                        action = l.action.kind(),
+                        driver = %self.driver,
+                        workers = self.workers.len(),
+                        sockets,
+                        "listener bound"
+                    )
+                };
+            }
+            // The first few of a start or reload at info, the rest at debug: a
+            // start of 10,000 listeners is not 10,000 info lines.
+            self.bound_lines += 1;
+            if self.bound_lines <= BOUND_INFO_LINES {
+                bound!(tracing::Level::INFO);
+            } else {
+                bound!(tracing::Level::DEBUG);
+            }
         }
         if self.listeners.contains_key(&l.name) {
             self.retire(&l.name, true, "replaced");
@@ -890,12 +924,14 @@ impl Server {
             self.update(&old, p, upstream);
         }
         let bound_count = todo.len();
+        self.bound_lines = 0;
         for (p, b) in todo.into_iter().zip(bound) {
             // Bound anew under the same name (its `shards` or SCTP socket options
             // changed): the counters go on.
             let stats = kept_stats.remove(&p.config.name).unwrap_or_default();
             self.install_with(p, b, stats);
         }
+        self.bound_summary();
         // Nothing bound, updated or removed: the listener and pool fds are the
         // same, so the fds are not counted again (a /proc/self/fd listing of
         // 10,000 entries costs tens of ms).
@@ -1005,6 +1041,7 @@ impl Server {
             }
         }
         let mut done = true;
+        self.bound_lines = 0;
         // Addresses served now, made once (not once per listener to bind).
         let mut taken = match todo.is_empty() {
             true => HashMap::new(),
@@ -1036,6 +1073,7 @@ impl Server {
                 }
             }
         }
+        self.bound_summary();
         self.refresh_budget();
         done
     }
