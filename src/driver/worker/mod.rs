@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use super::shared::{ListenerShared, PeelMailbox, WorkerStats};
 use super::slab::{token, untoken, Key, Slab};
 use super::timers::{Timer, Timers};
 use super::udp::UdpState;
-use super::{drain_eventfd, Command};
+use super::{drain_eventfd, Command, ListenerFd};
 use crate::config::Proto;
 use crate::proto::Origin;
 use crate::proto::{Completion, Side};
@@ -90,7 +90,7 @@ pub(crate) type FilterMailbox = Arc<std::sync::Mutex<Vec<(Key, io::Result<()>)>>
 
 /// A TCP or one-to-one SCTP listening socket of this worker.
 struct StreamListener {
-    fd: OwnedFd,
+    fd: ListenerFd,
     shared: Arc<ListenerShared>,
     /// The accept operation in flight.
     op: Option<OpId>,
@@ -394,6 +394,9 @@ impl<B: Backend> Worker<B> {
         while let Ok(cmd) = self.ctx.rx.try_recv() {
             match cmd {
                 Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
+                    let Some(fd) = own_fd(fd, &shared) else {
+                        continue;
+                    };
                     let k = self.udp.add_listener(fd, shared);
                     self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Udp(k));
@@ -403,6 +406,9 @@ impl<B: Backend> Worker<B> {
                     if shared.proto == Proto::Sctp
                         && shared.sctp.style == crate::sctp::Style::OneToMany =>
                 {
+                    let Some(fd) = own_fd(fd, &shared) else {
+                        continue;
+                    };
                     let session =
                         ActiveSession::open(fd, shared, &self.ctx.stats, Origin::Many, self.now);
                     let k = self.insert_session(session);
@@ -504,19 +510,21 @@ impl<B: Backend> Worker<B> {
         let mut out = Vec::with_capacity(self.ids.len());
         for (&id, r) in &self.ids {
             let fd = match *r {
-                ListenerRef::Stream(k) => {
-                    self.listeners.get(k).filter(|l| !l.removing).map(|l| &l.fd)
-                }
+                ListenerRef::Stream(k) => self
+                    .listeners
+                    .get(k)
+                    .filter(|l| !l.removing)
+                    .map(|l| l.fd.as_fd()),
                 ListenerRef::Udp(k) => self
                     .udp
                     .listeners
                     .get(k)
                     .filter(|l| !l.closing)
-                    .map(|l| &l.fd),
+                    .map(|l| l.fd.as_fd()),
                 ListenerRef::Many(_) => None,
             };
             if let Some(fd) = fd {
-                match fd.try_clone() {
+                match fd.try_clone_to_owned() {
                     Ok(c) => out.push((id, c)),
                     Err(e) => tracing::warn!(worker = self.ctx.index, listener = id, error = %e,
                         "cannot copy a listener socket for a takeover"),
@@ -574,6 +582,20 @@ fn side_of(i: u8) -> Side {
         Side::Client
     } else {
         Side::Upstream
+    }
+}
+
+/// The worker's own fd of a UDP or one-to-many SCTP listener: these sockets are
+/// never shared by workers (the supervisor does not send them so; if it did, the
+/// listener is refused here with an error rather than served twice).
+fn own_fd(fd: ListenerFd, shared: &ListenerShared) -> Option<OwnedFd> {
+    match fd {
+        ListenerFd::Own(fd) => Some(fd),
+        ListenerFd::Shared(_) => {
+            tracing::error!(listener = %shared.name,
+                "a UDP or one-to-many SCTP socket cannot be shared by workers; not served");
+            None
+        }
     }
 }
 
