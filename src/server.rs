@@ -335,7 +335,20 @@ impl Server {
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
+        let t_bind = std::time::Instant::now();
         let bound = server.bind_all(&planned, HashMap::new())?;
+        let sockets: usize = bound
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.fds.len()))
+            .sum();
+        // The bind phase alone (binder batches, upstream pools), for the scale
+        // report's per-socket cost (tools/bench).
+        tracing::info!(
+            listeners = planned.len(),
+            sockets,
+            bind_us = t_bind.elapsed().as_micros() as u64,
+            "bind phase done"
+        );
         // A first budget before any worker accepts (refreshed once all is running).
         let namespaces: HashSet<Option<PathBuf>> = planned
             .iter()
