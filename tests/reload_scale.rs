@@ -150,10 +150,18 @@ fn healthz_answers_during_a_large_reload_and_sigterm_ends_it() {
     r.wait_log("SIGHUP: reloading", 4, 10);
     r.signal(libc::SIGTERM);
     let t0 = Instant::now();
-    let st = r.wait_exit(30);
+    // Acted on at once: the shutdown starts within a second.
+    r.wait_log("shutting down", 1, 1);
+    // Then every listener drains its queue (a SYN filter each, attached by the
+    // binder) before the exit: 2,000 of them take well under a second here, but
+    // up to the shutdown timeout (10 s) and the workers' grace in the one-CPU
+    // 6.1 guest, whose filter attaches are far slower.
+    let inside_uml = std::env::var_os("INSIDE_UML").is_some();
+    let st = r.wait_exit(if inside_uml { 90 } else { 30 });
     assert!(st.success(), "exit status {st}: {}", r.stderr());
+    let bound = Duration::from_secs(if inside_uml { 60 } else { 10 });
     assert!(
-        t0.elapsed() < Duration::from_secs(10),
+        t0.elapsed() < bound,
         "SIGTERM during a reload took {:?}",
         t0.elapsed()
     );
