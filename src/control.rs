@@ -349,6 +349,18 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                             tracing::info!(taken = taken.len(), timeout_ms = t,
                                 "taken over by a new process: no new connections here; open ones may finish");
                             begin_shutdown(&mut server, &mut draining, Stop::HandedOver(&taken));
+                            // Before "stopped": let the workers cancel their accepts on
+                            // the shared sockets. io_uring arms an accept's poll as
+                            // exclusive, so a connection that woke only this process's
+                            // accept just as it was cancelled would wait unseen by the
+                            // new process until the next one arrives; the new process
+                            // accepts again once it reads "stopped" (bounded: 1 s).
+                            let t0 = Instant::now();
+                            while server.listener_sockets() > 0
+                                && t0.elapsed() < Duration::from_secs(1)
+                            {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
                             // The new process binds the admin address and the
                             // takeover socket once it has the answer.
                             admin = None;

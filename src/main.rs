@@ -200,6 +200,11 @@ fn main() -> ExitCode {
                     server.shutdown();
                     return ExitCode::FAILURE;
                 }
+                // The old process has let go of the shared sockets: accept again, in
+                // case a connection's wake-up went to its accept (Command::AcceptAgain).
+                for w in server.workers() {
+                    let _ = w.send(ringress::driver::Command::AcceptAgain);
+                }
             }
             match control::run(server, &config) {
                 Ok(control::Exit::Clean) => ExitCode::SUCCESS,

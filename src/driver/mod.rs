@@ -285,6 +285,12 @@ pub enum Command {
         /// Where the `(listener id, fd copy)` pairs go.
         reply: mpsc::Sender<Vec<(u64, OwnedFd)>>,
     },
+    /// Ask every accepting listener's accept again (cancel it; it is re-armed at
+    /// once, and a new accept first tries accept(2) inline): sent by a process
+    /// that took listeners over once the old one has stopped, so that a
+    /// connection whose (exclusive, on io_uring) wake-up went to the old
+    /// process's accept is not left in the queue.
+    AcceptAgain,
     /// Close every listener and connection and end the thread.
     Shutdown,
 }

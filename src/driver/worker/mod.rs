@@ -444,6 +444,15 @@ impl<B: Backend> Worker<B> {
                 },
                 Command::RemoveListener { id } => self.stop_listener(id, true),
                 Command::Drain => self.begin_drain(),
+                Command::AcceptAgain => {
+                    for k in self.listeners.keys() {
+                        let op = self.listeners.get(k).and_then(|l| l.op);
+                        if let Some(id) = op {
+                            // ECANCELED re-arms it (on_accept).
+                            self.backend.cancel(id);
+                        }
+                    }
+                }
                 Command::DetachListener { id } => self.stop_listener(id, false),
                 Command::ExportListeners { reply } => {
                     let _ = reply.send(self.export_listeners());
