@@ -21,7 +21,7 @@ use crate::binder::{BatchItem, BindError, Binder, ClientProto, SocketSpec};
 use crate::config::{Action, Config, IoChoice, ListenerConfig, Proto};
 use crate::driver::budget::{FdBudget, NetnsFds};
 use crate::driver::{self, Command, DriverKind, ListenerShared, UpstreamSet, WorkerHandle};
-use crate::netns::{self, NetnsRef};
+use crate::netns::{self, NetnsRef, NsId};
 use crate::takeover::{Inherited, SocketInfo};
 
 /// Why the server could not start or a reload was refused.
@@ -129,8 +129,19 @@ pub struct Server {
     opts: StartOptions,
 }
 
-/// A listener's namespace file, protocol and address.
-type AddrKey = (Option<PathBuf>, Proto, SocketAddr);
+/// What makes two listeners clash: their namespace, protocol and address.
+type AddrKey = (NsKey, Proto, SocketAddr);
+
+/// A listener's namespace as compared for clashes: its identity ([`NsId`]; the
+/// root namespace is the process's own, `/proc/self/ns/net`), so that two
+/// spellings of one namespace (`a`, `/run/netns/a`, a bind mount,
+/// `/proc/PID/ns/net`) clash; the namespace file's path only when it cannot be
+/// stat'ed (it vanished).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum NsKey {
+    Id(NsId),
+    Path(Option<PathBuf>),
+}
 
 /// One listener to bind: its (instance) config and the template it came from.
 struct Planned {
@@ -278,9 +289,15 @@ impl Server {
         }
     }
 
-    /// What makes two listeners clash: namespace file, protocol, address.
+    /// What makes two listeners clash: namespace identity, protocol, address
+    /// (one `stat(2)` of the namespace file).
     fn addr_key(&self, l: &ListenerConfig) -> AddrKey {
-        (self.cfg.netns_path(l), l.proto, l.listen)
+        let path = self.cfg.netns_path(l);
+        let id = match &path {
+            None => NsId::own(),
+            Some(p) => NsId::of_path(p),
+        };
+        (id.map_or(NsKey::Path(path), NsKey::Id), l.proto, l.listen)
     }
 
     /// Addresses taken by serving listeners, by (namespace file, address), except
@@ -864,15 +881,19 @@ impl Server {
             }
         }
         let mut done = true;
+        let mut taken = self.taken(&HashSet::new());
         for p in todo {
             let key = self.addr_key(&p.config);
-            if let Some(first) = self.taken(&HashSet::new()).get(&key) {
+            if let Some(first) = taken.get(&key) {
                 tracing::warn!(listener = %p.config.name, address = %p.config.listen,
                     "not bound in namespace {name}: the address is already served by listener {first}");
                 continue;
             }
             match self.bind(&p.config) {
                 Ok(b) => {
+                    if p.config.listen.port() != 0 {
+                        taken.insert(key, p.config.name.clone());
+                    }
                     self.listeners.remove(&p.config.name);
                     self.install(p, Ok(b));
                 }

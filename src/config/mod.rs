@@ -47,14 +47,14 @@
 //! Layout: `raw` is the serde form of the file (with spans), `validate` turns it
 //! into the types below, `diag` holds [`ConfigError`] and the span-to-line mapping.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::netns::{check_netns, NetnsRef, DEFAULT_NETNS_DIR};
+use crate::netns::{open_netns, NetnsRef, NsId, DEFAULT_NETNS_DIR};
 
 mod diag;
 mod raw;
@@ -670,24 +670,37 @@ impl Config {
     }
 
     /// Checks that every listener's namespace exists and is a network namespace
-    /// file ([`check_netns`] on [`Config::netns_path`]). Listeners without `netns`
-    /// are skipped.
+    /// file ([`crate::netns::open_netns`] on [`Config::netns_path`]), and that no two
+    /// listeners share a protocol and address in one namespace, whatever its
+    /// spelling: namespaces are compared by identity ([`NsId`], the nsfs device and
+    /// inode), so `a`, `/run/netns/a`, a bind mount of it and `/proc/PID/ns/net` of a
+    /// process inside it are one namespace, and a listener without `netns` is in
+    /// the namespace ringress runs in (`/proc/self/ns/net`). Templates (globs) are
+    /// expanded at run time and skipped here.
     ///
-    /// Each namespace file is opened once, however many listeners name it: a path
-    /// that passed is remembered for the rest of the call (10 listeners in each of
-    /// 1,000 namespaces cost 1,000 opens, not 10,000).
+    /// Linear: each namespace file is opened once, however many listeners name it
+    /// (10 listeners in each of 1,000 namespaces cost 1,000 opens, not 10,000), and
+    /// addresses are compared through one hash map.
     ///
     /// # Errors
     /// [`ConfigError::Netns`] for the first listener (in file order) whose
-    /// namespace is missing, unreadable or not a namespace.
+    /// namespace is missing, unreadable or not a network namespace;
+    /// [`ConfigError::Invalid`] (key `netns`) for the second of two listeners on
+    /// one protocol and address in one namespace, naming both and the namespace.
     pub fn check_namespaces(&self) -> Result<(), ConfigError> {
         // Only successes are cached: the first failure ends the check.
-        let mut ok: HashSet<PathBuf> = HashSet::new();
+        let mut ids: HashMap<PathBuf, NsId> = HashMap::new();
+        // `None`: /proc is unreadable; root listeners then compare as one namespace.
+        let own = NsId::own().ok();
+        let mut addrs: HashMap<(Option<NsId>, Proto, SocketAddr), &ListenerConfig> = HashMap::new();
         for l in &self.listeners {
             let mut refs = Vec::with_capacity(2);
+            let mut skip_addr = false;
             if let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) {
                 // A template's namespaces are found at run time.
-                if !ns.is_glob() {
+                if ns.is_glob() {
+                    skip_addr = true;
+                } else {
                     refs.push(("netns", l.netns_line, ns, path));
                 }
             }
@@ -696,23 +709,58 @@ impl Config {
                     refs.push(("upstream_netns", p.upstream_netns_line, ns, path.clone()));
                 }
             }
+            let mut listener_ns = own;
             for (key, line, ns, path) in refs {
-                if ok.contains(&path) {
-                    continue;
+                let id = match ids.get(&path) {
+                    Some(id) => *id,
+                    None => {
+                        let id = open_netns(&path).and_then(|f| NsId::of_file(&f)).map_err(
+                            |source| ConfigError::Netns {
+                                file: self.source.clone(),
+                                line,
+                                listener: ListenerId::Name(l.name.clone()),
+                                key,
+                                label: ns.label().into(),
+                                path: path.clone().into(),
+                                source,
+                            },
+                        )?;
+                        ids.insert(path, id);
+                        id
+                    }
+                };
+                if key == "netns" {
+                    listener_ns = Some(id);
                 }
-                if let Err(source) = check_netns(&path) {
-                    return Err(ConfigError::Netns {
-                        file: self.source.clone(),
-                        line,
-                        listener: ListenerId::Name(l.name.clone()),
-                        key,
-                        label: ns.label().into(),
-                        path: path.into(),
-                        source,
-                    });
-                }
-                ok.insert(path);
             }
+            if skip_addr || l.listen.port() == 0 {
+                continue;
+            }
+            let key = (listener_ns, l.proto, l.listen);
+            if let Some(first) = addrs.get(&key) {
+                let same = match listener_ns {
+                    Some(id) => format!(" ({id})"),
+                    None => String::new(),
+                };
+                return Err(ConfigError::Invalid {
+                    file: self.source.clone(),
+                    line: l.netns_line,
+                    scope: Scope::Listener(ListenerId::Name(l.name.clone())),
+                    key: "netns",
+                    message: format!(
+                        "{} {} in namespace {:?} is already used by listener {:?} (line {}) \
+                         in namespace {:?}: they are the same namespace{same}; two \
+                         listeners on one address would split its connections",
+                        l.proto,
+                        l.listen,
+                        l.netns_label(),
+                        first.name,
+                        first.line,
+                        first.netns_label(),
+                    ),
+                });
+            }
+            addrs.insert(key, l);
         }
         Ok(())
     }

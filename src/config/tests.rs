@@ -575,6 +575,43 @@ fn namespace_by_path() {
     }
 }
 
+/// Namespaces compare by identity, not spelling: `/proc/self/ns/net`,
+/// `/proc/thread-self/ns/net` and no `netns` at all are the namespace the tests
+/// run in, so a second listener on the same address in it is refused, naming both.
+#[test]
+fn same_namespace_by_another_spelling_is_a_duplicate() {
+    let text = "[[listener]]\nname = \"plain\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"by-proc\"\nnetns = \"/proc/self/ns/net\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n";
+    let c = parse(text).unwrap();
+    let e = c.check_namespaces().unwrap_err();
+    let m = e.to_string();
+    assert_eq!(e.line(), Some(7), "{m}");
+    for want in [
+        "listener \"by-proc\": key `netns`",
+        "tcp 127.0.0.1:80 in namespace \"/proc/self/ns/net\"",
+        "already used by listener \"plain\" (line 1) in namespace \"root\"",
+        "the same namespace",
+    ] {
+        assert!(m.contains(want), "{m:?} lacks {want:?}");
+    }
+    // Two paths of one namespace; other protocols and addresses stay apart.
+    let text = "[[listener]]\nname = \"a\"\nnetns = \"/proc/self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"b\"\nnetns = \"/proc/thread-self/ns/net\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"c\"\nlisten = \"127.0.0.1:81\"\naction = \"echo\"\n";
+    parse(text).unwrap().check_namespaces().unwrap();
+    let text = format!("{text}[[listener]]\nname = \"d\"\nnetns = \"/proc/self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:81\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"e\"\nnetns = \"/proc/thread-self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n");
+    let m = parse(&text)
+        .unwrap()
+        .check_namespaces()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        m.contains("listener \"e\"") && m.contains("already used by listener \"a\""),
+        "{m}"
+    );
+}
+
 #[test]
 fn load_reads_file_and_reports_missing() {
     let dir = std::env::temp_dir().join(format!("ringress-cfgtest-{}", std::process::id()));
