@@ -160,6 +160,31 @@ fn main() -> ExitCode {
             if let Some(w) = workers {
                 cfg.runtime.workers = w.max(1);
             }
+            // One `run` per config (ringress::instance); a takeover shares on purpose.
+            let waiting_lock = match ringress::instance::acquire(&config) {
+                Ok(Ok(lock)) => {
+                    tracing::debug!(lock = %lock.path().display(), "instance lock taken");
+                    lock.hold_until_exit();
+                    None
+                }
+                Ok(Err(held)) if takeover.is_some() => Some(held),
+                Ok(Err(held)) => {
+                    let who = held
+                        .pid
+                        .map_or_else(|| "another process".to_string(), |p| format!("pid {p}"));
+                    eprintln!(
+                        "error: {} is already served by ringress {who} (instance lock {}); \
+                         stop it first, or upgrade it with `ringress run --takeover`",
+                        config.display(),
+                        held.path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no instance lock: a second `run` of this config would not be refused");
+                    None
+                }
+            };
             if let Err(e) = blocked {
                 eprintln!("error: blocking signals: {e}");
                 return ExitCode::FAILURE;
@@ -199,6 +224,10 @@ fn main() -> ExitCode {
                     eprintln!("error: takeover failed: {e}");
                     server.shutdown();
                     return ExitCode::FAILURE;
+                }
+                // The old process holds the lock until it has drained and exits.
+                if let Some(held) = waiting_lock {
+                    held.take_over_when_free();
                 }
             }
             match control::run(server, &config) {

@@ -147,7 +147,11 @@ fn check_refuses_one_namespace_under_two_spellings() {
     );
 }
 
-both_drivers!(template_instance_and_alias_never_share_an_address);
+both_drivers!(
+    template_instance_and_alias_never_share_an_address,
+    foreign_reuseport_socket_is_never_joined,
+    second_run_of_one_config_is_refused_but_takeover_shares,
+);
 
 /// A template instance in namespace X and an explicit listener on a bind-mount
 /// alias of X, on one address (which `check` cannot see: templates expand at run
@@ -172,4 +176,162 @@ fn template_instance_and_alias_never_share_an_address(driver: &str) {
     let s = connect_in(Some(&ns), addr.parse().unwrap()).unwrap();
     assert_eq!(echo_roundtrip(s, b"x"), b"x");
     r.stop();
+}
+
+/// A `sleep` process holding a socket bound to `addr` with SO_REUSEADDR and
+/// SO_REUSEPORT (listening, for TCP), as a foreign server would; killed on drop.
+struct ForeignHolder(Child);
+
+impl ForeignHolder {
+    fn new(addr: std::net::SocketAddr, udp: bool) -> ForeignHolder {
+        use socket2::{Domain, Protocol, Socket, Type};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (ty, proto) = match udp {
+            true => (Type::DGRAM, Protocol::UDP),
+            false => (Type::STREAM, Protocol::TCP),
+        };
+        let s = Socket::new(Domain::for_address(addr), ty, Some(proto)).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        if !udp {
+            s.listen(16).unwrap();
+        }
+        let fd = s.as_raw_fd();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60").stdin(Stdio::null());
+        // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child
+        // before exec and give the socket to `sleep` as fd 3 without FD_CLOEXEC
+        // (dup2 onto itself would keep the flag: clear it then).
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = match fd {
+                    3 => libc::fcntl(3, libc::F_SETFD, 0),
+                    _ => libc::dup2(fd, 3),
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        // The socket is now `sleep`'s only.
+        drop(s);
+        ForeignHolder(child)
+    }
+}
+
+impl Drop for ForeignHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Another process listens on the address with SO_REUSEPORT (TCP) or holds it
+/// (UDP): `run` refuses to start, naming the address and the holder, and the
+/// holder keeps the address alone.
+fn foreign_reuseport_socket_is_never_joined(driver: &str) {
+    for udp in [false, true] {
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let holder = ForeignHolder::new(addr, udp);
+        let dir = TempDir::new(&format!("foreign-{driver}-{udp}"));
+        let cfg = dir.0.join("c.toml");
+        let proto = if udp { "udp" } else { "tcp" };
+        std::fs::write(
+            &cfg,
+            format!(
+                "[runtime]\nworkers = 2\n[[listener]]\nname = \"f\"\nproto = \"{proto}\"\n\
+                 listen = \"{addr}\"\naction = \"echo\"\n"
+            ),
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        // Bounded: a server that wrongly starts must not hang the test.
+        let out = Command::new("timeout")
+            .args(["10", bin(), "run", cfg.to_str().unwrap(), "--io", driver])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let (code, err) = (out.status.code(), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(t0.elapsed().as_secs() < 10);
+        let want = format!(
+            "{proto} {addr} is already held by pid {} (sleep); ringress never joins a SO_REUSEPORT group it did not create",
+            holder.0.id()
+        );
+        assert!(err.contains(&want), "{want:?} not in:\n{err}");
+        assert!(err.contains("listener f: bind"), "{err}");
+        // `check` cannot know: a port in use is seen at run time only.
+        let (code, _, err) = ringress_cmd(&["check", cfg.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+}
+
+/// A second `run` of the same config (another spelling of its path, even) is
+/// refused naming the first one's pid; `run --takeover` of the same config goes
+/// on, takes the instance lock when the old process exits, and from then on
+/// the lock names the new process.
+fn second_run_of_one_config_is_refused_but_takeover_shares(driver: &str) {
+    let port = free_port();
+    let dir = TempDir::new(&format!("lock-{driver}"));
+    let sock = dir.0.join("takeover.sock");
+    let cfg_text = format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 1000\ntakeover_socket = \"{}\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n",
+        sock.display()
+    );
+    let mut first = Ringress::start(&format!("lock1-{driver}"), driver, &cfg_text);
+    let cfg = first.config_path();
+    let dotted = cfg
+        .parent()
+        .unwrap()
+        .join("..")
+        .join(cfg.parent().unwrap().file_name().unwrap())
+        .join("ringress.toml");
+    let (code, _, err) = ringress_cmd(&["run", dotted.to_str().unwrap(), "--io", driver]);
+    assert_eq!(code, 1, "{err}");
+    let want = format!(
+        "is already served by ringress pid {} (instance lock ",
+        first.pid()
+    );
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    // The first one still serves alone.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(echo_roundtrip(connect_in(None, addr).unwrap(), b"a"), b"a");
+
+    // The sanctioned way: a takeover of the same config file.
+    let log = dir.0.join("new.log");
+    let child = Command::new(bin())
+        .args(["run", cfg.to_str().unwrap(), "--io", driver, "--takeover"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut new = Ringress {
+        child,
+        dir: TempDir::new(&format!("lock2-{driver}")),
+        log,
+    };
+    new.wait_running();
+    assert!(first.wait_exit(15).success(), "{}", first.stderr());
+    new.wait_log("instance lock taken over from the previous process", 1, 5);
+    assert_eq!(echo_roundtrip(connect_in(None, addr).unwrap(), b"b"), b"b");
+    let (code, _, err) = ringress_cmd(&["run", cfg.to_str().unwrap(), "--io", driver]);
+    assert_eq!(code, 1, "{err}");
+    let want = format!(
+        "is already served by ringress pid {} (instance lock ",
+        new.pid()
+    );
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    assert!(new.stop().success());
+    // Once it has exited, the config may run again.
+    let mut again = Ringress::spawn_with_config_path(driver, &cfg);
+    again.wait_running();
+    assert!(again.stop().success());
 }

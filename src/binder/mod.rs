@@ -38,6 +38,7 @@
 //! `pool.rs` keeps upstream client sockets made ahead of time and refills them
 //! ([`SocketPool`]).
 
+mod holder;
 mod pool;
 mod spec;
 
@@ -91,7 +92,13 @@ pub struct BindError {
 impl BindError {
     /// The errno of the failure, when it came from the OS.
     pub fn errno(&self) -> Option<i32> {
-        self.source.raw_os_error()
+        match self.source.kind() {
+            // A probe's refusal naming the holder (errno kept in meaning).
+            io::ErrorKind::AddrInUse if self.source.raw_os_error().is_none() => {
+                Some(libc::EADDRINUSE)
+            }
+            _ => self.source.raw_os_error(),
+        }
     }
 }
 

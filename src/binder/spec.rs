@@ -12,7 +12,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 #[derive(Debug, Clone)]
 pub enum SocketSpec {
     /// `count` TCP listening sockets on `addr`, each with SO_REUSEADDR and
-    /// SO_REUSEPORT, so that one can be given to each worker.
+    /// SO_REUSEPORT, so that one can be given to each worker. Refused (bind,
+    /// EADDRINUSE) when a socket of another process already listens there: the
+    /// group is never joined (see `holder`).
     TcpListeners {
         /// Local address to bind.
         addr: SocketAddr,
@@ -28,7 +30,8 @@ pub enum SocketSpec {
         family_of: SocketAddr,
     },
     /// `count` UDP sockets bound to `addr`, each with SO_REUSEADDR and
-    /// SO_REUSEPORT (one per worker); on a wildcard address also IP_PKTINFO /
+    /// SO_REUSEPORT (one per worker), refused like `TcpListeners` when another
+    /// process's socket is bound there; on a wildcard address also IP_PKTINFO /
     /// IPV6_RECVPKTINFO, so that replies can leave from the address a client sent to.
     UdpSockets {
         /// Local address to bind.
@@ -138,7 +141,10 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             addr,
             backlog,
             count,
-        } => listening(count, addr, backlog, tcp_socket),
+        } => {
+            super::holder::check_unshared(addr, false, tcp_socket)?;
+            listening(count, addr, backlog, tcp_socket)
+        }
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
         SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
         SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
@@ -157,6 +163,7 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             crate::sctp::socket(a, style, &opts)
         }),
         SocketSpec::UdpSockets { addr, count } => {
+            super::holder::check_unshared(addr, true, udp_socket)?;
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
                 let s = udp_socket(addr).map_err(|e| ("socket", e))?;
