@@ -18,9 +18,16 @@
 //!   shuts down as above, closing what was bound, and exits 0 (two of them during
 //!   start-up count as one).
 //! - inotify on the netns directory: a new entry is bound by the templates and
-//!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
-//!   creates the file before it mounts the namespace on it); a removed entry closes
-//!   its listeners.
+//!   listeners it concerns, retried every 20 ms for [`NETNS_SETTLE`] (`ip netns
+//!   add` creates the file before it mounts the namespace on it), then, while it
+//!   is still not served, never given up: its identity is re-checked (one
+//!   `stat(2)`) with a back-off from 20 ms doubling up to [`NETNS_POLL_MAX`], and
+//!   a bind is tried again as soon as the entry changed (a namespace was mounted
+//!   on a placeholder file, which makes no inotify event), else with a back-off up
+//!   to [`NETNS_BIND_MAX`] (its addresses may come later), until it is served or
+//!   goes away. Entries of templates left down at start are retried the same
+//!   way, and the directory is rescanned every [`NETNS_RESCAN`] in case an event
+//!   was missed. A removed entry closes its listeners.
 //! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
 //!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
 //!   which it took, those are detached here (the shared sockets untouched), the
@@ -49,10 +56,21 @@ use crate::server::Server;
 use crate::signals;
 use crate::takeover::TakeoverServer;
 
-/// How long a new netns entry is retried before giving up (with a warning).
+/// How long a new netns entry is retried at the fast pace ([`NETNS_RETRY`]);
+/// after it, an entry still not served is logged once and retried with back-off.
 pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
-/// Interval between those retries.
+/// Interval between retries while a new entry settles.
 const NETNS_RETRY: Duration = Duration::from_millis(20);
+/// Longest interval between two identity checks (`stat(2)`) of an entry not
+/// served after [`NETNS_SETTLE`]: a namespace mounted on a placeholder is served
+/// within about this long (ms scale; 1,000 such entries cost 2,000 stats/s).
+pub const NETNS_POLL_MAX: Duration = Duration::from_millis(500);
+/// Longest interval between two bind attempts in an entry whose identity did not
+/// change (a namespace whose address is not configured yet).
+pub const NETNS_BIND_MAX: Duration = Duration::from_secs(30);
+/// Interval of the periodic rescan of the netns directory (names that appeared
+/// or vanished without an inotify event reaching us).
+pub const NETNS_RESCAN: Duration = Duration::from_secs(30);
 
 const T_SIGNAL: u64 = 1;
 const T_INOTIFY: u64 = 2;
@@ -74,10 +92,73 @@ pub enum Exit {
     WorkerFailed,
 }
 
+/// A netns entry not served yet, retried until it is or it goes away.
 struct Pending {
     name: String,
+    /// When to look at it again.
     next: Instant,
+    /// End of the fast settle phase.
     until: Instant,
+    /// Current back-off of identity checks after the settle phase.
+    delay: Duration,
+    /// Current back-off of bind attempts while its identity stays the same.
+    bind_gap: Duration,
+    /// When a bind may be tried again though the identity did not change.
+    bind_at: Instant,
+    /// The entry's identity at the last failed attempt (`None`: not stat-able).
+    seen: Option<netns::NsId>,
+    /// Whether the "still not served" warning was logged.
+    warned: bool,
+}
+
+impl Pending {
+    fn new(name: String, now: Instant) -> Pending {
+        Pending {
+            name,
+            next: now,
+            until: now + NETNS_SETTLE,
+            delay: NETNS_RETRY,
+            bind_gap: NETNS_RETRY,
+            bind_at: now,
+            seen: None,
+            warned: false,
+        }
+    }
+
+    /// One look at the entry: bind if settling, if it changed since the last
+    /// failure, or if its bind back-off expired. Returns `false` when done
+    /// (served, gone, or shutting down).
+    fn step(&mut self, now: Instant, dir: &Path, server: &mut Server) -> bool {
+        let id = match netns::NsId::of_path(&dir.join(&self.name)) {
+            Ok(id) => Some(id),
+            // Gone: the inotify event (or the rescan) says so too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => None,
+        };
+        let settling = now < self.until;
+        if settling || id != self.seen || now >= self.bind_at {
+            if server.netns_appeared(&self.name) {
+                return false;
+            }
+            if !settling {
+                self.bind_gap = (self.bind_gap * 2).min(NETNS_BIND_MAX);
+                self.bind_at = now + self.bind_gap;
+            }
+            self.seen = id;
+        }
+        if settling {
+            self.next = now + NETNS_RETRY;
+            return true;
+        }
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(netns = %self.name, settle_ms = NETNS_SETTLE.as_millis() as u64,
+                "new netns entry still cannot be served (not a namespace yet?); retrying with back-off until it is served or goes away");
+        }
+        self.delay = (self.delay * 2).min(NETNS_POLL_MAX);
+        self.next = now + self.delay;
+        true
+    }
 }
 
 /// Runs the control loop until shutdown; `config_path` is re-read on SIGHUP.
@@ -137,7 +218,15 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         "ringress running"
     );
     sdnotify::notify_or_log("READY=1");
-    let mut pending: Vec<Pending> = Vec::new();
+    let netns_dir = server.config().netns_dir.clone();
+    let mut next_rescan = Instant::now() + NETNS_RESCAN;
+    // Entries whose listeners are down (e.g. a template instance in a placeholder
+    // not yet mounted at start): retried like new entries.
+    let start = Instant::now();
+    let mut pending: Vec<Pending> = down_entries(&server)
+        .into_iter()
+        .map(|n| Pending::new(n, start))
+        .collect();
     let mut draining: Option<Instant> = None;
     // Signals sent while starting up (blocked since main's first instruction)
     // are pending on the signalfd: act on them now that everything is open.
@@ -163,6 +252,10 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         if let Some(d) = draining {
             let poll = Duration::from_millis(50).min(d.saturating_duration_since(now));
             wait = Some(wait.map_or(poll, |w| w.min(poll)));
+        }
+        if watch.is_some() {
+            let left = next_rescan.saturating_duration_since(now);
+            wait = Some(wait.map_or(left, |w| w.min(left)));
         }
         if let Some(a) = &admin {
             let left = a
@@ -268,25 +361,25 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             }
         }
         let now = Instant::now();
-        // New namespaces: bind, retrying while they settle.
+        // New namespaces: bind, retrying while they settle, then with back-off.
         let mut still = Vec::new();
         for mut p in std::mem::take(&mut pending) {
             if p.next > now {
                 still.push(p);
                 continue;
             }
-            if draining.is_some() || server.netns_appeared(&p.name) {
-                continue;
+            if draining.is_none() && p.step(now, &netns_dir, &mut server) {
+                still.push(p);
             }
-            if now >= p.until {
-                tracing::warn!(netns = %p.name, settle_ms = NETNS_SETTLE.as_millis() as u64,
-                    "new netns entry still cannot be served; giving up on it until it changes");
-                continue;
-            }
-            p.next = now + NETNS_RETRY;
-            still.push(p);
         }
         pending = still;
+        if let Some(w) = &mut watch {
+            if now >= next_rescan {
+                next_rescan = now + NETNS_RESCAN;
+                let events = w.rescan();
+                netns_events(events, &mut pending, &mut server);
+            }
+        }
         if let Some(t) = &mut takeover {
             if t.conn.is_some() && t.deadline.is_some_and(|d| now >= d) {
                 tracing::warn!(
@@ -433,17 +526,25 @@ fn begin_shutdown(server: &mut Server, draining: &mut Option<Instant>, stop: Sto
     *draining = Some(Instant::now() + Duration::from_millis(t));
 }
 
-/// Acts on names that appeared (bind, retried while they settle) or vanished.
+/// The netns directory entries (names) of listeners that are down.
+fn down_entries(server: &Server) -> BTreeSet<String> {
+    server
+        .listeners()
+        .filter(|l| matches!(l.state, crate::server::ListenerState::Down(_)))
+        .filter_map(|l| match &l.config.netns {
+            Some(netns::NetnsRef::Named(n)) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Acts on names that appeared (bind, retried while they settle, then with
+/// back-off until served or gone) or vanished.
 fn netns_events(events: Vec<(String, bool)>, pending: &mut Vec<Pending>, server: &mut Server) {
     for (name, appeared) in events {
         pending.retain(|p| p.name != name);
         if appeared {
-            let now = Instant::now();
-            pending.push(Pending {
-                name,
-                next: now,
-                until: now + NETNS_SETTLE,
-            });
+            pending.push(Pending::new(name, Instant::now()));
         } else {
             server.netns_vanished(&name);
         }

@@ -148,6 +148,7 @@ fn check_refuses_one_namespace_under_two_spellings() {
 }
 
 both_drivers!(
+    template_serves_a_placeholder_once_a_namespace_is_mounted_on_it,
     template_instance_and_alias_never_share_an_address,
     foreign_reuseport_socket_is_never_joined,
     second_run_of_one_config_is_refused_but_takeover_shares,
@@ -334,4 +335,106 @@ fn second_run_of_one_config_is_refused_but_takeover_shares(driver: &str) {
     let mut again = Ringress::spawn_with_config_path(driver, &cfg);
     again.wait_running();
     assert!(again.stop().success());
+}
+
+/// A file under /run/netns (a placeholder, later a mount point); unmounted and
+/// removed on drop.
+struct Placeholder(PathBuf);
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .args(["-l", self.0.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Connects to `addr` from inside the namespace file `ns`, once.
+fn connect_at(ns: &Path, addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let fd = binder()
+        .create(
+            "test-client",
+            Some(ns),
+            "late",
+            ringress::binder::SocketSpec::TcpClient { family_of: addr },
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .pop()
+        .unwrap();
+    let s = socket2::Socket::from(fd);
+    s.set_nonblocking(false)?;
+    s.connect_timeout(&addr.into(), std::time::Duration::from_secs(1))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    Ok(s.into())
+}
+
+/// A template's entry appears as a placeholder file and stays one for 4 s (past
+/// the 3 s settle time; the mount makes no inotify event): once a namespace is
+/// mounted on it, the template serves there within 1 s.
+fn template_serves_a_placeholder_once_a_namespace_is_mounted_on_it(driver: &str) {
+    use std::time::{Duration, Instant};
+    require_root();
+    let name = format!("rgt-late{}-{}", &driver[..1], std::process::id());
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n\
+         [[listener]]\nname = \"late\"\nnetns = \"{name}*\"\nlisten = \"{addr}\"\naction = \"echo\"\n"
+    );
+    let r = Ringress::start(&format!("late-{driver}"), driver, &cfg);
+    // A process in a fresh namespace with its loopback up.
+    let child = Command::new("unshare")
+        .args(["--net", "sh", "-c", "ip link set lo up && exec sleep 60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare(1)");
+    let inside = Inside(child);
+    let t0 = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{}/comm", inside.0.id()))
+        .map_or(true, |c| c.trim() != "sleep")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "unshare did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let entry = Placeholder(Path::new("/run/netns").join(&name));
+    std::fs::write(&entry.0, b"").unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    r.wait_log(
+        "retrying with back-off until it is served or goes away",
+        1,
+        2,
+    );
+    let st = Command::new("mount")
+        .args([
+            "--bind",
+            &inside.ns_path().to_string_lossy(),
+            entry.0.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mounted = Instant::now();
+    loop {
+        if let Ok(s) = connect_at(&entry.0, addr) {
+            assert_eq!(echo_roundtrip(s, b"late"), b"late");
+            break;
+        }
+        assert!(
+            mounted.elapsed() < Duration::from_secs(3),
+            "not served 3 s after the mount:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = mounted.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "served {took:?} after the mount"
+    );
+    r.stop();
 }
