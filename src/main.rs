@@ -111,8 +111,15 @@ fn main() -> ExitCode {
         }
     }
     match cli.cmd {
-        Cmd::Check { config } => match load(&config) {
+        Cmd::Check { config } => match load(&config).and_then(|cfg| {
+            // `run` raises the soft limit to the hard one: that is what it gets.
+            cfg.check_fd_limit(ringress::procstat::nofile_limits().1)?;
+            Ok(cfg)
+        }) {
             Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 // Valid, but `run` would refuse it here: say so now.
                 if let Err(e) = ringress::sctp::available() {
                     for l in cfg.listeners.iter().filter(|l| l.proto == Proto::Sctp) {
@@ -159,6 +166,10 @@ fn main() -> ExitCode {
             };
             if let Some(w) = workers {
                 cfg.runtime.workers = w.max(1);
+            }
+            if let Err(e) = cfg.check_fd_limit(ringress::procstat::nofile_limits().0) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
             }
             // One `run` per config (ringress::instance); a takeover shares on purpose.
             let waiting_lock = match ringress::instance::acquire(&config) {

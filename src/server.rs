@@ -328,23 +328,21 @@ impl Server {
         for p in planned {
             let l = &p.config;
             let key = self.addr_key(l);
-            if l.listen.port() != 0 {
-                if let Some(first) = seen.get(&key) {
-                    let e = StartError::Duplicate {
-                        first: first.clone(),
-                        second: l.name.clone(),
-                        addr: l.listen,
-                        netns: l.netns_label(),
-                    };
-                    if p.template.is_none() {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, "template instance not bound");
-                    out.push(Some(Err(e.to_string())));
-                    continue;
+            if let Some(first) = seen.get(&key) {
+                let e = StartError::Duplicate {
+                    first: first.clone(),
+                    second: l.name.clone(),
+                    addr: l.listen,
+                    netns: l.netns_label(),
+                };
+                if p.template.is_none() {
+                    return Err(e);
                 }
-                seen.insert(key, l.name.clone());
+                tracing::warn!(error = %e, "template instance not bound");
+                out.push(Some(Err(e.to_string())));
+                continue;
             }
+            seen.insert(key, l.name.clone());
             out.push(None);
             // Sockets handed over by a takeover first; the binder makes the rest.
             let (fds, more) = self.inherited_for(l);
@@ -452,7 +450,7 @@ impl Server {
         let one_to_many = l.proto == Proto::Sctp && l.sctp.style == crate::sctp::Style::OneToMany;
         let path = self.cfg.netns_path(l);
         let fds = match &self.opts.inherited {
-            Some(i) if l.listen.port() != 0 && !one_to_many => i
+            Some(i) if !one_to_many => i
                 .lock()
                 .ok()
                 .and_then(|mut i| i.take(path.as_deref(), l.proto, l.listen)),
@@ -891,9 +889,7 @@ impl Server {
             }
             match self.bind(&p.config) {
                 Ok(b) => {
-                    if p.config.listen.port() != 0 {
-                        taken.insert(key, p.config.name.clone());
-                    }
+                    taken.insert(key, p.config.name.clone());
                     self.listeners.remove(&p.config.name);
                     self.install(p, Ok(b));
                 }
@@ -978,7 +974,6 @@ impl Server {
         for l in self.listeners.values() {
             let c = &l.config;
             if l.state != ListenerState::Serving
-                || c.listen.port() == 0
                 || (c.proto == Proto::Sctp && c.sctp.style == crate::sctp::Style::OneToMany)
             {
                 continue;

@@ -438,3 +438,74 @@ fn template_serves_a_placeholder_once_a_namespace_is_mounted_on_it(driver: &str)
     );
     r.stop();
 }
+
+/// `check` and `run` refuse a listen port of 0 and an fd limit too low for the
+/// listeners' sockets (naming RLIMIT_NOFILE and the count), and `check` warns
+/// about a loopback upstream of a listener inside a namespace.
+#[test]
+fn check_gaps_port_zero_fd_limit_and_loopback_upstream() {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("gaps");
+    let cfg = dir.0.join("c.toml");
+    let path = cfg.to_str().unwrap();
+    std::fs::write(
+        &cfg,
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n",
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let (code, _, err) = ringress_cmd(&[cmd, path]);
+        assert_eq!(code, 2, "{cmd}: {err}");
+        assert!(err.contains("port 0 is not allowed"), "{cmd}: {err}");
+    }
+    // 20 listeners × 8 workers need 160 sockets and more: a hard limit of 100.
+    let mut text = String::from("[runtime]\nworkers = 8\n");
+    for i in 0..20 {
+        text += &format!(
+            "[[listener]]\nlisten = \"127.0.0.1:{}\"\naction = \"echo\"\n",
+            7100 + i
+        );
+    }
+    std::fs::write(&cfg, &text).unwrap();
+    for cmd in ["check", "run"] {
+        let mut c = Command::new(bin());
+        c.args([cmd, path]).stdin(Stdio::null());
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 100,
+                    rlim_max: 100,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("RLIMIT_NOFILE) is 100, but 208 file descriptors are needed"),
+            "{cmd}: {err}"
+        );
+    }
+    let ns = netns("gaps");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nname = \"p\"\nnetns = \"{}\"\nlisten = \"127.0.0.1:80\"\n\
+             action = \"proxy\"\nupstream = \"127.0.0.1:8080\"\n",
+            ns.name()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = ringress_cmd(&["check", path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok (1 listener)"), "{out}");
+    assert!(
+        err.contains("warning: ") && err.contains("upstream 127.0.0.1:8080 is a loopback address"),
+        "{err}"
+    );
+}

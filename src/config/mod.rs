@@ -70,6 +70,13 @@ use validate::{check_unique, convert_listener, convert_runtime, Ctx};
 
 /// Largest accepted `workers` value.
 pub const MAX_WORKERS: usize = 1024;
+/// Fixed part of the fd margin of [`Config::fds_needed`] (counts): a one-worker
+/// process with an admin endpoint holds 13 fds besides its listener sockets
+/// (stdio, signalfd, inotify, the instance lock, the root namespace, eventfds).
+pub const FD_MARGIN_BASE: u64 = 16;
+/// Per-worker part of the fd margin of [`Config::fds_needed`] (counts): a
+/// worker's ring or epoll instance and eventfds (2 measured).
+pub const FD_MARGIN_PER_WORKER: u64 = 4;
 /// Default `listen(2)` backlog of a listener.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Largest accepted `backlog` value.
@@ -450,7 +457,8 @@ pub struct ListenerConfig {
     pub netns: Option<NetnsRef>,
     /// Transport protocol.
     pub proto: Proto,
-    /// Address and port to bind (port 0 picks an ephemeral port).
+    /// Address and port to bind (never port 0: each worker's socket would get its
+    /// own ephemeral port).
     pub listen: SocketAddr,
     /// What to do with each connection.
     pub action: Action,
@@ -588,9 +596,11 @@ impl Config {
     ///   a bad socket address or namespace name), a missing `listen`, `action`,
     ///   `respond` or upstream, a key or action given for a protocol or action it
     ///   does not apply to (e.g. `respond` with an action other than "respond",
-    ///   `max_sessions` on a TCP listener), a duplicate listener name, or two
-    ///   listeners on the same non-zero-port address and protocol in the same
-    ///   namespace;
+    ///   `max_sessions` on a TCP listener), a listen port of 0, a link-local IPv6
+    ///   upstream without a zone, a NETNS TLV longer than
+    ///   [`crate::proto::proxy_header::MAX_NETNS_TLV_BYTES`], a duplicate listener
+    ///   name, or two listeners on the same address and protocol in the same
+    ///   namespace reference (other spellings: [`Config::check_namespaces`]);
     /// - [`ConfigError::NoListeners`]: no `[[listener]]` table.
     ///
     /// The first error in file order is returned.
@@ -733,7 +743,7 @@ impl Config {
                     listener_ns = Some(id);
                 }
             }
-            if skip_addr || l.listen.port() == 0 {
+            if skip_addr {
                 continue;
             }
             let key = (listener_ns, l.proto, l.listen);
@@ -763,6 +773,84 @@ impl Config {
             addrs.insert(key, l);
         }
         Ok(())
+    }
+
+    /// File descriptors a start needs (counts): every listener's sockets (one
+    /// per worker; one for a one-to-many SCTP listener), one per namespace file
+    /// (the binder holds it while binding), plus a margin of [`FD_MARGIN_BASE`] +
+    /// [`FD_MARGIN_PER_WORKER`] × workers for the process's own fds. Template
+    /// listeners are not counted: their namespaces are only known at run time.
+    /// Sessions and upstream pools are not counted either: the session budget
+    /// ([`crate::driver::budget`]) adapts to what is left.
+    pub fn fds_needed(&self) -> u64 {
+        let workers = self.runtime.workers.max(1) as u64;
+        let namespaces: std::collections::HashSet<PathBuf> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.netns.as_ref().is_some_and(NetnsRef::is_glob))
+            .filter_map(|l| self.netns_path(l))
+            .collect();
+        let sockets: u64 = self
+            .listeners
+            .iter()
+            .filter(|l| !l.netns.as_ref().is_some_and(NetnsRef::is_glob))
+            .map(|l| match (l.proto, l.sctp.style) {
+                (Proto::Sctp, crate::sctp::Style::OneToMany) => 1,
+                _ => workers,
+            })
+            .sum();
+        sockets + namespaces.len() as u64 + FD_MARGIN_BASE + FD_MARGIN_PER_WORKER * workers
+    }
+
+    /// Checks [`Config::fds_needed`] against `limit`, the RLIMIT_NOFILE soft limit
+    /// `run` will have (it raises the soft limit to the hard one first).
+    ///
+    /// # Errors
+    /// A message naming RLIMIT_NOFILE, the limit, and the fds needed.
+    pub fn check_fd_limit(&self, limit: u64) -> Result<(), String> {
+        let need = self.fds_needed();
+        if need <= limit {
+            return Ok(());
+        }
+        Err(format!(
+            "{}: the open-files limit (RLIMIT_NOFILE) is {limit}, but {need} file descriptors \
+             are needed at start ({} listener(s) × {} worker socket(s), their namespace \
+             files, and {} for the process itself): raise it (ulimit -n, LimitNOFILE= in the systemd unit) or \
+             lower `workers`",
+            self.source.display(),
+            self.listeners.len(),
+            self.runtime.workers.max(1),
+            FD_MARGIN_BASE + FD_MARGIN_PER_WORKER * self.runtime.workers.max(1) as u64,
+        ))
+    }
+
+    /// Things that are valid but probably not what was meant, one message each
+    /// (printed by `ringress check`): a listener inside a namespace proxying to a
+    /// loopback upstream without `upstream_netns`, whose upstream is then looked
+    /// up in ringress's own namespace, not the listener's.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in &self.listeners {
+            let (Some(ns), Action::Proxy(p)) = (&l.netns, &l.action) else {
+                continue;
+            };
+            if p.upstream_netns.is_some() {
+                continue;
+            }
+            if let Some(u) = p.upstreams.iter().find(|u| u.ip().is_loopback()) {
+                out.push(format!(
+                    "{}:{}: listener {:?}: upstream {u} is a loopback address, and without \
+                     `upstream_netns` it is reached in ringress's own namespace, not in {:?}; \
+                     add upstream_netns = {:?} if the upstream runs there",
+                    self.source.display(),
+                    l.line,
+                    l.name,
+                    ns.label(),
+                    ns.label()
+                ));
+            }
+        }
+        out
     }
 
     /// The namespace file of listener `l`: its `netns` name resolved under

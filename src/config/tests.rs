@@ -422,10 +422,13 @@ fn duplicate_addresses() {
             "already used by listener \"a\"",
         ],
     );
-    // Port 0 (ephemeral) may repeat.
-    let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n\
-                [[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\naction = \"http\"\n";
-    assert_eq!(parse(text).unwrap().listeners.len(), 2);
+    // Port 0 is refused: each worker's socket would get its own ephemeral port.
+    let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n";
+    err(
+        text,
+        3,
+        &["listener \"a\"", "key `listen`", "port 0 is not allowed"],
+    );
     // Same address in different namespaces is fine.
     let text = "[[listener]]\nnetns = \"x\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
                 [[listener]]\nnetns = \"y\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n";
@@ -609,6 +612,92 @@ fn same_namespace_by_another_spelling_is_a_duplicate() {
     assert!(
         m.contains("listener \"e\"") && m.contains("already used by listener \"a\""),
         "{m}"
+    );
+}
+
+#[test]
+fn link_local_upstreams_need_a_zone() {
+    let l = |up: &str| {
+        format!("[[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:80\"\naction = \"proxy\"\nupstream = \"{up}\"\n")
+    };
+    err(
+        &l("[fe80::1]:80"),
+        5,
+        &[
+            "key `upstream`",
+            "link-local upstream [fe80::1]:80 needs a zone",
+            "\"[fe80::1%2]:80\"",
+        ],
+    );
+    let c = parse(&l("[fe80::1%2]:80")).unwrap();
+    match &c.listeners[0].action {
+        Action::Proxy(p) => assert_eq!(p.upstreams[0].to_string(), "[fe80::1%2]:80"),
+        other => panic!("{other:?}"),
+    }
+    parse(&l("[2001:db8::1]:80")).unwrap();
+    parse(&l("[febf::1%3]:80")).unwrap();
+}
+
+/// The PROXY v2 NETNS TLV carries the namespace label: at most 481 bytes, so that
+/// the header fits in 536 bytes.
+#[test]
+fn proxy_v2_netns_tlv_is_bounded() {
+    let l = |ns: &str, pp: &str| {
+        format!(
+            "[[listener]]\nname = \"p\"\nnetns = \"{ns}\"\nlisten = \"127.0.0.1:80\"\naction = \"proxy\"\n\
+             upstream = \"127.0.0.1:81\"\nupstream_netns = \"/proc/self/ns/net\"\nproxy_protocol = \"{pp}\"\n"
+        )
+    };
+    let ok = format!("/{}", "a".repeat(480));
+    parse(&l(&ok, "v2")).unwrap();
+    let long = format!("/{}", "a".repeat(481));
+    err(
+        &l(&long, "v2"),
+        3,
+        &["key `netns`", "482 bytes", "at most 481"],
+    );
+    // v1 sends no TLV.
+    parse(&l(&long, "v1")).unwrap();
+    // The longest header: IPv6 addresses and a 481-byte TLV.
+    let h = crate::proto::proxy_header::encode(
+        crate::proto::proxy_header::ProxyProtocol::V2,
+        Some("[2001:db8::1]:1".parse().unwrap()),
+        Some("[2001:db8::2]:2".parse().unwrap()),
+        Some(&ok),
+    );
+    assert_eq!(h.len(), 536);
+}
+
+#[test]
+fn fd_limit_preflight_counts_sockets_namespaces_and_a_margin() {
+    let text = "[runtime]\nworkers = 4\n\
+                [[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"a\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"a\"\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"t*\"\nlisten = \"127.0.0.1:3\"\naction = \"echo\"\n";
+    let c = parse(text).unwrap();
+    // 3 listeners × 4 sockets, 1 namespace file, 16 + 4 × 4.
+    assert_eq!(c.fds_needed(), 12 + 1 + 16 + 16);
+    c.check_fd_limit(45).unwrap();
+    let m = c.check_fd_limit(44).unwrap_err();
+    for want in ["RLIMIT_NOFILE", "is 44", "45 file descriptors"] {
+        assert!(m.contains(want), "{m}");
+    }
+}
+
+#[test]
+fn loopback_upstream_inside_a_namespace_is_warned_about() {
+    let text = "[[listener]]\nname = \"in-ns\"\nnetns = \"a\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:8080\"\n\
+                [[listener]]\nname = \"with-ns\"\nnetns = \"a\"\nlisten = \"127.0.0.1:2\"\naction = \"proxy\"\nupstream = \"127.0.0.1:8080\"\nupstream_netns = \"a\"\n\
+                [[listener]]\nname = \"root\"\nlisten = \"127.0.0.1:3\"\naction = \"proxy\"\nupstream = \"[::1]:8080\"\n\
+                [[listener]]\nname = \"far\"\nnetns = \"a\"\nlisten = \"127.0.0.1:4\"\naction = \"proxy\"\nupstream = \"10.0.0.1:8080\"\n";
+    let w = parse(text).unwrap().warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "ringress.toml:1: listener \"in-ns\": upstream 127.0.0.1:8080 is a loopback address"
+        ) && w[0].contains("upstream_netns = \"a\""),
+        "{w:?}"
     );
 }
 

@@ -23,6 +23,7 @@ use super::{
     MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
 };
 use crate::netns::NetnsRef;
+use crate::proto::proxy_header::{ProxyProtocol, MAX_NETNS_TLV_BYTES};
 
 /// Builds errors that all name the same file.
 pub(super) struct Ctx<'a> {
@@ -290,17 +291,33 @@ pub(super) fn convert_listener(
                 "listen",
                 "missing required key (a socket address such as \"0.0.0.0:8080\" or \"[::]:8080\")",
             )),
-            Some(a) => a.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-                cx.invalid(
-                    a.span(),
-                    early(),
-                    "listen",
-                    format!(
+            Some(a) => a
+                .get_ref()
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    cx.invalid(
+                        a.span(),
+                        early(),
+                        "listen",
+                        format!(
                     "invalid socket address {:?} (expected e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
                     a.get_ref()
                 ),
-                )
-            })?,
+                    )
+                })
+                .and_then(|addr| {
+                    if addr.port() == 0 {
+                        return Err(cx.invalid(
+                            a.span(),
+                            early(),
+                            "listen",
+                            "port 0 is not allowed: each worker's socket would get its own \
+                         ephemeral port (give the port to listen on)",
+                        ));
+                    }
+                    Ok(addr)
+                })?,
         };
 
     let name = explicit.clone().unwrap_or_else(|| {
@@ -414,6 +431,24 @@ pub(super) fn convert_listener(
     }
 
     check_proto_keys(cx, &scope, proto, &action, raw)?;
+    if let (Action::Proxy(p), Some(ns), Some(span)) =
+        (&action, &netns, raw.netns.as_ref().map(|n| n.span()))
+    {
+        let len = ns.label().len();
+        if p.proxy_protocol == Some(ProxyProtocol::V2) && len > MAX_NETNS_TLV_BYTES {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                "netns",
+                format!(
+                    "with proxy_protocol = \"v2\" the namespace is sent in the NETNS TLV, \
+                     and this one is {len} bytes: at most {MAX_NETNS_TLV_BYTES} keep the \
+                     header within the 536 bytes the PROXY protocol asks senders to respect \
+                     (use a shorter name or path, e.g. a bind mount under /run/netns)"
+                ),
+            ));
+        }
+    }
     let max_datagram_bytes = cx.ranged(
         &raw.max_datagram_bytes,
         scope(),
@@ -641,8 +676,8 @@ fn check_proto_keys(
     Ok(())
 }
 
-/// Rejects duplicate names, then two listeners on the same address (non-zero
-/// port) and protocol in the same namespace reference.
+/// Rejects duplicate names, then two listeners on the same address and protocol
+/// in the same namespace reference.
 pub(super) fn check_unique(
     cx: &Ctx<'_>,
     raw: &[Spanned<RawListener>],
@@ -675,9 +710,6 @@ pub(super) fn check_unique(
     let mut addrs: HashMap<(Option<&NetnsRef>, Proto, SocketAddr), &ListenerConfig> =
         HashMap::new();
     for (r, l) in raw.iter().zip(listeners) {
-        if l.listen.port() == 0 {
-            continue;
-        }
         let key = (l.netns.as_ref(), l.proto, l.listen);
         if let Some(first) = addrs.get(&key) {
             let span = r.get_ref().listen.as_ref().map_or(r.span(), |s| s.span());
@@ -746,7 +778,7 @@ fn convert_proxy(
     raw: &RawListener,
 ) -> Result<ProxyConfig, ConfigError> {
     let addr = |s: &Spanned<String>, key: &'static str| {
-        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+        let a = s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
             cx.invalid(
                 s.span(),
                 scope(),
@@ -756,7 +788,27 @@ fn convert_proxy(
                     s.get_ref()
                 ),
             )
-        })
+        })?;
+        match a {
+            // fe80::/10 (RFC 4291 2.5.6): without a zone the kernel cannot tell
+            // which link, and every connect fails (EINVAL).
+            SocketAddr::V6(v6)
+                if v6.scope_id() == 0 && (v6.ip().segments()[0] & 0xffc0) == 0xfe80 =>
+            {
+                Err(cx.invalid(
+                    s.span(),
+                    scope(),
+                    key,
+                    format!(
+                        "link-local upstream {a} needs a zone: the interface index, e.g. \
+                         \"[{}%2]:{}\" (interface names are not resolved)",
+                        v6.ip(),
+                        v6.port()
+                    ),
+                ))
+            }
+            _ => Ok(a),
+        }
     };
     let upstreams = match (&raw.upstream, &raw.upstreams) {
         (Some(u), None) => vec![addr(u, "upstream")?],
