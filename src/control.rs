@@ -28,6 +28,8 @@
 //!   goes away. Entries of templates left down at start are retried the same
 //!   way, and the directory is rescanned every [`NETNS_RESCAN`] in case an event
 //!   was missed. A removed entry closes its listeners.
+//! - every [`HELD_CHECK`]: a listener whose `netns` is a path goes down if the
+//!   path now names another namespace ([`Server::check_held_namespaces`]).
 //! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
 //!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
 //!   which it took, those are detached here (the shared sockets untouched), the
@@ -68,6 +70,9 @@ pub const NETNS_POLL_MAX: Duration = Duration::from_millis(500);
 /// Longest interval between two bind attempts in an entry whose identity did not
 /// change (a namespace whose address is not configured yet).
 pub const NETNS_BIND_MAX: Duration = Duration::from_secs(30);
+/// Interval between checks that namespace paths still name the namespace their
+/// listeners hold ([`Server::check_held_namespaces`]).
+pub const HELD_CHECK: Duration = Duration::from_secs(1);
 /// Interval of the periodic rescan of the netns directory (names that appeared
 /// or vanished without an inotify event reaching us).
 pub const NETNS_RESCAN: Duration = Duration::from_secs(30);
@@ -220,6 +225,7 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
     sdnotify::notify_or_log("READY=1");
     let netns_dir = server.config().netns_dir.clone();
     let mut next_rescan = Instant::now() + NETNS_RESCAN;
+    let mut next_held_check = Instant::now() + HELD_CHECK;
     // Entries whose listeners are down (e.g. a template instance in a placeholder
     // not yet mounted at start): retried like new entries.
     let start = Instant::now();
@@ -257,6 +263,8 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let left = next_rescan.saturating_duration_since(now);
             wait = Some(wait.map_or(left, |w| w.min(left)));
         }
+        let left = next_held_check.saturating_duration_since(now);
+        wait = Some(wait.map_or(left, |w| w.min(left)));
         if let Some(a) = &admin {
             let left = a
                 .retry_at()
@@ -373,6 +381,12 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             }
         }
         pending = still;
+        if now >= next_held_check {
+            next_held_check = now + HELD_CHECK;
+            if draining.is_none() {
+                server.check_held_namespaces();
+            }
+        }
         if let Some(w) = &mut watch {
             if now >= next_rescan {
                 next_rescan = now + NETNS_RESCAN;

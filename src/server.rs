@@ -127,6 +127,10 @@ pub struct Server {
     cfg: Config,
     next_id: u64,
     opts: StartOptions,
+    /// Serving listeners whose `netns` is a path, by name: the identity of the
+    /// namespace they were bound in. Held, not followed: see
+    /// [`Server::check_held_namespaces`].
+    held: HashMap<String, NsId>,
 }
 
 /// What makes two listeners clash: their namespace, protocol and address.
@@ -250,6 +254,7 @@ impl Server {
             cfg: cfg.clone(),
             next_id: 0,
             opts,
+            held: HashMap::new(),
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
@@ -631,6 +636,12 @@ impl Server {
             }
         }
         if state == ListenerState::Serving {
+            if let Some(NetnsRef::Path(path)) = &l.netns {
+                // Just bound there (a stat away from the binder's open).
+                if let Ok(ns) = NsId::of_path(path) {
+                    self.held.insert(l.name.clone(), ns);
+                }
+            }
             tracing::info!(
                 listener = %l.name,
                 netns = %l.netns_label(),
@@ -929,6 +940,59 @@ impl Server {
             }
         }
         self.binder.forget(&path);
+    }
+
+    /// Listeners whose `netns` is a path (`/proc/PID/ns/net`, a bind mount) hold
+    /// the namespace they were bound in; they never follow the path. When the path
+    /// now names another namespace (the process exited and its pid was reused, a
+    /// bind mount was re-pointed), each such listener closes and goes down, and
+    /// nothing is bound in the new namespace (a reload binds it anew, on
+    /// purpose). A path that no longer exists changes nothing: the listener's
+    /// sockets keep their namespace alive and serve on. One `stat(2)` per such
+    /// listener; the control loop calls this every second. Returns the number
+    /// of listeners taken down.
+    pub fn check_held_namespaces(&mut self) -> usize {
+        let mut moved = Vec::new();
+        let mut seen = HashSet::new();
+        for l in self.listeners.values() {
+            let Some(NetnsRef::Path(path)) = &l.config.netns else {
+                continue;
+            };
+            if l.state != ListenerState::Serving {
+                continue;
+            }
+            seen.insert(l.config.name.clone());
+            let Ok(now) = NsId::of_path(path) else {
+                continue;
+            };
+            match self.held.get(&l.config.name) {
+                Some(&was) if was != now => moved.push((l.config.name.clone(), was, now)),
+                Some(_) => {}
+                // Kept through a reload or a rename: hold what it serves in now.
+                None => moved.push((l.config.name.clone(), now, now)),
+            }
+        }
+        self.held.retain(|n, _| seen.contains(n));
+        let mut down = 0;
+        for (name, was, now) in moved {
+            if was == now {
+                self.held.insert(name, now);
+                continue;
+            }
+            tracing::warn!(listener = %name, held = %was, now = %now,
+                "the listener's namespace path now names another namespace: not followed; the listener is down");
+            self.retire(
+                &name,
+                false,
+                "its namespace path now names another namespace (not followed)",
+            );
+            self.held.remove(&name);
+            down += 1;
+        }
+        if down > 0 {
+            self.refresh_budget();
+        }
+        down
     }
 
     /// Stops every listener accepting (graceful shutdown); connections go on.

@@ -148,6 +148,7 @@ fn check_refuses_one_namespace_under_two_spellings() {
 }
 
 both_drivers!(
+    a_path_that_names_another_namespace_is_not_followed,
     template_serves_a_placeholder_once_a_namespace_is_mounted_on_it,
     template_instance_and_alias_never_share_an_address,
     foreign_reuseport_socket_is_never_joined,
@@ -508,4 +509,71 @@ fn check_gaps_port_zero_fd_limit_and_loopback_upstream() {
         err.contains("warning: ") && err.contains("upstream 127.0.0.1:8080 is a loopback address"),
         "{err}"
     );
+}
+
+/// A listener on a namespace path (a bind mount of namespace A) holds A: when the
+/// path is re-pointed to namespace B, the listener goes down in /status within
+/// about a second, and nothing listens in B.
+fn a_path_that_names_another_namespace_is_not_followed(driver: &str) {
+    use std::time::{Duration, Instant};
+    let tag = format!("held{}", &driver[..1]);
+    let (a, b) = (netns(&format!("{tag}a")), netns(&format!("{tag}b")));
+    let dir = TempDir::new(&tag);
+    let mount = BindMount::new(&a.path(), &dir.0.join("ns"));
+    let (port, admin) = (free_port(), free_port());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "[runtime]\nworkers = 2\nshutdown_timeout_ms = 1000\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+        listener("held", mount.0.to_str().unwrap(), &addr.to_string())
+    );
+    let r = Ringress::start(&tag, driver, &cfg);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let state = || {
+        let (_, body) = Ringress::admin_get(admin, "/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "held")
+            .map(|x| x["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state(), "serving");
+    assert_eq!(
+        echo_roundtrip(connect_in(Some(&a), addr).unwrap(), b"a"),
+        b"a"
+    );
+    // Re-point the path to B.
+    // Lazily: the server's binder may still have the file open.
+    let st = Command::new("umount")
+        .arg("-l")
+        .arg(&mount.0)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("mount")
+        .args([
+            "--bind",
+            b.path().to_str().unwrap(),
+            mount.0.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    while state() == "serving" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still serving:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r.wait_log("now names another namespace: not followed", 1, 2);
+    let e = connect_in(Some(&b), addr).unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    let e = connect_in(Some(&a), addr).unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(r.stop().success());
 }
