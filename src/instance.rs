@@ -7,6 +7,8 @@
 //! (`realpath(3)`: symlinks and `..` resolved, so every spelling of one file gives
 //! one lock), and DIR:
 //! - `/run/ringress` when running as root (effective uid 0);
+//! - otherwise `$RUNTIME_DIRECTORY` (set by systemd for `RuntimeDirectory=`; the
+//!   shipped unit's `/run/ringress`, shared by its slots) when set;
 //! - otherwise `$XDG_RUNTIME_DIR/ringress` when that is set;
 //! - otherwise `/tmp/ringress-UID` (made with mode 0700; not used if another user
 //!   owns it).
@@ -89,8 +91,14 @@ fn lock_dir() -> Option<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     // SAFETY: geteuid(2) takes nothing and cannot fail.
     let uid = unsafe { libc::geteuid() };
+    let systemd = std::env::var("RUNTIME_DIRECTORY")
+        .ok()
+        .and_then(|v| v.split(':').next().map(PathBuf::from))
+        .filter(|p| p.is_absolute());
     let (dir, mode) = if uid == 0 {
         (PathBuf::from("/run/ringress"), 0o755)
+    } else if let Some(d) = systemd {
+        (d, 0o755)
     } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
         (PathBuf::from(x).join("ringress"), 0o700)
     } else {
@@ -100,9 +108,10 @@ fn lock_dir() -> Option<PathBuf> {
         .recursive(true)
         .mode(mode)
         .create(&dir);
-    // Not a directory of someone else (a planted /tmp/ringress-UID, a symlink).
+    // Not a directory of someone else (a planted /tmp/ringress-UID, a symlink);
+    // root trusts /run/ringress whoever owns it (only root can make it).
     let m = std::fs::symlink_metadata(&dir).ok()?;
-    (m.is_dir() && m.uid() == uid).then_some(dir)
+    (m.is_dir() && (m.uid() == uid || uid == 0)).then_some(dir)
 }
 
 /// Takes the instance lock of config file `config` without waiting.
