@@ -58,7 +58,7 @@ use crate::server::Server;
 use crate::signals;
 use crate::takeover::TakeoverServer;
 
-/// How long a new netns entry is retried at the fast pace ([`NETNS_RETRY`]);
+/// How long a new netns entry is retried at the fast pace (every 20 ms);
 /// after it, an entry still not served is logged once and retried with back-off.
 pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
 /// Interval between retries while a new entry settles.
