@@ -591,13 +591,20 @@ fn reload(server: &mut Server, path: &Path) {
     sdnotify::notify_or_log(&sdnotify::reloading_message());
     tracing::info!(config = %path.display(), "SIGHUP: reloading");
     // The namespace check runs on the binder, which may open `/proc/PID/ns/net`
-    // of a privileged process (CAP_SYS_PTRACE); this thread holds no capability.
+    // of a privileged process (CAP_SYS_PTRACE) and enter a namespace to resolve
+    // an interface-name zone (CAP_SYS_ADMIN); this thread holds no capability.
     let result = Config::load(path)
         .map_err(|e| e.to_string())
         .and_then(|c| {
             server
                 .binder()
-                .call(move || c.check_namespaces().map(|_| c).map_err(|e| e.to_string()))
+                .call(move || {
+                    let mut c = c;
+                    c.check_namespaces()
+                        .and_then(|_| c.resolve_zones())
+                        .map(|_| c)
+                        .map_err(|e| e.to_string())
+                })
                 .map_err(|e| e.to_string())?
         })
         .and_then(|c| {

@@ -74,8 +74,9 @@ fn init_logs(level: &str, format: &str) {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    let mut cfg = Config::load(path).map_err(|e| e.to_string())?;
     cfg.check_namespaces().map_err(|e| e.to_string())?;
+    cfg.resolve_zones().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 

@@ -248,6 +248,41 @@ pub fn check_netns(path: &Path) -> io::Result<()> {
     open_netns(path).map(drop)
 }
 
+/// The index of network interface `name` (`if_nametoindex(3)`) in the namespace
+/// of file `ns` (`None`: the calling thread's). A namespace is entered by a
+/// short-lived thread (setns(2) needs CAP_SYS_ADMIN), so the caller's thread
+/// never changes namespace.
+///
+/// # Errors
+/// The namespace cannot be opened ([`open_netns`]) or entered (EPERM), the
+/// thread cannot be made, or there is no such interface (ENODEV).
+pub fn if_index_in(ns: Option<&Path>, name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    let lookup = move || {
+        // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+        match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+            0 => Err(io::Error::last_os_error()),
+            i => Ok(i),
+        }
+    };
+    let Some(path) = ns else {
+        return lookup();
+    };
+    let f = open_netns(path)?;
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ringress-zone".into())
+            .spawn_scoped(s, move || {
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                lookup()
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("interface lookup panicked")))
+    })
+}
+
 /// The inode number of the network namespace of the calling thread
 /// (`/proc/thread-self/ns/net`), which identifies the namespace (see namespaces(7)).
 ///

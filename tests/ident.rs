@@ -148,6 +148,7 @@ fn check_refuses_one_namespace_under_two_spellings() {
 }
 
 both_drivers!(
+    link_local_upstream_by_interface_name_in_its_namespace,
     a_path_that_names_another_namespace_is_not_followed,
     template_serves_a_placeholder_once_a_namespace_is_mounted_on_it,
     template_instance_and_alias_never_share_an_address,
@@ -575,5 +576,61 @@ fn a_path_that_names_another_namespace_is_not_followed(driver: &str) {
     assert!(e.to_string().contains("refused"), "{e}");
     let e = connect_in(Some(&a), addr).unwrap_err();
     assert!(e.to_string().contains("refused"), "{e}");
+    assert!(r.stop().success());
+}
+
+/// A link-local upstream whose zone is an interface name that exists only in the
+/// upstream's namespace: `check` resolves it there (and refuses it without
+/// `upstream_netns`, naming the interface), and `run` proxies to it.
+fn link_local_upstream_by_interface_name_in_its_namespace(driver: &str) {
+    let tag = format!("zone{}", &driver[..1]);
+    let ns = netns(&tag);
+    ns.ip(&[
+        "link", "add", "rgz0", "type", "veth", "peer", "name", "rgz1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "rgz1", "up"]).unwrap();
+    ns.ip(&["addr", "add", "fe80::7/64", "dev", "rgz0", "nodad"])
+        .unwrap();
+    ns.ip(&["link", "set", "rgz0", "up"]).unwrap();
+    let index: u32 = ringress::netns::if_index_in(Some(&ns.path()), "rgz0").unwrap();
+    let up_port = free_port();
+    let up_addr: std::net::SocketAddr = format!("[fe80::7%{index}]:{up_port}").parse().unwrap();
+    let _up = Upstream::spawn(Some(&ns), up_addr, |mut s| {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 64];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 || s.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let port = free_port();
+    let body = |upstream_netns: &str| {
+        format!(
+            "[runtime]\nworkers = 1\nshutdown_timeout_ms = 1000\n[[listener]]\nname = \"z\"\n\
+             listen = \"127.0.0.1:{port}\"\naction = \"proxy\"\nupstream = \"[fe80::7%rgz0]:{up_port}\"\n{upstream_netns}"
+        )
+    };
+    let dir = TempDir::new(&tag);
+    let cfg = dir.0.join("c.toml");
+    std::fs::write(&cfg, body("")).unwrap();
+    let (code, _, err) = ringress_cmd(&["check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("zone %rgz0 of upstream")
+            && err.contains("no such interface in namespace \"root\""),
+        "{err}"
+    );
+    let with_ns = body(&format!("upstream_netns = \"{}\"\n", ns.name()));
+    std::fs::write(&cfg, &with_ns).unwrap();
+    let (code, _, err) = ringress_cmd(&["check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let r = Ringress::start(&tag, driver, &with_ns);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(
+        echo_roundtrip(connect_in(None, addr).unwrap(), b"zone"),
+        b"zone"
+    );
     assert!(r.stop().success());
 }

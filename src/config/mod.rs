@@ -259,6 +259,10 @@ pub struct ProxyConfig {
     /// Upstream addresses (`upstream = "A"` or `upstreams = ["A", "B"]`), used
     /// round-robin; one that just refused or timed out is skipped for a few seconds.
     pub upstreams: Vec<SocketAddr>,
+    /// Upstreams whose IPv6 zone is an interface name (`[fe80::2%eth0]:80`), as
+    /// (index in `upstreams`, interface name): their scope id is 0 until
+    /// [`Config::resolve_zones`] looks the name up in the upstreams' namespace.
+    pub upstream_zones: Vec<(usize, String)>,
     /// Namespace of the upstreams; `None` is the namespace ringress started in.
     pub upstream_netns: Option<NetnsRef>,
     /// Resolved namespace file of `upstream_netns` (set by [`Config::parse`]).
@@ -295,6 +299,7 @@ impl ProxyConfig {
     pub(crate) fn test() -> ProxyConfig {
         ProxyConfig {
             upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
+            upstream_zones: Vec::new(),
             upstream_netns: None,
             upstream_netns_path: None,
             upstream_netns_line: 0,
@@ -771,6 +776,68 @@ impl Config {
                 });
             }
             addrs.insert(key, l);
+        }
+        Ok(())
+    }
+
+    /// Resolves the interface-name zones of IPv6 upstreams
+    /// ([`ProxyConfig::upstream_zones`], e.g. `[fe80::2%eth0]:80`) to interface
+    /// indexes (`if_nametoindex(3)`), inside the upstreams' namespace
+    /// (`upstream_netns`, entered by a short-lived thread of its own, which needs
+    /// CAP_SYS_ADMIN; else the calling thread's namespace, ringress's own when
+    /// called from the main thread or the binder between requests). Each
+    /// (namespace, name) pair is looked up once. Run after
+    /// [`Config::check_namespaces`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] (key `upstream`) naming the listener, the
+    /// interface and the namespace when the interface does not exist there or the
+    /// namespace cannot be entered.
+    pub fn resolve_zones(&mut self) -> Result<(), ConfigError> {
+        let mut cache: HashMap<(Option<PathBuf>, String), u32> = HashMap::new();
+        let source = self.source.clone();
+        for l in &mut self.listeners {
+            let Action::Proxy(p) = &mut l.action else {
+                continue;
+            };
+            if p.upstream_zones.is_empty() {
+                continue;
+            }
+            let ns = p.upstream_netns_path.clone();
+            let label = p
+                .upstream_netns
+                .as_ref()
+                .map_or_else(|| "root".into(), NetnsRef::label);
+            let mut resolved = Vec::with_capacity(p.upstream_zones.len());
+            for (i, name) in &p.upstream_zones {
+                let key = (ns.clone(), name.clone());
+                let index = match cache.get(&key) {
+                    Some(&x) => x,
+                    None => {
+                        let x = crate::netns::if_index_in(ns.as_deref(), name).map_err(|e| {
+                            ConfigError::Invalid {
+                                file: source.clone(),
+                                line: l.line,
+                                scope: Scope::Listener(ListenerId::Name(l.name.clone())),
+                                key: "upstream",
+                                message: format!(
+                                    "zone %{name} of upstream {}: no such interface in namespace {label:?} ({e})",
+                                    p.upstreams[*i]
+                                ),
+                            }
+                        })?;
+                        cache.insert(key, x);
+                        x
+                    }
+                };
+                resolved.push((*i, index));
+            }
+            let p = Arc::make_mut(p);
+            for (i, index) in resolved {
+                if let SocketAddr::V6(v6) = &mut p.upstreams[i] {
+                    v6.set_scope_id(index);
+                }
+            }
         }
         Ok(())
     }

@@ -636,6 +636,25 @@ fn link_local_upstreams_need_a_zone() {
     }
     parse(&l("[2001:db8::1]:80")).unwrap();
     parse(&l("[febf::1%3]:80")).unwrap();
+    // An interface name: resolved in the upstreams' namespace (here ours).
+    let mut c = parse(&l("[fe80::1%lo]:80")).unwrap();
+    c.resolve_zones().unwrap();
+    match &c.listeners[0].action {
+        Action::Proxy(p) => match p.upstreams[0] {
+            SocketAddr::V6(v6) => assert_eq!(v6.scope_id(), 1, "lo is interface 1"),
+            other => panic!("{other}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let mut c = parse(&l("[fe80::1%no-such-if0]:80")).unwrap();
+    let m = c.resolve_zones().unwrap_err().to_string();
+    assert!(
+        m.contains(
+            "zone %no-such-if0 of upstream [fe80::1]:80: no such interface in namespace \"root\""
+        ),
+        "{m}"
+    );
+    err(&l("[fe80::1%a/b]:80"), 5, &["invalid upstream address"]);
 }
 
 /// The PROXY v2 NETNS TLV carries the namespace label: at most 481 bytes, so that

@@ -777,40 +777,49 @@ fn convert_proxy(
     scope: &dyn Fn() -> Scope,
     raw: &RawListener,
 ) -> Result<ProxyConfig, ConfigError> {
+    // Each upstream, with its interface-name zone if it has one.
     let addr = |s: &Spanned<String>, key: &'static str| {
-        let a = s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-            cx.invalid(
-                s.span(),
-                scope(),
-                key,
-                format!(
-                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
-                    s.get_ref()
-                ),
-            )
-        })?;
+        let text = s.get_ref().trim();
+        let (a, zone) = match text.parse::<SocketAddr>() {
+            Ok(a) => (a, None),
+            Err(_) => parse_named_zone(text).ok_or_else(|| {
+                cx.invalid(
+                    s.span(),
+                    scope(),
+                    key,
+                    format!(
+                        "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+        };
         match a {
             // fe80::/10 (RFC 4291 2.5.6): without a zone the kernel cannot tell
             // which link, and every connect fails (EINVAL).
             SocketAddr::V6(v6)
-                if v6.scope_id() == 0 && (v6.ip().segments()[0] & 0xffc0) == 0xfe80 =>
+                if zone.is_none()
+                    && v6.scope_id() == 0
+                    && (v6.ip().segments()[0] & 0xffc0) == 0xfe80 =>
             {
                 Err(cx.invalid(
                     s.span(),
                     scope(),
                     key,
                     format!(
-                        "link-local upstream {a} needs a zone: the interface index, e.g. \
-                         \"[{}%2]:{}\" (interface names are not resolved)",
+                        "link-local upstream {a} needs a zone: an interface name or index, \
+                         e.g. \"[{}%eth0]:{}\" or \"[{}%2]:{}\"",
+                        v6.ip(),
+                        v6.port(),
                         v6.ip(),
                         v6.port()
                     ),
                 ))
             }
-            _ => Ok(a),
+            _ => Ok((a, zone)),
         }
     };
-    let upstreams = match (&raw.upstream, &raw.upstreams) {
+    let upstreams: Vec<(SocketAddr, Option<String>)> = match (&raw.upstream, &raw.upstreams) {
         (Some(u), None) => vec![addr(u, "upstream")?],
         (None, Some(list)) => {
             if list.get_ref().is_empty() {
@@ -838,6 +847,12 @@ fn convert_proxy(
             ))
         }
     };
+    let upstream_zones: Vec<(usize, String)> = upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, z))| z.clone().map(|z| (i, z)))
+        .collect();
+    let upstreams: Vec<SocketAddr> = upstreams.into_iter().map(|(a, _)| a).collect();
     let upstream_netns = match &raw.upstream_netns {
         None => None,
         Some(n) => match NetnsRef::parse(n.get_ref()) {
@@ -914,6 +929,7 @@ fn convert_proxy(
     };
     Ok(ProxyConfig {
         upstreams,
+        upstream_zones,
         upstream_netns,
         upstream_netns_path: None,
         upstream_netns_line: raw
@@ -928,4 +944,25 @@ fn convert_proxy(
         session_unreplied_timeout_ms,
         max_sessions,
     })
+}
+
+/// `[IPV6%NAME]:PORT` with an interface name as the zone (RFC 6874's textual
+/// form; std parses numeric zones only): the address with scope id 0 and the
+/// name, which [`super::Config::resolve_zones`] turns into an index. `None` for
+/// anything else (a numeric zone, a name longer than IFNAMSIZ − 1 = 15 bytes or
+/// with `/`, whitespace or `%`).
+fn parse_named_zone(s: &str) -> Option<(SocketAddr, Option<String>)> {
+    let rest = s.strip_prefix('[')?;
+    let (inside, port) = rest.split_once("]:")?;
+    let (ip, zone) = inside.split_once('%')?;
+    let bad = |c: char| c == '/' || c == '%' || c.is_whitespace() || c.is_control();
+    if zone.is_empty() || zone.len() > 15 || zone.contains(bad) || zone.parse::<u32>().is_ok() {
+        return None;
+    }
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    Some((
+        SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, 0)),
+        Some(zone.to_string()),
+    ))
 }
