@@ -353,7 +353,12 @@ impl Server {
             let (fds, more) = self.inherited_for(l);
             let asks = more > 0 || fds.is_empty();
             if asks {
-                items.push(self.batch_item(l, more.max(1)));
+                let mut it = self.batch_item(l, more.max(1));
+                if !fds.is_empty() {
+                    // Extra sockets of a taken-over group: ringress's own.
+                    it.spec = it.spec.joining_own_group();
+                }
+                items.push(it);
             }
             inherited.push((fds, asks));
         }
@@ -417,10 +422,12 @@ impl Server {
                 addr: l.listen,
                 backlog: l.backlog,
                 count,
+                exclusive: true,
             },
             Proto::Udp => SocketSpec::UdpSockets {
                 addr: l.listen,
                 count,
+                exclusive: true,
             },
             Proto::Sctp => SocketSpec::SctpListeners {
                 addr: l.listen,
@@ -486,7 +493,10 @@ impl Server {
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let (mut fds, more) = self.inherited_for(l);
         if more > 0 || fds.is_empty() {
-            let it = self.batch_item(l, more.max(1));
+            let mut it = self.batch_item(l, more.max(1));
+            if !fds.is_empty() {
+                it.spec = it.spec.joining_own_group();
+            }
             fds.extend(self.binder.create(
                 &it.owner,
                 it.netns.as_deref(),

@@ -678,6 +678,7 @@ mod tests {
                     addr,
                     backlog: 16,
                     count: 2,
+                    exclusive: false,
                 },
             )
             .unwrap();
@@ -694,6 +695,7 @@ mod tests {
                     addr: used,
                     backlog: 16,
                     count: 1,
+                    exclusive: false,
                 },
             )
             .unwrap_err();
@@ -759,6 +761,7 @@ mod tests {
                 addr,
                 backlog: 8,
                 count: 2,
+                exclusive: false,
             },
         };
         // Interleaved namespaces: results must come back in this order.

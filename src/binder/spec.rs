@@ -22,6 +22,10 @@ pub enum SocketSpec {
         backlog: u32,
         /// Sockets to create (one per worker), at least 1.
         count: usize,
+        /// Probe first that no other process holds `addr` (see `holder`); off
+        /// when joining a group ringress already holds (a takeover's extra
+        /// sockets), see [`SocketSpec::joining_own_group`].
+        exclusive: bool,
     },
     /// One unconnected TCP socket of `addr`'s family, for the caller to connect
     /// from (used by clients).
@@ -38,6 +42,8 @@ pub enum SocketSpec {
         addr: SocketAddr,
         /// Sockets to create (one per worker), at least 1.
         count: usize,
+        /// As for `TcpListeners`.
+        exclusive: bool,
     },
     /// `count` unbound UDP sockets of `addr`'s family (upstream pools).
     UdpClients {
@@ -121,6 +127,18 @@ impl ClientProto {
 }
 
 impl SocketSpec {
+    /// The same request without the probe for another process's socket: for
+    /// sockets joining a SO_REUSEPORT group that ringress already holds (the
+    /// extra sockets of a takeover, whose group was handed over).
+    pub fn joining_own_group(mut self) -> SocketSpec {
+        match &mut self {
+            SocketSpec::TcpListeners { exclusive, .. }
+            | SocketSpec::UdpSockets { exclusive, .. } => *exclusive = false,
+            _ => {}
+        }
+        self
+    }
+
     pub(super) fn addr(&self) -> SocketAddr {
         match self {
             SocketSpec::TcpListeners { addr, .. } => *addr,
@@ -141,8 +159,11 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             addr,
             backlog,
             count,
+            exclusive,
         } => {
-            super::holder::check_unshared(addr, false, tcp_socket)?;
+            if exclusive {
+                super::holder::check_unshared(addr, false, tcp_socket)?;
+            }
             listening(count, addr, backlog, tcp_socket)
         }
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
@@ -162,8 +183,14 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
         } => listening(count, addr, backlog, |a| {
             crate::sctp::socket(a, style, &opts)
         }),
-        SocketSpec::UdpSockets { addr, count } => {
-            super::holder::check_unshared(addr, true, udp_socket)?;
+        SocketSpec::UdpSockets {
+            addr,
+            count,
+            exclusive,
+        } => {
+            if exclusive {
+                super::holder::check_unshared(addr, true, udp_socket)?;
+            }
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
                 let s = udp_socket(addr).map_err(|e| ("socket", e))?;
