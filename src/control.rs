@@ -223,7 +223,6 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         "ringress running"
     );
     sdnotify::notify_or_log("READY=1");
-    let netns_dir = server.config().netns_dir.clone();
     let mut next_rescan = Instant::now() + NETNS_RESCAN;
     let mut next_held_check = Instant::now() + HELD_CHECK;
     // Entries whose listeners are down (e.g. a template instance in a placeholder
@@ -371,6 +370,11 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         let now = Instant::now();
         // New namespaces: bind, retrying while they settle, then with back-off.
         let mut still = Vec::new();
+        // The directory of the config in force (a reload may change it).
+        let netns_dir = match pending.is_empty() {
+            true => PathBuf::new(),
+            false => server.config().netns_dir.clone(),
+        };
         for mut p in std::mem::take(&mut pending) {
             if p.next > now {
                 still.push(p);
