@@ -3,7 +3,14 @@
 //! main thread, it adds no thread to the budget.
 //!
 //! - SIGHUP: re-read and validate the config, apply it ([`Server::reload`]); a
-//!   config that fails is logged and the running one goes on.
+//!   config that fails is logged and the running one goes on. The file is read,
+//!   parsed and its namespaces checked on a short-lived thread (the loop keeps
+//!   serving signals, the admin endpoint and the namespace watch meanwhile: a
+//!   10,000-listener file takes tens of ms); the loop applies the result when the
+//!   thread hands it over (a channel plus an eventfd in the loop's epoll set) and
+//!   joins the thread, so at rest the thread count stays workers + 2. A SIGHUP
+//!   during a reload reads the file once more after it; a SIGTERM during a reload
+//!   shuts down and drops the result.
 //! - SIGTERM/SIGINT: stop accepting, tell every worker to drain
 //!   ([`Command::Drain`]: idle HTTP keep-alive connections close at once, a
 //!   request in progress is answered with `Connection: close`, other sessions go
@@ -40,8 +47,9 @@
 //!   STOPPING=1 at shutdown.
 
 use std::collections::{BTreeSet, HashSet};
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -82,6 +90,7 @@ const T_INOTIFY: u64 = 2;
 const T_ADMIN: u64 = 3;
 const T_TAKEOVER: u64 = 4;
 const T_TAKEOVER_CONN: u64 = 5;
+const T_RELOAD: u64 = 6;
 /// Admin connections: `T_CONN_BASE + id`.
 const T_CONN_BASE: u64 = 1 << 32;
 
@@ -95,6 +104,93 @@ pub enum Exit {
     /// A worker's backend failed or a worker panicked (its listeners were no
     /// longer served), or the binder panicked; the rest was shut down gracefully.
     WorkerFailed,
+}
+
+/// A reload whose file is being read and checked on its own thread.
+struct Reloading {
+    /// The thread's answer: the validated config, or why it was refused.
+    rx: mpsc::Receiver<Result<Config, String>>,
+    thread: std::thread::JoinHandle<()>,
+    /// Another SIGHUP came meanwhile: read the file again after this one.
+    again: bool,
+}
+
+/// SIGHUP handling: the eventfd the reload thread wakes the loop with, and the
+/// reload under way, if any.
+struct Reloader {
+    wake: Arc<OwnedFd>,
+    current: Option<Reloading>,
+    path: PathBuf,
+    /// The namespace check and the resolution of interface-name zones run on
+    /// the binder, which may open `/proc/PID/ns/net` of a privileged process
+    /// (CAP_SYS_PTRACE) and enter a namespace (CAP_SYS_ADMIN); the reload
+    /// thread, like the control thread it comes from, holds no capability.
+    binder: crate::binder::Binder,
+}
+
+impl Reloader {
+    /// Starts reading the file (RELOADING=1 to systemd), or, if a reload is
+    /// under way, asks for another one after it.
+    fn start(&mut self) {
+        if let Some(r) = &mut self.current {
+            r.again = true;
+            tracing::info!("SIGHUP during a reload: the file is read again after it");
+            return;
+        }
+        sdnotify::notify_or_log(&sdnotify::reloading_message());
+        tracing::info!(config = %self.path.display(), "SIGHUP: reloading");
+        let (tx, rx) = mpsc::channel();
+        let (path, wake) = (self.path.clone(), self.wake.clone());
+        let binder = self.binder.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ringress-reload".into())
+            .spawn(move || {
+                let r = Config::load(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        binder
+                            .call(move || {
+                                let mut c = c;
+                                c.check_namespaces()
+                                    .and_then(|_| c.resolve_zones())
+                                    .map(|_| c)
+                                    .map_err(|e| e.to_string())
+                            })
+                            .map_err(|e| e.to_string())?
+                    });
+                let _ = tx.send(r);
+                crate::eventfd::wake(wake.as_raw_fd());
+            });
+        match spawned {
+            Ok(thread) => {
+                self.current = Some(Reloading {
+                    rx,
+                    thread,
+                    again: false,
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected: cannot start a thread to read the file; the running config goes on");
+                sdnotify::notify_or_log("READY=1");
+            }
+        }
+    }
+
+    /// The reload thread's answer, once it is there (the thread is joined).
+    fn finished(&mut self) -> Option<(Result<Config, String>, bool)> {
+        crate::eventfd::drain_eventfd(self.wake.as_raw_fd());
+        let r = self.current.as_ref()?.rx.try_recv();
+        let result = match r {
+            Ok(r) => r,
+            Err(mpsc::TryRecvError::Empty) => return None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Err("the reload thread ended without an answer".into())
+            }
+        };
+        let r = self.current.take()?;
+        let _ = r.thread.join();
+        Some((result, r.again))
+    }
 }
 
 /// A netns entry not served yet, retried until it is or it goes away.
@@ -213,6 +309,14 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
     // Every endpoint of this thread is bound: from here on it needs no capability
     // (reload and new namespaces go through the binder). crate::privs.
     crate::privs::drop_all().map_err(|e| format!("main thread: {e}"))?;
+    let wake = crate::eventfd::eventfd().map_err(|e| format!("eventfd: {e}"))?;
+    add(&ep, wake.as_fd(), T_RELOAD)?;
+    let mut reloader = Reloader {
+        wake: Arc::new(wake),
+        current: None,
+        path: config_path.to_path_buf(),
+        binder: server.binder().clone(),
+    };
 
     // "running" and READY=1 come once every endpoint is open: whoever waits for
     // either may use the listeners and the admin endpoint at once.
@@ -242,7 +346,7 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             &mut server,
             &mut draining,
             &mut takeover,
-            config_path,
+            &mut reloader,
         ) {
             return Ok(exit);
         }
@@ -297,9 +401,17 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
                             &mut server,
                             &mut draining,
                             &mut takeover,
-                            config_path,
+                            &mut reloader,
                         ) {
                             return Ok(exit);
+                        }
+                    }
+                }
+                T_RELOAD => {
+                    if let Some((result, again)) = reloader.finished() {
+                        apply_reload(&mut server, result, draining.is_some(), &takeover);
+                        if again && draining.is_none() {
+                            reloader.start();
                         }
                     }
                 }
@@ -474,7 +586,7 @@ fn on_signal(
     server: &mut Server,
     draining: &mut Option<Instant>,
     takeover: &mut Option<TakeoverServer>,
-    config_path: &Path,
+    reloader: &mut Reloader,
 ) -> Option<Exit> {
     if sig == Signal::SIGHUP {
         if draining.is_some() {
@@ -489,7 +601,7 @@ fn on_signal(
                     "SIGHUP received during start-up: reloading now that the server is ready"
                 );
             }
-            reload(server, config_path);
+            reloader.start();
         }
         return None;
     }
@@ -590,33 +702,33 @@ fn drive_admin(ep: &Epoll, a: &mut Admin, id: u64, fd: RawFd, server: &Server) {
     }
 }
 
-/// SIGHUP: load, validate, apply; on any failure keep the running config.
-fn reload(server: &mut Server, path: &Path) {
-    sdnotify::notify_or_log(&sdnotify::reloading_message());
-    tracing::info!(config = %path.display(), "SIGHUP: reloading");
-    // The namespace check runs on the binder, which may open `/proc/PID/ns/net`
-    // of a privileged process (CAP_SYS_PTRACE) and enter a namespace to resolve
-    // an interface-name zone (CAP_SYS_ADMIN); this thread holds no capability.
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|c| {
-            server
-                .binder()
-                .call(move || {
-                    let mut c = c;
-                    c.check_namespaces()
-                        .and_then(|_| c.resolve_zones())
-                        .map(|_| c)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| e.to_string())?
-        })
-        .and_then(|c| {
-            if c.admin != server.config().admin {
-                tracing::warn!("[admin] changes take effect at the next start; the admin endpoint is unchanged");
-            }
-            server.reload(c).map_err(|e| e.to_string())
-        });
+/// Applies what the reload thread read (SIGHUP): the config, validated; on any
+/// failure the running config goes on. Dropped when the process is shutting
+/// down (`draining`) or a takeover is under way (the offered sockets are shared
+/// with the new process: a reload must not close or change them).
+fn apply_reload(
+    server: &mut Server,
+    result: Result<Config, String>,
+    draining: bool,
+    takeover: &Option<TakeoverServer>,
+) {
+    if draining {
+        tracing::warn!("reload dropped: shutting down");
+        return;
+    }
+    if takeover.as_ref().is_some_and(|t| t.conn.is_some()) {
+        tracing::warn!("reload dropped: a takeover is under way");
+        sdnotify::notify_or_log("READY=1");
+        return;
+    }
+    let result = result.and_then(|c| {
+        if c.admin != server.config().admin {
+            tracing::warn!(
+                "[admin] changes take effect at the next start; the admin endpoint is unchanged"
+            );
+        }
+        server.reload(c).map_err(|e| e.to_string())
+    });
     if let Err(e) = result {
         tracing::error!(error = %e, "reload rejected; the running config goes on");
     }

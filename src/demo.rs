@@ -112,6 +112,7 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
             sctp: Default::default(),
             idle_timeout_ms: crate::config::DEFAULT_IDLE_TIMEOUT_MS,
             max_connections: 0,
+            shards: Default::default(),
         })
         .collect();
     let cfg = Config {

@@ -96,7 +96,9 @@ fn healthz_answers_at_the_fd_limit(driver: &str) {
     // More idle admin clients than the server has fds: it reaches its limit.
     let idle = idle_clients(addr, 100);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while r.fds() < 64 {
+    // 63 or 64 of 64: at EMFILE the admin endpoint evicts an idle client, so the
+    // count can hover one below the limit.
+    while r.fds() < 63 {
         assert!(
             Instant::now() < deadline,
             "{} fds: {}",

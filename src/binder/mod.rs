@@ -13,7 +13,8 @@
 //!   or the inode differs it **aborts the process** rather than go on creating
 //!   sockets in the wrong namespace;
 //! - namespace fds are opened once and cached by path; a cached fd is closed when
-//!   it has not been used for [`NS_CACHE_IDLE`], when the file at that path now
+//!   it has not been used for [`NS_CACHE_IDLE`] (looked for every 5 s, not after
+//!   every request), when the file at that path now
 //!   names another namespace (it was deleted and re-created), and on
 //!   [`Binder::forget`].
 //!
@@ -66,6 +67,9 @@ pub use self::spec::{udp_socket, ClientProto, SocketSpec};
 
 /// How long an unused namespace fd stays cached before the binder closes it.
 pub const NS_CACHE_IDLE: Duration = Duration::from_secs(30);
+/// How often the binder looks for cached namespace fds idle for
+/// [`NS_CACHE_IDLE`]: an unused fd is closed between 30 and 35 s after its last use.
+const NS_CACHE_SWEEP: Duration = Duration::from_secs(5);
 
 /// Where a socket is to be created: `None` is the namespace ringress started in.
 pub type NetnsPath = Option<PathBuf>;
@@ -409,6 +413,7 @@ impl Binder {
 fn serve_loop(state: &mut BinderState, rx: &mpsc::Receiver<Msg>, beat: &Heartbeat) {
     #[cfg(debug_assertions)]
     let mut hook = test_hooks::Hook::from_env();
+    let mut swept = Instant::now();
     loop {
         beat.beat();
         #[cfg(debug_assertions)]
@@ -447,10 +452,15 @@ fn serve_loop(state: &mut BinderState, rx: &mpsc::Receiver<Msg>, beat: &Heartbea
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        // Idle namespace fds are looked for every NS_CACHE_SWEEP, not after
+        // every request (a scan of up to thousands of entries).
         let now = Instant::now();
-        state
-            .cache
-            .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
+        if now.duration_since(swept) >= NS_CACHE_SWEEP {
+            swept = now;
+            state
+                .cache
+                .retain(|_, c| now.duration_since(c.last_used) < NS_CACHE_IDLE);
+        }
         // Grown pools shrink back (looked at every turn: at least every
         // BEAT_EVERY, 1 s).
         state.trim_pools(now);

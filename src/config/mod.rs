@@ -11,6 +11,7 @@
 //! shutdown_timeout_ms = 10000 # optional; how long open connections may finish (ms)
 //! takeover_socket = "/run/ringress/takeover.sock" # optional; hands the listeners to
 //!                            #   `ringress run NEW.toml --takeover PATH` (binary upgrade)
+//! shards = "by-worker"       # optional; default of the listeners' `shards`, see [`Shards`]
 //!
 //! [admin]
 //! listen = "127.0.0.1:9900"  # optional table; GET /metrics, /status, /healthz
@@ -24,6 +25,8 @@
 //!                            #   (UDP and SCTP: "echo" | "proxy")
 //! respond = "ack"            # required iff action = "respond"; non-empty
 //! backlog = 1024             # optional, TCP and SCTP; listen(2) backlog, 1..=65535
+//! shards = 1                 # optional, TCP and one-to-one SCTP; "by-worker" (default:
+//!                            #   [runtime] shards) or 1..=workers shared sockets, see [`Shards`]
 //! ```
 //!
 //! `action = "proxy"` takes `upstream = "ADDR:PORT"` or `upstreams = [...]`
@@ -416,6 +419,57 @@ pub struct Runtime {
     /// The share of the session fd budget that the listeners of one namespace may
     /// hold together (percent, 1..=100); default [`DEFAULT_NETNS_FD_SHARE`].
     pub netns_fd_share: u64,
+    /// The `shards` of every TCP and one-to-one SCTP listener that does not set its
+    /// own; default [`Shards::ByWorker`]. UDP and one-to-many SCTP listeners do not
+    /// take it (see [`Shards`]).
+    pub shards: Shards,
+}
+
+/// How many listening sockets a listener has and how the workers share them
+/// (`shards`, per listener or as the `[runtime]` default; HAProxy's `shards` bind
+/// option is the model).
+///
+/// - [`Shards::ByWorker`] (`"by-worker"`, the default): one SO_REUSEPORT socket
+///   per worker. The kernel spreads new connections over the sockets by a hash of
+///   the 4-tuple (socket(7), SO_REUSEPORT), each worker has its own accept queue,
+///   and the listener costs `workers` fds.
+/// - [`Shards::Count`] (a number N, 1..=workers): N sockets; worker `i` accepts on
+///   socket `i % N` (workers sharing a socket use its one fd, no dup). N = 1 is
+///   one socket, one accept queue and one fd for all workers, and a connection goes
+///   to whichever worker accepts first. A count above the running worker count (`--workers` lower than the
+///   file's) is served as one socket per worker.
+///
+/// Only TCP and one-to-one SCTP listeners take a count: a UDP socket shared by
+/// workers would split one client's datagrams (and its proxy session) over them,
+/// and a one-to-many SCTP listener is always one socket owned by one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shards {
+    /// One socket per worker (`"by-worker"`).
+    #[default]
+    ByWorker,
+    /// This many sockets (counts, 1..=workers), shared round-robin by the workers.
+    Count(usize),
+}
+
+impl Shards {
+    /// The listening sockets a listener with these shards has when `workers`
+    /// workers run (counts, at least 1).
+    pub fn sockets(self, workers: usize) -> usize {
+        match self {
+            Shards::ByWorker => workers.max(1),
+            Shards::Count(n) => n.clamp(1, workers.max(1)),
+        }
+    }
+}
+
+impl fmt::Display for Shards {
+    /// The config spelling: `by-worker` or the count.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shards::ByWorker => f.write_str("by-worker"),
+            Shards::Count(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 /// Default `[runtime] fd_reserve` (fds).
@@ -439,6 +493,7 @@ impl Default for Runtime {
             max_connections: 0,
             fd_reserve: DEFAULT_FD_RESERVE,
             netns_fd_share: DEFAULT_NETNS_FD_SHARE,
+            shards: Shards::ByWorker,
         }
     }
 }
@@ -490,6 +545,10 @@ pub struct ListenerConfig {
     /// listener stops accepting (the kernel's backlog holds new connections) and
     /// resumes below it.
     pub max_connections: u64,
+    /// Listening sockets and how workers share them: the listener's `shards` key,
+    /// else `[runtime] shards` (TCP and one-to-one SCTP), else
+    /// [`Shards::ByWorker`]. A reload that changes it binds the listener anew.
+    pub shards: Shards,
 }
 
 impl ListenerConfig {
@@ -639,7 +698,13 @@ impl Config {
 
         let mut listeners = Vec::with_capacity(raw.listener.len());
         for (i, l) in raw.listener.iter().enumerate() {
-            listeners.push(convert_listener(&cx, i + 1, l.span(), l.get_ref())?);
+            listeners.push(convert_listener(
+                &cx,
+                &runtime,
+                i + 1,
+                l.span(),
+                l.get_ref(),
+            )?);
         }
         if listeners.is_empty() {
             return Err(ConfigError::NoListeners {

@@ -25,6 +25,8 @@ pub(super) struct RawRuntime {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) fd_reserve: Option<Spanned<i64>>,
     pub(super) netns_fd_share: Option<Spanned<i64>>,
+    /// `"by-worker"` or a socket count: checked by `validate`.
+    pub(super) shards: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -60,4 +62,6 @@ pub(super) struct RawListener {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) header_timeout_ms: Option<Spanned<i64>>,
     pub(super) keepalive_timeout_ms: Option<Spanned<i64>>,
+    /// `"by-worker"` or a socket count: checked by `validate`.
+    pub(super) shards: Option<Spanned<toml::Value>>,
 }

@@ -68,6 +68,7 @@ fn full_config() {
             max_connections: 0,
             fd_reserve: DEFAULT_FD_RESERVE,
             netns_fd_share: DEFAULT_NETNS_FD_SHARE,
+            shards: Shards::ByWorker,
         }
     );
     assert_eq!(c.listeners.len(), 3);
@@ -961,4 +962,78 @@ fn idle_timeout_for_echo_and_proxy_with_a_default() {
         .to_string();
         assert!(e.contains("idle_timeout_ms") && e.contains(hint), "{e}");
     }
+}
+
+#[test]
+fn shards_default_per_listener_and_runtime() {
+    let c = parse(
+        "[runtime]\nworkers = 4\nshards = 2\n\
+         [[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\nshards = \"by-worker\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:3\"\naction = \"echo\"\nshards = 1\n\
+         [[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:4\"\naction = \"echo\"\n\
+         [[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:5\"\naction = \"echo\"\n\
+         [[listener]]\nproto = \"sctp\"\nsctp_style = \"one-to-many\"\nlisten = \"127.0.0.1:6\"\naction = \"echo\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.runtime.shards, Shards::Count(2));
+    let got: Vec<Shards> = c.listeners.iter().map(|l| l.shards).collect();
+    assert_eq!(
+        got,
+        [
+            Shards::Count(2),
+            Shards::ByWorker,
+            Shards::Count(1),
+            // UDP and one-to-many SCTP do not take the runtime default.
+            Shards::ByWorker,
+            Shards::Count(2),
+            Shards::ByWorker,
+        ]
+    );
+    // Without any `shards` key: one socket per worker.
+    let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n").unwrap();
+    assert_eq!(d.runtime.shards, Shards::ByWorker);
+    assert_eq!(d.listeners[0].shards, Shards::ByWorker);
+    assert_eq!(Shards::ByWorker.to_string(), "by-worker");
+    assert_eq!(Shards::Count(3).to_string(), "3");
+}
+
+#[test]
+fn shards_sockets_per_worker_count() {
+    assert_eq!(Shards::ByWorker.sockets(4), 4);
+    assert_eq!(Shards::Count(1).sockets(4), 1);
+    assert_eq!(Shards::Count(3).sockets(4), 3);
+    // More than the running workers (--workers lower than the file's): one each.
+    assert_eq!(Shards::Count(8).sockets(2), 2);
+    assert_eq!(Shards::ByWorker.sockets(0), 1);
+}
+
+#[test]
+fn shards_invalid_values() {
+    err(
+        "[runtime]\nworkers = 2\nshards = 3\n[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n",
+        3,
+        &["[runtime]", "key `shards`", "between 1 and 2", "got 3"],
+    );
+    err(
+        "[runtime]\nworkers = 2\n[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nshards = 0\n",
+        6,
+        &["key `shards`", "\"by-worker\"", "got 0"],
+    );
+    err(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nshards = \"per-worker\"\n",
+        4,
+        &["key `shards`", "\"by-worker\"", "got \"per-worker\""],
+    );
+    err(
+        "[runtime]\nworkers = 2\n[[listener]]\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nshards = 1\n",
+        7,
+        &["key `shards`", "TCP and one-to-one SCTP", "UDP"],
+    );
+    err(
+        "[runtime]\nworkers = 2\n[[listener]]\nproto = \"sctp\"\nsctp_style = \"one-to-many\"\n\
+         listen = \"127.0.0.1:1\"\naction = \"echo\"\nshards = 1\n",
+        8,
+        &["key `shards`", "one-to-many SCTP"],
+    );
 }

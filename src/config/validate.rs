@@ -14,7 +14,7 @@ use super::diag::Lines;
 use super::raw::{RawListener, RawRuntime};
 use super::{
     default_workers, Action, ConfigError, HttpConfig, IoChoice, ListenerConfig, ListenerId, Proto,
-    ProxyConfig, Runtime, Scope, SctpConfig, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG,
+    ProxyConfig, Runtime, Scope, SctpConfig, Shards, BUFFER_BYTES_RANGE, DEFAULT_BACKLOG,
     DEFAULT_BUFFER_BYTES, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_FD_RESERVE,
     DEFAULT_HEADER_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS,
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SESSIONS, DEFAULT_NETNS_FD_SHARE, DEFAULT_SCTP_STREAMS,
@@ -207,6 +207,7 @@ pub(super) fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, 
         DEFAULT_NETNS_FD_SHARE,
         " (percent)",
     )?;
+    let shards = convert_shards(cx, &rt.shards, Scope::Runtime, workers)?.unwrap_or_default();
     Ok(Runtime {
         workers,
         io,
@@ -215,11 +216,48 @@ pub(super) fn convert_runtime(cx: &Ctx<'_>, rt: &RawRuntime) -> Result<Runtime, 
         max_connections,
         fd_reserve,
         netns_fd_share,
+        shards,
     })
+}
+
+/// A `shards` value: `"by-worker"` or a socket count in 1..=`workers`; `None`
+/// when the key is absent.
+fn convert_shards(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<toml::Value>>,
+    scope: Scope,
+    workers: usize,
+) -> Result<Option<Shards>, ConfigError> {
+    let Some(v) = v else { return Ok(None) };
+    let expected = || {
+        format!(
+            "must be \"by-worker\" or a number of shared sockets between 1 and {workers} \
+             (runtime.workers)"
+        )
+    };
+    match v.get_ref() {
+        toml::Value::String(s) if s == "by-worker" => Ok(Some(Shards::ByWorker)),
+        toml::Value::Integer(n) => match usize::try_from(*n) {
+            Ok(n) if (1..=workers).contains(&n) => Ok(Some(Shards::Count(n))),
+            _ => Err(cx.invalid(
+                v.span(),
+                scope,
+                "shards",
+                format!("{}, got {n}", expected()),
+            )),
+        },
+        other => Err(cx.invalid(
+            v.span(),
+            scope,
+            "shards",
+            format!("{}, got {other}", expected()),
+        )),
+    }
 }
 
 pub(super) fn convert_listener(
     cx: &Ctx<'_>,
+    rt: &Runtime,
     index: usize,
     span: Range<usize>,
     raw: &RawListener,
@@ -483,6 +521,35 @@ pub(super) fn convert_listener(
         0,
         " (0: no limit)",
     )?;
+    // One socket per worker is the only choice where the socket cannot be shared:
+    // UDP (a client's datagrams and session stay on one worker) and one-to-many
+    // SCTP (one socket, owned by one worker).
+    let shareable = match proto {
+        Proto::Tcp => true,
+        Proto::Udp => false,
+        Proto::Sctp => sctp.style == crate::sctp::Style::OneToOne,
+    };
+    let shards = match convert_shards(cx, &raw.shards, scope(), rt.workers)? {
+        Some(Shards::Count(_)) if !shareable => {
+            let span = raw.shards.as_ref().map_or(span, |v| v.span());
+            return Err(cx.invalid(
+                span,
+                scope(),
+                "shards",
+                format!(
+                    "a count of shared sockets is only allowed on TCP and one-to-one SCTP \
+                     listeners (this one is {}; only \"by-worker\" applies)",
+                    match proto {
+                        Proto::Udp => "UDP",
+                        _ => "one-to-many SCTP",
+                    }
+                ),
+            ));
+        }
+        Some(s) => s,
+        None if shareable => rt.shards,
+        None => Shards::ByWorker,
+    };
 
     Ok(ListenerConfig {
         name,
@@ -497,6 +564,7 @@ pub(super) fn convert_listener(
         sctp,
         idle_timeout_ms,
         max_connections,
+        shards,
     })
 }
 

@@ -113,9 +113,9 @@ pub(crate) struct ActiveSession {
     /// The session of a whole one-to-many SCTP socket (not one connection: it is
     /// not counted as accepted, and its associations are counted instead).
     pub many: bool,
-    /// What it holds of the session budget (its fds); `None` for a one-to-many
-    /// socket, which is the listener.
-    charge: Option<super::budget::FdCharge>,
+    /// The fds it charged to the session budget (client, upstream; 0 for a
+    /// one-to-many socket, which is the listener), given back in Drop.
+    charged_fds: u32,
 }
 
 impl ActiveSession {
@@ -131,7 +131,11 @@ impl ActiveSession {
         now: Instant,
     ) -> ActiveSession {
         let many = how == Origin::Many;
-        let charge = (!many).then(|| listener.budget.charge(&listener.netns_fds, 1));
+        let charged_fds = u32::from(!many);
+        if !many {
+            // Released in Drop, through the listener this session keeps.
+            listener.budget.charge_unguarded(&listener.netns_fds, 1);
+        }
         if !many {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
@@ -175,7 +179,7 @@ impl ActiveSession {
             worker: worker.clone(),
             parked: false,
             many,
-            charge,
+            charged_fds,
         };
         c.session
             .on_open(&c.listener.action, &info, &c.listener.netns, &mut c.io, now);
@@ -592,8 +596,9 @@ impl ActiveSession {
                 }
                 sock.fd = Some(fd);
                 sock.connecting = true;
-                if let Some(c) = &mut self.charge {
-                    c.add_fd();
+                if self.charged_fds > 0 {
+                    self.listener.budget.charge_fd(&self.listener.netns_fds);
+                    self.charged_fds += 1;
                 }
                 sock.dest = Some(Box::new(addr.into()));
                 ConnectStart::Go
@@ -627,6 +632,11 @@ impl Drop for ActiveSession {
         let s = &self.listener.stats;
         s.closed.fetch_add(1, Relaxed);
         self.worker.sessions.fetch_sub(1, Relaxed);
+        if self.charged_fds > 0 {
+            self.listener
+                .budget
+                .release(&self.listener.netns_fds, u64::from(self.charged_fds));
+        }
         if self.failed {
             s.conn_errors.fetch_add(1, Relaxed);
         }

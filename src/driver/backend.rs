@@ -287,6 +287,14 @@ pub trait Backend {
     /// Closes a socket the worker is done with (no operation on it is in flight).
     fn close(&mut self, fd: OwnedFd);
 
+    /// Stops watching a socket the worker is done with but other workers still
+    /// hold open under the same fd number (a shared listener socket,
+    /// [`crate::driver::ListenerFd::Shared`]); no operation on it is in flight.
+    /// epoll takes it out of its set (EPOLL_CTL_DEL: closing this worker's hold
+    /// would not, while the file stays open, epoll(7) "Q6"); io_uring has nothing
+    /// to undo.
+    fn forget(&mut self, _fd: RawFd) {}
+
     /// Operations started and not ended yet (count).
     fn in_flight(&self) -> usize;
 }

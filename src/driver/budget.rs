@@ -204,6 +204,32 @@ impl FdBudget {
     }
 }
 
+impl FdBudget {
+    /// Charges one session of `fds` fds without a guard (for a session that keeps
+    /// its listener, and so this budget, anyway: 4 bytes instead of a 24-byte
+    /// [`FdCharge`] per session); the caller must call [`FdBudget::release`] with
+    /// the same `netns` and the fds it charged in all, exactly once.
+    pub fn charge_unguarded(&self, netns: &NetnsFds, fds: u64) {
+        self.sessions.fetch_add(1, Relaxed);
+        self.used.fetch_add(fds, Relaxed);
+        netns.used.fetch_add(fds, Relaxed);
+    }
+
+    /// One more fd for a session charged with [`FdBudget::charge_unguarded`].
+    pub fn charge_fd(&self, netns: &NetnsFds) {
+        self.used.fetch_add(1, Relaxed);
+        netns.used.fetch_add(1, Relaxed);
+    }
+
+    /// Gives back what a session charged with [`FdBudget::charge_unguarded`]
+    /// (and [`FdBudget::charge_fd`]) holds: `fds` fds in all.
+    pub fn release(&self, netns: &NetnsFds, fds: u64) {
+        self.sessions.fetch_sub(1, Relaxed);
+        self.used.fetch_sub(fds, Relaxed);
+        netns.used.fetch_sub(fds, Relaxed);
+    }
+}
+
 /// What one session holds of the budget; given back on drop.
 #[derive(Debug)]
 pub struct FdCharge {
@@ -265,6 +291,12 @@ mod tests {
         assert_eq!((b.used(), a.used()), (21, 21));
         drop(held);
         assert_eq!((b.used(), b.sessions(), a.used(), c.used()), (0, 0, 0, 0));
+        // Unguarded charges balance with their release.
+        b.charge_unguarded(&a, 1);
+        b.charge_fd(&a);
+        assert_eq!((b.used(), b.sessions(), a.used()), (2, 1, 2));
+        b.release(&a, 2);
+        assert_eq!((b.used(), b.sessions(), a.used()), (0, 0, 0));
         // A session count limit.
         b.refresh(1100, 150, 50, 2, 100, 1);
         let _x = (b.charge(&a, 1), b.charge(&a, 1));

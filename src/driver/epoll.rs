@@ -678,6 +678,17 @@ impl Backend for EpollBackend {
         self.pools[usize::from(b.group)].free.push(b.id);
     }
 
+    fn forget(&mut self, fd: RawFd) {
+        if self.fds.remove(&fd).is_some() {
+            // SAFETY: another worker holds `fd` open until it lets the shared
+            // socket go, which it does not before this call returns.
+            let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Err(e) = self.ep.delete(bfd) {
+                tracing::debug!(fd, error = %e, "epoll: cannot take a shared socket out of the set");
+            }
+        }
+    }
+
     fn close(&mut self, fd: OwnedFd) {
         // Closing the fd takes it out of the epoll set (no EPOLL_CTL_DEL: one
         // syscall less per socket). Only while a duplicate keeps the socket open

@@ -35,7 +35,7 @@ pub(crate) mod worker;
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -180,6 +180,53 @@ pub fn resolve(choice: IoChoice) -> Result<DriverKind, String> {
     }
 }
 
+/// A listening socket as a worker holds it: its own (one SO_REUSEPORT socket per
+/// worker, `shards = "by-worker"`), or one fd shared with other workers
+/// (`shards = N`, TCP and one-to-one SCTP only: the same fd number in every
+/// worker, no dup, so the listener costs N fds in the process, not one per worker).
+/// A shared fd is closed by the last worker that lets it go.
+#[derive(Debug)]
+pub enum ListenerFd {
+    /// This worker's own socket.
+    Own(OwnedFd),
+    /// A socket every worker with the same [`Arc`] accepts on.
+    Shared(Arc<OwnedFd>),
+}
+
+impl ListenerFd {
+    /// When this worker lets the socket go: `Ok(fd)` to close (its own, or a
+    /// shared one no other worker holds any more), or `Err(hold)` while another
+    /// worker holds it (the fd stays open as long as `hold` lives; dropping the
+    /// last hold closes it).
+    pub fn into_last(self) -> Result<OwnedFd, Arc<OwnedFd>> {
+        match self {
+            ListenerFd::Own(fd) => Ok(fd),
+            ListenerFd::Shared(fd) => Arc::try_unwrap(fd),
+        }
+    }
+}
+
+impl From<OwnedFd> for ListenerFd {
+    fn from(fd: OwnedFd) -> Self {
+        ListenerFd::Own(fd)
+    }
+}
+
+impl AsFd for ListenerFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            ListenerFd::Own(fd) => fd.as_fd(),
+            ListenerFd::Shared(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for ListenerFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
 /// A message from the supervisor to a worker.
 #[derive(Debug)]
 pub enum Command {
@@ -187,8 +234,10 @@ pub enum Command {
     AddListener {
         /// Supervisor's id of the listener, unique for the process lifetime.
         id: u64,
-        /// The worker's own SO_REUSEPORT socket of this listener.
-        fd: OwnedFd,
+        /// The worker's socket of this listener: its own SO_REUSEPORT socket, or
+        /// (TCP and one-to-one SCTP with `shards = N`) one shared with other
+        /// workers. UDP and one-to-many SCTP listeners always get their own.
+        fd: ListenerFd,
         /// Name, action and counters.
         shared: Arc<ListenerShared>,
     },

@@ -14,7 +14,7 @@ use crate::driver::backend::{Backend, Event, Op};
 use crate::driver::budget::{Cap, CAPACITY_RECHECK_MS};
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
-use crate::driver::{ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
+use crate::driver::{ListenerFd, ListenerShared, ACCEPT_PAUSE_MS, LISTENER_DRAIN_MS};
 use crate::proto::Origin;
 
 impl<B: Backend> Worker<B> {
@@ -41,8 +41,14 @@ impl<B: Backend> Worker<B> {
         }
         let fd = l.fd.as_raw_fd();
         // A multishot accept may bring a whole accept queue before it can be
-        // cancelled: near a cap, one connection at a time.
-        let multishot = multishot_pays(&l.shared);
+        // cancelled: near a cap, one connection at a time. A socket shared with
+        // other workers (`shards = N`) is accepted one connection at a time too:
+        // io_uring arms an accept's poll as exclusive (IORING_OP_ACCEPT has
+        // `poll_exclusive` in io_uring/opdef.c), so each connection wakes only
+        // the first waiter of the socket's wait queue, and a multishot accept
+        // stays first and would take every connection; a single-shot one queues
+        // again at the tail, so the workers take turns.
+        let multishot = !matches!(l.fd, ListenerFd::Shared(_)) && multishot_pays(&l.shared);
         let id = self.submit(K_ACCEPT, k, Op::Accept { fd, multishot });
         if let Some(l) = self.listeners.get_mut(k) {
             l.op = Some(id);
@@ -99,7 +105,7 @@ impl<B: Backend> Worker<B> {
             self.filter_attached(k, r);
             return;
         };
-        match l.fd.try_clone() {
+        match l.fd.as_fd().try_clone_to_owned() {
             Ok(dup) => {
                 let (mailbox, wake_fd) = (self.ctx.filtered.clone(), self.ctx.wake.clone());
                 binder.attach_drop_filter(
@@ -204,7 +210,12 @@ impl<B: Backend> Worker<B> {
                 .stats
                 .listeners
                 .fetch_sub(1, std::sync::atomic::Ordering::Release);
-            self.backend.close(l.fd);
+            match l.fd.into_last() {
+                Ok(fd) => self.backend.close(fd),
+                // Shared with other workers (`shards = N`): they go on with the
+                // fd; this worker stops watching it (the hold is dropped after).
+                Err(hold) => self.backend.forget(hold.as_raw_fd()),
+            }
         }
     }
 

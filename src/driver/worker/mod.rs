@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use super::shared::{ListenerShared, PeelMailbox, WorkerStats};
 use super::slab::{token, untoken, Key, Slab};
 use super::timers::{Timer, Timers};
 use super::udp::UdpState;
-use super::{drain_eventfd, Command};
+use super::{drain_eventfd, Command, ListenerFd};
 use crate::config::Proto;
 use crate::proto::Origin;
 use crate::proto::{Completion, Side};
@@ -90,7 +90,7 @@ pub(crate) type FilterMailbox = Arc<std::sync::Mutex<Vec<(Key, io::Result<()>)>>
 
 /// A TCP or one-to-one SCTP listening socket of this worker.
 struct StreamListener {
-    fd: OwnedFd,
+    fd: ListenerFd,
     shared: Arc<ListenerShared>,
     /// The accept operation in flight.
     op: Option<OpId>,
@@ -394,6 +394,9 @@ impl<B: Backend> Worker<B> {
         while let Ok(cmd) = self.ctx.rx.try_recv() {
             match cmd {
                 Command::AddListener { id, fd, shared } if shared.proto == Proto::Udp => {
+                    let Some(fd) = own_fd(fd, &shared) else {
+                        continue;
+                    };
                     let k = self.udp.add_listener(fd, shared);
                     self.ctx.stats.listeners.fetch_add(1, Relaxed);
                     self.ids.insert(id, ListenerRef::Udp(k));
@@ -403,6 +406,9 @@ impl<B: Backend> Worker<B> {
                     if shared.proto == Proto::Sctp
                         && shared.sctp.style == crate::sctp::Style::OneToMany =>
                 {
+                    let Some(fd) = own_fd(fd, &shared) else {
+                        continue;
+                    };
                     let session =
                         ActiveSession::open(fd, shared, &self.ctx.stats, Origin::Many, self.now);
                     let k = self.insert_session(session);
@@ -436,25 +442,9 @@ impl<B: Backend> Worker<B> {
                     }
                     Some(ListenerRef::Many(_)) | None => {}
                 },
-                Command::RemoveListener { id } => match self.ids.remove(&id) {
-                    Some(ListenerRef::Stream(k)) => self.drain_listener(k),
-                    Some(ListenerRef::Udp(k)) => {
-                        for uk in self.udp.end_sessions(k) {
-                            self.udp_close(K_UDP_UPSTREAM, uk);
-                        }
-                        self.udp_close(K_UDP_LISTENER, k);
-                    }
-                    Some(ListenerRef::Many(k)) => {
-                        // Its queued replies go out, then the socket closes.
-                        if let Some(e) = self.sessions.get_mut(k) {
-                            e.session.io.close();
-                        }
-                        self.drive(k);
-                    }
-                    None => {}
-                },
+                Command::RemoveListener { id } => self.stop_listener(id, true),
                 Command::Drain => self.begin_drain(),
-                Command::DetachListener { id } => self.detach_listener(id),
+                Command::DetachListener { id } => self.stop_listener(id, false),
                 Command::ExportListeners { reply } => {
                     let _ = reply.send(self.export_listeners());
                 }
@@ -482,19 +472,18 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Stops accepting on listener `id` and closes this worker's fd of it, and
-    /// nothing more: no socket option or filter touches the socket, which another
-    /// process may share (binary upgrade). Connections already accepted go on; a
-    /// UDP listener's proxy sessions end (their replies left through its fd).
-    fn detach_listener(&mut self, id: u64) {
+    /// Stops accepting on listener `id` and closes this worker's fd of it;
+    /// connections already accepted go on, a UDP listener's proxy sessions end
+    /// (their replies left through its fd), a one-to-many SCTP socket sends its
+    /// queued replies first. With `drain` ([`Command::RemoveListener`]) a TCP
+    /// listener first serves its accept queue behind a SYN filter
+    /// ([`Worker::drain_listener`]); without ([`Command::DetachListener`]) nothing
+    /// touches the socket, which another process may share (binary upgrade).
+    fn stop_listener(&mut self, id: u64, drain: bool) {
         match self.ids.remove(&id) {
+            Some(ListenerRef::Stream(k)) if drain => self.drain_listener(k),
             Some(ListenerRef::Stream(k)) => self.remove_listener(k),
-            Some(ListenerRef::Udp(k)) => {
-                for uk in self.udp.end_sessions(k) {
-                    self.udp_close(K_UDP_UPSTREAM, uk);
-                }
-                self.udp_close(K_UDP_LISTENER, k);
-            }
+            Some(ListenerRef::Udp(k)) => self.close_udp_listener(k),
             Some(ListenerRef::Many(k)) => {
                 if let Some(e) = self.sessions.get_mut(k) {
                     e.session.io.close();
@@ -505,6 +494,14 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// Ends UDP listener `k`'s sessions and closes it.
+    fn close_udp_listener(&mut self, k: Key) {
+        for uk in self.udp.end_sessions(k) {
+            self.udp_close(K_UDP_UPSTREAM, uk);
+        }
+        self.udp_close(K_UDP_LISTENER, k);
+    }
+
     /// Copies (`F_DUPFD_CLOEXEC`, close-on-exec) of this worker's TCP, one-to-one
     /// SCTP and UDP listener sockets that are accepting, by listener id. One-to-many
     /// SCTP sockets carry associations and are not exported. A failed dup (EMFILE)
@@ -513,19 +510,21 @@ impl<B: Backend> Worker<B> {
         let mut out = Vec::with_capacity(self.ids.len());
         for (&id, r) in &self.ids {
             let fd = match *r {
-                ListenerRef::Stream(k) => {
-                    self.listeners.get(k).filter(|l| !l.removing).map(|l| &l.fd)
-                }
+                ListenerRef::Stream(k) => self
+                    .listeners
+                    .get(k)
+                    .filter(|l| !l.removing)
+                    .map(|l| l.fd.as_fd()),
                 ListenerRef::Udp(k) => self
                     .udp
                     .listeners
                     .get(k)
                     .filter(|l| !l.closing)
-                    .map(|l| &l.fd),
+                    .map(|l| l.fd.as_fd()),
                 ListenerRef::Many(_) => None,
             };
             if let Some(fd) = fd {
-                match fd.try_clone() {
+                match fd.try_clone_to_owned() {
                     Ok(c) => out.push((id, c)),
                     Err(e) => tracing::warn!(worker = self.ctx.index, listener = id, error = %e,
                         "cannot copy a listener socket for a takeover"),
@@ -548,10 +547,7 @@ impl<B: Backend> Worker<B> {
         }
         for (_, r) in std::mem::take(&mut self.ids) {
             if let ListenerRef::Udp(k) = r {
-                for uk in self.udp.end_sessions(k) {
-                    self.udp_close(K_UDP_UPSTREAM, uk);
-                }
-                self.udp_close(K_UDP_LISTENER, k);
+                self.close_udp_listener(k);
             }
         }
         for k in self.sessions.keys() {
@@ -586,6 +582,20 @@ fn side_of(i: u8) -> Side {
         Side::Client
     } else {
         Side::Upstream
+    }
+}
+
+/// The worker's own fd of a UDP or one-to-many SCTP listener: these sockets are
+/// never shared by workers (the supervisor does not send them so; if it did, the
+/// listener is refused here with an error rather than served twice).
+fn own_fd(fd: ListenerFd, shared: &ListenerShared) -> Option<OwnedFd> {
+    match fd {
+        ListenerFd::Own(fd) => Some(fd),
+        ListenerFd::Shared(_) => {
+            tracing::error!(listener = %shared.name,
+                "a UDP or one-to-many SCTP socket cannot be shared by workers; not served");
+            None
+        }
     }
 }
 

@@ -58,7 +58,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
     });
     let cmd = Command::AddListener {
         id: 1,
-        fd: OwnedFd::from(l),
+        fd: OwnedFd::from(l).into(),
         shared,
     };
     (cmd, addr)

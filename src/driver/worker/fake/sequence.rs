@@ -357,7 +357,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
     };
     fake.send_cmd(Command::AddListener {
         id: 1,
-        fd: listener,
+        fd: listener.into(),
         shared: shared.clone(),
     });
     let mut w = Worker::new(fake, ctx);
