@@ -259,9 +259,11 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-fn missing_takeover_socket_binds_nothing(driver: &str) {
+/// A temporary directory with a takeover socket path (not made) and the config
+/// of a new process (one echo listener on a free port), for the failure cases.
+fn new_process_files(tag: &str) -> (TempDir, std::path::PathBuf, std::path::PathBuf, u16) {
     let port = free_port();
-    let dir = TempDir::new(&format!("upg-miss-{driver}"));
+    let dir = TempDir::new(tag);
     let sock = dir.0.join("takeover.sock");
     let cfg = dir.0.join("new.toml");
     std::fs::write(
@@ -269,6 +271,11 @@ fn missing_takeover_socket_binds_nothing(driver: &str) {
         format!("[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"),
     )
     .unwrap();
+    (dir, sock, cfg, port)
+}
+
+fn missing_takeover_socket_binds_nothing(driver: &str) {
+    let (dir, sock, cfg, port) = new_process_files(&format!("upg-miss-{driver}"));
     let (code, _, err) = ringress_cmd(&[
         "run",
         cfg.to_str().unwrap(),
@@ -320,15 +327,7 @@ fn missing_takeover_socket_binds_nothing(driver: &str) {
 }
 
 fn hostile_peer_is_a_clear_error(driver: &str) {
-    let port = free_port();
-    let dir = TempDir::new(&format!("upg-bad-{driver}"));
-    let sock = dir.0.join("takeover.sock");
-    let cfg = dir.0.join("new.toml");
-    std::fs::write(
-        &cfg,
-        format!("[[listener]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\naction = \"echo\"\n"),
-    )
-    .unwrap();
+    let (_dir, sock, cfg, port) = new_process_files(&format!("upg-bad-{driver}"));
     // A frame announcing 4 GiB, then one that is not JSON.
     let frames: [&[u8]; 2] = [b"\xff\xff\xff\xff", b"\x03\x00\x00\x00{x}"];
     for (frame, needle) in frames.into_iter().zip(["bytes announced", "bad JSON"]) {
