@@ -21,6 +21,7 @@ fn spec() -> SocketSpec {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         backlog: 16,
         count: 1,
+        exclusive: false,
     }
 }
 

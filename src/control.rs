@@ -25,9 +25,18 @@
 //!   shuts down as above, closing what was bound, and exits 0 (two of them during
 //!   start-up count as one).
 //! - inotify on the netns directory: a new entry is bound by the templates and
-//!   listeners it concerns, retried for up to [`NETNS_SETTLE`] (`ip netns add`
-//!   creates the file before it mounts the namespace on it); a removed entry closes
-//!   its listeners.
+//!   listeners it concerns, retried every 20 ms for [`NETNS_SETTLE`] (`ip netns
+//!   add` creates the file before it mounts the namespace on it), then, while it
+//!   is still not served, never given up: its identity is re-checked (one
+//!   `stat(2)`) with a back-off from 20 ms doubling up to [`NETNS_POLL_MAX`], and
+//!   a bind is tried again as soon as the entry changed (a namespace was mounted
+//!   on a placeholder file, which makes no inotify event), else with a back-off up
+//!   to [`NETNS_BIND_MAX`] (its addresses may come later), until it is served or
+//!   goes away. Entries of templates left down at start are retried the same
+//!   way, and the directory is rescanned every [`NETNS_RESCAN`] in case an event
+//!   was missed. A removed entry closes its listeners.
+//! - every [`HELD_CHECK`]: a listener whose `netns` is a path goes down if the
+//!   path now names another namespace ([`Server::check_held_namespaces`]).
 //! - `[runtime] takeover_socket`: a new process (`ringress run --takeover`) gets
 //!   copies of the listening sockets ([`crate::takeover`]); once it serves and says
 //!   which it took, those are detached here (the shared sockets untouched), the
@@ -57,10 +66,24 @@ use crate::server::Server;
 use crate::signals;
 use crate::takeover::TakeoverServer;
 
-/// How long a new netns entry is retried before giving up (with a warning).
+/// How long a new netns entry is retried at the fast pace (every 20 ms);
+/// after it, an entry still not served is logged once and retried with back-off.
 pub const NETNS_SETTLE: Duration = Duration::from_secs(3);
-/// Interval between those retries.
+/// Interval between retries while a new entry settles.
 const NETNS_RETRY: Duration = Duration::from_millis(20);
+/// Longest interval between two identity checks (`stat(2)`) of an entry not
+/// served after [`NETNS_SETTLE`]: a namespace mounted on a placeholder is served
+/// within about this long (ms scale; 1,000 such entries cost 2,000 stats/s).
+pub const NETNS_POLL_MAX: Duration = Duration::from_millis(500);
+/// Longest interval between two bind attempts in an entry whose identity did not
+/// change (a namespace whose address is not configured yet).
+pub const NETNS_BIND_MAX: Duration = Duration::from_secs(30);
+/// Interval between checks that namespace paths still name the namespace their
+/// listeners hold ([`Server::check_held_namespaces`]).
+pub const HELD_CHECK: Duration = Duration::from_secs(1);
+/// Interval of the periodic rescan of the netns directory (names that appeared
+/// or vanished without an inotify event reaching us).
+pub const NETNS_RESCAN: Duration = Duration::from_secs(30);
 
 const T_SIGNAL: u64 = 1;
 const T_INOTIFY: u64 = 2;
@@ -98,9 +121,10 @@ struct Reloader {
     wake: Arc<OwnedFd>,
     current: Option<Reloading>,
     path: PathBuf,
-    /// The namespace check runs on the binder, which may open `/proc/PID/ns/net`
-    /// of a privileged process (CAP_SYS_PTRACE); the reload thread, like the
-    /// control thread it comes from, holds no capability.
+    /// The namespace check and the resolution of interface-name zones run on
+    /// the binder, which may open `/proc/PID/ns/net` of a privileged process
+    /// (CAP_SYS_PTRACE) and enter a namespace (CAP_SYS_ADMIN); the reload
+    /// thread, like the control thread it comes from, holds no capability.
     binder: crate::binder::Binder,
 }
 
@@ -126,7 +150,11 @@ impl Reloader {
                     .and_then(|c| {
                         binder
                             .call(move || {
-                                c.check_namespaces().map(|_| c).map_err(|e| e.to_string())
+                                let mut c = c;
+                                c.check_namespaces()
+                                    .and_then(|_| c.resolve_zones())
+                                    .map(|_| c)
+                                    .map_err(|e| e.to_string())
                             })
                             .map_err(|e| e.to_string())?
                     });
@@ -165,10 +193,73 @@ impl Reloader {
     }
 }
 
+/// A netns entry not served yet, retried until it is or it goes away.
 struct Pending {
     name: String,
+    /// When to look at it again.
     next: Instant,
+    /// End of the fast settle phase.
     until: Instant,
+    /// Current back-off of identity checks after the settle phase.
+    delay: Duration,
+    /// Current back-off of bind attempts while its identity stays the same.
+    bind_gap: Duration,
+    /// When a bind may be tried again though the identity did not change.
+    bind_at: Instant,
+    /// The entry's identity at the last failed attempt (`None`: not stat-able).
+    seen: Option<netns::NsId>,
+    /// Whether the "still not served" warning was logged.
+    warned: bool,
+}
+
+impl Pending {
+    fn new(name: String, now: Instant) -> Pending {
+        Pending {
+            name,
+            next: now,
+            until: now + NETNS_SETTLE,
+            delay: NETNS_RETRY,
+            bind_gap: NETNS_RETRY,
+            bind_at: now,
+            seen: None,
+            warned: false,
+        }
+    }
+
+    /// One look at the entry: bind if settling, if it changed since the last
+    /// failure, or if its bind back-off expired. Returns `false` when done
+    /// (served, gone, or shutting down).
+    fn step(&mut self, now: Instant, dir: &Path, server: &mut Server) -> bool {
+        let id = match netns::NsId::of_path(&dir.join(&self.name)) {
+            Ok(id) => Some(id),
+            // Gone: the inotify event (or the rescan) says so too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => None,
+        };
+        let settling = now < self.until;
+        if settling || id != self.seen || now >= self.bind_at {
+            if server.netns_appeared(&self.name) {
+                return false;
+            }
+            if !settling {
+                self.bind_gap = (self.bind_gap * 2).min(NETNS_BIND_MAX);
+                self.bind_at = now + self.bind_gap;
+            }
+            self.seen = id;
+        }
+        if settling {
+            self.next = now + NETNS_RETRY;
+            return true;
+        }
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(netns = %self.name, settle_ms = NETNS_SETTLE.as_millis() as u64,
+                "new netns entry still cannot be served (not a namespace yet?); retrying with back-off until it is served or goes away");
+        }
+        self.delay = (self.delay * 2).min(NETNS_POLL_MAX);
+        self.next = now + self.delay;
+        true
+    }
 }
 
 /// Runs the control loop until shutdown; `config_path` is re-read on SIGHUP.
@@ -236,7 +327,15 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
         "ringress running"
     );
     sdnotify::notify_or_log("READY=1");
-    let mut pending: Vec<Pending> = Vec::new();
+    let mut next_rescan = Instant::now() + NETNS_RESCAN;
+    let mut next_held_check = Instant::now() + HELD_CHECK;
+    // Entries whose listeners are down (e.g. a template instance in a placeholder
+    // not yet mounted at start): retried like new entries.
+    let start = Instant::now();
+    let mut pending: Vec<Pending> = down_entries(&server)
+        .into_iter()
+        .map(|n| Pending::new(n, start))
+        .collect();
     let mut draining: Option<Instant> = None;
     // Signals sent while starting up (blocked since main's first instruction)
     // are pending on the signalfd: act on them now that everything is open.
@@ -263,6 +362,12 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             let poll = Duration::from_millis(50).min(d.saturating_duration_since(now));
             wait = Some(wait.map_or(poll, |w| w.min(poll)));
         }
+        if watch.is_some() {
+            let left = next_rescan.saturating_duration_since(now);
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+        }
+        let left = next_held_check.saturating_duration_since(now);
+        wait = Some(wait.map_or(left, |w| w.min(left)));
         if let Some(a) = &admin {
             let left = a
                 .retry_at()
@@ -387,25 +492,36 @@ pub fn run(mut server: Server, config_path: &Path) -> Result<Exit, String> {
             }
         }
         let now = Instant::now();
-        // New namespaces: bind, retrying while they settle.
+        // New namespaces: bind, retrying while they settle, then with back-off.
         let mut still = Vec::new();
+        // The directory of the config in force (a reload may change it).
+        let netns_dir = match pending.is_empty() {
+            true => PathBuf::new(),
+            false => server.config().netns_dir.clone(),
+        };
         for mut p in std::mem::take(&mut pending) {
             if p.next > now {
                 still.push(p);
                 continue;
             }
-            if draining.is_some() || server.netns_appeared(&p.name) {
-                continue;
+            if draining.is_none() && p.step(now, &netns_dir, &mut server) {
+                still.push(p);
             }
-            if now >= p.until {
-                tracing::warn!(netns = %p.name, settle_ms = NETNS_SETTLE.as_millis() as u64,
-                    "new netns entry still cannot be served; giving up on it until it changes");
-                continue;
-            }
-            p.next = now + NETNS_RETRY;
-            still.push(p);
         }
         pending = still;
+        if now >= next_held_check {
+            next_held_check = now + HELD_CHECK;
+            if draining.is_none() {
+                server.check_held_namespaces();
+            }
+        }
+        if let Some(w) = &mut watch {
+            if now >= next_rescan {
+                next_rescan = now + NETNS_RESCAN;
+                let events = w.rescan();
+                netns_events(events, &mut pending, &mut server);
+            }
+        }
         if let Some(t) = &mut takeover {
             if t.conn.is_some() && t.deadline.is_some_and(|d| now >= d) {
                 tracing::warn!(
@@ -552,17 +668,25 @@ fn begin_shutdown(server: &mut Server, draining: &mut Option<Instant>, stop: Sto
     *draining = Some(Instant::now() + Duration::from_millis(t));
 }
 
-/// Acts on names that appeared (bind, retried while they settle) or vanished.
+/// The netns directory entries (names) of listeners that are down.
+fn down_entries(server: &Server) -> BTreeSet<String> {
+    server
+        .listeners()
+        .filter(|l| matches!(l.state, crate::server::ListenerState::Down(_)))
+        .filter_map(|l| match &l.config.netns {
+            Some(netns::NetnsRef::Named(n)) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Acts on names that appeared (bind, retried while they settle, then with
+/// back-off until served or gone) or vanished.
 fn netns_events(events: Vec<(String, bool)>, pending: &mut Vec<Pending>, server: &mut Server) {
     for (name, appeared) in events {
         pending.retain(|p| p.name != name);
         if appeared {
-            let now = Instant::now();
-            pending.push(Pending {
-                name,
-                next: now,
-                until: now + NETNS_SETTLE,
-            });
+            pending.push(Pending::new(name, Instant::now()));
         } else {
             server.netns_vanished(&name);
         }

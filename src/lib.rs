@@ -17,6 +17,7 @@ pub mod demo;
 pub mod driver;
 pub mod eventfd;
 pub mod health;
+pub mod instance;
 pub mod netns;
 pub mod privs;
 pub mod procstat;

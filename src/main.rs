@@ -74,8 +74,9 @@ fn init_logs(level: &str, format: &str) {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    let mut cfg = Config::load(path).map_err(|e| e.to_string())?;
     cfg.check_namespaces().map_err(|e| e.to_string())?;
+    cfg.resolve_zones().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
@@ -111,8 +112,15 @@ fn main() -> ExitCode {
         }
     }
     match cli.cmd {
-        Cmd::Check { config } => match load(&config) {
+        Cmd::Check { config } => match load(&config).and_then(|cfg| {
+            // `run` raises the soft limit to the hard one: that is what it gets.
+            cfg.check_fd_limit(ringress::procstat::nofile_limits().1)?;
+            Ok(cfg)
+        }) {
             Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 // Valid, but `run` would refuse it here: say so now.
                 if let Err(e) = ringress::sctp::available() {
                     for l in cfg.listeners.iter().filter(|l| l.proto == Proto::Sctp) {
@@ -160,6 +168,35 @@ fn main() -> ExitCode {
             if let Some(w) = workers {
                 cfg.runtime.workers = w.max(1);
             }
+            if let Err(e) = cfg.check_fd_limit(ringress::procstat::nofile_limits().0) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            // One `run` per config (ringress::instance); a takeover shares on purpose.
+            let waiting_lock = match ringress::instance::acquire(&config) {
+                Ok(Ok(lock)) => {
+                    tracing::debug!(lock = %lock.path().display(), "instance lock taken");
+                    lock.hold_until_exit();
+                    None
+                }
+                Ok(Err(held)) if takeover.is_some() => Some(held),
+                Ok(Err(held)) => {
+                    let who = held
+                        .pid
+                        .map_or_else(|| "another process".to_string(), |p| format!("pid {p}"));
+                    eprintln!(
+                        "error: {} is already served by ringress {who} (instance lock {}); \
+                         stop it first, or upgrade it with `ringress run --takeover`",
+                        config.display(),
+                        held.path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no instance lock: a second `run` of this config would not be refused");
+                    None
+                }
+            };
             if let Err(e) = blocked {
                 eprintln!("error: blocking signals: {e}");
                 return ExitCode::FAILURE;
@@ -204,6 +241,10 @@ fn main() -> ExitCode {
                 // case a connection's wake-up went to its accept (Command::AcceptAgain).
                 for w in server.workers() {
                     let _ = w.send(ringress::driver::Command::AcceptAgain);
+                }
+                // The old process holds the lock until it has drained and exits.
+                if let Some(held) = waiting_lock {
+                    held.take_over_when_free();
                 }
             }
             match control::run(server, &config) {

@@ -181,12 +181,106 @@ pub fn open_netns(path: &Path) -> io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// A namespace's identity: the device and inode number of its nsfs inode
+/// (`st_dev`, `st_ino` of `stat(2)` on any file naming it). namespaces(7): two
+/// namespace files name the same namespace iff both numbers are equal, whatever
+/// their spelling (`a`, `/run/netns/a`, a bind mount of it, `/proc/PID/ns/net` of
+/// a process inside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsId {
+    /// `st_dev` of the namespace inode (the nsfs device).
+    pub dev: u64,
+    /// `st_ino` of the namespace inode.
+    pub ino: u64,
+}
+
+impl NsId {
+    /// The identity of an open namespace file (`fstat(2)`).
+    ///
+    /// # Errors
+    /// The `fstat(2)` error.
+    pub fn of_file(f: &std::fs::File) -> io::Result<NsId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        Ok(NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The identity of the namespace `path` names now (`stat(2)`, following a
+    /// /proc namespace link). Does not check that it is a network namespace: use
+    /// [`open_netns`] + [`NsId::of_file`] for untrusted paths.
+    ///
+    /// # Errors
+    /// The `stat(2)` error (ENOENT when the file is missing).
+    pub fn of_path(path: &Path) -> io::Result<NsId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The identity of the network namespace the process started in: that of its
+    /// main thread, `/proc/self/ns/net` (the main thread never enters another).
+    ///
+    /// # Errors
+    /// The `stat(2)` error, e.g. when /proc is not mounted.
+    pub fn own() -> io::Result<NsId> {
+        NsId::of_path(Path::new("/proc/self/ns/net"))
+    }
+}
+
+impl fmt::Display for NsId {
+    /// `dev D, inode I`, as `stat(2)` numbers them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device {}, inode {}", self.dev, self.ino)
+    }
+}
+
 /// Checks that `path` exists and is a namespace file; see [`open_netns`].
 ///
 /// # Errors
 /// As [`open_netns`].
 pub fn check_netns(path: &Path) -> io::Result<()> {
     open_netns(path).map(drop)
+}
+
+/// The index of network interface `name` (`if_nametoindex(3)`) in the namespace
+/// of file `ns` (`None`: the calling thread's). A namespace is entered by a
+/// short-lived thread (setns(2) needs CAP_SYS_ADMIN), so the caller's thread
+/// never changes namespace.
+///
+/// # Errors
+/// The namespace cannot be opened ([`open_netns`]) or entered (EPERM), the
+/// thread cannot be made, or there is no such interface (ENODEV).
+pub fn if_index_in(ns: Option<&Path>, name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    let lookup = move || {
+        // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+        match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+            0 => Err(io::Error::last_os_error()),
+            i => Ok(i),
+        }
+    };
+    let Some(path) = ns else {
+        return lookup();
+    };
+    let f = open_netns(path)?;
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ringress-zone".into())
+            .spawn_scoped(s, move || {
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                lookup()
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("interface lookup panicked")))
+    })
 }
 
 /// The inode number of the network namespace of the calling thread

@@ -72,6 +72,21 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// RLIMIT_NOFILE now: (soft, hard) limits on open files (counts;
+/// getrlimit(2)); `u64::MAX` for both if it cannot be read (RLIM_INFINITY reads
+/// as `u64::MAX` too).
+pub fn nofile_limits() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (u64::MAX, u64::MAX);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
 /// Whether this process has CAP_SYS_ADMIN in its effective set (bit 21 of `CapEff`
 /// in `/proc/self/status`; capabilities(7)). Needed for setns(2) and `ip netns add`.
 pub fn has_cap_sys_admin() -> bool {

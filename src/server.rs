@@ -24,7 +24,7 @@ use crate::driver::budget::{FdBudget, NetnsFds};
 use crate::driver::{
     self, Command, DriverKind, ListenerFd, ListenerShared, UpstreamSet, WorkerHandle,
 };
-use crate::netns::{self, NetnsRef};
+use crate::netns::{self, NetnsRef, NsId};
 use crate::takeover::{Inherited, SocketInfo};
 
 /// Why the server could not start or a reload was refused.
@@ -114,9 +114,10 @@ pub struct RunningListener {
     /// from a process with more workers: some workers then serve two or more of
     /// its sockets, each under its own id). Empty otherwise.
     pub extra_ids: Vec<u64>,
-    /// Namespace file, protocol and address, as resolved when it was installed
-    /// (what identifies its sockets; kept so that a reload of 10,000 listeners
-    /// does not resolve every path again).
+    /// Namespace identity, protocol and address, as resolved when it was
+    /// installed (what identifies its sockets: the namespace it was bound in,
+    /// held even if its path now names another; kept so that a reload of 10,000
+    /// listeners does not stat the old listeners' paths again).
     key: AddrKey,
 }
 
@@ -134,6 +135,10 @@ pub struct Server {
     cfg: Config,
     next_id: u64,
     opts: StartOptions,
+    /// Serving listeners whose `netns` is a path, by name: the identity of the
+    /// namespace they were bound in. Held, not followed: see
+    /// [`Server::check_held_namespaces`].
+    held: HashMap<String, NsId>,
     /// Fds the process held for itself (not sessions) at the last count
     /// ([`Server::refresh_budget`]).
     own_fds: u64,
@@ -166,8 +171,19 @@ fn socket_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
 /// appeared (counts); the others are logged at debug, and counted in one info line.
 const BOUND_INFO_LINES: usize = 16;
 
-/// A listener's namespace file, protocol and address.
-type AddrKey = (Option<PathBuf>, Proto, SocketAddr);
+/// What makes two listeners clash: their namespace, protocol and address.
+type AddrKey = (NsKey, Proto, SocketAddr);
+
+/// A listener's namespace as compared for clashes: its identity ([`NsId`]; the
+/// root namespace is the process's own, `/proc/self/ns/net`), so that two
+/// spellings of one namespace (`a`, `/run/netns/a`, a bind mount,
+/// `/proc/PID/ns/net`) clash; the namespace file's path only when it cannot be
+/// stat'ed (it vanished).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum NsKey {
+    Id(NsId),
+    Path(Option<PathBuf>),
+}
 
 /// One listener to bind: its (instance) config and the template it came from.
 struct Planned {
@@ -252,6 +268,7 @@ fn same(a: &ListenerConfig, b: &ListenerConfig) -> bool {
 fn same_proxy(a: &crate::config::ProxyConfig, b: &crate::config::ProxyConfig) -> bool {
     let crate::config::ProxyConfig {
         upstreams,
+        upstream_zones,
         upstream_netns,
         upstream_netns_path,
         upstream_netns_line: _,
@@ -264,6 +281,7 @@ fn same_proxy(a: &crate::config::ProxyConfig, b: &crate::config::ProxyConfig) ->
         max_sessions,
     } = a;
     *upstreams == b.upstreams
+        && *upstream_zones == b.upstream_zones
         && *upstream_netns == b.upstream_netns
         && *upstream_netns_path == b.upstream_netns_path
         && *connect_timeout_ms == b.connect_timeout_ms
@@ -330,6 +348,7 @@ impl Server {
             cfg: cfg.clone(),
             next_id: 0,
             opts,
+            held: HashMap::new(),
             own_fds: 0,
             bound_lines: 0,
         };
@@ -388,9 +407,15 @@ impl Server {
         }
     }
 
-    /// What makes two listeners clash: namespace file, protocol, address.
+    /// What makes two listeners clash: namespace identity, protocol, address
+    /// (one `stat(2)` of the namespace file).
     fn addr_key(&self, l: &ListenerConfig) -> AddrKey {
-        (self.cfg.netns_path(l), l.proto, l.listen)
+        let path = self.cfg.netns_path(l);
+        let id = match &path {
+            None => NsId::own(),
+            Some(p) => NsId::of_path(p),
+        };
+        (id.map_or(NsKey::Path(path), NsKey::Id), l.proto, l.listen)
     }
 
     /// Addresses taken by serving listeners, by (namespace file, address), except
@@ -421,29 +446,32 @@ impl Server {
         for p in planned {
             let l = &p.config;
             let key = self.addr_key(l);
-            if l.listen.port() != 0 {
-                if let Some(first) = seen.get(&key) {
-                    let e = StartError::Duplicate {
-                        first: first.clone(),
-                        second: l.name.clone(),
-                        addr: l.listen,
-                        netns: l.netns_label(),
-                    };
-                    if p.template.is_none() {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, "template instance not bound");
-                    out.push(Some(Err(e.to_string())));
-                    continue;
+            if let Some(first) = seen.get(&key) {
+                let e = StartError::Duplicate {
+                    first: first.clone(),
+                    second: l.name.clone(),
+                    addr: l.listen,
+                    netns: l.netns_label(),
+                };
+                if p.template.is_none() {
+                    return Err(e);
                 }
-                seen.insert(key, l.name.clone());
+                tracing::warn!(error = %e, "template instance not bound");
+                out.push(Some(Err(e.to_string())));
+                continue;
             }
+            seen.insert(key, l.name.clone());
             out.push(None);
             // Sockets handed over by a takeover first; the binder makes the rest.
             let (fds, more) = self.inherited_for(l);
             let asks = more > 0 || fds.is_empty();
             if asks {
-                items.push(self.batch_item(l, more.max(1)));
+                let mut it = self.batch_item(l, more.max(1));
+                if !fds.is_empty() {
+                    // Extra sockets of a taken-over group: ringress's own.
+                    it.spec = it.spec.joining_own_group();
+                }
+                items.push(it);
             }
             inherited.push((fds, asks));
         }
@@ -517,10 +545,12 @@ impl Server {
                 addr: l.listen,
                 backlog: l.backlog,
                 count,
+                exclusive: true,
             },
             Proto::Udp => SocketSpec::UdpSockets {
                 addr: l.listen,
                 count,
+                exclusive: true,
             },
             Proto::Sctp => SocketSpec::SctpListeners {
                 addr: l.listen,
@@ -557,7 +587,7 @@ impl Server {
         let one_to_many = is_one_to_many(l);
         let path = self.cfg.netns_path(l);
         let fds = match &self.opts.inherited {
-            Some(i) if l.listen.port() != 0 && !one_to_many => i
+            Some(i) if !one_to_many => i
                 .lock()
                 .ok()
                 .and_then(|mut i| i.take(path.as_deref(), l.proto, l.listen)),
@@ -588,7 +618,10 @@ impl Server {
     fn bind(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let (mut fds, more) = self.inherited_for(l);
         if more > 0 || fds.is_empty() {
-            let it = self.batch_item(l, more.max(1));
+            let mut it = self.batch_item(l, more.max(1));
+            if !fds.is_empty() {
+                it.spec = it.spec.joining_own_group();
+            }
             fds.extend(self.binder.create(
                 &it.owner,
                 it.netns.as_deref(),
@@ -645,7 +678,7 @@ impl Server {
     /// counted (after a reload that changed no listener): the limits, RLIMIT_NOFILE
     /// and the namespace count are applied again.
     fn refresh_budget_settings(&self) {
-        let namespaces: HashSet<&Option<PathBuf>> = self
+        let namespaces: HashSet<&NsKey> = self
             .listeners
             .values()
             .filter(|l| l.state == ListenerState::Serving)
@@ -785,6 +818,12 @@ impl Server {
             }
         }
         if state == ListenerState::Serving {
+            if let Some(NetnsRef::Path(path)) = &l.netns {
+                // Just bound there (a stat away from the binder's open).
+                if let Ok(ns) = NsId::of_path(path) {
+                    self.held.insert(l.name.clone(), ns);
+                }
+            }
             macro_rules! bound {
                 ($level:expr) => {
                     tracing::event!(
@@ -1139,6 +1178,59 @@ impl Server {
         self.binder.forget(&path);
     }
 
+    /// Listeners whose `netns` is a path (`/proc/PID/ns/net`, a bind mount) hold
+    /// the namespace they were bound in; they never follow the path. When the path
+    /// now names another namespace (the process exited and its pid was reused, a
+    /// bind mount was re-pointed), each such listener closes and goes down, and
+    /// nothing is bound in the new namespace (a reload binds it anew, on
+    /// purpose). A path that no longer exists changes nothing: the listener's
+    /// sockets keep their namespace alive and serve on. One `stat(2)` per such
+    /// listener; the control loop calls this every second. Returns the number
+    /// of listeners taken down.
+    pub fn check_held_namespaces(&mut self) -> usize {
+        let mut moved = Vec::new();
+        let mut seen = HashSet::new();
+        for l in self.listeners.values() {
+            let Some(NetnsRef::Path(path)) = &l.config.netns else {
+                continue;
+            };
+            if l.state != ListenerState::Serving {
+                continue;
+            }
+            seen.insert(l.config.name.clone());
+            let Ok(now) = NsId::of_path(path) else {
+                continue;
+            };
+            match self.held.get(&l.config.name) {
+                Some(&was) if was != now => moved.push((l.config.name.clone(), was, now)),
+                Some(_) => {}
+                // Kept through a reload or a rename: hold what it serves in now.
+                None => moved.push((l.config.name.clone(), now, now)),
+            }
+        }
+        self.held.retain(|n, _| seen.contains(n));
+        let mut down = 0;
+        for (name, was, now) in moved {
+            if was == now {
+                self.held.insert(name, now);
+                continue;
+            }
+            tracing::warn!(listener = %name, held = %was, now = %now,
+                "the listener's namespace path now names another namespace: not followed; the listener is down");
+            self.retire(
+                &name,
+                false,
+                "its namespace path now names another namespace (not followed)",
+            );
+            self.held.remove(&name);
+            down += 1;
+        }
+        if down > 0 {
+            self.refresh_budget();
+        }
+        down
+    }
+
     /// Stops every listener accepting (graceful shutdown); connections go on.
     pub fn stop_accepting(&mut self) {
         let names: Vec<String> = self.listeners.keys().cloned().collect();
@@ -1182,7 +1274,6 @@ impl Server {
         for l in self.listeners.values() {
             let c = &l.config;
             if l.state != ListenerState::Serving
-                || c.listen.port() == 0
                 || (c.proto == Proto::Sctp && c.sctp.style == crate::sctp::Style::OneToMany)
             {
                 continue;

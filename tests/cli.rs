@@ -122,6 +122,7 @@ fn binder_returns_to_root_after_every_request() {
                 addr,
                 backlog: 128,
                 count: 2,
+                exclusive: false,
             },
         )
         .unwrap();
@@ -143,6 +144,7 @@ fn binder_returns_to_root_after_every_request() {
                     addr: "192.0.2.1:7400".parse().unwrap(),
                     backlog: 1,
                     count: 1,
+                    exclusive: false,
                 },
             )
             .unwrap_err();

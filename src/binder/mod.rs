@@ -39,6 +39,7 @@
 //! `pool.rs` keeps upstream client sockets made ahead of time and refills them
 //! ([`SocketPool`]).
 
+mod holder;
 mod pool;
 mod spec;
 
@@ -95,7 +96,13 @@ pub struct BindError {
 impl BindError {
     /// The errno of the failure, when it came from the OS.
     pub fn errno(&self) -> Option<i32> {
-        self.source.raw_os_error()
+        match self.source.kind() {
+            // A probe's refusal naming the holder (errno kept in meaning).
+            io::ErrorKind::AddrInUse if self.source.raw_os_error().is_none() => {
+                Some(libc::EADDRINUSE)
+            }
+            _ => self.source.raw_os_error(),
+        }
     }
 }
 
@@ -681,6 +688,7 @@ mod tests {
                     addr,
                     backlog: 16,
                     count: 2,
+                    exclusive: false,
                 },
             )
             .unwrap();
@@ -697,6 +705,7 @@ mod tests {
                     addr: used,
                     backlog: 16,
                     count: 1,
+                    exclusive: false,
                 },
             )
             .unwrap_err();
@@ -762,6 +771,7 @@ mod tests {
                 addr,
                 backlog: 8,
                 count: 2,
+                exclusive: false,
             },
         };
         // Interleaved namespaces: results must come back in this order.

@@ -12,7 +12,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 #[derive(Debug, Clone)]
 pub enum SocketSpec {
     /// `count` TCP listening sockets on `addr`, each with SO_REUSEADDR and
-    /// SO_REUSEPORT, so that one can be given to each worker.
+    /// SO_REUSEPORT, so that one can be given to each worker. Refused (bind,
+    /// EADDRINUSE) when a socket of another process already listens there: the
+    /// group is never joined (see `holder`).
     TcpListeners {
         /// Local address to bind.
         addr: SocketAddr,
@@ -20,6 +22,10 @@ pub enum SocketSpec {
         backlog: u32,
         /// Sockets to create (one per worker), at least 1.
         count: usize,
+        /// Probe first that no other process holds `addr` (see `holder`); off
+        /// when joining a group ringress already holds (a takeover's extra
+        /// sockets), see [`SocketSpec::joining_own_group`].
+        exclusive: bool,
     },
     /// One unconnected TCP socket of `addr`'s family, for the caller to connect
     /// from (used by clients).
@@ -28,13 +34,16 @@ pub enum SocketSpec {
         family_of: SocketAddr,
     },
     /// `count` UDP sockets bound to `addr`, each with SO_REUSEADDR and
-    /// SO_REUSEPORT (one per worker); on a wildcard address also IP_PKTINFO /
+    /// SO_REUSEPORT (one per worker), refused like `TcpListeners` when another
+    /// process's socket is bound there; on a wildcard address also IP_PKTINFO /
     /// IPV6_RECVPKTINFO, so that replies can leave from the address a client sent to.
     UdpSockets {
         /// Local address to bind.
         addr: SocketAddr,
         /// Sockets to create (one per worker), at least 1.
         count: usize,
+        /// As for `TcpListeners`.
+        exclusive: bool,
     },
     /// `count` unbound UDP sockets of `addr`'s family (upstream pools).
     UdpClients {
@@ -118,6 +127,18 @@ impl ClientProto {
 }
 
 impl SocketSpec {
+    /// The same request without the probe for another process's socket: for
+    /// sockets joining a SO_REUSEPORT group that ringress already holds (the
+    /// extra sockets of a takeover, whose group was handed over).
+    pub fn joining_own_group(mut self) -> SocketSpec {
+        match &mut self {
+            SocketSpec::TcpListeners { exclusive, .. }
+            | SocketSpec::UdpSockets { exclusive, .. } => *exclusive = false,
+            _ => {}
+        }
+        self
+    }
+
     pub(super) fn addr(&self) -> SocketAddr {
         match self {
             SocketSpec::TcpListeners { addr, .. } => *addr,
@@ -138,7 +159,13 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             addr,
             backlog,
             count,
-        } => listening(count, addr, backlog, tcp_socket),
+            exclusive,
+        } => {
+            if exclusive {
+                super::holder::check_unshared(addr, false, tcp_socket)?;
+            }
+            listening(count, addr, backlog, tcp_socket)
+        }
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
         SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
         SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
@@ -156,7 +183,14 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
         } => listening(count, addr, backlog, |a| {
             crate::sctp::socket(a, style, &opts)
         }),
-        SocketSpec::UdpSockets { addr, count } => {
+        SocketSpec::UdpSockets {
+            addr,
+            count,
+            exclusive,
+        } => {
+            if exclusive {
+                super::holder::check_unshared(addr, true, udp_socket)?;
+            }
             let mut fds = Vec::with_capacity(count);
             for _ in 0..count.max(1) {
                 let s = udp_socket(addr).map_err(|e| ("socket", e))?;

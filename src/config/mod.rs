@@ -50,14 +50,14 @@
 //! Layout: `raw` is the serde form of the file (with spans), `validate` turns it
 //! into the types below, `diag` holds [`ConfigError`] and the span-to-line mapping.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::netns::{check_netns, NetnsRef, DEFAULT_NETNS_DIR};
+use crate::netns::{open_netns, NetnsRef, NsId, DEFAULT_NETNS_DIR};
 
 mod diag;
 mod raw;
@@ -73,6 +73,13 @@ use validate::{check_unique, convert_listener, convert_runtime, Ctx};
 
 /// Largest accepted `workers` value.
 pub const MAX_WORKERS: usize = 1024;
+/// Fixed part of the fd margin of [`Config::fds_needed`] (counts): a one-worker
+/// process with an admin endpoint holds 13 fds besides its listener sockets
+/// (stdio, signalfd, inotify, the instance lock, the root namespace, eventfds).
+pub const FD_MARGIN_BASE: u64 = 16;
+/// Per-worker part of the fd margin of [`Config::fds_needed`] (counts): a
+/// worker's ring or epoll instance and eventfds (2 measured).
+pub const FD_MARGIN_PER_WORKER: u64 = 4;
 /// Default `listen(2)` backlog of a listener.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Largest accepted `backlog` value.
@@ -255,6 +262,10 @@ pub struct ProxyConfig {
     /// Upstream addresses (`upstream = "A"` or `upstreams = ["A", "B"]`), used
     /// round-robin; one that just refused or timed out is skipped for a few seconds.
     pub upstreams: Vec<SocketAddr>,
+    /// Upstreams whose IPv6 zone is an interface name (`[fe80::2%eth0]:80`), as
+    /// (index in `upstreams`, interface name): their scope id is 0 until
+    /// [`Config::resolve_zones`] looks the name up in the upstreams' namespace.
+    pub upstream_zones: Vec<(usize, String)>,
     /// Namespace of the upstreams; `None` is the namespace ringress started in.
     pub upstream_netns: Option<NetnsRef>,
     /// Resolved namespace file of `upstream_netns` (set by [`Config::parse`]).
@@ -291,6 +302,7 @@ impl ProxyConfig {
     pub(crate) fn test() -> ProxyConfig {
         ProxyConfig {
             upstreams: vec!["127.0.0.1:1".parse().expect("literal")],
+            upstream_zones: Vec::new(),
             upstream_netns: None,
             upstream_netns_path: None,
             upstream_netns_line: 0,
@@ -505,7 +517,8 @@ pub struct ListenerConfig {
     pub netns: Option<NetnsRef>,
     /// Transport protocol.
     pub proto: Proto,
-    /// Address and port to bind (port 0 picks an ephemeral port).
+    /// Address and port to bind (never port 0: each worker's socket would get its
+    /// own ephemeral port).
     pub listen: SocketAddr,
     /// What to do with each connection.
     pub action: Action,
@@ -647,9 +660,11 @@ impl Config {
     ///   a bad socket address or namespace name), a missing `listen`, `action`,
     ///   `respond` or upstream, a key or action given for a protocol or action it
     ///   does not apply to (e.g. `respond` with an action other than "respond",
-    ///   `max_sessions` on a TCP listener), a duplicate listener name, or two
-    ///   listeners on the same non-zero-port address and protocol in the same
-    ///   namespace;
+    ///   `max_sessions` on a TCP listener), a listen port of 0, a link-local IPv6
+    ///   upstream without a zone, a NETNS TLV longer than
+    ///   [`crate::proto::proxy_header::MAX_NETNS_TLV_BYTES`], a duplicate listener
+    ///   name, or two listeners on the same address and protocol in the same
+    ///   namespace reference (other spellings: [`Config::check_namespaces`]);
     /// - [`ConfigError::NoListeners`]: no `[[listener]]` table.
     ///
     /// The first error in file order is returned.
@@ -735,24 +750,37 @@ impl Config {
     }
 
     /// Checks that every listener's namespace exists and is a network namespace
-    /// file ([`check_netns`] on [`Config::netns_path`]). Listeners without `netns`
-    /// are skipped.
+    /// file ([`crate::netns::open_netns`] on [`Config::netns_path`]), and that no two
+    /// listeners share a protocol and address in one namespace, whatever its
+    /// spelling: namespaces are compared by identity ([`NsId`], the nsfs device and
+    /// inode), so `a`, `/run/netns/a`, a bind mount of it and `/proc/PID/ns/net` of a
+    /// process inside it are one namespace, and a listener without `netns` is in
+    /// the namespace ringress runs in (`/proc/self/ns/net`). Templates (globs) are
+    /// expanded at run time and skipped here.
     ///
-    /// Each namespace file is opened once, however many listeners name it: a path
-    /// that passed is remembered for the rest of the call (10 listeners in each of
-    /// 1,000 namespaces cost 1,000 opens, not 10,000).
+    /// Linear: each namespace file is opened once, however many listeners name it
+    /// (10 listeners in each of 1,000 namespaces cost 1,000 opens, not 10,000), and
+    /// addresses are compared through one hash map.
     ///
     /// # Errors
     /// [`ConfigError::Netns`] for the first listener (in file order) whose
-    /// namespace is missing, unreadable or not a namespace.
+    /// namespace is missing, unreadable or not a network namespace;
+    /// [`ConfigError::Invalid`] (key `netns`) for the second of two listeners on
+    /// one protocol and address in one namespace, naming both and the namespace.
     pub fn check_namespaces(&self) -> Result<(), ConfigError> {
         // Only successes are cached: the first failure ends the check.
-        let mut ok: HashSet<PathBuf> = HashSet::new();
+        let mut ids: HashMap<PathBuf, NsId> = HashMap::new();
+        // `None`: /proc is unreadable; root listeners then compare as one namespace.
+        let own = NsId::own().ok();
+        let mut addrs: HashMap<(Option<NsId>, Proto, SocketAddr), &ListenerConfig> = HashMap::new();
         for l in &self.listeners {
             let mut refs = Vec::with_capacity(2);
+            let mut skip_addr = false;
             if let (Some(ns), Some(path)) = (&l.netns, self.netns_path(l)) {
                 // A template's namespaces are found at run time.
-                if !ns.is_glob() {
+                if ns.is_glob() {
+                    skip_addr = true;
+                } else {
                     refs.push(("netns", l.netns_line, ns, path));
                 }
             }
@@ -761,25 +789,200 @@ impl Config {
                     refs.push(("upstream_netns", p.upstream_netns_line, ns, path.clone()));
                 }
             }
+            let mut listener_ns = own;
             for (key, line, ns, path) in refs {
-                if ok.contains(&path) {
-                    continue;
+                let id = match ids.get(&path) {
+                    Some(id) => *id,
+                    None => {
+                        let id = open_netns(&path).and_then(|f| NsId::of_file(&f)).map_err(
+                            |source| ConfigError::Netns {
+                                file: self.source.clone(),
+                                line,
+                                listener: ListenerId::Name(l.name.clone()),
+                                key,
+                                label: ns.label().into(),
+                                path: path.clone().into(),
+                                source,
+                            },
+                        )?;
+                        ids.insert(path, id);
+                        id
+                    }
+                };
+                if key == "netns" {
+                    listener_ns = Some(id);
                 }
-                if let Err(source) = check_netns(&path) {
-                    return Err(ConfigError::Netns {
-                        file: self.source.clone(),
-                        line,
-                        listener: ListenerId::Name(l.name.clone()),
-                        key,
-                        label: ns.label().into(),
-                        path: path.into(),
-                        source,
-                    });
+            }
+            if skip_addr {
+                continue;
+            }
+            let key = (listener_ns, l.proto, l.listen);
+            if let Some(first) = addrs.get(&key) {
+                let same = match listener_ns {
+                    Some(id) => format!(" ({id})"),
+                    None => String::new(),
+                };
+                return Err(ConfigError::Invalid {
+                    file: self.source.clone(),
+                    line: l.netns_line,
+                    scope: Scope::Listener(ListenerId::Name(l.name.clone())),
+                    key: "netns",
+                    message: format!(
+                        "{} {} in namespace {:?} is already used by listener {:?} (line {}) \
+                         in namespace {:?}: they are the same namespace{same}; two \
+                         listeners on one address would split its connections",
+                        l.proto,
+                        l.listen,
+                        l.netns_label(),
+                        first.name,
+                        first.line,
+                        first.netns_label(),
+                    ),
+                });
+            }
+            addrs.insert(key, l);
+        }
+        Ok(())
+    }
+
+    /// Resolves the interface-name zones of IPv6 upstreams
+    /// ([`ProxyConfig::upstream_zones`], e.g. `[fe80::2%eth0]:80`) to interface
+    /// indexes (`if_nametoindex(3)`), inside the upstreams' namespace
+    /// (`upstream_netns`, entered by a short-lived thread of its own, which needs
+    /// CAP_SYS_ADMIN; else the calling thread's namespace, ringress's own when
+    /// called from the main thread or the binder between requests). Each
+    /// (namespace, name) pair is looked up once. Run after
+    /// [`Config::check_namespaces`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] (key `upstream`) naming the listener, the
+    /// interface and the namespace when the interface does not exist there or the
+    /// namespace cannot be entered.
+    pub fn resolve_zones(&mut self) -> Result<(), ConfigError> {
+        let mut cache: HashMap<(Option<PathBuf>, String), u32> = HashMap::new();
+        let source = self.source.clone();
+        for l in &mut self.listeners {
+            let Action::Proxy(p) = &mut l.action else {
+                continue;
+            };
+            if p.upstream_zones.is_empty() {
+                continue;
+            }
+            let ns = p.upstream_netns_path.clone();
+            let label = p
+                .upstream_netns
+                .as_ref()
+                .map_or_else(|| "root".into(), NetnsRef::label);
+            let mut resolved = Vec::with_capacity(p.upstream_zones.len());
+            for (i, name) in &p.upstream_zones {
+                let key = (ns.clone(), name.clone());
+                let index = match cache.get(&key) {
+                    Some(&x) => x,
+                    None => {
+                        let x = crate::netns::if_index_in(ns.as_deref(), name).map_err(|e| {
+                            ConfigError::Invalid {
+                                file: source.clone(),
+                                line: l.line,
+                                scope: Scope::Listener(ListenerId::Name(l.name.clone())),
+                                key: "upstream",
+                                message: format!(
+                                    "zone %{name} of upstream {}: no such interface in namespace {label:?} ({e})",
+                                    p.upstreams[*i]
+                                ),
+                            }
+                        })?;
+                        cache.insert(key, x);
+                        x
+                    }
+                };
+                resolved.push((*i, index));
+            }
+            let p = Arc::make_mut(p);
+            for (i, index) in resolved {
+                if let SocketAddr::V6(v6) = &mut p.upstreams[i] {
+                    v6.set_scope_id(index);
                 }
-                ok.insert(path);
             }
         }
         Ok(())
+    }
+
+    /// File descriptors a start needs (counts): every listener's sockets (one
+    /// per worker; one for a one-to-many SCTP listener), one per namespace file
+    /// (the binder holds it while binding), plus a margin of [`FD_MARGIN_BASE`] +
+    /// [`FD_MARGIN_PER_WORKER`] × workers for the process's own fds. Template
+    /// listeners are not counted: their namespaces are only known at run time.
+    /// Sessions and upstream pools are not counted either: the session budget
+    /// ([`crate::driver::budget`]) adapts to what is left.
+    pub fn fds_needed(&self) -> u64 {
+        let workers = self.runtime.workers.max(1) as u64;
+        let namespaces: std::collections::HashSet<PathBuf> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.netns.as_ref().is_some_and(NetnsRef::is_glob))
+            .filter_map(|l| self.netns_path(l))
+            .collect();
+        let sockets: u64 = self
+            .listeners
+            .iter()
+            .filter(|l| !l.netns.as_ref().is_some_and(NetnsRef::is_glob))
+            .map(|l| match (l.proto, l.sctp.style) {
+                (Proto::Sctp, crate::sctp::Style::OneToMany) => 1,
+                _ => workers,
+            })
+            .sum();
+        sockets + namespaces.len() as u64 + FD_MARGIN_BASE + FD_MARGIN_PER_WORKER * workers
+    }
+
+    /// Checks [`Config::fds_needed`] against `limit`, the RLIMIT_NOFILE soft limit
+    /// `run` will have (it raises the soft limit to the hard one first).
+    ///
+    /// # Errors
+    /// A message naming RLIMIT_NOFILE, the limit, and the fds needed.
+    pub fn check_fd_limit(&self, limit: u64) -> Result<(), String> {
+        let need = self.fds_needed();
+        if need <= limit {
+            return Ok(());
+        }
+        Err(format!(
+            "{}: the open-files limit (RLIMIT_NOFILE) is {limit}, but {need} file descriptors \
+             are needed at start ({} listener(s) × {} worker socket(s), their namespace \
+             files, and {} for the process itself): raise it (ulimit -n, LimitNOFILE= in the systemd unit) or \
+             lower `workers`",
+            self.source.display(),
+            self.listeners.len(),
+            self.runtime.workers.max(1),
+            FD_MARGIN_BASE + FD_MARGIN_PER_WORKER * self.runtime.workers.max(1) as u64,
+        ))
+    }
+
+    /// Things that are valid but probably not what was meant, one message each
+    /// (printed by `ringress check`): a listener inside a namespace proxying to a
+    /// loopback upstream without `upstream_netns`, whose upstream is then looked
+    /// up in ringress's own namespace, not the listener's.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in &self.listeners {
+            let (Some(ns), Action::Proxy(p)) = (&l.netns, &l.action) else {
+                continue;
+            };
+            if p.upstream_netns.is_some() {
+                continue;
+            }
+            if let Some(u) = p.upstreams.iter().find(|u| u.ip().is_loopback()) {
+                out.push(format!(
+                    "{}:{}: listener {:?}: upstream {u} is a loopback address, and without \
+                     `upstream_netns` it is reached in ringress's own namespace, not in {:?}; \
+                     add upstream_netns = {:?} if the upstream runs there",
+                    self.source.display(),
+                    l.line,
+                    l.name,
+                    ns.label(),
+                    ns.label()
+                ));
+            }
+        }
+        out
     }
 
     /// The namespace file of listener `l`: its `netns` name resolved under

@@ -423,10 +423,13 @@ fn duplicate_addresses() {
             "already used by listener \"a\"",
         ],
     );
-    // Port 0 (ephemeral) may repeat.
-    let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n\
-                [[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\naction = \"http\"\n";
-    assert_eq!(parse(text).unwrap().listeners.len(), 2);
+    // Port 0 is refused: each worker's socket would get its own ephemeral port.
+    let text = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\naction = \"echo\"\n";
+    err(
+        text,
+        3,
+        &["listener \"a\"", "key `listen`", "port 0 is not allowed"],
+    );
     // Same address in different namespaces is fine.
     let text = "[[listener]]\nnetns = \"x\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
                 [[listener]]\nnetns = \"y\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n";
@@ -574,6 +577,148 @@ fn namespace_by_path() {
             "{m}"
         );
     }
+}
+
+/// Namespaces compare by identity, not spelling: `/proc/self/ns/net`,
+/// `/proc/thread-self/ns/net` and no `netns` at all are the namespace the tests
+/// run in, so a second listener on the same address in it is refused, naming both.
+#[test]
+fn same_namespace_by_another_spelling_is_a_duplicate() {
+    let text = "[[listener]]\nname = \"plain\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"by-proc\"\nnetns = \"/proc/self/ns/net\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n";
+    let c = parse(text).unwrap();
+    let e = c.check_namespaces().unwrap_err();
+    let m = e.to_string();
+    assert_eq!(e.line(), Some(7), "{m}");
+    for want in [
+        "listener \"by-proc\": key `netns`",
+        "tcp 127.0.0.1:80 in namespace \"/proc/self/ns/net\"",
+        "already used by listener \"plain\" (line 1) in namespace \"root\"",
+        "the same namespace",
+    ] {
+        assert!(m.contains(want), "{m:?} lacks {want:?}");
+    }
+    // Two paths of one namespace; other protocols and addresses stay apart.
+    let text = "[[listener]]\nname = \"a\"\nnetns = \"/proc/self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"b\"\nnetns = \"/proc/thread-self/ns/net\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"c\"\nlisten = \"127.0.0.1:81\"\naction = \"echo\"\n";
+    parse(text).unwrap().check_namespaces().unwrap();
+    let text = format!("{text}[[listener]]\nname = \"d\"\nnetns = \"/proc/self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:81\"\naction = \"echo\"\n\
+                [[listener]]\nname = \"e\"\nnetns = \"/proc/thread-self/ns/net\"\nproto = \"udp\"\nlisten = \"127.0.0.1:80\"\naction = \"echo\"\n");
+    let m = parse(&text)
+        .unwrap()
+        .check_namespaces()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        m.contains("listener \"e\"") && m.contains("already used by listener \"a\""),
+        "{m}"
+    );
+}
+
+#[test]
+fn link_local_upstreams_need_a_zone() {
+    let l = |up: &str| {
+        format!("[[listener]]\nname = \"p\"\nlisten = \"127.0.0.1:80\"\naction = \"proxy\"\nupstream = \"{up}\"\n")
+    };
+    err(
+        &l("[fe80::1]:80"),
+        5,
+        &[
+            "key `upstream`",
+            "link-local upstream [fe80::1]:80 needs a zone",
+            "\"[fe80::1%2]:80\"",
+        ],
+    );
+    let c = parse(&l("[fe80::1%2]:80")).unwrap();
+    match &c.listeners[0].action {
+        Action::Proxy(p) => assert_eq!(p.upstreams[0].to_string(), "[fe80::1%2]:80"),
+        other => panic!("{other:?}"),
+    }
+    parse(&l("[2001:db8::1]:80")).unwrap();
+    parse(&l("[febf::1%3]:80")).unwrap();
+    // An interface name: resolved in the upstreams' namespace (here ours).
+    let mut c = parse(&l("[fe80::1%lo]:80")).unwrap();
+    c.resolve_zones().unwrap();
+    match &c.listeners[0].action {
+        Action::Proxy(p) => match p.upstreams[0] {
+            SocketAddr::V6(v6) => assert_eq!(v6.scope_id(), 1, "lo is interface 1"),
+            other => panic!("{other}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let mut c = parse(&l("[fe80::1%no-such-if0]:80")).unwrap();
+    let m = c.resolve_zones().unwrap_err().to_string();
+    assert!(
+        m.contains(
+            "zone %no-such-if0 of upstream [fe80::1]:80: no such interface in namespace \"root\""
+        ),
+        "{m}"
+    );
+    err(&l("[fe80::1%a/b]:80"), 5, &["invalid upstream address"]);
+}
+
+/// The PROXY v2 NETNS TLV carries the namespace label: at most 481 bytes, so that
+/// the header fits in 536 bytes.
+#[test]
+fn proxy_v2_netns_tlv_is_bounded() {
+    let l = |ns: &str, pp: &str| {
+        format!(
+            "[[listener]]\nname = \"p\"\nnetns = \"{ns}\"\nlisten = \"127.0.0.1:80\"\naction = \"proxy\"\n\
+             upstream = \"127.0.0.1:81\"\nupstream_netns = \"/proc/self/ns/net\"\nproxy_protocol = \"{pp}\"\n"
+        )
+    };
+    let ok = format!("/{}", "a".repeat(480));
+    parse(&l(&ok, "v2")).unwrap();
+    let long = format!("/{}", "a".repeat(481));
+    err(
+        &l(&long, "v2"),
+        3,
+        &["key `netns`", "482 bytes", "at most 481"],
+    );
+    // v1 sends no TLV.
+    parse(&l(&long, "v1")).unwrap();
+    // The longest header: IPv6 addresses and a 481-byte TLV.
+    let h = crate::proto::proxy_header::encode(
+        crate::proto::proxy_header::ProxyProtocol::V2,
+        Some("[2001:db8::1]:1".parse().unwrap()),
+        Some("[2001:db8::2]:2".parse().unwrap()),
+        Some(&ok),
+    );
+    assert_eq!(h.len(), 536);
+}
+
+#[test]
+fn fd_limit_preflight_counts_sockets_namespaces_and_a_margin() {
+    let text = "[runtime]\nworkers = 4\n\
+                [[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"a\"\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"a\"\nlisten = \"127.0.0.1:2\"\naction = \"echo\"\n\
+                [[listener]]\nnetns = \"t*\"\nlisten = \"127.0.0.1:3\"\naction = \"echo\"\n";
+    let c = parse(text).unwrap();
+    // 3 listeners × 4 sockets, 1 namespace file, 16 + 4 × 4.
+    assert_eq!(c.fds_needed(), 12 + 1 + 16 + 16);
+    c.check_fd_limit(45).unwrap();
+    let m = c.check_fd_limit(44).unwrap_err();
+    for want in ["RLIMIT_NOFILE", "is 44", "45 file descriptors"] {
+        assert!(m.contains(want), "{m}");
+    }
+}
+
+#[test]
+fn loopback_upstream_inside_a_namespace_is_warned_about() {
+    let text = "[[listener]]\nname = \"in-ns\"\nnetns = \"a\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:8080\"\n\
+                [[listener]]\nname = \"with-ns\"\nnetns = \"a\"\nlisten = \"127.0.0.1:2\"\naction = \"proxy\"\nupstream = \"127.0.0.1:8080\"\nupstream_netns = \"a\"\n\
+                [[listener]]\nname = \"root\"\nlisten = \"127.0.0.1:3\"\naction = \"proxy\"\nupstream = \"[::1]:8080\"\n\
+                [[listener]]\nname = \"far\"\nnetns = \"a\"\nlisten = \"127.0.0.1:4\"\naction = \"proxy\"\nupstream = \"10.0.0.1:8080\"\n";
+    let w = parse(text).unwrap().warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "ringress.toml:1: listener \"in-ns\": upstream 127.0.0.1:8080 is a loopback address"
+        ) && w[0].contains("upstream_netns = \"a\""),
+        "{w:?}"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ use super::{
     MAX_MESSAGE_BYTES, MAX_TIMEOUT_MS, MAX_WORKERS,
 };
 use crate::netns::NetnsRef;
+use crate::proto::proxy_header::{ProxyProtocol, MAX_NETNS_TLV_BYTES};
 
 /// Builds errors that all name the same file.
 pub(super) struct Ctx<'a> {
@@ -328,17 +329,33 @@ pub(super) fn convert_listener(
                 "listen",
                 "missing required key (a socket address such as \"0.0.0.0:8080\" or \"[::]:8080\")",
             )),
-            Some(a) => a.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-                cx.invalid(
-                    a.span(),
-                    early(),
-                    "listen",
-                    format!(
+            Some(a) => a
+                .get_ref()
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    cx.invalid(
+                        a.span(),
+                        early(),
+                        "listen",
+                        format!(
                     "invalid socket address {:?} (expected e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
                     a.get_ref()
                 ),
-                )
-            })?,
+                    )
+                })
+                .and_then(|addr| {
+                    if addr.port() == 0 {
+                        return Err(cx.invalid(
+                            a.span(),
+                            early(),
+                            "listen",
+                            "port 0 is not allowed: each worker's socket would get its own \
+                         ephemeral port (give the port to listen on)",
+                        ));
+                    }
+                    Ok(addr)
+                })?,
         };
 
     let name = explicit.clone().unwrap_or_else(|| {
@@ -452,6 +469,24 @@ pub(super) fn convert_listener(
     }
 
     check_proto_keys(cx, &scope, proto, &action, raw)?;
+    if let (Action::Proxy(p), Some(ns), Some(span)) =
+        (&action, &netns, raw.netns.as_ref().map(|n| n.span()))
+    {
+        let len = ns.label().len();
+        if p.proxy_protocol == Some(ProxyProtocol::V2) && len > MAX_NETNS_TLV_BYTES {
+            return Err(cx.invalid(
+                span,
+                scope(),
+                "netns",
+                format!(
+                    "with proxy_protocol = \"v2\" the namespace is sent in the NETNS TLV, \
+                     and this one is {len} bytes: at most {MAX_NETNS_TLV_BYTES} keep the \
+                     header within the 536 bytes the PROXY protocol asks senders to respect \
+                     (use a shorter name or path, e.g. a bind mount under /run/netns)"
+                ),
+            ));
+        }
+    }
     let max_datagram_bytes = cx.ranged(
         &raw.max_datagram_bytes,
         scope(),
@@ -709,8 +744,8 @@ fn check_proto_keys(
     Ok(())
 }
 
-/// Rejects duplicate names, then two listeners on the same address (non-zero
-/// port) and protocol in the same namespace reference.
+/// Rejects duplicate names, then two listeners on the same address and protocol
+/// in the same namespace reference.
 pub(super) fn check_unique(
     cx: &Ctx<'_>,
     raw: &[Spanned<RawListener>],
@@ -743,9 +778,6 @@ pub(super) fn check_unique(
     let mut addrs: HashMap<(Option<&NetnsRef>, Proto, SocketAddr), &ListenerConfig> =
         HashMap::new();
     for (r, l) in raw.iter().zip(listeners) {
-        if l.listen.port() == 0 {
-            continue;
-        }
         let key = (l.netns.as_ref(), l.proto, l.listen);
         if let Some(first) = addrs.get(&key) {
             let span = r.get_ref().listen.as_ref().map_or(r.span(), |s| s.span());
@@ -813,20 +845,49 @@ fn convert_proxy(
     scope: &dyn Fn() -> Scope,
     raw: &RawListener,
 ) -> Result<ProxyConfig, ConfigError> {
+    // Each upstream, with its interface-name zone if it has one.
     let addr = |s: &Spanned<String>, key: &'static str| {
-        s.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-            cx.invalid(
-                s.span(),
-                scope(),
-                key,
-                format!(
-                    "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
-                    s.get_ref()
-                ),
-            )
-        })
+        let text = s.get_ref().trim();
+        let (a, zone) = match text.parse::<SocketAddr>() {
+            Ok(a) => (a, None),
+            Err(_) => parse_named_zone(text).ok_or_else(|| {
+                cx.invalid(
+                    s.span(),
+                    scope(),
+                    key,
+                    format!(
+                        "invalid upstream address {:?} (expected e.g. \"10.0.0.2:80\" or \"[2001:db8::2]:80\")",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+        };
+        match a {
+            // fe80::/10 (RFC 4291 2.5.6): without a zone the kernel cannot tell
+            // which link, and every connect fails (EINVAL).
+            SocketAddr::V6(v6)
+                if zone.is_none()
+                    && v6.scope_id() == 0
+                    && (v6.ip().segments()[0] & 0xffc0) == 0xfe80 =>
+            {
+                Err(cx.invalid(
+                    s.span(),
+                    scope(),
+                    key,
+                    format!(
+                        "link-local upstream {a} needs a zone: an interface name or index, \
+                         e.g. \"[{}%eth0]:{}\" or \"[{}%2]:{}\"",
+                        v6.ip(),
+                        v6.port(),
+                        v6.ip(),
+                        v6.port()
+                    ),
+                ))
+            }
+            _ => Ok((a, zone)),
+        }
     };
-    let upstreams = match (&raw.upstream, &raw.upstreams) {
+    let upstreams: Vec<(SocketAddr, Option<String>)> = match (&raw.upstream, &raw.upstreams) {
         (Some(u), None) => vec![addr(u, "upstream")?],
         (None, Some(list)) => {
             if list.get_ref().is_empty() {
@@ -854,6 +915,12 @@ fn convert_proxy(
             ))
         }
     };
+    let upstream_zones: Vec<(usize, String)> = upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, z))| z.clone().map(|z| (i, z)))
+        .collect();
+    let upstreams: Vec<SocketAddr> = upstreams.into_iter().map(|(a, _)| a).collect();
     let upstream_netns = match &raw.upstream_netns {
         None => None,
         Some(n) => match NetnsRef::parse(n.get_ref()) {
@@ -930,6 +997,7 @@ fn convert_proxy(
     };
     Ok(ProxyConfig {
         upstreams,
+        upstream_zones,
         upstream_netns,
         upstream_netns_path: None,
         upstream_netns_line: raw
@@ -944,4 +1012,25 @@ fn convert_proxy(
         session_unreplied_timeout_ms,
         max_sessions,
     })
+}
+
+/// `[IPV6%NAME]:PORT` with an interface name as the zone (RFC 6874's textual
+/// form; std parses numeric zones only): the address with scope id 0 and the
+/// name, which [`super::Config::resolve_zones`] turns into an index. `None` for
+/// anything else (a numeric zone, a name longer than IFNAMSIZ − 1 = 15 bytes or
+/// with `/`, whitespace or `%`).
+fn parse_named_zone(s: &str) -> Option<(SocketAddr, Option<String>)> {
+    let rest = s.strip_prefix('[')?;
+    let (inside, port) = rest.split_once("]:")?;
+    let (ip, zone) = inside.split_once('%')?;
+    let bad = |c: char| c == '/' || c == '%' || c.is_whitespace() || c.is_control();
+    if zone.is_empty() || zone.len() > 15 || zone.contains(bad) || zone.parse::<u32>().is_ok() {
+        return None;
+    }
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    Some((
+        SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, 0)),
+        Some(zone.to_string()),
+    ))
 }

@@ -4,7 +4,12 @@
 //!
 //! Version 2 also carries the TLV `PP2_TYPE_NETNS` (0x30) with the name of the
 //! listener's network namespace, as HAProxy does, so that a backend can tell
-//! tenants apart (section 2.2.8 of the specification).
+//! tenants apart (section 2.2.8 of the specification). Its value is the
+//! namespace's label, US-ASCII/UTF-8 bytes without a terminating NUL: the name as
+//! written in `netns` (resolved under `netns_dir`), the matched entry name for a
+//! template instance, or the path exactly as written for a path such as
+//! `/proc/PID/ns/net`; a listener in ringress's own namespace sends no NETNS TLV.
+//! The config check bounds it to [`MAX_NETNS_TLV_BYTES`].
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -21,6 +26,13 @@ pub enum ProxyProtocol {
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// TLV type of the namespace name (`PP2_TYPE_NETNS`).
 pub const PP2_TYPE_NETNS: u8 = 0x30;
+
+/// Longest NETNS TLV value a listener may send (bytes): the specification
+/// (section 2.2) asks that a v2 header fit in 536 bytes (the minimal TCP MSS,
+/// RFC 879) so that a receiver can read it in one segment; 536 less the 16-byte
+/// fixed part, 36 bytes of IPv6 addresses and ports, and the TLV's own 3 bytes
+/// leaves 481.
+pub const MAX_NETNS_TLV_BYTES: usize = 536 - 16 - 36 - 3;
 
 /// An IPv4-mapped IPv6 address as IPv4, any other unchanged (a dual-stack
 /// listener reports IPv4 clients as `::ffff:a.b.c.d`).

@@ -526,6 +526,7 @@ pub fn listen_in(ns: Option<&TempNetns>, addr: SocketAddr, backlog: u32) -> TcpL
                 addr,
                 backlog,
                 count: 1,
+                exclusive: false,
             },
         )
         .unwrap_or_else(|e| panic!("{e}"))

@@ -1,0 +1,251 @@
+//! Who already holds a listener's address: a probe bind before ringress makes a
+//! SO_REUSEPORT group, so that its sockets never join a group some other process
+//! made (the kernel would split connections between the two).
+//!
+//! The probe is a plain bind(2) of a socket without SO_REUSEPORT in the calling
+//! thread's namespace: EADDRINUSE means a socket there holds the address (for TCP
+//! the probe has SO_REUSEADDR, so connections in TIME_WAIT do not count; a
+//! listening socket does, ip(7)). Only then are `/proc/thread-self/net/{tcp,udp}{,6}`
+//! read (proc(5): the sockets of the thread's namespace, with their inodes) and
+//! compared with this process's own sockets (`/proc/self/fd`): holders that are all
+//! ringress's own (sockets taken over in a binary upgrade, or a listener being
+//! replaced) are fine; any other is refused, named by pid and command when a
+//! `/proc/PID/fd` holds it (a process whose fds cannot be read stays "another
+//! process"). This costs one extra socket(2) + bind(2) + close(2) per listener, and
+//! /proc reads only on the refusal (or takeover) path.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{SockAddr, Socket};
+
+/// Fails if a socket that this process does not hold is bound to `addr` (or to an
+/// overlapping wildcard) in the calling thread's namespace, with protocol UDP
+/// (`udp`) or TCP.
+///
+/// # Errors
+/// `("bind", AddrInUse)` naming the holder (`pid N (COMM)` or "another process")
+/// and the address; or the probe's own socket(2)/bind(2) error (EADDRNOTAVAIL,
+/// EACCES, ...), which the real bind would meet too.
+pub(super) fn check_unshared(
+    addr: SocketAddr,
+    udp: bool,
+    make: impl Fn(SocketAddr) -> io::Result<Socket>,
+) -> Result<(), (&'static str, io::Error)> {
+    let probe = make(addr).map_err(|e| ("socket", e))?;
+    if !udp {
+        probe
+            .set_reuse_address(true)
+            .map_err(|e| ("setsockopt", e))?;
+    }
+    let e = match probe.bind(&SockAddr::from(addr)) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e,
+        Err(e) => return Err(("bind", e)),
+    };
+    drop(probe);
+    let holders = holders(addr, udp);
+    let own = own_socket_inodes();
+    let foreign: Vec<u64> = holders
+        .iter()
+        .copied()
+        .filter(|i| !own.contains(i))
+        .collect();
+    if !holders.is_empty() && foreign.is_empty() {
+        // Every socket on the address is ringress's own: a takeover or a reload.
+        return Ok(());
+    }
+    let who = foreign.iter().find_map(|&ino| process_of(ino)).map_or_else(
+        || "another process".to_string(),
+        |(pid, comm)| format!("pid {pid} ({comm})"),
+    );
+    let proto = if udp { "udp" } else { "tcp" };
+    Err((
+        "bind",
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{e}: {proto} {addr} is already held by {who}; ringress never joins a \
+                 SO_REUSEPORT group it did not create (a binary upgrade shares sockets \
+                 through `ringress run --takeover`)"
+            ),
+        ),
+    ))
+}
+
+/// Inodes of the sockets in the calling thread's namespace bound to `addr`'s port
+/// on `addr` or an overlapping address (either side a wildcard): TCP ones that
+/// listen, or any UDP one. Unreadable files count as empty.
+fn holders(addr: SocketAddr, udp: bool) -> Vec<u64> {
+    let files: [&str; 2] = if udp {
+        ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"]
+    } else {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            if let Some((local, state, inode)) = parse_line(line) {
+                // TCP_LISTEN is 0x0A (include/net/tcp_states.h).
+                if !udp && state != 0x0A {
+                    continue;
+                }
+                if overlaps(local, addr) && inode != 0 {
+                    out.push(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a socket bound to `held` keeps `want` from being bound: same port, and
+/// the same address or a wildcard on either side.
+fn overlaps(held: SocketAddr, want: SocketAddr) -> bool {
+    held.port() == want.port()
+        && (held.ip().is_unspecified()
+            || want.ip().is_unspecified()
+            || canonical(held.ip()) == canonical(want.ip()))
+}
+
+/// An IPv4-mapped IPv6 address as IPv4; others unchanged.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One line of /proc/net/{tcp,udp}{,6} (proc(5)): `sl local rem st ... inode`,
+/// the local address as hex words in host byte order then `:PORT` in hex.
+/// Returns (local address, state, inode).
+fn parse_line(line: &str) -> Option<(SocketAddr, u8, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 10 {
+        return None;
+    }
+    let (ip, port) = f[1].split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(ip, 16).ok()?.to_ne_bytes(),
+        )),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, chunk) in b.chunks_mut(4).enumerate() {
+                let w = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return None,
+    };
+    let state = u8::from_str_radix(f[3], 16).ok()?;
+    let inode = f[9].parse().ok()?;
+    Some((SocketAddr::new(ip, port), state, inode))
+}
+
+/// The socket inode behind an fd link target `socket:[INODE]`.
+fn socket_inode(target: &std::path::Path) -> Option<u64> {
+    let t = target.to_str()?;
+    t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Inodes of the sockets this process holds (`/proc/self/fd`).
+fn own_socket_inodes() -> HashSet<u64> {
+    let mut out = HashSet::new();
+    if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
+        for e in rd.flatten() {
+            if let Some(i) = std::fs::read_link(e.path())
+                .ok()
+                .and_then(|t| socket_inode(&t))
+            {
+                out.insert(i);
+            }
+        }
+    }
+    out
+}
+
+/// The first process (pid, command name) found holding socket `inode` in its fd
+/// table (`/proc/PID/fd`, `/proc/PID/comm`); `None` if none is readable.
+fn process_of(inode: u64) -> Option<(u32, String)> {
+    let me = std::process::id();
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|t| socket_inode(&t))
+                == Some(inode)
+            {
+                let comm = std::fs::read_to_string(p.path().join("comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default();
+                return Some((pid, comm));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_lines_parse() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        let (a, st, ino) = parse_line(v4).unwrap();
+        assert_eq!(a, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!((st, ino), (0x0A, 12345));
+        let v6 = "   0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        let (a, _, ino) = parse_line(v6).unwrap();
+        assert_eq!(a, "[::1]:80".parse::<SocketAddr>().unwrap());
+        assert_eq!(ino, 777);
+        assert!(parse_line("  sl  local_address rem_address   st").is_none());
+    }
+
+    #[test]
+    fn overlapping_addresses() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlaps(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("127.0.0.1:80"), a("[::]:80")));
+        assert!(overlaps(a("[::ffff:127.0.0.1]:80"), a("127.0.0.1:80")));
+        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!overlaps(a("0.0.0.0:81"), a("127.0.0.1:80")));
+    }
+
+    /// A socket of another process is named; our own sockets on the address pass.
+    #[test]
+    fn foreign_holder_is_named_and_own_sockets_pass() {
+        let mk = |a: SocketAddr| {
+            Socket::new(
+                socket2::Domain::for_address(a),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+        };
+        // Our own listener: passes (as after a takeover). On 127.0.0.77, not
+        // 127.0.0.1: once it is dropped, other tests' outgoing connections (whose
+        // local address is 127.0.0.1) could take its port and make it "held".
+        let own = std::net::TcpListener::bind("127.0.0.77:0").unwrap();
+        let addr = own.local_addr().unwrap();
+        check_unshared(addr, false, mk).unwrap();
+        drop(own);
+        // A free address passes.
+        check_unshared(addr, false, mk).unwrap();
+    }
+}
