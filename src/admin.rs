@@ -60,6 +60,30 @@ fn label_value(v: &str) -> String {
     out
 }
 
+/// How long the process's thread and fd counts are reused between scrapes (ms).
+pub const PROCESS_FIGURES_TTL_MS: u64 = 1000;
+
+/// The process's OS threads and open fds (counts), read from /proc at most once
+/// per [`PROCESS_FIGURES_TTL_MS`]: listing `/proc/self/fd` of a process with
+/// 100,000 sockets takes milliseconds of the control loop, and scrapers (or an
+/// attacker) may ask often.
+fn process_figures() -> (usize, usize) {
+    use std::sync::Mutex;
+    static CACHE: Mutex<Option<(Instant, usize, usize)>> = Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if let Some((at, t, f)) = *c {
+        if now.duration_since(at) < Duration::from_millis(PROCESS_FIGURES_TTL_MS) {
+            return (t, f);
+        }
+    }
+    let me = std::process::id();
+    let t = procstat::threads(me).unwrap_or(0);
+    let f = procstat::open_fds(me).unwrap_or(0);
+    *c = Some((now, t, f));
+    (t, f)
+}
+
 /// Renders the metrics of `server` in the OpenMetrics text format (which Prometheus
 /// scrapes): per listener, per worker, and for the process.
 pub fn render_metrics(server: &Server) -> String {
@@ -242,16 +266,16 @@ pub fn render_metrics(server: &Server) -> String {
             .get_or_create(&lab)
             .set(w.stats.sessions.load(Relaxed) as i64);
     }
-    let me = std::process::id();
+    let (n_threads, n_fds) = process_figures();
     let threads = Gauge::<i64>::default();
-    threads.set(procstat::threads(me).unwrap_or(0) as i64);
+    threads.set(n_threads as i64);
     reg.register(
         "ringress_process_threads",
         "OS threads of the process",
         threads,
     );
     let fds = Gauge::<i64>::default();
-    fds.set(procstat::open_fds(me).unwrap_or(0) as i64);
+    fds.set(n_fds as i64);
     reg.register("ringress_process_open_fds", "Open file descriptors", fds);
     let b = server.budget();
     for (name, help, v) in [
