@@ -135,6 +135,8 @@ pub struct Server {
     cfg: Config,
     next_id: u64,
     opts: StartOptions,
+    /// Recent namespace identities by path ([`Server::ns_key`]).
+    ns_keys: Mutex<HashMap<Option<PathBuf>, (std::time::Instant, NsKey)>>,
     /// Serving listeners whose `netns` is a path, by name: the identity of the
     /// namespace they were bound in. Held, not followed: see
     /// [`Server::check_held_namespaces`].
@@ -170,6 +172,11 @@ fn socket_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
 /// "listener bound" lines logged at info per start, reload or namespace that
 /// appeared (counts); the others are logged at debug, and counted in one info line.
 const BOUND_INFO_LINES: usize = 16;
+
+/// How long a namespace file's identity is reused by [`Server::ns_key`]: about one
+/// start, reload or namespace event; a namespace re-made at the same path is seen
+/// after it.
+const NS_KEY_TTL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What makes two listeners clash: their namespace, protocol and address.
 type AddrKey = (NsKey, Proto, SocketAddr);
@@ -349,6 +356,7 @@ impl Server {
             next_id: 0,
             opts,
             held: HashMap::new(),
+            ns_keys: Mutex::default(),
             own_fds: 0,
             bound_lines: 0,
         };
@@ -410,12 +418,30 @@ impl Server {
     /// What makes two listeners clash: namespace identity, protocol, address
     /// (one `stat(2)` of the namespace file).
     fn addr_key(&self, l: &ListenerConfig) -> AddrKey {
-        let path = self.cfg.netns_path(l);
+        (self.ns_key(self.cfg.netns_path(l)), l.proto, l.listen)
+    }
+
+    /// The identity of namespace file `path` (`None`: ringress's own), stat'ed at
+    /// most once per [`NS_KEY_TTL`] per path: a reload of 10,000 listeners over
+    /// 1,000 namespaces stats 1,000 files, not 10,000, on the control loop.
+    fn ns_key(&self, path: Option<PathBuf>) -> NsKey {
+        let mut cache = self.ns_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if let Some((at, key)) = cache.get(&path) {
+            if now.duration_since(*at) < NS_KEY_TTL {
+                return key.clone();
+            }
+        }
         let id = match &path {
             None => NsId::own(),
             Some(p) => NsId::of_path(p),
         };
-        (id.map_or(NsKey::Path(path), NsKey::Id), l.proto, l.listen)
+        let key = id.map_or_else(|_| NsKey::Path(path.clone()), NsKey::Id);
+        if cache.len() > 65_536 {
+            cache.clear();
+        }
+        cache.insert(path, (now, key.clone()));
+        key
     }
 
     /// Addresses taken by serving listeners, by (namespace file, address), except
