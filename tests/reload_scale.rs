@@ -136,9 +136,15 @@ fn healthz_answers_during_a_large_reload_and_sigterm_ends_it() {
     );
     assert_eq!(bad, 0, "/healthz not 200 during reloads");
     assert!(n >= 5, "too few /healthz requests to tell: {n}");
+    // The one-CPU 6.1 guest is ~10x slower than the host: a looser bound there.
+    let limit = if std::env::var_os("INSIDE_UML").is_some() {
+        4 * HEALTHZ_MS
+    } else {
+        HEALTHZ_MS
+    };
     assert!(
-        worst <= HEALTHZ_MS,
-        "/healthz took {worst} ms during a reload of {} listeners (at most {HEALTHZ_MS})",
+        worst <= limit,
+        "/healthz took {worst} ms during a reload of {} listeners (at most {limit})",
         NAMESPACES * PER_NS
     );
     // The reload thread is gone once the reload is applied.
