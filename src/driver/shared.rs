@@ -211,3 +211,31 @@ pub struct WorkerStats {
     /// [`crate::health::BEAT_EVERY`], idle or not.
     pub heartbeat: crate::health::Heartbeat,
 }
+
+#[cfg(test)]
+impl ListenerShared {
+    /// A TCP listener `name` in the root namespace with `action` and `upstream`,
+    /// no limits, no idle timeout and an unlimited budget (for in-process tests).
+    pub(crate) fn test(
+        name: &str,
+        action: Action,
+        upstream: Option<Arc<UpstreamSet>>,
+    ) -> ListenerShared {
+        ListenerShared {
+            name: name.into(),
+            action,
+            netns: "root".into(),
+            upstream,
+            proto: crate::config::Proto::Tcp,
+            max_datagram: 0,
+            sctp: SctpConfig::default(),
+            peel: None,
+            stats: Default::default(),
+            max_connections: 0,
+            backlog: 128,
+            idle_timeout_ms: 0,
+            budget: Default::default(),
+            netns_fds: Default::default(),
+        }
+    }
+}

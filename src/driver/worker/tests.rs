@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::{Worker, WorkerCtx};
-use crate::config::{Action, Proto, SctpConfig};
+use crate::config::Action;
 use crate::driver::backend::Backend;
 use crate::driver::shared::{ListenerShared, WorkerStats};
 use crate::driver::{eventfd, wake, Command};
@@ -40,22 +40,7 @@ fn echo_listener(name: &str) -> (Command, std::net::SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.set_nonblocking(true).expect("nonblocking");
     let addr = l.local_addr().expect("addr");
-    let shared = Arc::new(ListenerShared {
-        name: name.into(),
-        action: Action::Echo,
-        netns: "root".into(),
-        upstream: None,
-        proto: Proto::Tcp,
-        max_datagram: 0,
-        sctp: SctpConfig::default(),
-        peel: None,
-        stats: Default::default(),
-        max_connections: 0,
-        backlog: 128,
-        idle_timeout_ms: 0,
-        budget: Default::default(),
-        netns_fds: Default::default(),
-    });
+    let shared = Arc::new(ListenerShared::test(name, Action::Echo, None));
     let cmd = Command::AddListener {
         id: 1,
         fd: OwnedFd::from(l).into(),

@@ -79,7 +79,7 @@ use std::time::{Duration, Instant};
 
 use super::{Worker, K_ACCEPT, K_CONNECT, K_RECV, K_SEND, K_WAKE};
 use crate::binder::{Binder, ClientProto};
-use crate::config::{Action, Proto, ProxyConfig, SctpConfig};
+use crate::config::{Action, ProxyConfig};
 use crate::driver::backend::{Backend, BufRef, Caps, Event, Op, OpId};
 use crate::driver::shared::{ListenerShared, ListenerStats, WorkerStats};
 use crate::driver::slab::untoken;

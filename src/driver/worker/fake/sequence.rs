@@ -278,22 +278,7 @@ pub(super) fn one(act: Act, seed: u64, trace: bool) -> usize {
         )),
         _ => None,
     };
-    let shared = Arc::new(ListenerShared {
-        name: "fake".into(),
-        action: setup.action.clone(),
-        netns: "root".into(),
-        upstream,
-        proto: Proto::Tcp,
-        max_datagram: 0,
-        sctp: SctpConfig::default(),
-        peel: None,
-        stats: Default::default(),
-        max_connections: 0,
-        backlog: 128,
-        idle_timeout_ms: 0,
-        budget: Default::default(),
-        netns_fds: Default::default(),
-    });
+    let shared = Arc::new(ListenerShared::test("fake", setup.action.clone(), upstream));
     let listener = OwnedFd::from(
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket"),
     );
