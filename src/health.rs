@@ -37,7 +37,14 @@ impl Default for Heartbeat {
 impl Heartbeat {
     /// Records a sign of life now.
     pub fn beat(&self) {
-        let ms = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.beat_at(Instant::now());
+    }
+
+    /// Records a sign of life at `now` (a time the caller read anyway: a worker
+    /// beats with its loop's clock, no extra clock read per turn).
+    pub fn beat_at(&self, now: Instant) {
+        let ms =
+            u64::try_from(now.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX);
         self.0.store(ms, Relaxed);
     }
 

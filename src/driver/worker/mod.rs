@@ -236,15 +236,15 @@ impl<B: Backend> Worker<B> {
         #[cfg(debug_assertions)]
         let panic_at = test_panic_at(self.ctx.index);
         loop {
-            self.ctx.stats.heartbeat.beat();
+            let now = self.clock();
+            self.ctx.stats.heartbeat.beat_at(now);
             #[cfg(debug_assertions)]
-            if panic_at.is_some_and(|at| Instant::now() >= at) {
+            if panic_at.is_some_and(|at| now >= at) {
                 panic!(
                     "RINGRESS_TEST_WORKER_PANIC asked worker {} to panic",
                     self.ctx.index
                 );
             }
-            let now = self.clock();
             let mut wait = match (self.timers.next_wait(now), self.udp.next_wait(now)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
