@@ -1,18 +1,23 @@
-//! Who already holds a listener's address: a probe bind before ringress makes a
-//! SO_REUSEPORT group, so that its sockets never join a group some other process
-//! made (the kernel would split connections between the two).
+//! Who already holds a listener's address: the first socket of a SO_REUSEPORT
+//! group is bound *without* SO_REUSEPORT, so that ringress's sockets never join a
+//! group some other process made (the kernel would split connections between the
+//! two).
 //!
-//! The probe is a plain bind(2) of a socket without SO_REUSEPORT in the calling
-//! thread's namespace: EADDRINUSE means a socket there holds the address (for TCP
-//! the probe has SO_REUSEADDR, so connections in TIME_WAIT do not count; a
-//! listening socket does, ip(7)). Only then are `/proc/thread-self/net/{tcp,udp}{,6}`
-//! read (proc(5): the sockets of the thread's namespace, with their inodes) and
-//! compared with this process's own sockets (`/proc/self/fd`): holders that are all
-//! ringress's own (sockets taken over in a binary upgrade, or a listener being
-//! replaced) are fine; any other is refused, named by pid and command when a
-//! `/proc/PID/fd` holds it (a process whose fds cannot be read stays "another
-//! process"). This costs one extra socket(2) + bind(2) + close(2) per listener, and
-//! /proc reads only on the refusal (or takeover) path.
+//! [`bind_exclusive`] binds the group's first socket with SO_REUSEPORT off:
+//! EADDRINUSE means a socket in the calling thread's namespace holds the address
+//! (for TCP the socket has SO_REUSEADDR, so connections in TIME_WAIT do not count;
+//! a listening socket does, ip(7)). Once bound, SO_REUSEPORT is turned on, so the
+//! group's other sockets can join it: the kernel checks both sockets' flags at the
+//! time of each bind and at listen (`inet_csk_bind_conflict`, `udp_lib_lport_inuse`,
+//! `reuseport_add_sock`; tried on 6.1 and 6.18). Only on EADDRINUSE are
+//! `/proc/thread-self/net/{tcp,udp}{,6}` read (proc(5): the sockets of the
+//! thread's namespace, with their inodes) and compared with this process's own
+//! sockets (`/proc/self/fd`): holders that are all ringress's own (sockets taken
+//! over in a binary upgrade, or a listener being replaced) are fine, and the same
+//! socket is bound again with SO_REUSEPORT; any other is refused, named by pid and
+//! command when a `/proc/PID/fd` holds it (a process whose fds cannot be read
+//! stays "another process"). The check costs nothing on the common path (one
+//! setsockopt(2) after the bind), /proc reads on the refusal or takeover path.
 
 use std::collections::HashSet;
 use std::io;
@@ -20,31 +25,36 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{SockAddr, Socket};
 
-/// Fails if a socket that this process does not hold is bound to `addr` (or to an
-/// overlapping wildcard) in the calling thread's namespace, with protocol UDP
-/// (`udp`) or TCP.
+/// Binds `sock` (fresh, unbound, TCP or UDP (`udp`), with no SO_REUSEPORT yet) to
+/// `addr` as the first socket of a SO_REUSEPORT group, failing if a socket that
+/// this process does not hold is bound to `addr` (or to an overlapping wildcard)
+/// in the calling thread's namespace. On success `sock` is bound with SO_REUSEADDR
+/// and SO_REUSEPORT on (a UDP socket gets SO_REUSEADDR only after its bind, so that
+/// a foreign UDP socket with SO_REUSEADDR is seen).
 ///
 /// # Errors
 /// `("bind", AddrInUse)` naming the holder (`pid N (COMM)` or "another process")
-/// and the address; or the probe's own socket(2)/bind(2) error (EADDRNOTAVAIL,
-/// EACCES, ...), which the real bind would meet too.
-pub(super) fn check_unshared(
+/// and the address; or the socket's own setsockopt(2)/bind(2) error
+/// (EADDRNOTAVAIL, EACCES, ...).
+pub(super) fn bind_exclusive(
+    sock: &Socket,
     addr: SocketAddr,
     udp: bool,
-    make: impl Fn(SocketAddr) -> io::Result<Socket>,
 ) -> Result<(), (&'static str, io::Error)> {
-    let probe = make(addr).map_err(|e| ("socket", e))?;
+    let so = |e| ("setsockopt", e);
     if !udp {
-        probe
-            .set_reuse_address(true)
-            .map_err(|e| ("setsockopt", e))?;
+        sock.set_reuse_address(true).map_err(so)?;
     }
-    let e = match probe.bind(&SockAddr::from(addr)) {
-        Ok(()) => return Ok(()),
+    let e = match sock.bind(&SockAddr::from(addr)) {
+        Ok(()) => {
+            sock.set_reuse_address(true)
+                .and_then(|_| sock.set_reuse_port(true))
+                .map_err(so)?;
+            return Ok(());
+        }
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e,
         Err(e) => return Err(("bind", e)),
     };
-    drop(probe);
     let holders = holders(addr, udp);
     let own = own_socket_inodes();
     let foreign: Vec<u64> = holders
@@ -53,8 +63,12 @@ pub(super) fn check_unshared(
         .filter(|i| !own.contains(i))
         .collect();
     if !holders.is_empty() && foreign.is_empty() {
-        // Every socket on the address is ringress's own: a takeover or a reload.
-        return Ok(());
+        // Every socket on the address is ringress's own (a takeover or a reload):
+        // join their group. A failed bind(2) leaves the socket unbound.
+        sock.set_reuse_address(true)
+            .and_then(|_| sock.set_reuse_port(true))
+            .map_err(so)?;
+        return sock.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e));
     }
     let who = foreign.iter().find_map(|&ino| process_of(ino)).map_or_else(
         || "another process".to_string(),
@@ -228,32 +242,102 @@ mod tests {
         assert!(!overlaps(a("0.0.0.0:81"), a("127.0.0.1:80")));
     }
 
-    /// A socket of another process is named; our own sockets on the address pass.
-    #[test]
-    fn foreign_holder_is_named_and_own_sockets_pass() {
-        let mk = |a: SocketAddr| {
-            Socket::new(
-                socket2::Domain::for_address(a),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )
+    fn mk(a: SocketAddr, udp: bool) -> Socket {
+        let (ty, proto) = if udp {
+            (socket2::Type::DGRAM, socket2::Protocol::UDP)
+        } else {
+            (socket2::Type::STREAM, socket2::Protocol::TCP)
         };
-        // Our own listener: passes (as after a takeover). On 127.0.0.77, not
-        // 127.0.0.1: once it is dropped, other tests' outgoing connections (whose
-        // local address is 127.0.0.1) could take its port and make it "held".
-        let own = std::net::TcpListener::bind("127.0.0.77:0").unwrap();
-        let addr = own.local_addr().unwrap();
-        check_unshared(addr, false, mk).unwrap();
-        drop(own);
-        // A free address passes. Another process may take a just-freed port in
-        // between (the suite runs many), so a few fresh ports are tried; one free
-        // one must pass.
-        let passed = (0..5).any(|_| {
-            let free = std::net::TcpListener::bind("127.0.0.77:0")
-                .and_then(|l| l.local_addr())
-                .unwrap();
-            check_unshared(free, false, mk).is_ok()
-        });
-        assert!(passed, "no free address passed the check");
+        Socket::new(socket2::Domain::for_address(a), ty, Some(proto)).unwrap()
+    }
+
+    /// A socket of ours in a SO_REUSEPORT group on `a`, as ringress binds them.
+    fn member(a: SocketAddr, udp: bool) -> io::Result<Socket> {
+        let s = mk(a, udp);
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&SockAddr::from(a))?;
+        Ok(s)
+    }
+
+    /// Our own sockets on the address are joined; a free address is bound and its
+    /// group can then be joined (TCP and UDP); a socket bound without SO_REUSEPORT
+    /// elsewhere is never joined.
+    #[test]
+    fn own_groups_are_joined_and_first_sockets_open_their_group() {
+        for udp in [false, true] {
+            // On 127.0.0.77, not 127.0.0.1: once dropped, other tests' outgoing
+            // connections (local address 127.0.0.1) could take the port.
+            let own = member("127.0.0.77:0".parse().unwrap(), udp).unwrap();
+            let addr = own.local_addr().unwrap().as_socket().unwrap();
+            let joined = mk(addr, udp);
+            bind_exclusive(&joined, addr, udp).unwrap();
+            assert_eq!(joined.local_addr().unwrap().as_socket(), Some(addr));
+            drop((own, joined));
+            // A free address: bound first, then others join it, and a socket
+            // without SO_REUSEPORT is refused. Another process may take a
+            // just-freed port in between (the suite runs many): a few fresh
+            // ports are tried; one must pass.
+            let passed = (0..5).any(|_| {
+                let free = member("127.0.0.77:0".parse().unwrap(), udp)
+                    .and_then(|s| s.local_addr())
+                    .unwrap()
+                    .as_socket()
+                    .unwrap();
+                let first = mk(free, udp);
+                if bind_exclusive(&first, free, udp).is_err() {
+                    return false;
+                }
+                assert!(first.reuse_port().unwrap());
+                if !udp {
+                    first.listen(8).unwrap();
+                }
+                let second = member(free, udp).expect("a second socket joins the group");
+                let plain = mk(free, udp);
+                assert_eq!(
+                    plain.bind(&SockAddr::from(free)).unwrap_err().raw_os_error(),
+                    Some(libc::EADDRINUSE)
+                );
+                drop(second);
+                true
+            });
+            assert!(passed, "no free address passed (udp {udp})");
+        }
+    }
+
+    /// A holder outside this process is refused and named.
+    #[test]
+    fn a_foreign_holder_is_refused_and_named() {
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import socket,sys,time\n\
+                 s=socket.socket()\n\
+                 s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n\
+                 s.bind(('127.0.0.78',0)); s.listen(1)\n\
+                 print(s.getsockname()[1],flush=True)\n\
+                 time.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line.trim().parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.78:{port}").parse().unwrap();
+        let r = bind_exclusive(&mk(addr, false), addr, false);
+        let _ = child.kill();
+        let _ = child.wait();
+        let (step, e) = r.unwrap_err();
+        assert_eq!((step, e.kind()), ("bind", io::ErrorKind::AddrInUse));
+        assert!(
+            e.to_string().contains(&format!("pid {}", child.id())),
+            "{e}"
+        );
     }
 }

@@ -97,7 +97,7 @@ impl BindError {
     /// The errno of the failure, when it came from the OS.
     pub fn errno(&self) -> Option<i32> {
         match self.source.kind() {
-            // A probe's refusal naming the holder (errno kept in meaning).
+            // A first bind's refusal naming the holder (errno kept in meaning).
             io::ErrorKind::AddrInUse if self.source.raw_os_error().is_none() => {
                 Some(libc::EADDRINUSE)
             }

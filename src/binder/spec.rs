@@ -22,7 +22,8 @@ pub enum SocketSpec {
         backlog: u32,
         /// Sockets to create (one per worker), at least 1.
         count: usize,
-        /// Probe first that no other process holds `addr` (see `holder`); off
+        /// Bind the first socket without SO_REUSEPORT, so that a socket another
+        /// process holds on `addr` is refused, not joined (see `holder`); off
         /// when joining a group ringress already holds (a takeover's extra
         /// sockets), see [`SocketSpec::joining_own_group`].
         exclusive: bool,
@@ -127,7 +128,7 @@ impl ClientProto {
 }
 
 impl SocketSpec {
-    /// The same request without the probe for another process's socket: for
+    /// The same request without the check for another process's socket: for
     /// sockets joining a SO_REUSEPORT group that ringress already holds (the
     /// extra sockets of a takeover, whose group was handed over).
     pub fn joining_own_group(mut self) -> SocketSpec {
@@ -160,12 +161,7 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             backlog,
             count,
             exclusive,
-        } => {
-            if exclusive {
-                super::holder::check_unshared(addr, false, tcp_socket)?;
-            }
-            listening(count, addr, backlog, tcp_socket)
-        }
+        } => listening(count, addr, backlog, exclusive, tcp_socket),
         SocketSpec::TcpClient { family_of } => unbound(1, family_of, tcp_socket),
         SocketSpec::TcpClients { family_of, count } => unbound(count, family_of, tcp_socket),
         SocketSpec::UdpClients { family_of, count } => unbound(count, family_of, udp_socket),
@@ -180,7 +176,7 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             count,
             style,
             opts,
-        } => listening(count, addr, backlog, |a| {
+        } => listening(count, addr, backlog, false, |a| {
             crate::sctp::socket(a, style, &opts)
         }),
         SocketSpec::UdpSockets {
@@ -188,19 +184,13 @@ pub(super) fn create_sockets(spec: &SocketSpec) -> Result<Vec<OwnedFd>, (&'stati
             count,
             exclusive,
         } => {
-            if exclusive {
-                super::holder::check_unshared(addr, true, udp_socket)?;
-            }
             let mut fds = Vec::with_capacity(count);
-            for _ in 0..count.max(1) {
+            for i in 0..count.max(1) {
                 let s = udp_socket(addr).map_err(|e| ("socket", e))?;
-                s.set_reuse_address(true)
-                    .and_then(|_| s.set_reuse_port(true))
-                    .map_err(|e| ("setsockopt", e))?;
                 if addr.ip().is_unspecified() {
                     set_pktinfo(&s, addr.is_ipv6()).map_err(|e| ("setsockopt", e))?;
                 }
-                s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+                group_bind(&s, addr, exclusive && i == 0, true)?;
                 fds.push(OwnedFd::from(s));
             }
             Ok(fds)
@@ -223,21 +213,42 @@ fn unbound(
         .collect()
 }
 
+/// Binds `s` to `addr` as a member of a SO_REUSEPORT group (SO_REUSEADDR and
+/// SO_REUSEPORT on). With `first_exclusive` it is the group's first socket and must
+/// not join a group another process holds ([`super::holder::bind_exclusive`]).
+///
+/// # Errors
+/// The failed step (`setsockopt`, `bind`) and its error.
+fn group_bind(
+    s: &Socket,
+    addr: SocketAddr,
+    first_exclusive: bool,
+    udp: bool,
+) -> Result<(), (&'static str, io::Error)> {
+    if first_exclusive {
+        return super::holder::bind_exclusive(s, addr, udp);
+    }
+    s.set_reuse_address(true)
+        .and_then(|_| s.set_reuse_port(true))
+        .map_err(|e| ("setsockopt", e))?;
+    s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))
+}
+
 /// `count` (at least 1) sockets from `make(addr)`, each with SO_REUSEADDR and
-/// SO_REUSEPORT, bound to `addr` and listening with `backlog` (TCP, SCTP).
+/// SO_REUSEPORT, bound to `addr` and listening with `backlog` (TCP, SCTP). With
+/// `exclusive`, the first is bound before SO_REUSEPORT is on, so that no group
+/// another process holds is joined (TCP only: [`super::holder::bind_exclusive`]).
 fn listening(
     count: usize,
     addr: SocketAddr,
     backlog: u32,
+    exclusive: bool,
     make: impl Fn(SocketAddr) -> io::Result<Socket>,
 ) -> Result<Vec<OwnedFd>, (&'static str, io::Error)> {
     let mut fds = Vec::with_capacity(count);
-    for _ in 0..count.max(1) {
+    for i in 0..count.max(1) {
         let s = make(addr).map_err(|e| ("socket", e))?;
-        s.set_reuse_address(true)
-            .and_then(|_| s.set_reuse_port(true))
-            .map_err(|e| ("setsockopt", e))?;
-        s.bind(&SockAddr::from(addr)).map_err(|e| ("bind", e))?;
+        group_bind(&s, addr, exclusive && i == 0, false)?;
         s.listen(backlog.min(i32::MAX as u32) as i32)
             .map_err(|e| ("listen", e))?;
         fds.push(OwnedFd::from(s));
