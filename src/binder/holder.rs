@@ -47,9 +47,10 @@ pub(super) fn bind_exclusive(
     }
     let e = match sock.bind(&SockAddr::from(addr)) {
         Ok(()) => {
-            sock.set_reuse_address(true)
-                .and_then(|_| sock.set_reuse_port(true))
-                .map_err(so)?;
+            if udp {
+                sock.set_reuse_address(true).map_err(so)?;
+            }
+            sock.set_reuse_port(true).map_err(so)?;
             return Ok(());
         }
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e,
