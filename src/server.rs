@@ -144,8 +144,10 @@ pub struct Server {
     /// Fds the process held for itself (not sessions) at the last count
     /// ([`Server::refresh_budget`]).
     own_fds: u64,
-    /// "listener bound" lines of the current start, reload or namespace (counts).
-    bound_lines: usize,
+    /// "listener bound" lines of the current start, reload or namespace.
+    bound_lines: InfoLines,
+    /// "listener closed" lines of the current reload, shutdown or namespace change.
+    closed_lines: InfoLines,
 }
 
 /// Whether `l` is a one-to-many SCTP listener (one socket, owned by one worker).
@@ -169,9 +171,42 @@ fn socket_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
     Some((st.st_dev, st.st_ino))
 }
 
-/// "listener bound" lines logged at info per start, reload or namespace that
-/// appeared (counts); the others are logged at debug, and counted in one info line.
+/// "listener bound" and "listener closed" lines logged at info per start,
+/// reload, shutdown or namespace change (counts, each kind); the others are
+/// logged at debug, and counted in one info line ([`InfoLines`]).
 const BOUND_INFO_LINES: usize = 16;
+
+/// Counts per-listener lines of one operation (a start, a reload, a shutdown):
+/// the first [`BOUND_INFO_LINES`] go out at info, the rest at debug, and
+/// [`InfoLines::summary`] says at info how many were not listed. A start or a
+/// shutdown of 10,000 listeners is a few dozen info lines, not 10,000.
+#[derive(Debug, Default)]
+struct InfoLines(usize);
+
+impl InfoLines {
+    /// The level of the next line.
+    fn next(&mut self) -> tracing::Level {
+        self.0 += 1;
+        if self.0 <= BOUND_INFO_LINES {
+            tracing::Level::INFO
+        } else {
+            tracing::Level::DEBUG
+        }
+    }
+
+    /// Says at info how many of `what` ("listeners bound") were logged at debug
+    /// only, if any, and starts counting again.
+    fn summary(&mut self, what: &'static str) {
+        let n = std::mem::take(&mut self.0);
+        if n > BOUND_INFO_LINES {
+            tracing::info!(
+                listeners = n,
+                more = n - BOUND_INFO_LINES,
+                "{what}: the first {BOUND_INFO_LINES} are listed above, the others at debug level"
+            );
+        }
+    }
+}
 
 /// How long a namespace file's identity is reused by [`Server::ns_key`]: about one
 /// start, reload or namespace event; a namespace re-made at the same path is seen
@@ -358,7 +393,8 @@ impl Server {
             held: HashMap::new(),
             ns_keys: Mutex::default(),
             own_fds: 0,
-            bound_lines: 0,
+            bound_lines: InfoLines::default(),
+            closed_lines: InfoLines::default(),
         };
         // Bind everything first: a failure leaves no thread and no socket behind.
         let planned = plan(cfg, &netns::list_dir(&cfg.netns_dir));
@@ -771,17 +807,11 @@ impl Server {
         })
     }
 
-    /// Says at info how many listeners were bound beyond the [`BOUND_INFO_LINES`]
-    /// listed one by one, and starts counting again.
+    /// Says at info how many listeners were bound or closed beyond the
+    /// [`BOUND_INFO_LINES`] listed one by one, and starts counting again.
     fn bound_summary(&mut self) {
-        if self.bound_lines > BOUND_INFO_LINES {
-            tracing::info!(
-                listeners = self.bound_lines,
-                more = self.bound_lines - BOUND_INFO_LINES,
-                "listeners bound: the first {BOUND_INFO_LINES} are listed above, the others at debug level"
-            );
-        }
-        self.bound_lines = 0;
+        self.bound_lines.summary("listeners bound");
+        self.closed_lines.summary("listeners closed");
     }
 
     /// Hands a bound listener to the workers (or records it as down), with new
@@ -868,11 +898,9 @@ impl Server {
             }
             // The first few of a start or reload at info, the rest at debug: a
             // start of 10,000 listeners is not 10,000 info lines.
-            self.bound_lines += 1;
-            if self.bound_lines <= BOUND_INFO_LINES {
-                bound!(tracing::Level::INFO);
-            } else {
-                bound!(tracing::Level::DEBUG);
+            match self.bound_lines.next() {
+                tracing::Level::INFO => bound!(tracing::Level::INFO),
+                _ => bound!(tracing::Level::DEBUG),
             }
         }
         if self.listeners.contains_key(&l.name) {
@@ -905,7 +933,10 @@ impl Server {
                     let _ = w.send(Command::RemoveListener { id });
                 }
             }
-            tracing::info!(listener = %name, reason, "listener closed");
+            match self.closed_lines.next() {
+                tracing::Level::INFO => tracing::info!(listener = %name, reason, "listener closed"),
+                _ => tracing::debug!(listener = %name, reason, "listener closed"),
+            }
         }
         if forget {
             self.listeners.remove(name);
@@ -1029,7 +1060,6 @@ impl Server {
             self.update(&old, p, upstream);
         }
         let bound_count = todo.len();
-        self.bound_lines = 0;
         for (p, b) in todo.into_iter().zip(bound) {
             // Bound anew under the same name (its `shards` or SCTP socket options
             // changed): the counters go on.
@@ -1146,7 +1176,7 @@ impl Server {
             }
         }
         let mut done = true;
-        self.bound_lines = 0;
+        self.bound_lines = InfoLines::default();
         // Addresses served now, made once (not once per listener to bind).
         let mut taken = match todo.is_empty() {
             true => HashMap::new(),
@@ -1195,6 +1225,7 @@ impl Server {
         for (n, is_instance) in affected {
             self.retire(&n, is_instance, "namespace vanished");
         }
+        self.bound_summary();
         let path = self.cfg.netns_dir.join(name);
         for l in self.listeners.values() {
             if let Some(u) = &l.shared.upstream {
@@ -1252,6 +1283,7 @@ impl Server {
             down += 1;
         }
         if down > 0 {
+            self.bound_summary();
             self.refresh_budget();
         }
         down
@@ -1263,6 +1295,7 @@ impl Server {
         for n in names {
             self.retire(&n, false, "shutting down");
         }
+        self.bound_summary();
     }
 
     /// Close-on-exec copies of every serving listener's sockets, asked from the

@@ -173,4 +173,17 @@ fn healthz_answers_during_a_large_reload_and_sigterm_ends_it() {
     );
     let log = r.stderr();
     assert!(log.contains("shutting down"), "{log}");
+    // Per-listener lines are bounded: 2,000 listeners bound and closed are a few
+    // dozen info lines, and a count of the rest.
+    for (line, summary) in [
+        ("listener bound", "listeners bound:"),
+        ("listener closed", "listeners closed:"),
+    ] {
+        let n = log
+            .lines()
+            .filter(|l| l.contains(" INFO ") && l.contains(line))
+            .count();
+        assert!(n <= 16, "{n} info lines \"{line}\" (at most 16)");
+        assert!(log.contains(summary), "no \"{summary}\" summary");
+    }
 }

@@ -296,7 +296,10 @@ mod tests {
                 let second = member(free, udp).expect("a second socket joins the group");
                 let plain = mk(free, udp);
                 assert_eq!(
-                    plain.bind(&SockAddr::from(free)).unwrap_err().raw_os_error(),
+                    plain
+                        .bind(&SockAddr::from(free))
+                        .unwrap_err()
+                        .raw_os_error(),
                     Some(libc::EADDRINUSE)
                 );
                 drop(second);
