@@ -7,6 +7,12 @@
 //! binder round trips; once no take has found it empty for [`SHRINK_AFTER`], the
 //! binder sets it back to its base and closes the sockets beyond it, so a pool
 //! that is not drained holds its base.
+//!
+//! A refill is asked for only once takes have left the pool at or below its low
+//! water mark (half its target, [`LOW_WATER_DIVISOR`]), so each binder wake-up
+//! makes a batch of at least half a target's sockets instead of one or two: under
+//! connection churn one session per take would otherwise wake the binder nearly
+//! once per session.
 
 use std::fmt;
 use std::io;
@@ -24,6 +30,10 @@ use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
 pub const GROWTH: usize = 8;
 /// A grown pool returns to its base once no take has found it empty for this long.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
+/// A take asks for a refill once it leaves the pool at or below `target /
+/// LOW_WATER_DIVISOR` sockets (count): a pool of target 64 is refilled when 32 or
+/// fewer are left, 32 or more sockets per refill.
+pub const LOW_WATER_DIVISOR: usize = 2;
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -43,6 +53,8 @@ pub struct SocketPool {
     /// When a take last found the pool empty.
     dry_at: Mutex<Option<Instant>>,
     fds: Mutex<Vec<OwnedFd>>,
+    /// `fds.len()`, written under the `fds` lock, read without it (count).
+    ready: AtomicUsize,
     refilling: AtomicBool,
     /// errno of the last failed fill, 0 if the last fill worked.
     last_error: AtomicI32,
@@ -84,6 +96,7 @@ impl SocketPool {
             ran_dry: AtomicBool::new(false),
             dry_at: Mutex::new(None),
             fds: Mutex::new(Vec::new()),
+            ready: AtomicUsize::new(0),
             refilling: AtomicBool::new(false),
             last_error: AtomicI32::new(0),
             failed_at: Mutex::new(None),
@@ -95,10 +108,32 @@ impl SocketPool {
         self.fds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a socket, if one is ready. Finding none makes the next refill
-    /// larger.
+    /// Adds `fds` to the ready sockets.
+    fn put(&self, fds: impl IntoIterator<Item = OwnedFd>) {
+        let mut v = self.lock();
+        v.extend(fds);
+        self.ready.store(v.len(), Ordering::Release);
+    }
+
+    /// Keeps at most `keep` ready sockets; returns the others (to close outside
+    /// the lock).
+    fn keep_at_most(&self, keep: usize) -> Vec<OwnedFd> {
+        let mut v = self.lock();
+        let at = keep.min(v.len());
+        let extra = v.split_off(at);
+        self.ready.store(v.len(), Ordering::Release);
+        extra
+    }
+
+    /// Takes a socket, if one is ready (one lock round trip). Finding none makes
+    /// the next refill larger.
     pub fn take(&self) -> Option<OwnedFd> {
-        let fd = self.lock().pop();
+        let fd = {
+            let mut v = self.lock();
+            let fd = v.pop();
+            self.ready.store(v.len(), Ordering::Release);
+            fd
+        };
         if fd.is_none() {
             self.ran_dry.store(true, Ordering::Release);
             *self.dry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
@@ -131,12 +166,7 @@ impl SocketPool {
             return false;
         }
         self.target.store(self.base, Ordering::Release);
-        let extra: Vec<OwnedFd> = {
-            let mut fds = self.lock();
-            let keep = fds.len().min(self.base);
-            fds.split_off(keep)
-        };
-        drop(extra);
+        drop(self.keep_at_most(self.base));
         true
     }
 
@@ -145,9 +175,14 @@ impl SocketPool {
         self.target.load(Ordering::Acquire)
     }
 
-    /// Sockets ready (count).
+    /// Sockets ready (count); read without taking the pool's lock.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The low water mark (count): at or below it, a refill is wanted.
+    pub fn low_water(&self) -> usize {
+        self.target() / LOW_WATER_DIVISOR
     }
 
     /// Whether no socket is ready.
@@ -155,12 +190,14 @@ impl SocketPool {
         self.len() == 0
     }
 
-    /// True once when the pool is below its target and no refill is running: the
-    /// caller must then ask the binder for one ([`Binder::fill_later`]). Takes made
-    /// while a refill runs are made up by the next one, so refills batch under
-    /// load, and an idle pool is always full.
+    /// True once when the pool is at or below its low water mark
+    /// ([`SocketPool::low_water`], half its target) and no refill is running: the
+    /// caller must then ask the binder for one ([`Binder::fill_later`]), which fills
+    /// it to its target. Takes made while a refill runs are made up by the next
+    /// one, so refills come in batches of at least half a target; an idle pool
+    /// holds more than half its target (a full one after its first fill).
     pub fn wants_refill(&self) -> bool {
-        self.len() < self.target()
+        self.len() <= self.low_water()
             && self
                 .refilling
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -197,7 +234,7 @@ impl SocketPool {
 
     /// Closes every pooled socket (their namespace has gone).
     pub fn flush(&self) {
-        self.lock().clear();
+        drop(self.keep_at_most(0));
     }
 
     /// Writes eventfd `wake` when the running refill ends (at once if none runs or
@@ -267,8 +304,8 @@ impl BinderState {
     ///
     /// Sockets taken while a refill runs do not start another refill, and the
     /// running one counted what was missing when it began: so once it ends, the
-    /// pool is topped up again here if it is short (a few passes at most), and an
-    /// idle pool is full.
+    /// pool is topped up again here if takes left it at or below its low water
+    /// mark meanwhile (a few passes at most).
     pub(super) fn fill(&mut self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
         let mut out = self.fill_once(pool);
         for _ in 0..3 {
@@ -302,7 +339,7 @@ impl BinderState {
         };
         let out = match r {
             Ok(fds) => {
-                pool.lock().extend(fds);
+                pool.put(fds);
                 pool.last_error.store(0, Ordering::Release);
                 Ok(())
             }
@@ -344,13 +381,37 @@ mod tests {
         }
         assert_eq!(pool.next_target(), 512, "a pool not dry keeps its size");
         // 100 sockets ready (any fds will do).
-        pool.lock()
-            .extend((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
+        pool.put((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
         let now = Instant::now();
         assert!(!pool.trim(now), "ran dry just now");
         assert_eq!((pool.target(), pool.len()), (512, 100));
         assert!(pool.trim(now + SHRINK_AFTER));
         assert_eq!((pool.target(), pool.len()), (64, 64), "back to its base");
+    }
+
+    #[test]
+    fn refills_are_asked_for_at_the_low_water_mark_once() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            ClientProto::Udp,
+            8,
+        );
+        pool.put((0..8).map(|_| crate::eventfd::eventfd().unwrap()));
+        assert_eq!((pool.len(), pool.low_water()), (8, 4));
+        for left in [7, 6, 5] {
+            assert!(pool.take().is_some());
+            assert_eq!(pool.len(), left);
+            assert!(!pool.wants_refill(), "refill asked for above the low water mark");
+        }
+        assert!(pool.take().is_some());
+        assert!(pool.wants_refill(), "at the low water mark");
+        assert!(pool.take().is_some());
+        assert!(!pool.wants_refill(), "a second refill while one runs");
+        pool.flush();
+        assert!(pool.is_empty());
     }
 
     #[test]
