@@ -8,11 +8,11 @@
 //! binder sets it back to its base and closes the sockets beyond it, so a pool
 //! that is not drained holds its base.
 //!
-//! A refill is asked for only once takes have left the pool at or below its low
-//! water mark (half its target, [`LOW_WATER_DIVISOR`]), so each binder wake-up
-//! makes a batch of at least half a target's sockets instead of one or two: under
-//! connection churn one session per take would otherwise wake the binder nearly
-//! once per session.
+//! A take that leaves the pool below its target asks for a refill unless one is
+//! already running or asked for; the worker sends that request at the end of its
+//! loop turn ([`crate::driver::upstream::send_refills`]), so under connection churn
+//! the binder is woken at most once per pool per turn, for a batch, instead of
+//! once or so per session.
 
 use std::fmt;
 use std::io;
@@ -30,10 +30,6 @@ use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
 pub const GROWTH: usize = 8;
 /// A grown pool returns to its base once no take has found it empty for this long.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
-/// A take asks for a refill once it leaves the pool at or below `target /
-/// LOW_WATER_DIVISOR` sockets (count): a pool of target 64 is refilled when 32 or
-/// fewer are left, 32 or more sockets per refill.
-pub const LOW_WATER_DIVISOR: usize = 2;
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -180,24 +176,18 @@ impl SocketPool {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// The low water mark (count): at or below it, a refill is wanted.
-    pub fn low_water(&self) -> usize {
-        self.target() / LOW_WATER_DIVISOR
-    }
 
     /// Whether no socket is ready.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// True once when the pool is at or below its low water mark
-    /// ([`SocketPool::low_water`], half its target) and no refill is running: the
-    /// caller must then ask the binder for one ([`Binder::fill_later`]), which fills
-    /// it to its target. Takes made while a refill runs are made up by the next
-    /// one, so refills come in batches of at least half a target; an idle pool
-    /// holds more than half its target (a full one after its first fill).
+    /// True once when the pool is below its target and no refill is running or
+    /// asked for: the caller must then ask the binder for one
+    /// ([`Binder::fill_later`]). Takes made until that refill ends are made up by
+    /// the next one, so refills batch under load, and an idle pool is always full.
     pub fn wants_refill(&self) -> bool {
-        self.len() <= self.low_water()
+        self.len() < self.target()
             && self
                 .refilling
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -304,8 +294,8 @@ impl BinderState {
     ///
     /// Sockets taken while a refill runs do not start another refill, and the
     /// running one counted what was missing when it began: so once it ends, the
-    /// pool is topped up again here if takes left it at or below its low water
-    /// mark meanwhile (a few passes at most).
+    /// pool is topped up again here if it is short (a few passes at most), and an
+    /// idle pool is full.
     pub(super) fn fill(&mut self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
         let mut out = self.fill_once(pool);
         for _ in 0..3 {
@@ -387,31 +377,6 @@ mod tests {
         assert_eq!((pool.target(), pool.len()), (512, 100));
         assert!(pool.trim(now + SHRINK_AFTER));
         assert_eq!((pool.target(), pool.len()), (64, 64), "back to its base");
-    }
-
-    #[test]
-    fn refills_are_asked_for_at_the_low_water_mark_once() {
-        let pool = SocketPool::new(
-            "t".into(),
-            "/proc/self/ns/net".into(),
-            "self".into(),
-            "127.0.0.1:1".parse().unwrap(),
-            ClientProto::Udp,
-            8,
-        );
-        pool.put((0..8).map(|_| crate::eventfd::eventfd().unwrap()));
-        assert_eq!((pool.len(), pool.low_water()), (8, 4));
-        for left in [7, 6, 5] {
-            assert!(pool.take().is_some());
-            assert_eq!(pool.len(), left);
-            assert!(!pool.wants_refill(), "refill asked for above the low water mark");
-        }
-        assert!(pool.take().is_some());
-        assert!(pool.wants_refill(), "at the low water mark");
-        assert!(pool.take().is_some());
-        assert!(!pool.wants_refill(), "a second refill while one runs");
-        pool.flush();
-        assert!(pool.is_empty());
     }
 
     #[test]

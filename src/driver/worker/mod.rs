@@ -270,6 +270,9 @@ impl<B: Backend> Worker<B> {
             }
             self.events = events;
             self.after_batch();
+            // The pool refills this turn's connects asked for: one message per
+            // pool, at most, before the worker waits.
+            super::upstream::send_refills();
             if let Some(deadline) = self.shutdown {
                 let left = self.backend.in_flight();
                 if left == 0 {
