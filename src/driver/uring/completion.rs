@@ -27,7 +27,10 @@ impl UringBackend {
                 } else {
                     // Refused before the fd left the table (EINVAL at prep, say):
                     // close(2) it.
-                    tracing::debug!(errno = -res, "IORING_OP_CLOSE failed; closing with close(2)");
+                    tracing::debug!(
+                        errno = -res,
+                        "IORING_OP_CLOSE failed; closing with close(2)"
+                    );
                     drop(fd);
                 }
             }
