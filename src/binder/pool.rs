@@ -7,6 +7,14 @@
 //! binder round trips; once no take has found it empty for [`SHRINK_AFTER`], the
 //! binder sets it back to its base and closes the sockets beyond it, so a pool
 //! that is not drained holds its base.
+//!
+//! Refills come in batches, so that connection churn does not wake the binder
+//! once per session: a take asks for a refill only once it leaves the pool at or
+//! below its low water mark (half its target, [`LOW_WATER_DIVISOR`]), and the
+//! worker sends that request at the end of its loop turn
+//! ([`crate::driver::upstream::send_refills`]). A take that leaves the pool short
+//! but above the mark only marks it; the worker tops such pools up once it has
+//! been idle for [`crate::driver::upstream::TOP_UP_IDLE`], so an idle pool is full.
 
 use std::fmt;
 use std::io;
@@ -24,6 +32,10 @@ use super::{BindError, Binder, BinderState, ClientProto, Msg, Request};
 pub const GROWTH: usize = 8;
 /// A grown pool returns to its base once no take has found it empty for this long.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
+/// A take asks for a refill once it leaves the pool at or below `target /
+/// LOW_WATER_DIVISOR` sockets (count): a pool of target 64 is refilled when 32 or
+/// fewer are left, 32 or more sockets per refill under load.
+pub const LOW_WATER_DIVISOR: usize = 2;
 
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
@@ -43,7 +55,12 @@ pub struct SocketPool {
     /// When a take last found the pool empty.
     dry_at: Mutex<Option<Instant>>,
     fds: Mutex<Vec<OwnedFd>>,
+    /// `fds.len()`, written under the `fds` lock, read without it (count).
+    ready: AtomicUsize,
     refilling: AtomicBool,
+    /// A take left the pool below its target without asking for a refill, and no
+    /// top-up has looked at it since ([`SocketPool::mark_short`]).
+    short: AtomicBool,
     /// errno of the last failed fill, 0 if the last fill worked.
     last_error: AtomicI32,
     /// When the last fill failed.
@@ -84,7 +101,9 @@ impl SocketPool {
             ran_dry: AtomicBool::new(false),
             dry_at: Mutex::new(None),
             fds: Mutex::new(Vec::new()),
+            ready: AtomicUsize::new(0),
             refilling: AtomicBool::new(false),
+            short: AtomicBool::new(false),
             last_error: AtomicI32::new(0),
             failed_at: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
@@ -95,10 +114,32 @@ impl SocketPool {
         self.fds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a socket, if one is ready. Finding none makes the next refill
-    /// larger.
+    /// Adds `fds` to the ready sockets.
+    fn put(&self, fds: impl IntoIterator<Item = OwnedFd>) {
+        let mut v = self.lock();
+        v.extend(fds);
+        self.ready.store(v.len(), Ordering::Release);
+    }
+
+    /// Keeps at most `keep` ready sockets; returns the others (to close outside
+    /// the lock).
+    fn keep_at_most(&self, keep: usize) -> Vec<OwnedFd> {
+        let mut v = self.lock();
+        let at = keep.min(v.len());
+        let extra = v.split_off(at);
+        self.ready.store(v.len(), Ordering::Release);
+        extra
+    }
+
+    /// Takes a socket, if one is ready (one lock round trip). Finding none makes
+    /// the next refill larger.
     pub fn take(&self) -> Option<OwnedFd> {
-        let fd = self.lock().pop();
+        let fd = {
+            let mut v = self.lock();
+            let fd = v.pop();
+            self.ready.store(v.len(), Ordering::Release);
+            fd
+        };
         if fd.is_none() {
             self.ran_dry.store(true, Ordering::Release);
             *self.dry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
@@ -131,12 +172,7 @@ impl SocketPool {
             return false;
         }
         self.target.store(self.base, Ordering::Release);
-        let extra: Vec<OwnedFd> = {
-            let mut fds = self.lock();
-            let keep = fds.len().min(self.base);
-            fds.split_off(keep)
-        };
-        drop(extra);
+        drop(self.keep_at_most(self.base));
         true
     }
 
@@ -145,9 +181,14 @@ impl SocketPool {
         self.target.load(Ordering::Acquire)
     }
 
-    /// Sockets ready (count).
+    /// Sockets ready (count); read without taking the pool's lock.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The low water mark (count): at or below it, a take asks for a refill.
+    pub fn low_water(&self) -> usize {
+        self.target() / LOW_WATER_DIVISOR
     }
 
     /// Whether no socket is ready.
@@ -155,16 +196,38 @@ impl SocketPool {
         self.len() == 0
     }
 
-    /// True once when the pool is below its target and no refill is running: the
-    /// caller must then ask the binder for one ([`Binder::fill_later`]). Takes made
-    /// while a refill runs are made up by the next one, so refills batch under
-    /// load, and an idle pool is always full.
+    /// True once when the pool is at or below its low water mark
+    /// ([`SocketPool::low_water`]) and no refill is running or asked for: the
+    /// caller must then ask the binder for one ([`Binder::fill_later`]), which
+    /// fills it to its target. Takes made until that refill ends are made up by
+    /// the next one, so under load refills come in batches of at least half a
+    /// target.
     pub fn wants_refill(&self) -> bool {
+        self.len() <= self.low_water() && self.start_refill()
+    }
+
+    /// Marks the pool as short (below its target, above its low water mark);
+    /// true the first time since the last [`SocketPool::wants_top_up`], when the
+    /// caller must list the pool for a top-up when idle.
+    pub fn mark_short(&self) -> bool {
         self.len() < self.target()
-            && self
-                .refilling
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+            && !self.short.load(Ordering::Relaxed)
+            && !self.short.swap(true, Ordering::AcqRel)
+    }
+
+    /// Clears the mark of [`SocketPool::mark_short`]; true once when the pool is
+    /// below its target and no refill is running: the caller must then ask the
+    /// binder for one ([`Binder::fill_later`]).
+    pub fn wants_top_up(&self) -> bool {
+        self.short.store(false, Ordering::Release);
+        self.len() < self.target() && self.start_refill()
+    }
+
+    /// Marks a refill as running; false if one already was.
+    fn start_refill(&self) -> bool {
+        self.refilling
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Whether a refill is running.
@@ -197,7 +260,7 @@ impl SocketPool {
 
     /// Closes every pooled socket (their namespace has gone).
     pub fn flush(&self) {
-        self.lock().clear();
+        drop(self.keep_at_most(0));
     }
 
     /// Writes eventfd `wake` when the running refill ends (at once if none runs or
@@ -267,8 +330,8 @@ impl BinderState {
     ///
     /// Sockets taken while a refill runs do not start another refill, and the
     /// running one counted what was missing when it began: so once it ends, the
-    /// pool is topped up again here if it is short (a few passes at most), and an
-    /// idle pool is full.
+    /// pool is topped up again here if takes left it at or below its low water
+    /// mark meanwhile (a few passes at most).
     pub(super) fn fill(&mut self, pool: &Arc<SocketPool>) -> Result<(), BindError> {
         let mut out = self.fill_once(pool);
         for _ in 0..3 {
@@ -302,7 +365,7 @@ impl BinderState {
         };
         let out = match r {
             Ok(fds) => {
-                pool.lock().extend(fds);
+                pool.put(fds);
                 pool.last_error.store(0, Ordering::Release);
                 Ok(())
             }
@@ -344,13 +407,48 @@ mod tests {
         }
         assert_eq!(pool.next_target(), 512, "a pool not dry keeps its size");
         // 100 sockets ready (any fds will do).
-        pool.lock()
-            .extend((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
+        pool.put((0..100).map(|_| crate::eventfd::eventfd().unwrap()));
         let now = Instant::now();
         assert!(!pool.trim(now), "ran dry just now");
         assert_eq!((pool.target(), pool.len()), (512, 100));
         assert!(pool.trim(now + SHRINK_AFTER));
         assert_eq!((pool.target(), pool.len()), (64, 64), "back to its base");
+    }
+
+    #[test]
+    fn refills_at_the_low_water_mark_and_top_ups_when_short() {
+        let pool = SocketPool::new(
+            "t".into(),
+            "/proc/self/ns/net".into(),
+            "self".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            ClientProto::Udp,
+            8,
+        );
+        pool.put((0..8).map(|_| crate::eventfd::eventfd().unwrap()));
+        assert_eq!((pool.len(), pool.low_water()), (8, 4));
+        assert!(!pool.mark_short(), "a full pool is not short");
+        assert!(pool.take().is_some());
+        assert!(
+            !pool.wants_refill(),
+            "refill asked for above the low water mark"
+        );
+        assert!(pool.mark_short(), "listed once");
+        for left in [6, 5] {
+            assert!(pool.take().is_some());
+            assert_eq!(pool.len(), left);
+            assert!(!pool.wants_refill());
+            assert!(!pool.mark_short(), "listed twice");
+        }
+        assert!(pool.wants_top_up(), "idle and short: a top-up");
+        assert!(!pool.wants_top_up(), "a second refill while one runs");
+        pool.refilling.store(false, Ordering::Release);
+        assert!(pool.take().is_some());
+        assert!(pool.wants_refill(), "at the low water mark");
+        assert!(pool.take().is_some());
+        assert!(!pool.wants_refill(), "a second refill while one runs");
+        pool.flush();
+        assert!(pool.is_empty());
     }
 
     #[test]

@@ -285,6 +285,10 @@ pub trait Backend {
     fn release(&mut self, b: BufRef);
 
     /// Closes a socket the worker is done with (no operation on it is in flight).
+    /// epoll: close(2) now. io_uring: an `IORING_OP_CLOSE` (5.6) that goes with
+    /// the next [`Backend::wait`]'s submit, so the fd stays open (owned by the
+    /// backend, counted in [`Backend::in_flight`]) until that turn's
+    /// io_uring_enter(2); it makes no event.
     fn close(&mut self, fd: OwnedFd);
 
     /// Stops watching a socket the worker is done with but other workers still

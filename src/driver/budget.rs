@@ -23,6 +23,9 @@
 //! [`CAPACITY_RECHECK_MS`]. Accepts already under way when the cap is reached
 //! still complete (a multishot accept is cancelled, an epoll accept chunk ends),
 //! so a cap may be passed by a few sessions per worker; the reserve absorbs that.
+//! Likewise a session's fds are given back when it ends, while io_uring closes
+//! them with the worker's next submit (`IORING_OP_CLOSE`): up to one loop turn's
+//! closed sessions still hold their fds for that long.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;

@@ -7,8 +7,14 @@
 //! namespace it takes a socket from a [`SocketPool`] that the binder thread keeps
 //! filled in the background, so a connect costs no binder round trip; only when
 //! the pool runs dry does the session wait for the binder's refill (the worker is
-//! woken through its eventfd).
+//! woken through its eventfd). A refill is wanted once takes have left a pool at
+//! or below half its target, and sent to the binder at the end of the worker's
+//! loop turn ([`send_refills`]): under connection churn that is one binder
+//! wake-up per batch of sessions instead of one per session. A pool left short
+//! above that mark is topped up once the worker has been idle for
+//! [`TOP_UP_IDLE`] ([`send_top_ups`]).
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -24,6 +30,47 @@ pub const POOL_TARGET: usize = 64;
 /// After a pool fill failed, sessions fail at once for this long, then a new fill
 /// is tried.
 pub const POOL_RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// Refills asked for by takes on this thread (a worker) and not sent yet:
+    /// [`send_refills`] sends them at the end of the loop turn.
+    static REFILLS: RefCell<Vec<(Binder, Arc<SocketPool>)>> = const { RefCell::new(Vec::new()) };
+    /// Pools this thread's takes left short above their low water mark, to top
+    /// up when the thread is idle ([`send_top_ups`]).
+    static TOP_UPS: RefCell<Vec<(Binder, Arc<SocketPool>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How long a worker with short pools ([`top_ups_pending`]) waits for events
+/// before it tops them up ([`send_top_ups`]): under load its waits end sooner,
+/// so only an idle worker sends top-ups.
+pub const TOP_UP_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether this thread's takes left pools short that no top-up has looked at.
+pub fn top_ups_pending() -> bool {
+    TOP_UPS.with(|t| !t.borrow().is_empty())
+}
+
+/// Asks the binder to fill the pools this thread's takes left short to their
+/// target, those with no refill running (a worker calls it when a wait of
+/// [`TOP_UP_IDLE`] brought no event). Never blocks.
+pub fn send_top_ups() {
+    let v = TOP_UPS.with(|t| std::mem::take(&mut *t.borrow_mut()));
+    for (b, p) in v {
+        if p.wants_top_up() {
+            b.fill_later(p);
+        }
+    }
+}
+
+/// Sends the refills the takes of this thread's loop turn asked for (each pool at
+/// most once: [`SocketPool::wants_refill`] is true once until its refill ends).
+/// A worker calls it once per loop turn, before it waits; never blocks.
+pub fn send_refills() {
+    let v = REFILLS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    for (b, p) in v {
+        b.fill_later(p);
+    }
+}
 
 /// What [`UpstreamSet::socket_for`] got.
 pub enum GetSocket {
@@ -115,7 +162,9 @@ impl UpstreamSet {
     }
 
     /// A socket to connect to `addr` from. `wake` is the caller's eventfd, written
-    /// when an empty pool has been refilled.
+    /// when an empty pool has been refilled. A refill this take asks for is sent
+    /// by the caller's next [`send_refills`]; at once (with those already asked
+    /// for) when the pool is empty.
     pub fn socket_for(&self, addr: SocketAddr, wake: &Arc<OwnedFd>) -> GetSocket {
         let Some(pools) = &self.pools else {
             return match self.proto.socket(addr) {
@@ -128,10 +177,16 @@ impl UpstreamSet {
         // After a failed fill (the namespace is gone, say), fail fast for a while
         // instead of asking the binder again for every session.
         let backing_off = pool.failed_recently(POOL_RETRY_AFTER_FAILURE);
-        if !backing_off && pool.wants_refill() {
-            if let Some(b) = &self.binder {
-                b.fill_later(pool.clone());
+        if let (false, Some(b)) = (backing_off, &self.binder) {
+            if pool.wants_refill() {
+                REFILLS.with(|r| r.borrow_mut().push((b.clone(), pool.clone())));
+            } else if pool.mark_short() {
+                TOP_UPS.with(|t| t.borrow_mut().push((b.clone(), pool.clone())));
             }
+        }
+        if got.is_none() {
+            // A session will wait for the refill: no waiting for the turn's end.
+            send_refills();
         }
         match (got, pool.last_error()) {
             (Some(fd), _) => GetSocket::Ready(fd),

@@ -3,14 +3,39 @@
 
 use io_uring::{cqueue, types};
 
-use super::{UringBackend, BGID, BGID_UDP, UD_OP};
+use std::os::fd::IntoRawFd;
+
+use super::{UringBackend, BGID, BGID_UDP, UD_CLOSE, UD_OP};
 use crate::driver::backend::{Backend, BufRef, Event, Meta, MultiKind, Op, Owned};
 use crate::driver::udp;
 
 impl UringBackend {
-    /// Turns one CQE into an event (`None` for cancels and link timeouts).
+    /// Turns one CQE into an event (`None` for cancels, link timeouts and
+    /// closes).
     pub(super) fn event(&mut self, ud: u64, res: i32, flags: u32) -> Option<Event> {
         let (kind, k) = crate::driver::slab::untoken(ud);
+        if kind == UD_CLOSE {
+            if let Some(fd) = self.mem.closes.remove(k) {
+                if res == 0 || res == -libc::EBADF {
+                    // Closed by the kernel (a socket has no ->flush, so once
+                    // io_close took the fd out of the table the result is 0); or
+                    // not in the table at all (EBADF): never close it again.
+                    let raw = fd.into_raw_fd();
+                    if res < 0 {
+                        tracing::warn!(fd = raw, "IORING_OP_CLOSE: fd was not open");
+                    }
+                } else {
+                    // Refused before the fd left the table (EINVAL at prep, say):
+                    // close(2) it.
+                    tracing::debug!(
+                        errno = -res,
+                        "IORING_OP_CLOSE failed; closing with close(2)"
+                    );
+                    drop(fd);
+                }
+            }
+            return None;
+        }
         if kind != UD_OP {
             self.aux = self.aux.saturating_sub(1);
             return None;

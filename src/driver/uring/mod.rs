@@ -20,6 +20,10 @@
 //!   (5.5).
 //! - [`Op::Connect`], [`Op::PollIn`] (multishot `IORING_OP_POLL_ADD`, 5.13) and
 //!   cancels (`IORING_OP_ASYNC_CANCEL`).
+//! - [`Backend::close`]: `IORING_OP_CLOSE` (5.6) where the probe lists `CLOSE`,
+//!   submitted with the loop's next `io_uring_enter` instead of a close(2) each;
+//!   the socket's [`OwnedFd`] stays in the backend's table until the close's CQE,
+//!   then is forgotten (the kernel closed it). Without the opcode: close(2).
 //!
 //! Every operation's memory lives in the backend's table from the push of its SQE
 //! to its last CQE. If the backend is dropped with operations in flight (an
@@ -36,7 +40,7 @@ pub use probe::*;
 use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -71,6 +75,8 @@ const UD_OP: u8 = 0;
 const UD_CANCEL: u8 = 0xfe;
 /// user_data of a LINK_TIMEOUT bounding a send.
 const UD_LINK_TIMEOUT: u8 = 0xfd;
+/// user_data of an `IORING_OP_CLOSE`: its key in the table of closes.
+const UD_CLOSE: u8 = 0xfc;
 
 /// Operations whose memory was leaked because a backend ended with them in flight
 /// (count, process-wide).
@@ -124,6 +130,9 @@ struct KernelMem {
     many_msghdr: Box<libc::msghdr>,
     /// The operations in flight.
     ops: Slab<UOp>,
+    /// Sockets whose `IORING_OP_CLOSE` is in flight: owned here until its CQE,
+    /// then forgotten (never closed twice).
+    closes: Slab<OwnedFd>,
     /// Entries that did not fit in the SQ.
     overflow: VecDeque<squeue::Entry>,
     /// Timespecs of send bounds (link timeouts), by bound; never shrunk while
@@ -136,6 +145,8 @@ pub struct UringBackend {
     mem: ManuallyDrop<KernelMem>,
     multishot_accept: bool,
     multishot_recvmsg: bool,
+    /// Sockets are closed with `IORING_OP_CLOSE` (the probe lists `CLOSE`, 5.6).
+    ring_close: bool,
     /// Cancels and link timeouts whose CQE has not come yet (count).
     aux: usize,
     /// Events made without the kernel (a receive that could not be set up).
@@ -180,11 +191,13 @@ impl UringBackend {
                 udp_msghdr,
                 many_msghdr,
                 ops: Slab::default(),
+                closes: Slab::default(),
                 overflow: VecDeque::new(),
                 bounds: Vec::new(),
             }),
             multishot_accept: p.multishot_accept,
             multishot_recvmsg: p.multishot_recvmsg,
+            ring_close: p.opcodes.contains(&"CLOSE"),
             aux: 0,
             done: Vec::new(),
             unpublished: false,
@@ -354,12 +367,23 @@ impl Backend for UringBackend {
         }
     }
 
+    /// `IORING_OP_CLOSE` where the kernel has it (5.6), submitted with the next
+    /// [`Backend::wait`]; close(2) now otherwise.
     fn close(&mut self, fd: OwnedFd) {
-        drop(fd);
+        if !self.ring_close {
+            drop(fd);
+            return;
+        }
+        let raw = fd.as_raw_fd();
+        let k = self.mem.closes.insert(fd);
+        let e = opcode::Close::new(types::Fd(raw))
+            .build()
+            .user_data(super::slab::token(UD_CLOSE, k));
+        self.push(e);
     }
 
     fn in_flight(&self) -> usize {
-        self.mem.ops.len() + self.aux
+        self.mem.ops.len() + self.mem.closes.len() + self.aux
     }
 }
 
@@ -380,5 +404,54 @@ impl Drop for UringBackend {
         // SAFETY: nothing is in flight, and `mem` is not used after this. Fields
         // drop in declaration order: the ring before the buffers it points to.
         unsafe { ManuallyDrop::drop(&mut self.mem) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Whether `peer` sees the other end closed (EOF); `false` while it is open.
+    fn peer_closed(peer: &mut UnixStream) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        match peer.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    #[test]
+    fn close_goes_through_the_ring_and_ends_with_its_cqe() {
+        let p = probe().as_ref().expect("io_uring");
+        if !p.opcodes.contains(&"CLOSE") {
+            return;
+        }
+        let mut b = UringBackend::new(p).expect("ring");
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        peer.set_nonblocking(true).unwrap();
+        b.close(OwnedFd::from(ours));
+        assert_eq!(b.in_flight(), 1, "the close is in flight until its CQE");
+        assert!(!peer_closed(&mut peer), "closed before the submit");
+        let mut out = Vec::new();
+        b.wait(Some(Duration::from_secs(2)), &mut out).unwrap();
+        assert!(out.is_empty(), "a close makes no event: {out:?}");
+        assert_eq!(b.in_flight(), 0);
+        assert!(peer_closed(&mut peer));
+    }
+
+    #[test]
+    fn without_the_close_opcode_close_is_close2() {
+        let mut p = probe().as_ref().expect("io_uring").clone();
+        p.opcodes.retain(|o| *o != "CLOSE");
+        let mut b = UringBackend::new(&p).expect("ring");
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        peer.set_nonblocking(true).unwrap();
+        b.close(OwnedFd::from(ours));
+        assert_eq!(b.in_flight(), 0);
+        assert!(peer_closed(&mut peer));
     }
 }

@@ -255,8 +255,17 @@ impl<B: Backend> Worker<B> {
             if self.shutdown.is_some() {
                 wait = Some(wait.map_or(SHUTDOWN_POLL, |w| w.min(SHUTDOWN_POLL)));
             }
+            if super::upstream::top_ups_pending() {
+                // Pools left short by this worker's takes are topped up once it
+                // has been idle this long.
+                let t = super::upstream::TOP_UP_IDLE;
+                wait = Some(wait.map_or(t, |w| w.min(t)));
+            }
             let mut events = std::mem::take(&mut self.events);
             self.backend.wait(wait, &mut events)?;
+            if events.is_empty() {
+                super::upstream::send_top_ups();
+            }
             while !events.is_empty() {
                 self.now = self.clock();
                 self.ctx
@@ -270,6 +279,9 @@ impl<B: Backend> Worker<B> {
             }
             self.events = events;
             self.after_batch();
+            // The pool refills this turn's connects asked for: one message per
+            // pool, at most, before the worker waits.
+            super::upstream::send_refills();
             if let Some(deadline) = self.shutdown {
                 let left = self.backend.in_flight();
                 if left == 0 {
