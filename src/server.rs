@@ -659,11 +659,17 @@ impl Server {
             return (Vec::new(), count);
         };
         if l.proto != Proto::Udp {
-            // listen(2) again sets the new backlog on the shared socket.
+            // listen(2) again sets the new backlog on the shared socket; TCP_NODELAY,
+            // which accepted connections inherit, in case an older binary bound it.
             for fd in &fds {
-                if let Err(e) = socket2::SockRef::from(fd).listen(l.backlog as i32) {
+                let s = socket2::SockRef::from(fd);
+                let r = s.listen(l.backlog as i32).and_then(|()| match l.proto {
+                    Proto::Tcp => s.set_tcp_nodelay(true),
+                    _ => Ok(()),
+                });
+                if let Err(e) = r {
                     tracing::warn!(listener = %l.name, error = %e,
-                        "takeover: cannot set the backlog of a taken-over socket");
+                        "takeover: cannot set the backlog or TCP_NODELAY of a taken-over socket");
                 }
             }
         }

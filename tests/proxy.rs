@@ -4,7 +4,8 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,6 +22,7 @@ both_drivers!(
     burst_of_sessions_outruns_the_socket_pool,
     round_robin_skips_a_refusing_upstream,
     root_namespace_upstream,
+    both_sockets_of_a_session_have_nodelay,
 );
 
 const LISTEN: &str = "127.0.0.1:7500";
@@ -566,5 +568,93 @@ fn burst_of_sessions_outruns_the_socket_pool(driver: &str) {
         "{}",
         r.stderr()
     );
+    assert!(r.stop().success());
+}
+
+/// TCP_NODELAY (tcp(7)) of every connected TCP socket of process `pid`, read
+/// through duplicates taken with pidfd_getfd(2) (Linux 5.6; root may take
+/// another process's fds). Listening and unconnected sockets are skipped.
+fn connected_tcp_nodelay(pid: u32) -> Vec<(String, bool)> {
+    // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd we own.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: pidfd_getfd with our pidfd, the target's fd number, no flags.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: a new fd we own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let s = socket2::SockRef::from(&fd);
+        let tcp = s.r#type().ok() == Some(socket2::Type::STREAM)
+            && s.protocol().ok().flatten() == Some(socket2::Protocol::TCP);
+        if !tcp || s.peer_addr().is_err() {
+            continue;
+        }
+        let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+        out.push((format!("fd {n} peer {peer:?}"), s.tcp_nodelay().unwrap()));
+    }
+    out
+}
+
+/// The accepted client socket (TCP_NODELAY inherited from the listener) and the
+/// upstream socket (from the binder's pool) both relay without Nagle delays.
+fn both_sockets_of_a_session_have_nodelay(driver: &str) {
+    let (cn, un) = pair("ndl", driver);
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
+        let mut b = [0u8; 64];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 || s.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let r = Ringress::start(
+        &format!("ndl-{driver}"),
+        driver,
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+    );
+    let clients: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"ping");
+            s
+        })
+        .collect();
+    let socks = connected_tcp_nodelay(r.pid());
+    // Three sessions: an accepted and an upstream socket each.
+    assert!(
+        socks.len() >= 6,
+        "connected TCP sockets of the server: {socks:?}"
+    );
+    let without: Vec<_> = socks.iter().filter(|(_, on)| !on).collect();
+    assert!(
+        without.is_empty(),
+        "sockets without TCP_NODELAY: {without:?}"
+    );
+    drop(clients);
     assert!(r.stop().success());
 }

@@ -296,10 +296,16 @@ fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
     }
 }
 
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family with TCP_NODELAY
+/// (tcp(7)): a proxy relays what it got at once. Connections a listener accepts
+/// inherit TCP_NODELAY from it (Linux copies the listener's socket), so no
+/// session sets it again.
 fn tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
-    Socket::new(
+    let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
-    )
+    )?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
 }

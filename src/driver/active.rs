@@ -140,10 +140,8 @@ impl ActiveSession {
             listener.stats.accepted.fetch_add(1, Relaxed);
             worker.sessions.fetch_add(1, Relaxed);
         }
+        // TCP_NODELAY: inherited from the listener socket (the binder sets it).
         let sctp = listener.proto == Proto::Sctp;
-        if !sctp {
-            set_nodelay(fd.as_raw_fd());
-        }
         let info = if Session::needs_info(&listener.action) {
             let s = socket2::SockRef::from(&fd);
             ConnInfo {
@@ -586,10 +584,8 @@ impl ActiveSession {
         let addr = *self.upstream.get_or_insert_with(|| set.pick(now));
         match set.socket_for(addr, wake) {
             upstream::GetSocket::Ready(fd) => {
+                // TCP sockets come with TCP_NODELAY from the binder.
                 let sctp = self.listener.proto == Proto::Sctp;
-                if !sctp {
-                    set_nodelay(fd.as_raw_fd());
-                }
                 let sock = &mut self.sockets[1];
                 if sctp {
                     sock.set_message();
@@ -647,19 +643,5 @@ impl Drop for ActiveSession {
 fn add_taken(counter: &std::sync::atomic::AtomicU64, n: &mut u32) {
     if *n > 0 {
         counter.fetch_add(u64::from(std::mem::take(n)), Relaxed);
-    }
-}
-
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int pointer and its size; fd is an open socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
     }
 }
