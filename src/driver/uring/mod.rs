@@ -6,9 +6,20 @@
 //! - [`Op::Accept`]: `IORING_OP_ACCEPT` multishot (5.19) with `SOCK_NONBLOCK |
 //!   SOCK_CLOEXEC`, single-shot where the kernel lacks multishot.
 //! - [`Op::Recv`]: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
-//!   provided-buffer ring (5.19). Single-shot, so that a session under
-//!   back-pressure simply stops asking (a multishot receive keeps pulling data in
-//!   until its cancel lands). `poll_first` sets `IORING_RECVSEND_POLL_FIRST` (5.19).
+//!   provided-buffer ring (5.19), for kernels without multishot receive (or with
+//!   it turned off). `poll_first` sets `IORING_RECVSEND_POLL_FIRST` (5.19).
+//! - [`Op::RecvMulti`] of a stream ([`MultiKind::Stream`]): multishot
+//!   `IORING_OP_RECV` (`IORING_RECV_MULTISHOT`, 6.0) from the same ring, one CQE
+//!   per filled buffer: the poll stays armed in the kernel instead of being armed
+//!   and disarmed per receive. A proxy side gives it the room left in its window
+//!   as a total byte limit (`sqe->optlen`, 6.18), after which the kernel ends it:
+//!   the window is passed by less than one buffer, as with single-shot
+//!   receives; without that limit in the kernel, proxy sides stay single-shot.
+//!   Other sessions cancel it when they stop wanting data; CQEs that come before
+//!   the cancel lands are taken, so their overshoot is bounded by the ring: at
+//!   most [`BUF_COUNT`] × [`BUF_SIZE`] bytes (4 MiB) per receive (the kernel ends
+//!   it with ENOBUFS once the ring is empty); measured, a receive flooded over
+//!   loopback took ~1.4 MiB past a 64 KiB window before its cancel landed.
 //! - [`Op::RecvMsg`]: single-shot `IORING_OP_RECVMSG` from the same ring; the
 //!   SCTP header it points at is owned by the operation.
 //! - [`Op::RecvMulti`]: multishot `IORING_OP_RECVMSG` (6.0) into a ring of
@@ -136,6 +147,12 @@ pub struct UringBackend {
     mem: ManuallyDrop<KernelMem>,
     multishot_accept: bool,
     multishot_recvmsg: bool,
+    /// Multishot `IORING_OP_RECV` for stream sockets (6.0; the probe's
+    /// `multishot_recv`).
+    multishot_recv: bool,
+    /// A multishot `IORING_OP_RECV` takes a total byte limit (6.18; the probe's
+    /// `multishot_recv_limit`).
+    multishot_recv_limit: bool,
     /// Cancels and link timeouts whose CQE has not come yet (count).
     aux: usize,
     /// Events made without the kernel (a receive that could not be set up).
@@ -152,7 +169,7 @@ pub struct UringBackend {
 
 impl UringBackend {
     /// A ring with the setup flags the probe chose, a provided-buffer ring, and
-    /// the probe's answers on multishot accept and RECVMSG.
+    /// the probe's answers on multishot accept, RECVMSG and RECV.
     ///
     /// # Errors
     /// io_uring_setup(2) failed, or registering the buffer ring failed (Linux
@@ -185,6 +202,8 @@ impl UringBackend {
             }),
             multishot_accept: p.multishot_accept,
             multishot_recvmsg: p.multishot_recvmsg,
+            multishot_recv: p.multishot_recv,
+            multishot_recv_limit: p.multishot_recv_limit,
             aux: 0,
             done: Vec::new(),
             unpublished: false,
@@ -243,6 +262,8 @@ impl Backend for UringBackend {
     fn caps(&self) -> Caps {
         Caps {
             multishot_sctp: self.multishot_recvmsg,
+            multishot_recv: self.multishot_recv,
+            multishot_recv_limit: self.multishot_recv_limit,
             recv_buf_size: BUF_SIZE,
         }
     }
