@@ -23,6 +23,17 @@ both_drivers!(
     root_namespace_upstream,
 );
 
+/// The single-shot receive path of io_uring (`RINGRESS_URING_SETUP=plain`: the
+/// path of kernels before multishot receive), next to the fast path above.
+#[cfg(feature = "uring")]
+mod uring_plain {
+    const PLAIN: &[(&str, &str)] = &[("RINGRESS_URING_SETUP", "plain")];
+    #[test]
+    fn slow_client_stalls_upstream_with_bounded_memory() {
+        super::bounded_memory("uring", PLAIN)
+    }
+}
+
 const LISTEN: &str = "127.0.0.1:7500";
 
 fn proxy_cfg(
@@ -118,9 +129,36 @@ fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
 }
 
 fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
+    bounded_memory(driver, &[]);
+}
+
+/// The sum over workers of `ringress_worker_multishot_recv_total` (multishot stream
+/// receives started).
+fn multishot_receives(admin: SocketAddr) -> f64 {
+    metrics(admin)
+        .samples
+        .iter()
+        .filter(|x| x.metric == "ringress_worker_multishot_recv_total")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .fold(0.0, |a, v| a + v)
+}
+
+/// A client that does not read while its upstream sends 256 MiB: the server's
+/// memory must stay within a few windows (`buffer_bytes`) of where it was, on
+/// each receive path: io_uring's multishot receive, which the kernel ends at the
+/// room left in the window (its total byte limit, Linux 6.18; on older kernels
+/// proxy sides stay single-shot), and the single-shot path (`env` =
+/// `RINGRESS_URING_SETUP=plain`, and epoll). Which path ran is checked in
+/// `ringress_worker_multishot_recv`.
+fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     const TOTAL: usize = 256 << 20;
     const BUFFER: usize = 64 * 1024;
-    let (cn, un) = pair("bp", driver);
+    let plain = !env.is_empty();
+    let tag = if plain { "bpp" } else { "bp" };
+    let (cn, un) = pair(tag, driver);
     let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
         let mut first = [0u8; 1];
         if s.read_exact(&mut first).is_err() {
@@ -140,14 +178,23 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     });
     // One worker, so that the warm-up touches the same provided-buffer ring (a
     // fixed per-worker cost) as the measured connection.
+    let admin = free_port();
     let cfg = proxy_cfg(
         &cn,
         "upstream = \"127.0.0.1:8000\"",
         Some(&un),
         &format!("buffer_bytes = {BUFFER}\n"),
     )
-    .replace("workers = 2", "workers = 1");
-    let r = Ringress::start(&format!("bp-{driver}"), driver, &cfg);
+    .replace("workers = 2", "workers = 1")
+    .replace(
+        "\n\n[[listener]]",
+        &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[listener]]"),
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let r = Ringress::start_with(&format!("{tag}-{driver}"), driver, &cfg, None, env);
+    // The fast path where the server's probe found the window limit.
+    let fast = driver == "uring" && r.stderr().contains("multishot_recv_limit=true");
+    assert!(!(plain && fast), "{}", r.stderr());
     let mut warm = connect_in(Some(&cn), listen_addr()).unwrap();
     warm.write_all(b"w").unwrap();
     let (w, _) = read_until_end(&mut warm);
@@ -168,7 +215,10 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     }
     let grew = peak.saturating_sub(rss0) as usize * 1024;
     let limit = 4 * BUFFER + (1 << 20);
-    eprintln!("{driver}: RSS growth while the client stalled: {grew} bytes (limit {limit})");
+    eprintln!(
+        "{driver}{}: RSS growth while the client stalled: {grew} bytes (limit {limit})",
+        if plain { " (plain)" } else { "" }
+    );
     assert!(
         grew < limit,
         "RSS grew by {grew} bytes while the client did not read (limit {limit})"
@@ -185,6 +235,13 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     }
     assert_eq!(n, TOTAL);
     drop(s);
+    let multi = multishot_receives(admin);
+    eprintln!("{driver}: multishot receives started: {multi}");
+    if fast {
+        assert!(multi > 0.0, "the fast path did not run");
+    } else if driver == "epoll" || plain {
+        assert_eq!(multi, 0.0, "a multishot receive ran on the single-shot path");
+    }
     assert!(r.stop().success());
 }
 
