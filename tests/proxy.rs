@@ -32,6 +32,11 @@ mod uring_plain {
     fn slow_client_stalls_upstream_with_bounded_memory() {
         super::bounded_memory("uring", PLAIN)
     }
+    #[test]
+    fn fast_and_plain_paths_carry_every_byte() {
+        super::uring_path_carries_every_byte(&[]);
+        super::uring_path_carries_every_byte(PLAIN);
+    }
 }
 
 const LISTEN: &str = "127.0.0.1:7500";
@@ -130,6 +135,98 @@ fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
 
 fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     bounded_memory(driver, &[]);
+}
+
+/// io_uring with `env` (none: the fast path this kernel offers;
+/// `RINGRESS_URING_SETUP=plain`: the single-shot path of older kernels) carries
+/// every byte, in order, through a proxy listener (1000 small request/response
+/// round trips on one connection, then 8 MiB each way at once) and an echo
+/// listener (8 MiB); which path ran is checked in the server's probe line and in
+/// `ringress_worker_multishot_recv_total` (an echo side takes the multishot
+/// receive on any kernel that has it, 6.0; a proxy side where the kernel also
+/// bounds it by the window, 6.18).
+fn uring_path_carries_every_byte(env: &[(&str, &str)]) {
+    const BULK: usize = 8 << 20;
+    let plain = !env.is_empty();
+    let tag = if plain { "pathp" } else { "pathf" };
+    let (cn, un) = pair(tag, "uring");
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |s| {
+        // Echo everything back, as it comes.
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let (admin, echo_port) = (free_port(), free_port());
+    let cfg = proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), "").replace(
+        "\n\n[[listener]]",
+        &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[listener]]"),
+    ) + &format!(
+        "\n[[listener]]\nname = \"echo\"\nlisten = \"127.0.0.1:{echo_port}\"\naction = \"echo\"\n"
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let r = Ringress::start_with(&format!("{tag}-uring"), "uring", &cfg, None, env);
+    let log = r.stderr();
+    let has_multishot = log.contains("multishot_recv=true");
+    if plain {
+        assert!(
+            log.contains("setup=none")
+                && log.contains("multishot_recv=false")
+                && log.contains("multishot_recv_limit=false")
+                && log.contains("recv_bundle=false"),
+            "{log}"
+        );
+    }
+    // Small round trips on one connection, as keep-alive requests are.
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut sent = 0usize;
+    for i in 0..1000u64 {
+        let req = payload(40 + (i as usize * 7) % 300, i);
+        s.write_all(&req).unwrap();
+        let mut back = vec![0u8; req.len()];
+        s.read_exact(&mut back).unwrap();
+        assert!(back == req, "round trip {i} differs");
+        sent += req.len();
+    }
+    drop(s);
+    // Bulk, both ways at once.
+    let data = payload(BULK, 21);
+    let back = echo_roundtrip(connect_in(Some(&cn), listen_addr()).unwrap(), &data);
+    assert_eq!(
+        back.len(),
+        BULK,
+        "proxy: {} of {BULK} bytes came back",
+        back.len()
+    );
+    assert!(back == data, "proxy: bytes differ");
+    let echo = SocketAddr::from(([127, 0, 0, 1], echo_port));
+    let back = echo_roundtrip(connect_in(None, echo).unwrap(), &data);
+    assert_eq!(
+        back.len(),
+        BULK,
+        "echo: {} of {BULK} bytes came back",
+        back.len()
+    );
+    assert!(back == data, "echo: bytes differ");
+    // The server counted as many bytes in as it was sent.
+    let m = metrics(admin);
+    let bytes_in = sample(&m, "ringress_listener_bytes_in_total", "px", None);
+    assert_eq!(bytes_in, (sent + BULK) as f64);
+    let multi = multishot_receives(admin);
+    eprintln!(
+        "uring{}: multishot receives started: {multi}",
+        if plain { " (plain)" } else { "" }
+    );
+    if plain || !has_multishot {
+        assert_eq!(
+            multi, 0.0,
+            "a multishot receive ran on the single-shot path"
+        );
+    } else {
+        assert!(multi > 0.0, "the fast path did not run:\n{log}");
+    }
+    assert!(r.stop().success());
 }
 
 /// The sum over workers of `ringress_worker_multishot_recv_total` (multishot stream
@@ -240,7 +337,10 @@ fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     if fast {
         assert!(multi > 0.0, "the fast path did not run");
     } else if driver == "epoll" || plain {
-        assert_eq!(multi, 0.0, "a multishot receive ran on the single-shot path");
+        assert_eq!(
+            multi, 0.0,
+            "a multishot receive ran on the single-shot path"
+        );
     }
     assert!(r.stop().success());
 }

@@ -23,7 +23,9 @@ impl UringBackend {
         let mut meta = Meta::None;
         let mut buf = None;
         match (&uop.op, bid) {
-            (Op::RecvMulti { kind, .. }, Some(bid)) if res >= 0 && !matches!(kind, MultiKind::Stream { .. }) => {
+            (Op::RecvMulti { kind, .. }, Some(bid))
+                if res >= 0 && !matches!(kind, MultiKind::Stream { .. }) =>
+            {
                 let (ring, tmpl, g) = match kind {
                     MultiKind::Datagram => (m.udp_bufs.as_ref()?, &*m.udp_msghdr, BGID_UDP),
                     _ => (&m.bufs, &*m.many_msghdr, BGID),

@@ -686,7 +686,10 @@ mod tests {
         assert_eq!(p.setup, SetupFlags::default());
         assert_eq!(p.setup.to_string(), "none");
         // ... and none of the fast path.
-        assert!(!p.multishot_recv && !p.multishot_recv_limit && !p.recv_bundle, "{p:?}");
+        assert!(
+            !p.multishot_recv && !p.multishot_recv_limit && !p.recv_bundle,
+            "{p:?}"
+        );
         let full = probe_with(false, &[]).unwrap();
         assert_eq!(p.multishot_accept, full.multishot_accept);
         assert_eq!(p.multishot_recvmsg, full.multishot_recvmsg);
