@@ -145,6 +145,7 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
 /// `ringress_worker_multishot_recv_total` (an echo side takes the multishot
 /// receive on any kernel that has it, 6.0; a proxy side where the kernel also
 /// bounds it by the window, 6.18).
+#[cfg(feature = "uring")]
 fn uring_path_carries_every_byte(env: &[(&str, &str)]) {
     const BULK: usize = 8 << 20;
     let plain = !env.is_empty();
