@@ -16,10 +16,6 @@ pub(super) struct BufRing {
     count: u16,
     size: usize,
     tail: u16,
-    /// The buffer id at each ring entry (index `tail & (count - 1)` when pushed).
-    at: Vec<u16>,
-    /// The ring position (tail value) each buffer id was last pushed at.
-    pos: Vec<u16>,
 }
 
 /// An anonymous private read-write mapping of `len` bytes (mmap(2)).
@@ -66,8 +62,6 @@ impl BufRing {
             count,
             size,
             tail: 0,
-            at: vec![0; count as usize],
-            pos: vec![0; count as usize],
         };
         // SAFETY: the ring memory is page aligned, `count` entries long, a power of
         // two, and stays mapped until Drop, which runs after the ring is gone
@@ -93,22 +87,7 @@ impl BufRing {
         e.set_addr(unsafe { self.bufs.add(bid as usize * self.size) } as u64);
         e.set_len(self.size as u32);
         e.set_bid(bid);
-        self.at[idx] = bid;
-        self.pos[(bid % self.count) as usize] = self.tail;
         self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// The id of the `n`th buffer after `first` in ring order: the buffers a
-    /// bundle receive (`IORING_RECVSEND_BUNDLE`, 6.10) filled after `first`, the
-    /// one its CQE names (the kernel takes consecutive entries from its head).
-    pub(super) fn nth_after(&self, first: u16, n: u16) -> u16 {
-        let p = self.pos[(first % self.count) as usize].wrapping_add(n);
-        self.at[(p & (self.count - 1)) as usize]
-    }
-
-    /// Size of each buffer (bytes).
-    pub(super) fn size(&self) -> usize {
-        self.size
     }
 
     /// Makes pushed buffers visible to the kernel (release store of the tail).

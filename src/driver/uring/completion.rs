@@ -8,18 +8,8 @@ use crate::driver::backend::{Backend, BufRef, Event, Meta, MultiKind, Op, Owned}
 use crate::driver::udp;
 
 impl UringBackend {
-    /// Turns one CQE into events appended to `out`: none for cancels and link
-    /// timeouts, one per buffer for a bundle receive (all but the last with
-    /// `more`), else one.
-    pub(super) fn event(&mut self, ud: u64, res: i32, flags: u32, out: &mut Vec<Event>) {
-        if let Some(ev) = self.event_one(ud, res, flags, out) {
-            out.push(ev);
-        }
-    }
-
-    /// One CQE's last (or only) event; the events of a bundle's earlier
-    /// buffers go to `out` first.
-    fn event_one(&mut self, ud: u64, res: i32, flags: u32, out: &mut Vec<Event>) -> Option<Event> {
+    /// Turns one CQE into an event (`None` for cancels and link timeouts).
+    pub(super) fn event(&mut self, ud: u64, res: i32, flags: u32) -> Option<Event> {
         let (kind, k) = crate::driver::slab::untoken(ud);
         if kind != UD_OP {
             self.aux = self.aux.saturating_sub(1);
@@ -73,51 +63,6 @@ impl UringBackend {
                         });
                     }
                 }
-            }
-            (
-                Op::RecvMulti {
-                    kind: MultiKind::Stream { .. },
-                    ..
-                },
-                Some(first),
-            ) if res as usize > m.bufs.size() => {
-                // A bundle: `res` bytes in consecutive ring buffers from `first`,
-                // each filled whole but the last.
-                let size = m.bufs.size();
-                let n = (res as usize).div_ceil(size);
-                for j in 0..n - 1 {
-                    let mut ev = Event::new(token, size as i32, true);
-                    ev.buf = Some(BufRef {
-                        group: BGID,
-                        id: m.bufs.nth_after(first, j as u16),
-                        off: 0,
-                        len: size as u32,
-                    });
-                    out.push(ev);
-                }
-                let last = res as usize - (n - 1) * size;
-                buf = Some(BufRef {
-                    group: BGID,
-                    id: m.bufs.nth_after(first, (n - 1) as u16),
-                    off: 0,
-                    len: last as u32,
-                });
-                let owned = if more {
-                    Owned::None
-                } else {
-                    self.mem
-                        .ops
-                        .remove(k)
-                        .map_or(Owned::None, |u| u.op.into_owned())
-                };
-                return Some(Event {
-                    token,
-                    res: last as i32,
-                    more,
-                    buf,
-                    meta,
-                    owned,
-                });
             }
             (Op::RecvMsg { hdr, .. }, bid) => {
                 let (flags, info) = hdr.received();

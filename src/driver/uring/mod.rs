@@ -153,9 +153,6 @@ pub struct UringBackend {
     /// A multishot `IORING_OP_RECV` takes a total byte limit (6.18; the probe's
     /// `multishot_recv_limit`).
     multishot_recv_limit: bool,
-    /// Multishot stream receives are bundles (`IORING_RECVSEND_BUNDLE`, 6.10;
-    /// the probe's `recv_bundle`): one CQE for several consecutive buffers.
-    recv_bundle: bool,
     /// Cancels and link timeouts whose CQE has not come yet (count).
     aux: usize,
     /// Events made without the kernel (a receive that could not be set up).
@@ -207,7 +204,6 @@ impl UringBackend {
             multishot_recvmsg: p.multishot_recvmsg,
             multishot_recv: p.multishot_recv,
             multishot_recv_limit: p.multishot_recv_limit,
-            recv_bundle: p.recv_bundle && p.multishot_recv,
             aux: 0,
             done: Vec::new(),
             unpublished: false,
@@ -343,7 +339,9 @@ impl Backend for UringBackend {
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
         for &(ud, res, flags) in &cqes {
-            self.event(ud, res, flags, out);
+            if let Some(ev) = self.event(ud, res, flags) {
+                out.push(ev);
+            }
         }
         cqes.clear();
         self.cqes = cqes;

@@ -56,12 +56,7 @@ impl UringBackend {
                 // IORING_RECV_MULTISHOT on IORING_OP_RECV (6.0): one buffer of the
                 // stream ring per CQE; ended by the kernel after `limit` bytes.
                 MultiKind::Stream { limit } => {
-                    let e = if self.recv_bundle {
-                        // Several consecutive ring buffers per CQE (6.10).
-                        opcode::RecvMultiBundle::new(types::Fd(*fd), BGID).build()
-                    } else {
-                        opcode::RecvMulti::new(types::Fd(*fd), BGID).build()
-                    };
+                    let e = opcode::RecvMulti::new(types::Fd(*fd), BGID).build();
                     if *limit > 0 && self.multishot_recv_limit {
                         with_optlen(e, *limit)
                     } else {
