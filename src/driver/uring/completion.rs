@@ -26,6 +26,7 @@ impl UringBackend {
             (Op::RecvMulti { kind, .. }, Some(bid))
                 if res >= 0 && !matches!(kind, MultiKind::Stream { .. }) =>
             {
+                // (A stream's CQE holds bare bytes: the generic arm below.)
                 let (ring, tmpl, g) = match kind {
                     MultiKind::Datagram => (m.udp_bufs.as_ref()?, &*m.udp_msghdr, BGID_UDP),
                     _ => (&m.bufs, &*m.many_msghdr, BGID),
