@@ -403,3 +403,73 @@ impl Drop for UringBackend {
         unsafe { ManuallyDrop::drop(&mut self.mem) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// Waits for the next event of the backend (at most 5 s).
+    fn next(b: &mut UringBackend, out: &mut Vec<Event>) -> Event {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while out.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no event");
+            b.wait(Some(Duration::from_millis(100)), out).unwrap();
+        }
+        out.remove(0)
+    }
+
+    /// A multishot stream receive stays armed across receives; with a byte limit
+    /// (where the kernel takes one, 6.18) the kernel ends it once that many bytes
+    /// came, with the last bytes in its last event; a cancel ends it otherwise.
+    #[test]
+    fn multishot_stream_receive_ends_at_its_limit_or_cancel() {
+        // As probed, and as on a kernel without the limit (6.0-6.17).
+        for disabled in ["", "multishot_recv_limit"] {
+            let p = probe_with(false, &parse_disable(disabled)).expect("io_uring");
+            if p.multishot_recv {
+                limit_or_cancel(&p);
+            }
+        }
+    }
+
+    fn limit_or_cancel(p: &UringProbe) {
+        let mut b = UringBackend::new(p).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
+        let mut out = Vec::new();
+        for limit in [1000u32, 0] {
+            let kind = MultiKind::Stream { limit };
+            let id = b.submit(
+                7,
+                Op::RecvMulti {
+                    fd: rx.as_raw_fd(),
+                    kind,
+                },
+            );
+            let mut got = 0;
+            for _ in 0..2 {
+                tx.write_all(&[1u8; 600]).unwrap();
+                let ev = next(&mut b, &mut out);
+                assert_eq!((ev.token, ev.res), (7, 600), "{ev:?}");
+                got += ev.res as u32;
+                let buf = ev.buf.expect("bytes in a buffer");
+                assert_eq!(b.data(buf), &[1u8; 600][..]);
+                b.release(buf);
+                let ended = limit > 0 && got >= limit && p.multishot_recv_limit;
+                assert_eq!(ev.more, !ended, "limit {limit}, {got} bytes: {ev:?}");
+            }
+            if limit == 0 || !p.multishot_recv_limit {
+                b.cancel(id);
+                let ev = next(&mut b, &mut out);
+                assert_eq!((ev.res, ev.more), (-libc::ECANCELED, false), "{ev:?}");
+            }
+            // Nothing in flight but the cancel's own CQE, reaped on the next wait.
+            assert_eq!(b.mem.ops.len(), 0);
+        }
+    }
+}
