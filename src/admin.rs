@@ -247,6 +247,11 @@ pub fn render_metrics(server: &Server) -> String {
         "ringress_worker_enobufs",
         "Receives that found no free receive buffer (ENOBUFS)",
     );
+    let multishot_recv = counter(
+        &mut reg,
+        "ringress_worker_multishot_recv",
+        "Multishot stream receives started (io_uring IORING_RECV_MULTISHOT; 0 on the single-shot path)",
+    );
     let sessions = gauge(&mut reg, "ringress_worker_sessions", "Sessions open now");
     for w in server.workers() {
         let lab: Labels = vec![
@@ -262,6 +267,9 @@ pub fn render_metrics(server: &Server) -> String {
         enobufs
             .get_or_create(&lab)
             .inc_by(w.stats.enobufs.load(Relaxed));
+        multishot_recv
+            .get_or_create(&lab)
+            .inc_by(w.stats.multishot_recv.load(Relaxed));
         sessions
             .get_or_create(&lab)
             .set(w.stats.sessions.load(Relaxed) as i64);

@@ -25,6 +25,22 @@ both_drivers!(
     both_sockets_of_a_session_have_nodelay,
 );
 
+/// The single-shot receive path of io_uring (`RINGRESS_URING_SETUP=plain`: the
+/// path of kernels before multishot receive), next to the fast path above.
+#[cfg(feature = "uring")]
+mod uring_plain {
+    const PLAIN: &[(&str, &str)] = &[("RINGRESS_URING_SETUP", "plain")];
+    #[test]
+    fn slow_client_stalls_upstream_with_bounded_memory() {
+        super::bounded_memory("uring", PLAIN)
+    }
+    #[test]
+    fn fast_and_plain_paths_carry_every_byte() {
+        super::uring_path_carries_every_byte(&[]);
+        super::uring_path_carries_every_byte(PLAIN);
+    }
+}
+
 const LISTEN: &str = "127.0.0.1:7500";
 
 fn proxy_cfg(
@@ -120,9 +136,129 @@ fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
 }
 
 fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
+    bounded_memory(driver, &[]);
+}
+
+/// io_uring with `env` (none: the fast path this kernel offers;
+/// `RINGRESS_URING_SETUP=plain`: the single-shot path of older kernels) carries
+/// every byte, in order, through a proxy listener (1000 small request/response
+/// round trips on one connection, then 8 MiB each way at once) and an echo
+/// listener (8 MiB); which path ran is checked in the server's probe line and in
+/// `ringress_worker_multishot_recv_total` (an echo side takes the multishot
+/// receive on any kernel that has it, 6.0; a proxy side where the kernel also
+/// bounds it by the window, 6.18).
+#[cfg(feature = "uring")]
+fn uring_path_carries_every_byte(env: &[(&str, &str)]) {
+    const BULK: usize = 8 << 20;
+    let plain = !env.is_empty();
+    let tag = if plain { "pathp" } else { "pathf" };
+    let (cn, un) = pair(tag, "uring");
+    let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |s| {
+        // Echo everything back, as it comes.
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let (admin, echo_port) = (free_port(), free_port());
+    let cfg = proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), "").replace(
+        "\n\n[[listener]]",
+        &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[listener]]"),
+    ) + &format!(
+        "\n[[listener]]\nname = \"echo\"\nlisten = \"127.0.0.1:{echo_port}\"\naction = \"echo\"\n"
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let r = Ringress::start_with(&format!("{tag}-uring"), "uring", &cfg, None, env);
+    let log = r.stderr();
+    let has_multishot = log.contains("multishot_recv=true");
+    if plain {
+        assert!(
+            log.contains("setup=none")
+                && log.contains("multishot_recv=false")
+                && log.contains("multishot_recv_limit=false")
+                && log.contains("recv_bundle=false"),
+            "{log}"
+        );
+    }
+    // Small round trips on one connection, as keep-alive requests are.
+    let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut sent = 0usize;
+    for i in 0..1000u64 {
+        let req = payload(40 + (i as usize * 7) % 300, i);
+        s.write_all(&req).unwrap();
+        let mut back = vec![0u8; req.len()];
+        s.read_exact(&mut back).unwrap();
+        assert!(back == req, "round trip {i} differs");
+        sent += req.len();
+    }
+    drop(s);
+    // Bulk, both ways at once.
+    let data = payload(BULK, 21);
+    let back = echo_roundtrip(connect_in(Some(&cn), listen_addr()).unwrap(), &data);
+    assert_eq!(
+        back.len(),
+        BULK,
+        "proxy: {} of {BULK} bytes came back",
+        back.len()
+    );
+    assert!(back == data, "proxy: bytes differ");
+    let echo = SocketAddr::from(([127, 0, 0, 1], echo_port));
+    let back = echo_roundtrip(connect_in(None, echo).unwrap(), &data);
+    assert_eq!(
+        back.len(),
+        BULK,
+        "echo: {} of {BULK} bytes came back",
+        back.len()
+    );
+    assert!(back == data, "echo: bytes differ");
+    // The server counted as many bytes in as it was sent.
+    let m = metrics(admin);
+    let bytes_in = sample(&m, "ringress_listener_bytes_in_total", "px", None);
+    assert_eq!(bytes_in, (sent + BULK) as f64);
+    let multi = multishot_receives(admin);
+    eprintln!(
+        "uring{}: multishot receives started: {multi}",
+        if plain { " (plain)" } else { "" }
+    );
+    if plain || !has_multishot {
+        assert_eq!(
+            multi, 0.0,
+            "a multishot receive ran on the single-shot path"
+        );
+    } else {
+        assert!(multi > 0.0, "the fast path did not run:\n{log}");
+    }
+    assert!(r.stop().success());
+}
+
+/// The sum over workers of `ringress_worker_multishot_recv_total` (multishot stream
+/// receives started).
+fn multishot_receives(admin: SocketAddr) -> f64 {
+    metrics(admin)
+        .samples
+        .iter()
+        .filter(|x| x.metric == "ringress_worker_multishot_recv_total")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .fold(0.0, |a, v| a + v)
+}
+
+/// A client that does not read while its upstream sends 256 MiB: the server's
+/// memory must stay within a few windows (`buffer_bytes`) of where it was, on
+/// each receive path: io_uring's multishot receive, which the kernel ends at the
+/// room left in the window (its total byte limit, Linux 6.18; on older kernels
+/// proxy sides stay single-shot), and the single-shot path (`env` =
+/// `RINGRESS_URING_SETUP=plain`, and epoll). Which path ran is checked in
+/// `ringress_worker_multishot_recv`.
+fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     const TOTAL: usize = 256 << 20;
     const BUFFER: usize = 64 * 1024;
-    let (cn, un) = pair("bp", driver);
+    let plain = !env.is_empty();
+    let tag = if plain { "bpp" } else { "bp" };
+    let (cn, un) = pair(tag, driver);
     let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
         let mut first = [0u8; 1];
         if s.read_exact(&mut first).is_err() {
@@ -142,14 +278,23 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     });
     // One worker, so that the warm-up touches the same provided-buffer ring (a
     // fixed per-worker cost) as the measured connection.
+    let admin = free_port();
     let cfg = proxy_cfg(
         &cn,
         "upstream = \"127.0.0.1:8000\"",
         Some(&un),
         &format!("buffer_bytes = {BUFFER}\n"),
     )
-    .replace("workers = 2", "workers = 1");
-    let r = Ringress::start(&format!("bp-{driver}"), driver, &cfg);
+    .replace("workers = 2", "workers = 1")
+    .replace(
+        "\n\n[[listener]]",
+        &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[listener]]"),
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let r = Ringress::start_with(&format!("{tag}-{driver}"), driver, &cfg, None, env);
+    // The fast path where the server's probe found the window limit.
+    let fast = driver == "uring" && r.stderr().contains("multishot_recv_limit=true");
+    assert!(!(plain && fast), "{}", r.stderr());
     let mut warm = connect_in(Some(&cn), listen_addr()).unwrap();
     warm.write_all(b"w").unwrap();
     let (w, _) = read_until_end(&mut warm);
@@ -170,7 +315,10 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     }
     let grew = peak.saturating_sub(rss0) as usize * 1024;
     let limit = 4 * BUFFER + (1 << 20);
-    eprintln!("{driver}: RSS growth while the client stalled: {grew} bytes (limit {limit})");
+    eprintln!(
+        "{driver}{}: RSS growth while the client stalled: {grew} bytes (limit {limit})",
+        if plain { " (plain)" } else { "" }
+    );
     assert!(
         grew < limit,
         "RSS grew by {grew} bytes while the client did not read (limit {limit})"
@@ -187,6 +335,16 @@ fn slow_client_stalls_upstream_with_bounded_memory(driver: &str) {
     }
     assert_eq!(n, TOTAL);
     drop(s);
+    let multi = multishot_receives(admin);
+    eprintln!("{driver}: multishot receives started: {multi}");
+    if fast {
+        assert!(multi > 0.0, "the fast path did not run");
+    } else if driver == "epoll" || plain {
+        assert_eq!(
+            multi, 0.0,
+            "a multishot receive ran on the single-shot path"
+        );
+    }
     assert!(r.stop().success());
 }
 

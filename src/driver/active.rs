@@ -254,6 +254,18 @@ impl ActiveSession {
         }
     }
 
+    /// How many more bytes side `side` may take before its window is full
+    /// (bytes), for sessions whose window a receive can be told: a proxy's
+    /// `buffer_bytes` ([`crate::proto::ProxySession::recv_room`]); `None` for
+    /// the others (and during a lingering close), whose receives are stopped by
+    /// cancelling them.
+    pub fn recv_room(&self, side: Side) -> Option<usize> {
+        match &self.session {
+            Session::Proxy(p) if self.io.linger.is_none() => Some(p.recv_room(side, &self.io)),
+            _ => None,
+        }
+    }
+
     /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.
     pub fn is_message_side(&self, side: Side) -> bool {
         self.sockets[side.index()].message

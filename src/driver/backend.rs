@@ -40,6 +40,16 @@ pub enum MultiKind {
     Datagram,
     /// A one-to-many SCTP socket: each message piece with SCTP_RCVINFO.
     SctpMany,
+    /// A stream socket (TCP): bytes, as [`Op::Recv`] gives them, one event per
+    /// filled buffer; `res` 0 (end of stream) ends it. Only where
+    /// [`Caps::multishot_recv`] says so.
+    Stream {
+        /// End the receive (last event without `more`, carrying bytes) once it
+        /// has taken this many bytes or more (the last buffer may pass it by
+        /// less than [`Caps::recv_buf_size`]); 0: no limit. Only where
+        /// [`Caps::multishot_recv_limit`] says so.
+        limit: u32,
+    },
 }
 
 /// One operation on a socket the worker owns (the fd stays open until the
@@ -84,8 +94,15 @@ pub enum Op {
         /// Its recvmsg header, moved in for the operation.
         hdr: Box<RecvHeader>,
     },
-    /// Receive datagrams or one-to-many SCTP pieces, one event each (multishot
-    /// while `more`), with [`Meta::Datagram`] or [`Meta::Message`].
+    /// Receive datagrams, one-to-many SCTP pieces or stream bytes, one event
+    /// each (multishot while `more`), with [`Meta::Datagram`], [`Meta::Message`]
+    /// or nothing ([`MultiKind::Stream`]). It ends with an event without `more`:
+    /// end of stream (`res` 0), an error, -ENOBUFS (no buffer was free:
+    /// back-pressure), -ECANCELED (cancelled); that last event may still carry
+    /// bytes (`res` > 0), which count like any other. Until a cancel lands the
+    /// receive goes on taking bytes, so a worker that stops wanting data takes
+    /// at most what the backend's buffers hold past that point
+    /// ([`Caps::recv_buf_size`] × the buffers in its pool).
     RecvMulti {
         /// The socket.
         fd: RawFd,
@@ -246,6 +263,13 @@ pub struct Caps {
     /// [`Op::RecvMulti`] with [`MultiKind::SctpMany`] is worth using (io_uring
     /// multishot RECVMSG, 6.0); otherwise one-to-many sockets use [`Op::RecvMsg`].
     pub multishot_sctp: bool,
+    /// [`Op::RecvMulti`] with [`MultiKind::Stream`] is worth using for stream
+    /// sockets (io_uring `IORING_RECV_MULTISHOT` on `IORING_OP_RECV`, 6.0):
+    /// one armed receive per side instead of one per buffer.
+    pub multishot_recv: bool,
+    /// Such a receive takes [`MultiKind::Stream`]'s `limit` (io_uring
+    /// `sqe->optlen` of a multishot `IORING_OP_RECV`, Linux 6.18).
+    pub multishot_recv_limit: bool,
     /// Size of every receive buffer (bytes): a receive shorter than this drained
     /// the socket.
     pub recv_buf_size: usize,

@@ -524,7 +524,7 @@ impl EpollBackend {
         }
         let g = match kind {
             MultiKind::Datagram => GROUP_DATAGRAM,
-            MultiKind::SctpMany => GROUP_STREAM,
+            MultiKind::SctpMany | MultiKind::Stream { .. } => GROUP_STREAM,
         };
         for _ in 0..DATAGRAM_BUDGET {
             let pool = &mut self.pools[usize::from(g)];
@@ -550,8 +550,18 @@ impl EpollBackend {
                     crate::sctp::recv(fd, buf, &mut hdr)
                         .map(|(n, flags, info)| (n, Meta::Message { flags, info }))
                 }
+                MultiKind::Stream { .. } => {
+                    nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::empty())
+                        .map(|n| (n, Meta::None))
+                        .map_err(|e| io::Error::from_raw_os_error(e as i32))
+                }
             };
             match r {
+                Ok((0, _)) if matches!(kind, MultiKind::Stream { .. }) => {
+                    // End of stream ends the receive.
+                    self.pools[usize::from(g)].free.push(id);
+                    return self.finish(k, 0, None, Meta::None);
+                }
                 Ok((n, meta)) => {
                     let b = buf_ref(g, id, 0, n);
                     self.shot(k, n as i32, Some(b), meta);
@@ -564,6 +574,10 @@ impl EpollBackend {
                             return self.park(k, fd, true);
                         }
                         libc::EINTR => {}
+                        // A stream's error ends it.
+                        errno if matches!(kind, MultiKind::Stream { .. }) => {
+                            return self.finish(k, -errno, None, Meta::None)
+                        }
                         // An ICMP error on a connected UDP socket: reported, the
                         // receive goes on.
                         errno => self.shot(k, -errno, None, Meta::None),
@@ -595,6 +609,8 @@ impl Backend for EpollBackend {
     fn caps(&self) -> Caps {
         Caps {
             multishot_sctp: false,
+            multishot_recv: false,
+            multishot_recv_limit: false,
             recv_buf_size: RECV_BUF_SIZE,
         }
     }

@@ -140,6 +140,7 @@ fn log_uring_choice(io: &str) {
             multishot_accept = p.multishot_accept,
             multishot_recvmsg = p.multishot_recvmsg,
             multishot_recv = p.multishot_recv,
+            multishot_recv_limit = p.multishot_recv_limit,
             recv_bundle = p.recv_bundle,
             "io = {io}: using io_uring"
         );

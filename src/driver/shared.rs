@@ -199,6 +199,10 @@ pub struct WorkerStats {
     /// Receives that found no free receive buffer (ENOBUFS: the io_uring
     /// provided-buffer ring, or the epoll backend's pool of the same size, was empty).
     pub enobufs: AtomicU64,
+    /// Multishot receives started on stream sockets (io_uring
+    /// `IORING_RECV_MULTISHOT` on `IORING_OP_RECV`, 6.0; always 0 on epoll, on
+    /// kernels without it and with `RINGRESS_URING_SETUP=plain`).
+    pub multishot_recv: AtomicU64,
     /// Sessions open now on this worker (a gauge).
     pub sessions: AtomicU64,
     /// Listener sockets (TCP, one-to-one SCTP, UDP) this worker holds now (a

@@ -65,6 +65,15 @@ impl ProxySession {
         }
     }
 
+    /// How many more bytes side `s` may take before the other side's queue
+    /// reaches the window (`buffer_bytes` minus what the other side has not
+    /// sent; bytes). A receive that takes no more than this keeps the window.
+    pub fn recv_room(&self, s: Side, io: &SessionIo) -> usize {
+        self.cfg
+            .buffer_bytes
+            .saturating_sub(io.sides[s.other().index()].unsent())
+    }
+
     /// Reads side `s` again if the other side's queue has room and `s` has not ended.
     fn resume(&self, s: Side, io: &mut SessionIo) {
         if !self.eof[s.index()]

@@ -48,10 +48,13 @@ impl UringBackend {
         let mut meta = Meta::None;
         let mut buf = None;
         match (&uop.op, bid) {
-            (Op::RecvMulti { kind, .. }, Some(bid)) if res >= 0 => {
+            (Op::RecvMulti { kind, .. }, Some(bid))
+                if res >= 0 && !matches!(kind, MultiKind::Stream { .. }) =>
+            {
+                // (A stream's CQE holds bare bytes: the generic arm below.)
                 let (ring, tmpl, g) = match kind {
                     MultiKind::Datagram => (m.udp_bufs.as_ref()?, &*m.udp_msghdr, BGID_UDP),
-                    MultiKind::SctpMany => (&m.bufs, &*m.many_msghdr, BGID),
+                    _ => (&m.bufs, &*m.many_msghdr, BGID),
                 };
                 let raw = ring.data(bid, res as usize);
                 let base = raw.as_ptr() as usize;
@@ -64,7 +67,7 @@ impl UringBackend {
                                 to: udp::parse_pktinfo(out.control_data()),
                                 truncated: out.is_payload_truncated(),
                             },
-                            MultiKind::SctpMany => Meta::Message {
+                            MultiKind::SctpMany | MultiKind::Stream { .. } => Meta::Message {
                                 flags: out.flags() as i32,
                                 info: crate::sctp::msg_info(out.control_data()),
                             },

@@ -6,9 +6,20 @@
 //! - [`Op::Accept`]: `IORING_OP_ACCEPT` multishot (5.19) with `SOCK_NONBLOCK |
 //!   SOCK_CLOEXEC`, single-shot where the kernel lacks multishot.
 //! - [`Op::Recv`]: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a
-//!   provided-buffer ring (5.19). Single-shot, so that a session under
-//!   back-pressure simply stops asking (a multishot receive keeps pulling data in
-//!   until its cancel lands). `poll_first` sets `IORING_RECVSEND_POLL_FIRST` (5.19).
+//!   provided-buffer ring (5.19), for kernels without multishot receive (or with
+//!   it turned off). `poll_first` sets `IORING_RECVSEND_POLL_FIRST` (5.19).
+//! - [`Op::RecvMulti`] of a stream ([`MultiKind::Stream`]): multishot
+//!   `IORING_OP_RECV` (`IORING_RECV_MULTISHOT`, 6.0) from the same ring, one CQE
+//!   per filled buffer: the poll stays armed in the kernel instead of being armed
+//!   and disarmed per receive. A proxy side gives it the room left in its window
+//!   as a total byte limit (`sqe->optlen`, 6.18), after which the kernel ends it:
+//!   the window is passed by less than one buffer, as with single-shot
+//!   receives; without that limit in the kernel, proxy sides stay single-shot.
+//!   Other sessions cancel it when they stop wanting data; CQEs that come before
+//!   the cancel lands are taken, so their overshoot is bounded by the ring: at
+//!   most [`BUF_COUNT`] × [`BUF_SIZE`] bytes (4 MiB) per receive (the kernel ends
+//!   it with ENOBUFS once the ring is empty); measured, a receive flooded over
+//!   loopback took ~1.4 MiB past a 64 KiB window before its cancel landed.
 //! - [`Op::RecvMsg`]: single-shot `IORING_OP_RECVMSG` from the same ring; the
 //!   SCTP header it points at is owned by the operation.
 //! - [`Op::RecvMulti`]: multishot `IORING_OP_RECVMSG` (6.0) into a ring of
@@ -147,6 +158,12 @@ pub struct UringBackend {
     multishot_recvmsg: bool,
     /// Sockets are closed with `IORING_OP_CLOSE` (the probe lists `CLOSE`, 5.6).
     ring_close: bool,
+    /// Multishot `IORING_OP_RECV` for stream sockets (6.0; the probe's
+    /// `multishot_recv`).
+    multishot_recv: bool,
+    /// A multishot `IORING_OP_RECV` takes a total byte limit (6.18; the probe's
+    /// `multishot_recv_limit`).
+    multishot_recv_limit: bool,
     /// Cancels and link timeouts whose CQE has not come yet (count).
     aux: usize,
     /// Events made without the kernel (a receive that could not be set up).
@@ -163,7 +180,7 @@ pub struct UringBackend {
 
 impl UringBackend {
     /// A ring with the setup flags the probe chose, a provided-buffer ring, and
-    /// the probe's answers on multishot accept and RECVMSG.
+    /// the probe's answers on multishot accept, RECVMSG and RECV.
     ///
     /// # Errors
     /// io_uring_setup(2) failed, or registering the buffer ring failed (Linux
@@ -198,6 +215,8 @@ impl UringBackend {
             multishot_accept: p.multishot_accept,
             multishot_recvmsg: p.multishot_recvmsg,
             ring_close: p.opcodes.contains(&"CLOSE"),
+            multishot_recv: p.multishot_recv,
+            multishot_recv_limit: p.multishot_recv_limit,
             aux: 0,
             done: Vec::new(),
             unpublished: false,
@@ -256,6 +275,8 @@ impl Backend for UringBackend {
     fn caps(&self) -> Caps {
         Caps {
             multishot_sctp: self.multishot_recvmsg,
+            multishot_recv: self.multishot_recv,
+            multishot_recv_limit: self.multishot_recv_limit,
             recv_buf_size: BUF_SIZE,
         }
     }
@@ -409,8 +430,12 @@ impl Drop for UringBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
+
+    use super::*;
 
     /// Whether `peer` sees the other end closed (EOF); `false` while it is open.
     fn peer_closed(peer: &mut UnixStream) -> bool {
@@ -453,5 +478,66 @@ mod tests {
         b.close(OwnedFd::from(ours));
         assert_eq!(b.in_flight(), 0);
         assert!(peer_closed(&mut peer));
+    }
+
+    /// Waits for the next event of the backend (at most 5 s).
+    fn next(b: &mut UringBackend, out: &mut Vec<Event>) -> Event {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while out.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no event");
+            b.wait(Some(Duration::from_millis(100)), out).unwrap();
+        }
+        out.remove(0)
+    }
+
+    /// A multishot stream receive stays armed across receives; with a byte limit
+    /// (where the kernel takes one, 6.18) the kernel ends it once that many bytes
+    /// came, with the last bytes in its last event; a cancel ends it otherwise.
+    #[test]
+    fn multishot_stream_receive_ends_at_its_limit_or_cancel() {
+        // As probed, and as on a kernel without the limit (6.0-6.17).
+        for disabled in ["", "multishot_recv_limit"] {
+            let p = probe_with(false, &parse_disable(disabled)).expect("io_uring");
+            if p.multishot_recv {
+                limit_or_cancel(&p);
+            }
+        }
+    }
+
+    fn limit_or_cancel(p: &UringProbe) {
+        let mut b = UringBackend::new(p).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
+        let mut out = Vec::new();
+        for limit in [1000u32, 0] {
+            let kind = MultiKind::Stream { limit };
+            let id = b.submit(
+                7,
+                Op::RecvMulti {
+                    fd: rx.as_raw_fd(),
+                    kind,
+                },
+            );
+            let mut got = 0;
+            for _ in 0..2 {
+                tx.write_all(&[1u8; 600]).unwrap();
+                let ev = next(&mut b, &mut out);
+                assert_eq!((ev.token, ev.res), (7, 600), "{ev:?}");
+                got += ev.res as u32;
+                let buf = ev.buf.expect("bytes in a buffer");
+                assert_eq!(b.data(buf), &[1u8; 600][..]);
+                b.release(buf);
+                let ended = limit > 0 && got >= limit && p.multishot_recv_limit;
+                assert_eq!(ev.more, !ended, "limit {limit}, {got} bytes: {ev:?}");
+            }
+            if limit == 0 || !p.multishot_recv_limit {
+                b.cancel(id);
+                let ev = next(&mut b, &mut out);
+                assert_eq!((ev.res, ev.more), (-libc::ECANCELED, false), "{ev:?}");
+            }
+            // Nothing in flight but the cancel's own CQE, reaped on the next wait.
+            assert_eq!(b.mem.ops.len(), 0);
+        }
     }
 }

@@ -53,6 +53,16 @@ impl UringBackend {
                 MultiKind::SctpMany => {
                     opcode::RecvMsgMulti::new(types::Fd(*fd), &*m.many_msghdr, BGID).build()
                 }
+                // IORING_RECV_MULTISHOT on IORING_OP_RECV (6.0): one buffer of the
+                // stream ring per CQE; ended by the kernel after `limit` bytes.
+                MultiKind::Stream { limit } => {
+                    let e = opcode::RecvMulti::new(types::Fd(*fd), BGID).build();
+                    if *limit > 0 && self.multishot_recv_limit {
+                        with_optlen(e, *limit)
+                    } else {
+                        e
+                    }
+                }
             },
             Op::Send { fd, buf, off } => {
                 let rest = &buf[*off..];
@@ -82,4 +92,27 @@ impl UringBackend {
         };
         Some((e.user_data(ud), None))
     }
+}
+
+/// Byte offset of `optlen` (the union with `splice_fd_in` and `file_index`) in
+/// a 64-byte SQE (`struct io_uring_sqe`, include/uapi/linux/io_uring.h).
+const SQE_OPTLEN_OFFSET: usize = 44;
+
+const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+
+/// `e` with `sqe->optlen` set to `v`: the total byte limit of a multishot
+/// `IORING_OP_RECV` (Linux 6.18; older kernels fail the request with EINVAL). The
+/// io-uring crate has no setter for it.
+pub(super) fn with_optlen(mut e: squeue::Entry, v: u32) -> squeue::Entry {
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around `io_uring_sqe` (64 bytes,
+    // checked above), whose `__u32` at offset 44 is `optlen`; the write stays
+    // inside the entry and is unaligned-safe.
+    unsafe {
+        (&mut e as *mut squeue::Entry)
+            .cast::<u8>()
+            .add(SQE_OPTLEN_OFFSET)
+            .cast::<u32>()
+            .write_unaligned(v);
+    }
+    e
 }

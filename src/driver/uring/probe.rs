@@ -11,7 +11,9 @@
 //! armed until the cancel ends it with ECANCELED.
 //!
 //! Two environment variables steer it (read once, for tests and debugging):
-//! - `RINGRESS_URING_SETUP=plain`: no setup flag is tried;
+//! - `RINGRESS_URING_SETUP=plain`: the path of Linux 6.1-era ringress: no setup
+//!   flag is tried, and the fast-path features (multishot stream receive, bundles)
+//!   are reported absent, so every stream receive is single-shot;
 //! - `RINGRESS_URING_DISABLE=NAME,...` with names from [`DISABLE_NAMES`]: the probe
 //!   reports those as absent, so that the fallback paths can be tested on a kernel
 //!   that has everything.
@@ -31,7 +33,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 /// comma-separated list of [`DISABLE_NAMES`].
 pub const DISABLE_ENV: &str = "RINGRESS_URING_DISABLE";
 /// The environment variable that, set to `plain`, makes the probe (and the
-/// workers' rings) use no setup flag.
+/// workers' rings) use no setup flag and report [`PLAIN_OFF`] absent.
 pub const SETUP_ENV: &str = "RINGRESS_URING_SETUP";
 /// The names [`DISABLE_ENV`] takes, each a field of [`UringProbe`] or of
 /// [`SetupFlags`].
@@ -39,11 +41,16 @@ pub const DISABLE_NAMES: &[&str] = &[
     "multishot_accept",
     "multishot_recvmsg",
     "multishot_recv",
+    "multishot_recv_limit",
     "recv_bundle",
     "defer_taskrun",
     "single_issuer",
     "coop_taskrun",
 ];
+
+/// What `RINGRESS_URING_SETUP=plain` turns off besides the setup flags: the
+/// receive features newer than Linux 6.1 (names of [`DISABLE_NAMES`]).
+pub const PLAIN_OFF: &[&str] = &["multishot_recv", "multishot_recv_limit", "recv_bundle"];
 
 /// Entries of the probe's throwaway ring (SQ and CQ entries).
 const PROBE_ENTRIES: u32 = 8;
@@ -170,10 +177,17 @@ pub struct UringProbe {
     pub multishot_accept: bool,
     /// `IORING_RECV_MULTISHOT` on `IORING_OP_RECVMSG` works (Linux 6.0).
     pub multishot_recvmsg: bool,
-    /// `IORING_RECV_MULTISHOT` on `IORING_OP_RECV` works (Linux 6.0).
+    /// `IORING_RECV_MULTISHOT` on `IORING_OP_RECV` works (Linux 6.0); false with
+    /// `RINGRESS_URING_SETUP=plain`.
     pub multishot_recv: bool,
+    /// A multishot `IORING_OP_RECV` takes a total byte limit in `sqe->optlen`
+    /// and ends once it has received that much (Linux 6.18; before, a non-zero
+    /// `optlen` fails the request with EINVAL); false with
+    /// `RINGRESS_URING_SETUP=plain`.
+    pub multishot_recv_limit: bool,
     /// `IORING_FEAT_RECVSEND_BUNDLE`: receives and sends may take several
-    /// provided buffers at once (`IORING_RECVSEND_BUNDLE`, Linux 6.10).
+    /// provided buffers at once (`IORING_RECVSEND_BUNDLE`, Linux 6.10); false
+    /// with `RINGRESS_URING_SETUP=plain`.
     pub recv_bundle: bool,
 }
 
@@ -215,7 +229,7 @@ pub(crate) fn parse_disable(value: &str) -> Vec<String> {
 /// # Errors
 /// As [`probe()`].
 pub(crate) fn probe_with(plain: bool, disabled: &[String]) -> Result<UringProbe, String> {
-    let off = |n: &str| disabled.iter().any(|d| d == n);
+    let off = |n: &str| disabled.iter().any(|d| d == n) || plain && PLAIN_OFF.contains(&n);
     let attempts: &[SetupFlags] = if plain {
         &SetupFlags::PREFERENCE[3..]
     } else {
@@ -256,6 +270,8 @@ pub(crate) fn probe_with(plain: bool, disabled: &[String]) -> Result<UringProbe,
     let multishot_recvmsg =
         ext_arg && buf_ring && !off("multishot_recvmsg") && live.multishot_recvmsg();
     let multishot_recv = ext_arg && buf_ring && !off("multishot_recv") && live.multishot_recv();
+    let multishot_recv_limit =
+        multishot_recv && !off("multishot_recv_limit") && live.multishot_recv_limit();
     live.finish();
     Ok(UringProbe {
         kernel: kernel_release(),
@@ -266,6 +282,7 @@ pub(crate) fn probe_with(plain: bool, disabled: &[String]) -> Result<UringProbe,
         multishot_accept,
         multishot_recvmsg,
         multishot_recv,
+        multishot_recv_limit,
         recv_bundle,
     })
 }
@@ -472,6 +489,24 @@ impl Live {
         verdict("multishot recv", res)
     }
 
+    /// Multishot RECV with a total byte limit (`sqe->optlen`, 6.18) from the
+    /// provided-buffer ring on an idle UDP socket, then its cancel.
+    fn multishot_recv_limit(&mut self) -> bool {
+        let Some(s) = wildcard(UdpSocket::bind) else {
+            return false;
+        };
+        if s.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let e = super::ops::with_optlen(
+            opcode::RecvMulti::new(types::Fd(s.as_raw_fd()), PROBE_BGID).build(),
+            PROBE_BUF_SIZE as u32,
+        );
+        // SAFETY: as in `multishot_recv`.
+        let res = unsafe { self.op_then_cancel(e, false) };
+        verdict("multishot recv with a limit", res)
+    }
+
     /// Submits `op` and an `IORING_OP_ASYNC_CANCEL` of it, and waits for both to
     /// end. Returns the result of `op`'s last CQE (the one without
     /// `IORING_CQE_F_MORE`), or `None` (and sets `leak`) if they did not both end
@@ -579,6 +614,7 @@ mod tests {
         assert_eq!(p.multishot_accept, v >= (5, 19), "{p:?}");
         assert_eq!(p.multishot_recvmsg, v >= (6, 0), "{p:?}");
         assert_eq!(p.multishot_recv, v >= (6, 0), "{p:?}");
+        assert_eq!(p.multishot_recv_limit, v >= (6, 18), "{p:?}");
         assert_eq!(p.recv_bundle, v >= (6, 10), "{p:?}");
         assert_eq!(p.setup.defer_taskrun, v >= (6, 1), "{p:?}");
         assert_eq!(p.setup.single_issuer, v >= (6, 0), "{p:?}");
@@ -617,6 +653,7 @@ mod tests {
         assert!(!p.multishot_accept);
         assert!(!p.multishot_recvmsg);
         assert!(!p.multishot_recv);
+        assert!(!p.multishot_recv_limit);
         assert!(!p.recv_bundle);
         assert_eq!(p.setup, SetupFlags::default());
         // What the kernel reported is kept.
@@ -648,6 +685,14 @@ mod tests {
         let p = probe_with(true, &[]).unwrap();
         assert_eq!(p.setup, SetupFlags::default());
         assert_eq!(p.setup.to_string(), "none");
+        // ... and none of the fast path.
+        assert!(
+            !p.multishot_recv && !p.multishot_recv_limit && !p.recv_bundle,
+            "{p:?}"
+        );
+        let full = probe_with(false, &[]).unwrap();
+        assert_eq!(p.multishot_accept, full.multishot_accept);
+        assert_eq!(p.multishot_recvmsg, full.multishot_recvmsg);
     }
 
     #[test]
@@ -688,6 +733,7 @@ mod tests {
             "multishot_accept",
             "multishot_recvmsg",
             "multishot_recv",
+            "multishot_recv_limit",
             "recv_bundle",
         ] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");

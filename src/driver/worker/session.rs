@@ -184,7 +184,25 @@ impl<B: Backend> Worker<B> {
         if e.ops.recv[i].is_some() || !e.session.wants_recv(side) {
             return;
         }
-        let op = if !message {
+        // A multishot receive where the kernel has it; a session whose window
+        // a receive can be told (a proxy) gets it as the receive's byte limit,
+        // so it ends at the window instead of overshooting it until its cancel
+        // lands; without that limit in the kernel, such a session keeps
+        // single-shot receives.
+        let room = e.session.recv_room(side);
+        let multishot = !message
+            && self.caps.multishot_recv
+            && (room.is_none() || self.caps.multishot_recv_limit);
+        let op = if multishot {
+            e.ops.multi[i] = true;
+            self.ctx.stats.multishot_recv.fetch_add(1, Relaxed);
+            Op::RecvMulti {
+                fd,
+                kind: MultiKind::Stream {
+                    limit: room.map_or(0, |r| r.clamp(1, u32::MAX as usize) as u32),
+                },
+            }
+        } else if !message {
             Op::Recv {
                 fd,
                 poll_first: e.ops.drained[i],
@@ -296,15 +314,24 @@ impl<B: Backend> Worker<B> {
         self.drive(k);
     }
 
-    /// One event of the multishot receive of a one-to-many echo socket. The
-    /// receive is cancelled when the session stops asking for more (its window is
-    /// full); its last event lacks `more`.
+    /// One event of a multishot receive: of a one-to-many echo socket (SCTP
+    /// pieces) or of a stream side (bytes). The receive is cancelled when the
+    /// session stops asking for more (its window is full); events that come
+    /// before the cancel lands still carry data, which the session takes (never
+    /// dropped), so a side overshoots its window by at most what the backend's
+    /// buffers hold ([`crate::driver::backend::Op::RecvMulti`]). Its last event
+    /// lacks `more`; the next [`Worker::drive`] re-arms it if the session still
+    /// asks.
     pub(super) fn on_recv_multi(&mut self, k: Key, side: Side, ev: Event) {
         let now = self.now;
         let i = side.index();
         let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
+        let message = e.session.is_message_side(side);
+        // A cancel of ours was on its way: a stream session's request stands as
+        // it is (it asks again itself once its window has room).
+        let cancelled = e.ops.cancelling[i];
         if !ev.more {
             e.ops.recv[i] = None;
             e.ops.multi[i] = false;
@@ -312,10 +339,14 @@ impl<B: Backend> Worker<B> {
         }
         if e.ops.closing {
             // Cancelled or not, nothing more goes to a closing session.
-        } else if ev.res >= 0 {
-            if let Meta::Message { flags, info } = ev.meta {
-                let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
-                e.session.complete_message(side, data, flags, info, now);
+        } else if ev.res > 0 || (ev.res == 0 && message) {
+            let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
+            if message {
+                if let Meta::Message { flags, info } = ev.meta {
+                    e.session.complete_message(side, data, flags, info, now);
+                }
+            } else {
+                e.session.complete(side, Completion::Recv(data), now);
             }
             // Still running but no longer wanted: stop it (its last events may
             // still carry data, which the session takes). Once a cancel is on its
@@ -331,15 +362,21 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             }
+        } else if ev.res == 0 {
+            e.session.complete(side, Completion::Eof, now);
         } else if ev.res == -libc::ENOBUFS {
+            // Back-pressure from the buffer pool: re-armed once this batch has
+            // given its buffers back.
             self.ctx.stats.enobufs.fetch_add(1, Relaxed);
-            e.session.io.side(side).recv();
+            if message || !cancelled {
+                e.session.io.side(side).recv();
+            }
             if !ev.more {
                 self.starved.push(k);
                 return;
             }
         } else if ev.res == -libc::ECANCELED || ev.res == -libc::EAGAIN {
-            if !ev.more {
+            if !ev.more && (message || !cancelled) {
                 e.session.io.side(side).recv();
             }
         } else {

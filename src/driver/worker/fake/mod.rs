@@ -475,6 +475,8 @@ impl Backend for FakeBackend {
     fn caps(&self) -> Caps {
         Caps {
             multishot_sctp: false,
+            multishot_recv: false,
+            multishot_recv_limit: false,
             recv_buf_size: self.buf_size,
         }
     }
