@@ -49,7 +49,7 @@ pub const DISABLE_NAMES: &[&str] = &[
 ];
 
 /// What `RINGRESS_URING_SETUP=plain` turns off besides the setup flags: the
-/// the stream-receive features the 6.1-era path did not use (names of
+/// stream-receive features the 6.1-era path did not use (names of
 /// [`DISABLE_NAMES`]).
 pub const PLAIN_OFF: &[&str] = &["multishot_recv", "multishot_recv_limit", "recv_bundle"];
 
