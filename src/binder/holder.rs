@@ -56,8 +56,11 @@ pub(super) fn bind_exclusive(
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e,
         Err(e) => return Err(("bind", e)),
     };
-    let holders = holders(addr, udp);
+    // Our own sockets first: one that a worker closes between the two reads (a
+    // drained listener) then drops out of `holders` too, instead of counting as
+    // another process's.
     let own = own_socket_inodes();
+    let holders = holders(addr, udp);
     let foreign: Vec<u64> = holders
         .iter()
         .copied()

@@ -61,7 +61,7 @@ use nix::sched::{setns, CloneFlags};
 use crate::health::{Heartbeat, BEAT_EVERY};
 use crate::netns;
 
-pub use self::pool::{SocketPool, GROWTH as POOL_GROWTH, SHRINK_AFTER as POOL_SHRINK_AFTER};
+pub use self::pool::{SocketPool, TopUp, GROWTH as POOL_GROWTH, SHRINK_AFTER as POOL_SHRINK_AFTER};
 use self::spec::create_sockets;
 pub use self::spec::{udp_socket, ClientProto, SocketSpec};
 

@@ -37,6 +37,17 @@ pub const SHRINK_AFTER: Duration = Duration::from_secs(5);
 /// fewer are left, 32 or more sockets per refill under load.
 pub const LOW_WATER_DIVISOR: usize = 2;
 
+/// What [`SocketPool::wants_top_up`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopUp {
+    /// At its target: nothing to do.
+    Full,
+    /// Below its target and no refill running: ask the binder for one now.
+    Send,
+    /// Below its target while a refill runs: look again later.
+    Later,
+}
+
 /// Unconnected, non-blocking TCP, UDP or SCTP sockets of one address family made in
 /// one namespace, ready for workers to connect from (upstream connects in another
 /// namespace without a binder round trip). The binder fills it; workers take.
@@ -215,12 +226,20 @@ impl SocketPool {
             && !self.short.swap(true, Ordering::AcqRel)
     }
 
-    /// Clears the mark of [`SocketPool::mark_short`]; true once when the pool is
-    /// below its target and no refill is running: the caller must then ask the
-    /// binder for one ([`Binder::fill_later`]).
-    pub fn wants_top_up(&self) -> bool {
-        self.short.store(false, Ordering::Release);
-        self.len() < self.target() && self.start_refill()
+    /// What a top-up of a pool marked short ([`SocketPool::mark_short`]) should
+    /// do now: [`TopUp::Send`] (a refill is marked running: the caller must ask
+    /// the binder for it, [`Binder::fill_later`]) or [`TopUp::Full`] clear the
+    /// mark; [`TopUp::Later`] (below target, a refill running) keeps it.
+    pub fn wants_top_up(&self) -> TopUp {
+        if self.len() >= self.target() {
+            self.short.store(false, Ordering::Release);
+            TopUp::Full
+        } else if self.start_refill() {
+            self.short.store(false, Ordering::Release);
+            TopUp::Send
+        } else {
+            TopUp::Later
+        }
     }
 
     /// Marks a refill as running; false if one already was.
@@ -440,9 +459,18 @@ mod tests {
             assert!(!pool.wants_refill());
             assert!(!pool.mark_short(), "listed twice");
         }
-        assert!(pool.wants_top_up(), "idle and short: a top-up");
-        assert!(!pool.wants_top_up(), "a second refill while one runs");
+        assert_eq!(pool.wants_top_up(), TopUp::Send, "idle and short: a top-up");
+        assert_eq!(
+            pool.wants_top_up(),
+            TopUp::Later,
+            "no second refill while one runs, but the pool stays listed"
+        );
         pool.refilling.store(false, Ordering::Release);
+        pool.put((0..3).map(|_| crate::eventfd::eventfd().unwrap()));
+        assert_eq!(pool.wants_top_up(), TopUp::Full, "back at its target");
+        assert!(pool.take().is_some());
+        assert!(pool.take().is_some());
+        assert!(pool.take().is_some());
         assert!(pool.take().is_some());
         assert!(pool.wants_refill(), "at the low water mark");
         assert!(pool.take().is_some());

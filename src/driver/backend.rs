@@ -312,7 +312,9 @@ pub trait Backend {
     /// epoll: close(2) now. io_uring: an `IORING_OP_CLOSE` (5.6) that goes with
     /// the next [`Backend::wait`]'s submit, so the fd stays open (owned by the
     /// backend, counted in [`Backend::in_flight`]) until that turn's
-    /// io_uring_enter(2); it makes no event.
+    /// io_uring_enter(2); it makes no event (close(2) now where the kernel lacks
+    /// the opcode: no kernel with provided-buffer rings, 5.19, does). Also under
+    /// `RINGRESS_URING_SETUP=plain`, whose 6.1-era path has the opcode.
     fn close(&mut self, fd: OwnedFd);
 
     /// Stops watching a socket the worker is done with but other workers still

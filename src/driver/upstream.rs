@@ -18,10 +18,10 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::binder::{Binder, ClientProto, SocketPool};
+use crate::binder::{Binder, ClientProto, SocketPool, TopUp};
 use crate::proto::UpstreamChoice;
 pub use crate::proto::UPSTREAM_BACKOFF_MS;
 /// Sockets a namespace pool keeps ready per address family when idle (count);
@@ -34,10 +34,11 @@ pub const POOL_RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::f
 thread_local! {
     /// Refills asked for by takes on this thread (a worker) and not sent yet:
     /// [`send_refills`] sends them at the end of the loop turn.
-    static REFILLS: RefCell<Vec<(Binder, Arc<SocketPool>)>> = const { RefCell::new(Vec::new()) };
+    static REFILLS: RefCell<Vec<(Binder, Weak<SocketPool>)>> = const { RefCell::new(Vec::new()) };
     /// Pools this thread's takes left short above their low water mark, to top
-    /// up when the thread is idle ([`send_top_ups`]).
-    static TOP_UPS: RefCell<Vec<(Binder, Arc<SocketPool>)>> = const { RefCell::new(Vec::new()) };
+    /// up when the thread is idle ([`send_top_ups`]). Weak: a pool whose listener
+    /// a reload removed meanwhile is not filled for nobody.
+    static TOP_UPS: RefCell<Vec<(Binder, Weak<SocketPool>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How long a worker with short pools ([`top_ups_pending`]) waits for events
@@ -52,23 +53,37 @@ pub fn top_ups_pending() -> bool {
 
 /// Asks the binder to fill the pools this thread's takes left short to their
 /// target, those with no refill running (a worker calls it when a wait of
-/// [`TOP_UP_IDLE`] brought no event). Never blocks.
+/// [`TOP_UP_IDLE`] brought no event). A pool whose refill is still running stays
+/// listed for the next idle wait (that refill counted what was missing when it
+/// began). Pools that have gone are dropped. Never blocks.
 pub fn send_top_ups() {
     let v = TOP_UPS.with(|t| std::mem::take(&mut *t.borrow_mut()));
-    for (b, p) in v {
-        if p.wants_top_up() {
-            b.fill_later(p);
+    let mut later = Vec::new();
+    for (b, w) in v {
+        let Some(p) = w.upgrade() else {
+            continue;
+        };
+        match p.wants_top_up() {
+            TopUp::Send => b.fill_later(p),
+            TopUp::Later => later.push((b, w)),
+            TopUp::Full => {}
         }
+    }
+    if !later.is_empty() {
+        TOP_UPS.with(|t| t.borrow_mut().extend(later));
     }
 }
 
 /// Sends the refills the takes of this thread's loop turn asked for (each pool at
 /// most once: [`SocketPool::wants_refill`] is true once until its refill ends).
-/// A worker calls it once per loop turn, before it waits; never blocks.
+/// A worker calls it once per loop turn, before it waits; never blocks. A pool
+/// that has gone meanwhile is not filled.
 pub fn send_refills() {
     let v = REFILLS.with(|r| std::mem::take(&mut *r.borrow_mut()));
-    for (b, p) in v {
-        b.fill_later(p);
+    for (b, w) in v {
+        if let Some(p) = w.upgrade() {
+            b.fill_later(p);
+        }
     }
 }
 
@@ -179,9 +194,9 @@ impl UpstreamSet {
         let backing_off = pool.failed_recently(POOL_RETRY_AFTER_FAILURE);
         if let (false, Some(b)) = (backing_off, &self.binder) {
             if pool.wants_refill() {
-                REFILLS.with(|r| r.borrow_mut().push((b.clone(), pool.clone())));
+                REFILLS.with(|r| r.borrow_mut().push((b.clone(), Arc::downgrade(pool))));
             } else if pool.mark_short() {
-                TOP_UPS.with(|t| t.borrow_mut().push((b.clone(), pool.clone())));
+                TOP_UPS.with(|t| t.borrow_mut().push((b.clone(), Arc::downgrade(pool))));
             }
         }
         if got.is_none() {

@@ -16,22 +16,24 @@ impl UringBackend {
         let (kind, k) = crate::driver::slab::untoken(ud);
         if kind == UD_CLOSE {
             if let Some(fd) = self.mem.closes.remove(k) {
-                if res == 0 || res == -libc::EBADF {
-                    // Closed by the kernel (a socket has no ->flush, so once
-                    // io_close took the fd out of the table the result is 0); or
-                    // not in the table at all (EBADF): never close it again.
+                if res == -libc::EINVAL {
+                    // Refused at prep, before the fd left the table: still ours,
+                    // close(2) it.
+                    tracing::debug!("IORING_OP_CLOSE refused (EINVAL); closing with close(2)");
+                    drop(fd);
+                } else {
+                    // 0: closed by the kernel. Any other result came after io_close
+                    // took the fd out of the table (or it was not there: EBADF), so
+                    // the number may already be another file's: forget it, never
+                    // close it again (a leak is safer than a double close).
                     let raw = fd.into_raw_fd();
                     if res < 0 {
-                        tracing::warn!(fd = raw, "IORING_OP_CLOSE: fd was not open");
+                        tracing::warn!(
+                            fd = raw,
+                            errno = -res,
+                            "IORING_OP_CLOSE failed; fd forgotten"
+                        );
                     }
-                } else {
-                    // Refused before the fd left the table (EINVAL at prep, say):
-                    // close(2) it.
-                    tracing::debug!(
-                        errno = -res,
-                        "IORING_OP_CLOSE failed; closing with close(2)"
-                    );
-                    drop(fd);
                 }
             }
             return None;

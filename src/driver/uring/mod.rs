@@ -2,7 +2,8 @@
 //!
 //! - What the kernel offers is probed once per process ([`probe()`]): setup flags
 //!   (`SINGLE_ISSUER | DEFER_TASKRUN`, 6.1, else the best the kernel takes),
-//!   multishot accept and multishot RECVMSG; every ring is built from that.
+//!   multishot accept, RECVMSG and RECV, the multishot receive's byte limit
+//!   (6.18) and the opcodes (`CLOSE`, ...); every ring is built from that.
 //! - [`Op::Accept`]: `IORING_OP_ACCEPT` multishot (5.19) with `SOCK_NONBLOCK |
 //!   SOCK_CLOEXEC`, single-shot where the kernel lacks multishot.
 //! - [`Op::Recv`]: single-shot `IORING_OP_RECV` with `IOSQE_BUFFER_SELECT` from a

@@ -121,7 +121,8 @@ struct SessionOps {
     recv: [Option<OpId>; 2],
     send: [Option<OpId>; 2],
     connect: Option<OpId>,
-    /// The receive in flight is multishot (one-to-many SCTP echo).
+    /// The receive in flight is multishot (a stream where the backend has it, or
+    /// one-to-many SCTP echo).
     multi: [bool; 2],
     /// A cancel of that multishot receive is on its way.
     cancelling: [bool; 2],
