@@ -172,6 +172,13 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
+            // Still one thread: grow the fd table once, for the listeners and the
+            // first sessions, before growing it would wait for RCU grace periods.
+            let want = (cfg.fds_needed() + 1024).max(ringress::procstat::FD_TABLE_MIN);
+            match ringress::procstat::reserve_fd_table(want) {
+                Ok(n) => tracing::debug!(slots = n, "fd table reserved"),
+                Err(e) => tracing::debug!(error = %e, "fd table not reserved"),
+            }
             // One `run` per config (ringress::instance); a takeover shares on purpose.
             let waiting_lock = match ringress::instance::acquire(&config) {
                 Ok(Ok(lock)) => {

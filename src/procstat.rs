@@ -113,3 +113,56 @@ mod tests {
         assert!(rss_kib(me).unwrap() > 0);
     }
 }
+
+/// Fds [`reserve_fd_table`] makes room for at least, when RLIMIT_NOFILE allows
+/// (count): sessions up to this many fds open no table growth either.
+pub const FD_TABLE_MIN: u64 = 16_384;
+
+/// Grows this process's fd table so that fds below `n` (capped at the
+/// RLIMIT_NOFILE soft limit) need no further growth, by placing a throwaway
+/// duplicate at `n - 1` (fcntl(2) `F_DUPFD_CLOEXEC`) and closing it; the table
+/// never shrinks. Call it while the process has one thread: the kernel grows a
+/// table shared by threads only after an RCU grace period
+/// (`expand_fdtable`: `synchronize_rcu()` when `files->count > 1`), which at
+/// 10,000 listeners stalled the binder for milliseconds at each doubling (seen
+/// as half of the bind phase off-CPU on Linux 6.18). Costs 8 bytes per fd slot
+/// (128 KiB for [`FD_TABLE_MIN`]). Returns the table size reserved (count).
+///
+/// # Errors
+/// open(2) of `/` or fcntl(2) failed (EMFILE, EINVAL above the limit).
+pub fn reserve_fd_table(n: u64) -> io::Result<u64> {
+    let (soft, _) = nofile_limits();
+    let n = n.min(soft).min(i32::MAX as u64);
+    if n < 2 {
+        return Ok(n);
+    }
+    let dir = std::fs::File::open("/")?;
+    // SAFETY: fcntl on an fd we own; the result is checked and, if an fd, owned
+    // below.
+    let dup = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::F_DUPFD_CLOEXEC,
+            (n - 1) as libc::c_int,
+        )
+    };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own, closed here.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) });
+    Ok(n)
+}
+
+/// Size of the fd table of process `pid` (`FDSize` of `/proc/PID/status`: slots,
+/// not open fds).
+///
+/// # Errors
+/// As [`rss_kib`].
+pub fn fd_table_size(pid: u32) -> io::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no FDSize in /proc/PID/status"))
+}
