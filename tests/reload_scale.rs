@@ -117,6 +117,21 @@ fn healthz_answers_during_a_large_reload_and_sigterm_ends_it() {
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let r = Ringress::start("rsc", "epoll", &cfg);
     assert_eq!(r.threads(), 1 + 2, "workers + 2 threads at rest");
+    // The fd table was grown once, before the binder started (growing a table
+    // shared by threads waits for an RCU grace period per doubling).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", r.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let table = ringress::procstat::fd_table_size(r.pid()).unwrap();
+    let want = ringress::procstat::FD_TABLE_MIN.min(soft);
+    assert!(
+        table >= want,
+        "fd table of {table} slots, at least {want} reserved at start"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll_healthz(admin, stop.clone());
