@@ -406,16 +406,21 @@ impl BinderState {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_pool_that_runs_dry_grows_bounded_and_is_trimmed_when_calm() {
-        let pool = SocketPool::new(
+    /// A UDP pool in this process's namespace with base target `target`.
+    fn test_pool(target: usize) -> SocketPool {
+        SocketPool::new(
             "t".into(),
             "/proc/self/ns/net".into(),
             "self".into(),
             "127.0.0.1:1".parse().unwrap(),
             ClientProto::Udp,
-            64,
-        );
+            target,
+        )
+    }
+
+    #[test]
+    fn a_pool_that_runs_dry_grows_bounded_and_is_trimmed_when_calm() {
+        let pool = test_pool(64);
         assert_eq!(pool.target(), 64);
         // Not dry: the target stays.
         assert_eq!(pool.next_target(), 64);
@@ -436,14 +441,7 @@ mod tests {
 
     #[test]
     fn refills_at_the_low_water_mark_and_top_ups_when_short() {
-        let pool = SocketPool::new(
-            "t".into(),
-            "/proc/self/ns/net".into(),
-            "self".into(),
-            "127.0.0.1:1".parse().unwrap(),
-            ClientProto::Udp,
-            8,
-        );
+        let pool = test_pool(8);
         pool.put((0..8).map(|_| crate::eventfd::eventfd().unwrap()));
         assert_eq!((pool.len(), pool.low_water()), (8, 4));
         assert!(!pool.mark_short(), "a full pool is not short");
