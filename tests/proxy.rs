@@ -34,6 +34,7 @@ mod splice {
 
     both_drivers!(
         splice_integrity_64mib_each_way,
+        splice_auto_switches_on_bulk_and_off_never_splices,
         splice_half_close,
         splice_slow_client_bounded_memory,
         splice_sessions_then_fds_return,
@@ -42,6 +43,17 @@ mod splice {
     fn splice_integrity_64mib_each_way(driver: &str) {
         let pipes = integrity_64mib(driver, "sint", ON);
         assert!(pipes >= 4, "the server held {pipes} pipe ends: no splice");
+    }
+
+    /// `"auto"` (the default) splices a bulk transfer; `"off"` never opens a pipe.
+    fn splice_auto_switches_on_bulk_and_off_never_splices(driver: &str) {
+        let pipes = integrity_64mib(driver, "saut", "");
+        assert!(
+            pipes >= 4,
+            "auto: the server held {pipes} pipe ends: no splice"
+        );
+        let pipes = integrity_64mib(driver, "soff", "splice = \"off\"\n");
+        assert_eq!(pipes, 0, "off: the server held pipes");
     }
 
     fn splice_half_close(driver: &str) {
@@ -110,7 +122,8 @@ fn integrity_64mib_each_way_across_namespaces(driver: &str) {
 }
 
 /// 64 MiB each way at once through a proxy listener with `extra` keys; the
-/// largest number of pipes the server held meanwhile (sampled every 5 ms).
+/// largest number of pipe ends the server held meanwhile beyond those it held
+/// before (sampled every 5 ms).
 fn integrity_64mib(driver: &str, tag: &str, extra: &str) -> usize {
     const N: usize = 64 << 20;
     let (cn, un) = pair(tag, driver);
@@ -137,10 +150,12 @@ fn integrity_64mib(driver: &str, tag: &str, extra: &str) -> usize {
         &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), extra),
     );
     let up = payload(N, 12);
+    // Pipe ends before the session (its stdout and stderr may be pipes).
+    let base_pipes = pipes_of(r.pid());
     let s = connect_in(Some(&cn), listen_addr()).unwrap();
     let pipes = PipeWatch::start(r.pid());
     let back = echo_roundtrip(s, &up);
-    let most_pipes = pipes.stop();
+    let most_pipes = pipes.stop().saturating_sub(base_pipes);
     assert_eq!(back.len(), N, "client received {} of {N} bytes", back.len());
     assert!(back == down, "bytes upstream→client differ");
     let (got, err) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
@@ -404,6 +419,8 @@ fn bounded_memory_with(driver: &str, env: &[(&str, &str)], splice: bool) {
     drop(warm);
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = ringress::procstat::rss_kib(r.pid()).unwrap();
+    // Pipe ends before the session (its stdout and stderr may be pipes).
+    let base_pipes = pipes_of(r.pid());
 
     let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -415,7 +432,7 @@ fn bounded_memory_with(driver: &str, env: &[(&str, &str)], splice: bool) {
     for _ in 0..15 {
         std::thread::sleep(Duration::from_millis(100));
         peak = peak.max(ringress::procstat::rss_kib(r.pid()).unwrap());
-        pipes = pipes.max(pipes_of(r.pid()));
+        pipes = pipes.max(pipes_of(r.pid()).saturating_sub(base_pipes));
     }
     if splice {
         assert!(pipes >= 2, "no splice pipe while the client stalled");
