@@ -318,6 +318,7 @@ fn same_proxy(a: &crate::config::ProxyConfig, b: &crate::config::ProxyConfig) ->
         idle_timeout_ms,
         buffer_bytes,
         proxy_protocol,
+        splice,
         session_idle_timeout_ms,
         session_unreplied_timeout_ms,
         max_sessions,
@@ -330,6 +331,7 @@ fn same_proxy(a: &crate::config::ProxyConfig, b: &crate::config::ProxyConfig) ->
         && *idle_timeout_ms == b.idle_timeout_ms
         && *buffer_bytes == b.buffer_bytes
         && *proxy_protocol == b.proxy_protocol
+        && *splice == b.splice
         && *session_idle_timeout_ms == b.session_idle_timeout_ms
         && *session_unreplied_timeout_ms == b.session_unreplied_timeout_ms
         && *max_sessions == b.max_sessions

@@ -25,6 +25,52 @@ both_drivers!(
     both_sockets_of_a_session_have_nodelay,
 );
 
+/// `splice = "on"`: each direction relays socket → pipe → socket with
+/// splice(2); what the peers see is what they see without it.
+mod splice {
+    use super::*;
+
+    const ON: &str = "splice = \"on\"\n";
+
+    both_drivers!(
+        splice_integrity_64mib_each_way,
+        splice_auto_switches_on_bulk_and_off_never_splices,
+        splice_half_close,
+        splice_slow_client_bounded_memory,
+        splice_sessions_then_fds_return,
+    );
+
+    fn splice_integrity_64mib_each_way(driver: &str) {
+        let pipes = integrity_64mib(driver, "sint", ON);
+        assert!(pipes >= 4, "the server held {pipes} pipe ends: no splice");
+    }
+
+    /// `"auto"` (the default) splices a bulk transfer; `"off"` never opens a pipe.
+    fn splice_auto_switches_on_bulk_and_off_never_splices(driver: &str) {
+        let pipes = integrity_64mib(driver, "saut", "");
+        assert!(
+            pipes >= 4,
+            "auto: the server held {pipes} pipe ends: no splice"
+        );
+        let pipes = integrity_64mib(driver, "soff", "splice = \"off\"\n");
+        assert_eq!(pipes, 0, "off: the server held pipes");
+    }
+
+    fn splice_half_close(driver: &str) {
+        half_close(driver, "shc", ON);
+    }
+
+    fn splice_slow_client_bounded_memory(driver: &str) {
+        bounded_memory_with(driver, &[], true);
+    }
+
+    /// 2,000 sessions at once, each with two pipes (or, past the fd budget or the
+    /// user's pipe pages, without): every fd, pipes included, is given back.
+    fn splice_sessions_then_fds_return(driver: &str) {
+        sessions_then_fds_return(driver, "s2k", ON);
+    }
+}
+
 /// The single-shot receive path of io_uring (`RINGRESS_URING_SETUP=plain`: the
 /// path of kernels before multishot receive), next to the fast path above.
 #[cfg(feature = "uring")]
@@ -72,8 +118,15 @@ fn pair(tag: &str, driver: &str) -> (TempNetns, TempNetns) {
 }
 
 fn integrity_64mib_each_way_across_namespaces(driver: &str) {
+    integrity_64mib(driver, "int", "");
+}
+
+/// 64 MiB each way at once through a proxy listener with `extra` keys; the
+/// largest number of pipe ends the server held meanwhile beyond those it held
+/// before (sampled every 5 ms).
+fn integrity_64mib(driver: &str, tag: &str, extra: &str) -> usize {
     const N: usize = 64 << 20;
-    let (cn, un) = pair("int", driver);
+    let (cn, un) = pair(tag, driver);
     let up_addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
     let down = payload(N, 11);
     let down2 = down.clone();
@@ -92,13 +145,17 @@ fn integrity_64mib_each_way_across_namespaces(driver: &str) {
         tx.send((got, err.map(|e| e.to_string()))).unwrap();
     });
     let r = Ringress::start(
-        &format!("int-{driver}"),
+        &format!("{tag}-{driver}"),
         driver,
-        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), extra),
     );
     let up = payload(N, 12);
+    // Pipe ends before the session (its stdout and stderr may be pipes).
+    let base_pipes = pipes_of(r.pid());
     let s = connect_in(Some(&cn), listen_addr()).unwrap();
+    let pipes = PipeWatch::start(r.pid());
     let back = echo_roundtrip(s, &up);
+    let most_pipes = pipes.stop().saturating_sub(base_pipes);
     assert_eq!(back.len(), N, "client received {} of {N} bytes", back.len());
     assert!(back == down, "bytes upstream→client differ");
     let (got, err) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
@@ -106,10 +163,57 @@ fn integrity_64mib_each_way_across_namespaces(driver: &str) {
     assert_eq!(got.len(), N, "upstream received {} of {N} bytes", got.len());
     assert!(got == up, "bytes client→upstream differ");
     assert!(r.stop().success());
+    most_pipes
+}
+
+/// Samples how many pipes a process holds (every 5 ms, in a thread) until
+/// stopped; [`PipeWatch::stop`] says the most it saw.
+struct PipeWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl PipeWatch {
+    fn start(pid: u32) -> PipeWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(pipes_of(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        });
+        PipeWatch { stop, thread }
+    }
+
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// How many pipe ends process `pid` has open.
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
-    let (cn, un) = pair("hc", driver);
+    half_close(driver, "hc", "");
+}
+
+fn half_close(driver: &str, tag: &str, extra: &str) {
+    let (cn, un) = pair(tag, driver);
     let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
         // Read the whole request (until the client's FIN), then answer and close.
         let (req, _) = read_until_end(&mut s);
@@ -119,9 +223,9 @@ fn half_close_reaches_upstream_and_reply_arrives(driver: &str) {
         s.write_all(&reply).unwrap();
     });
     let r = Ringress::start(
-        &format!("hc-{driver}"),
+        &format!("{tag}-{driver}"),
         driver,
-        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), extra),
     );
     let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
     s.write_all(&payload(100_000, 4)).unwrap();
@@ -254,10 +358,20 @@ fn multishot_receives(admin: SocketAddr) -> f64 {
 /// `RINGRESS_URING_SETUP=plain`, and epoll). Which path ran is checked in
 /// `ringress_worker_multishot_recv`.
 fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
+    bounded_memory_with(driver, env, false);
+}
+
+/// [`bounded_memory`], with `splice = "on"` if `splice` (then the server must
+/// hold pipes while the client stalls, and no receive path is checked).
+fn bounded_memory_with(driver: &str, env: &[(&str, &str)], splice: bool) {
     const TOTAL: usize = 256 << 20;
     const BUFFER: usize = 64 * 1024;
     let plain = !env.is_empty();
-    let tag = if plain { "bpp" } else { "bp" };
+    let tag = match (splice, plain) {
+        (true, _) => "bps",
+        (false, true) => "bpp",
+        (false, false) => "bp",
+    };
     let (cn, un) = pair(tag, driver);
     let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
         let mut first = [0u8; 1];
@@ -283,7 +397,10 @@ fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
         &cn,
         "upstream = \"127.0.0.1:8000\"",
         Some(&un),
-        &format!("buffer_bytes = {BUFFER}\n"),
+        &format!(
+            "buffer_bytes = {BUFFER}\n{}",
+            if splice { "splice = \"on\"\n" } else { "" }
+        ),
     )
     .replace("workers = 2", "workers = 1")
     .replace(
@@ -302,6 +419,8 @@ fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     drop(warm);
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = ringress::procstat::rss_kib(r.pid()).unwrap();
+    // Pipe ends before the session (its stdout and stderr may be pipes).
+    let base_pipes = pipes_of(r.pid());
 
     let mut s = connect_in(Some(&cn), listen_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -309,9 +428,14 @@ fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     // Do not read: the upstream fills the socket buffers and ringress's window,
     // then stalls. Sample RSS while it is stalled.
     let mut peak = rss0;
+    let mut pipes = 0;
     for _ in 0..15 {
         std::thread::sleep(Duration::from_millis(100));
         peak = peak.max(ringress::procstat::rss_kib(r.pid()).unwrap());
+        pipes = pipes.max(pipes_of(r.pid()).saturating_sub(base_pipes));
+    }
+    if splice {
+        assert!(pipes >= 2, "no splice pipe while the client stalled");
     }
     let grew = peak.saturating_sub(rss0) as usize * 1024;
     let limit = 4 * BUFFER + (1 << 20);
@@ -337,7 +461,9 @@ fn bounded_memory(driver: &str, env: &[(&str, &str)]) {
     drop(s);
     let multi = multishot_receives(admin);
     eprintln!("{driver}: multishot receives started: {multi}");
-    if fast {
+    if splice {
+        // Spliced directions take no receive buffers: no path to check.
+    } else if fast {
         assert!(multi > 0.0, "the fast path did not run");
     } else if driver == "epoll" || plain {
         assert_eq!(
@@ -538,15 +664,19 @@ fn proxy_protocol_v1_and_v2_parsed_independently(driver: &str) {
 }
 
 fn two_thousand_concurrent_sessions_then_fds_return(driver: &str) {
-    let (cn, un) = pair("2k", driver);
+    sessions_then_fds_return(driver, "2k", "");
+}
+
+fn sessions_then_fds_return(driver: &str, tag: &str, extra: &str) {
+    let (cn, un) = pair(tag, driver);
     let _up = Upstream::spawn(Some(&un), "127.0.0.1:8000".parse().unwrap(), |mut s| {
         let (got, _) = read_until_end(&mut s);
         let _ = s.write_all(&got);
     });
     let r = Ringress::start(
-        &format!("2k-{driver}"),
+        &format!("{tag}-{driver}"),
         driver,
-        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), ""),
+        &proxy_cfg(&cn, "upstream = \"127.0.0.1:8000\"", Some(&un), extra),
     );
     // Warm the upstream socket pool and the workers, then take the baseline.
     for i in 0..4u64 {

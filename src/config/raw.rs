@@ -52,6 +52,7 @@ pub(super) struct RawListener {
     pub(super) idle_timeout_ms: Option<Spanned<i64>>,
     pub(super) buffer_bytes: Option<Spanned<i64>>,
     pub(super) proxy_protocol: Option<Spanned<String>>,
+    pub(super) splice: Option<Spanned<String>>,
     pub(super) session_idle_timeout_ms: Option<Spanned<i64>>,
     pub(super) session_unreplied_timeout_ms: Option<Spanned<i64>>,
     pub(super) max_sessions: Option<Spanned<i64>>,

@@ -796,6 +796,36 @@ fn proxy_keys() {
         &["key `proxy_protocol`", "v3"],
     );
     err(
+        &format!("{base}upstream = \"1.1.1.1:1\"\nsplice = \"always\"\n"),
+        5,
+        &["key `splice`", "always"],
+    );
+    err(
+        "[[listener]]\nproto = \"sctp\"\nlisten = \"127.0.0.1:1\"\naction = \"proxy\"\nupstream = \"127.0.0.1:2\"\nsplice = \"on\"\n",
+        6,
+        &["key `splice`", "TCP listeners only"],
+    );
+    err(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\naction = \"echo\"\nsplice = \"on\"\n",
+        4,
+        &["key `splice`"],
+    );
+    assert_eq!(p.splice, crate::config::DEFAULT_SPLICE);
+    for (v, want) in [
+        ("off", crate::config::SpliceMode::Off),
+        ("on", crate::config::SpliceMode::On),
+        ("auto", crate::config::SpliceMode::Auto),
+    ] {
+        let c = parse(&format!(
+            "{base}upstream = \"1.1.1.1:1\"\nsplice = \"{v}\"\n"
+        ))
+        .unwrap();
+        let Action::Proxy(p) = &c.listeners[0].action else {
+            panic!("not a proxy")
+        };
+        assert_eq!((p.splice, p.splice.as_str()), (want, v));
+    }
+    err(
         &format!("{base}upstream = \"1.1.1.1:1\"\nconnect_timeout_ms = 0\n"),
         5,
         &["key `connect_timeout_ms`"],

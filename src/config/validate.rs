@@ -665,7 +665,7 @@ fn check_proto_keys(
         }
     }
     // (key, where it is, the protocols it is for, how to name them)
-    let keys: [KeyRule<'_>; 12] = [
+    let keys: [KeyRule<'_>; 13] = [
         (
             "backlog",
             span_of(&raw.backlog),
@@ -693,6 +693,12 @@ fn check_proto_keys(
         (
             "proxy_protocol",
             raw.proxy_protocol.as_ref().map(|x| x.span()),
+            &[Tcp],
+            "TCP",
+        ),
+        (
+            "splice",
+            raw.splice.as_ref().map(|x| x.span()),
             &[Tcp],
             "TCP",
         ),
@@ -822,6 +828,9 @@ fn proxy_only_keys(raw: &RawListener) -> Vec<(&'static str, Range<usize>)> {
     }
     if let Some(x) = &raw.proxy_protocol {
         v.push(("proxy_protocol", x.span()));
+    }
+    if let Some(x) = &raw.splice {
+        v.push(("splice", x.span()));
     }
     for (k, x) in [
         ("session_idle_timeout_ms", &raw.session_idle_timeout_ms),
@@ -995,6 +1004,23 @@ fn convert_proxy(
             }
         },
     };
+    use super::SpliceMode;
+    let splice = match &raw.splice {
+        None => super::DEFAULT_SPLICE,
+        Some(p) => match p.get_ref().as_str() {
+            "off" => SpliceMode::Off,
+            "on" => SpliceMode::On,
+            "auto" => SpliceMode::Auto,
+            other => {
+                return Err(cx.invalid(
+                    p.span(),
+                    scope(),
+                    "splice",
+                    format!("unknown value {other:?} (expected \"off\", \"on\" or \"auto\")"),
+                ))
+            }
+        },
+    };
     Ok(ProxyConfig {
         upstreams,
         upstream_zones,
@@ -1008,6 +1034,7 @@ fn convert_proxy(
         idle_timeout_ms,
         buffer_bytes,
         proxy_protocol,
+        splice,
         session_idle_timeout_ms,
         session_unreplied_timeout_ms,
         max_sessions,

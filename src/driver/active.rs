@@ -12,9 +12,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pipe::Pipe;
 use super::shared::{ListenerShared, WorkerStats};
 use super::upstream;
-use crate::config::Proto;
+use crate::config::{Proto, SpliceMode};
 use crate::proto::{
     Completion, ConnInfo, Origin, OutMessage, Piece, SendBackoff, SendFailed, Session, SessionIo,
     Side, TimeoutKind, SEND_STALL_LIMIT,
@@ -47,6 +48,15 @@ pub(crate) struct SideSocket {
     pub sending_msg: Option<OutMessage>,
     /// Since when, and how many times in a row, a send found no room (EAGAIN).
     pub backoff: SendBackoff,
+    /// The pipe of the direction from this socket to the other side's, once
+    /// that direction relays with splice(2) (for the rest of the session).
+    pub pipe: Option<Pipe>,
+    /// A receive on this socket filled a whole receive buffer: a bulk transfer
+    /// (what `splice = "auto"` waits for).
+    pub bulk: bool,
+    /// This direction will not splice: its pipe could not be had (fd budget,
+    /// pipe2(2) failed); it relays through user space.
+    pub no_splice: bool,
 }
 
 impl SideSocket {
@@ -63,6 +73,9 @@ impl SideSocket {
             send_hdr: None,
             sending_msg: None,
             backoff: SendBackoff::default(),
+            pipe: None,
+            bulk: false,
+            no_splice: false,
         }
     }
 
@@ -113,8 +126,9 @@ pub(crate) struct ActiveSession {
     /// The session of a whole one-to-many SCTP socket (not one connection: it is
     /// not counted as accepted, and its associations are counted instead).
     pub many: bool,
-    /// The fds it charged to the session budget (client, upstream; 0 for a
-    /// one-to-many socket, which is the listener), given back in Drop.
+    /// The fds it charged to the session budget (client, upstream, two per
+    /// splice pipe; 0 for a one-to-many socket, which is the listener), given
+    /// back in Drop.
     charged_fds: u32,
 }
 
@@ -264,6 +278,93 @@ impl ActiveSession {
             Session::Proxy(p) if self.io.linger.is_none() => Some(p.recv_room(side, &self.io)),
             _ => None,
         }
+    }
+
+    /// Whether the direction from `side` (its socket → the other side's) relays
+    /// with splice(2) from its next receive on: it already does (it has its
+    /// pipe), or a TCP proxy listener's `splice` asks for it now (`"on"`;
+    /// `"auto"` once a receive on `side` filled a whole buffer) and its pipe
+    /// was not refused before.
+    pub fn wants_splice(&self, side: Side) -> bool {
+        let sock = &self.sockets[side.index()];
+        if sock.pipe.is_some() {
+            return true;
+        }
+        let Session::Proxy(p) = &self.session else {
+            return false;
+        };
+        if sock.no_splice || sock.message || self.listener.proto != Proto::Tcp {
+            return false;
+        }
+        match p.config().splice {
+            SpliceMode::Off => false,
+            SpliceMode::On => true,
+            SpliceMode::Auto => sock.bulk,
+        }
+    }
+
+    /// A receive on `side` filled a whole receive buffer (bytes were waiting):
+    /// noted for `splice = "auto"`.
+    pub fn note_full_receive(&mut self, side: Side) {
+        self.sockets[side.index()].bulk = true;
+    }
+
+    /// The pipe of the direction from `side`, made now if it has none: sized to
+    /// the window (`buffer_bytes`), its two fds charged to the fd budget (given
+    /// back with the session's). `None` if the budget or pipe2(2) refuses; that
+    /// direction then relays through user space for good.
+    pub fn direction_pipe(&mut self, side: Side) -> Option<&Pipe> {
+        let i = side.index();
+        if self.sockets[i].pipe.is_none() && !self.sockets[i].no_splice {
+            let bytes = match &self.session {
+                Session::Proxy(p) => p.config().buffer_bytes,
+                _ => return None,
+            };
+            let l = &self.listener;
+            if self.charged_fds > 0 && l.budget.try_charge_fds(&l.netns_fds, 2) {
+                match Pipe::new(bytes) {
+                    Ok(p) => {
+                        self.charged_fds += 2;
+                        self.sockets[i].pipe = Some(p);
+                    }
+                    Err(e) => {
+                        l.budget.release_fds(&l.netns_fds, 2);
+                        tracing::debug!(listener = %l.name, error = %e,
+                            "no pipe for splice(2); this direction relays through user space");
+                        self.sockets[i].no_splice = true;
+                    }
+                }
+            } else {
+                self.sockets[i].no_splice = true;
+            }
+        }
+        self.sockets[i].pipe.as_ref()
+    }
+
+    /// `n` bytes received on `side` were spliced into its direction's pipe, at
+    /// `now`: counted (bytes in from the client), added to the other side's
+    /// unsent bytes (the window), told to the session.
+    pub fn piped(&mut self, side: Side, n: usize, now: Instant) {
+        self.io.sides[side.other().index()].piped += n;
+        if side == Side::Client {
+            self.listener.stats.bytes_in.fetch_add(n as u64, Relaxed);
+        }
+        if let Session::Proxy(p) = &mut self.session {
+            p.on_piped(side, &mut self.io, now);
+        }
+    }
+
+    /// `n` bytes of the pipe toward `side` were spliced out to its socket, at
+    /// `now`: counted (bytes out to the client) and told to the session as a
+    /// send ([`Completion::Sent`]).
+    pub fn spliced_out(&mut self, side: Side, n: usize, now: Instant) {
+        let io = &mut self.io.sides[side.index()];
+        io.piped = io.piped.saturating_sub(n);
+        if side == Side::Client {
+            self.listener.stats.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        self.session
+            .on_complete(side, Completion::Sent(n), &mut self.io, now);
     }
 
     /// Whether `side` carries SCTP messages (recvmsg/sendmsg) instead of bytes.

@@ -134,6 +134,31 @@ pub enum Op {
         /// link timeout, 5.5); `None`: no bound. epoll never waits (EAGAIN).
         bound: Option<Duration>,
     },
+    /// Move up to `len` bytes from `fd_in` to `fd_out` with splice(2)
+    /// (`SPLICE_F_NONBLOCK | SPLICE_F_MOVE`), one of them a pipe, the other a
+    /// socket (`sock` says which). One event: `res` > 0 bytes moved, 0 end of
+    /// stream (socket → pipe only), -EAGAIN nothing could move now (the socket
+    /// had no bytes or no room, or the pipe was full), other -errno failed.
+    /// Both backends try splice(2) first (io_uring: unless `poll_first`) and,
+    /// after EAGAIN, wait for the socket themselves where the EAGAIN can only
+    /// be the socket's (pipe → socket, or `poll_first`); otherwise (socket →
+    /// pipe: the pipe may be full) they report it. io_uring waits with an
+    /// `IORING_OP_POLL_ADD` linked to an `IORING_OP_SPLICE` (5.7), and may
+    /// report an EAGAIN of that splice too. No memory is owned: only the two
+    /// fds, which stay open until the event.
+    Splice {
+        /// Where the bytes come from: a socket or a pipe's read end.
+        fd_in: RawFd,
+        /// Where they go: a pipe's write end or a socket.
+        fd_out: RawFd,
+        /// Most bytes to move (bytes, > 0).
+        len: u32,
+        /// Which end is the socket (the one waited on).
+        sock: SpliceSock,
+        /// Wait until the socket is ready (readable for [`SpliceSock::In`],
+        /// writable for [`SpliceSock::Out`]) before trying.
+        poll_first: bool,
+    },
     /// Connect a non-blocking socket to `addr`. One event: `res` 0 or -errno.
     Connect {
         /// The socket.
@@ -143,10 +168,28 @@ pub enum Op {
     },
 }
 
+/// Which end of an [`Op::Splice`] is the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceSock {
+    /// `fd_in`: socket → pipe (wait for readable).
+    In,
+    /// `fd_out`: pipe → socket (wait for writable).
+    Out,
+}
+
 impl Op {
-    /// The socket the operation is on.
+    /// The socket the operation is on (of a splice: its socket end).
     pub fn fd(&self) -> RawFd {
         match self {
+            Op::Splice {
+                fd_in,
+                fd_out,
+                sock,
+                ..
+            } => match sock {
+                SpliceSock::In => *fd_in,
+                SpliceSock::Out => *fd_out,
+            },
             Op::Accept { fd, .. }
             | Op::PollIn { fd }
             | Op::Recv { fd, .. }
@@ -165,9 +208,11 @@ impl Op {
             Op::SendMsg { msg, hdr, .. } => Owned::Message(msg, hdr),
             Op::RecvMsg { hdr, .. } => Owned::RecvHeader(hdr),
             Op::Connect { addr, .. } => Owned::Addr(addr),
-            Op::Accept { .. } | Op::PollIn { .. } | Op::Recv { .. } | Op::RecvMulti { .. } => {
-                Owned::None
-            }
+            Op::Accept { .. }
+            | Op::PollIn { .. }
+            | Op::Recv { .. }
+            | Op::RecvMulti { .. }
+            | Op::Splice { .. } => Owned::None,
         }
     }
 }
@@ -273,6 +318,9 @@ pub struct Caps {
     /// Size of every receive buffer (bytes): a receive shorter than this drained
     /// the socket.
     pub recv_buf_size: usize,
+    /// [`Op::Splice`] is available (epoll: splice(2), Linux 2.6.17; io_uring:
+    /// the probe lists `IORING_OP_SPLICE`, 5.7).
+    pub splice: bool,
 }
 
 /// An I/O backend: starts operations, reports their ends.

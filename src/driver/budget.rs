@@ -224,6 +224,29 @@ impl FdBudget {
         netns.used.fetch_add(1, Relaxed);
     }
 
+    /// `fds` more fds for a session charged with [`FdBudget::charge_unguarded`]
+    /// (a splice pipe's two ends), if the process's and `netns`'s fd limits
+    /// still allow them; `false` (nothing charged) otherwise: the session goes
+    /// on without them. Checked then added, as [`FdBudget::admits`] is: workers
+    /// racing may pass a limit by a few fds, which the reserve absorbs.
+    pub fn try_charge_fds(&self, netns: &NetnsFds, fds: u64) -> bool {
+        if self.used().saturating_add(fds) > self.limit()
+            || netns.used().saturating_add(fds) > self.netns_limit()
+        {
+            return false;
+        }
+        self.used.fetch_add(fds, Relaxed);
+        netns.used.fetch_add(fds, Relaxed);
+        true
+    }
+
+    /// Gives back `fds` fds of [`FdBudget::try_charge_fds`] that the session
+    /// could not use after all (pipe2(2) failed).
+    pub fn release_fds(&self, netns: &NetnsFds, fds: u64) {
+        self.used.fetch_sub(fds, Relaxed);
+        netns.used.fetch_sub(fds, Relaxed);
+    }
+
     /// Gives back what a session charged with [`FdBudget::charge_unguarded`]
     /// (and [`FdBudget::charge_fd`]) holds: `fds` fds in all.
     pub fn release(&self, netns: &NetnsFds, fds: u64) {
@@ -300,6 +323,16 @@ mod tests {
         assert_eq!((b.used(), b.sessions(), a.used()), (2, 1, 2));
         b.release(&a, 2);
         assert_eq!((b.used(), b.sessions(), a.used()), (0, 0, 0));
+        // Optional fds (a pipe) only within the limits.
+        b.charge_unguarded(&a, 1);
+        assert!(b.try_charge_fds(&a, 2));
+        assert_eq!((b.used(), a.used()), (3, 3));
+        b.release(&a, 3);
+        b.refresh(1100, 150, 50, 0, 100, 1);
+        b.charge_unguarded(&a, 899);
+        assert!(!b.try_charge_fds(&a, 2), "past the process limit");
+        assert_eq!(b.used(), 899);
+        b.release(&a, 899);
         // A session count limit.
         b.refresh(1100, 150, 50, 2, 100, 1);
         let _x = (b.charge(&a, 1), b.charge(&a, 1));

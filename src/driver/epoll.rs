@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned};
+use super::backend::{Backend, BufRef, Caps, Event, Meta, MultiKind, Op, OpId, Owned, SpliceSock};
 use super::slab::{Key, Slab};
 use super::udp;
 
@@ -411,6 +411,34 @@ impl EpollBackend {
                     }
                 }
             }
+            Op::Splice {
+                fd_in,
+                fd_out,
+                len,
+                sock,
+                poll_first,
+            } => {
+                let (fd_in, fd_out, len, poll_first) = (*fd_in, *fd_out, *len, *poll_first);
+                let out = *sock == SpliceSock::Out;
+                let ready = if out { writable } else { readable };
+                if poll_first && !ready {
+                    return self.park(k, fd, !out);
+                }
+                // The worker keeps both fds open until this operation's event.
+                let errno = match super::pipe::splice_nonblock(fd_in, fd_out, len) {
+                    Ok(n) => return self.finish(k, n, None, Meta::None),
+                    Err(errno) => errno,
+                };
+                // Pipe → socket: EAGAIN is the socket's (the pipe holds what
+                // the worker counted). Socket → pipe: the pipe may be full
+                // instead, unless the worker asked to wait for the socket
+                // (it does so only with an empty pipe); then it is the
+                // worker's call.
+                if errno == libc::EAGAIN && !(out || poll_first) {
+                    return self.finish(k, -libc::EAGAIN, None, Meta::None);
+                }
+                self.after_error(k, fd, errno, !out);
+            }
             Op::Connect { addr, .. } => {
                 if o.connecting {
                     if !writable {
@@ -612,6 +640,7 @@ impl Backend for EpollBackend {
             multishot_recv: false,
             multishot_recv_limit: false,
             recv_buf_size: RECV_BUF_SIZE,
+            splice: true,
         }
     }
 

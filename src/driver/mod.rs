@@ -24,6 +24,7 @@ pub(crate) mod active;
 pub mod backend;
 pub mod budget;
 pub mod epoll;
+pub(crate) mod pipe;
 pub mod shared;
 pub(crate) mod slab;
 pub(crate) mod timers;

@@ -111,6 +111,9 @@ pub struct SideIo {
     pub(crate) msgs: VecDeque<OutMessage>,
     /// Payload bytes in `msgs`.
     pub(crate) msg_bytes: usize,
+    /// Bytes spliced into the pipe toward this side and not yet sent from it
+    /// (a proxy direction relayed with splice(2); maintained by the driver).
+    pub(crate) piped: usize,
 }
 
 impl SideIo {
@@ -139,9 +142,10 @@ impl SideIo {
         self.msgs.push_back(m);
     }
 
-    /// Bytes (and message payload bytes) queued or in flight, not yet reported sent.
+    /// Bytes (and message payload bytes) queued, in flight or in a splice pipe,
+    /// not yet reported sent.
     pub fn unsent(&self) -> usize {
-        self.out.len() + self.msg_bytes + self.in_flight
+        self.out.len() + self.msg_bytes + self.in_flight + self.piped
     }
 }
 

@@ -10,6 +10,10 @@
 //!   session closes when both directions have ended.
 //! - An error on either side (reset, refused, unreachable) aborts both: the other
 //!   peer sees a reset, never a clean EOF.
+//! - With `splice` (TCP), the driver may relay a direction socket → pipe →
+//!   socket with splice(2): the bytes in the pipe count in the window like
+//!   queued bytes ([`super::SideIo::unsent`]), and the session is told of them
+//!   with [`ProxySession::on_piped`] (received) and [`Completion::Sent`].
 //! - `connect_timeout_ms` bounds the connect; `idle_timeout_ms` (if not 0) closes a
 //!   session with no traffic.
 
@@ -37,6 +41,20 @@ impl ProxySession {
             connected: false,
             eof: [false; 2],
         }
+    }
+
+    /// The listener's proxy settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// The driver spliced bytes received on side `s` into the pipe toward the
+    /// other side (counted in that side's [`super::SideIo::unsent`]), at `now`:
+    /// what [`Completion::Recv`] does, without the bytes passing through here.
+    pub fn on_piped(&mut self, s: Side, io: &mut SessionIo, now: Instant) {
+        io.side(s).want_recv = false;
+        self.resume(s, io);
+        self.touch(io, now);
     }
 
     /// Whether the upstream connection has been established.
@@ -180,6 +198,29 @@ mod tests {
         io.client().out.clear();
         p.on_complete(Side::Client, Completion::Sent(1000), &mut io, now());
         assert!(io.side(Side::Upstream).want_recv);
+    }
+
+    #[test]
+    fn piped_bytes_count_in_the_window_and_hold_the_fin() {
+        let mut p = ProxySession::new(cfg(1000, None));
+        let mut io = SessionIo::default();
+        p.on_open(&INFO, "root", &mut io, now());
+        p.on_complete(Side::Upstream, Completion::Connected, &mut io, now());
+        io.side(Side::Upstream).want_recv = false;
+        // The driver spliced 1000 bytes from the upstream into the client's pipe.
+        io.client().piped += 1000;
+        p.on_piped(Side::Upstream, &mut io, now());
+        assert!(
+            !io.side(Side::Upstream).want_recv,
+            "upstream read past the window"
+        );
+        assert_eq!(p.recv_room(Side::Upstream, &io), 0);
+        p.on_complete(Side::Upstream, Completion::Eof, &mut io, now());
+        assert!(io.client().shutdown_write && io.client().unsent() == 1000);
+        // Spliced out: room again, and nothing left before the FIN.
+        io.client().piped -= 1000;
+        p.on_complete(Side::Client, Completion::Sent(1000), &mut io, now());
+        assert_eq!(io.client().unsent(), 0);
     }
 
     #[test]

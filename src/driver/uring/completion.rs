@@ -44,9 +44,25 @@ impl UringBackend {
         }
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
+        let splice_now = self.splice_now;
         let m = &mut *self.mem;
         let uop = m.ops.get(k)?;
         let token = uop.token;
+        let mut res = res;
+        if let (
+            Op::Splice {
+                fd_in, fd_out, len, ..
+            },
+            true,
+        ) = (&uop.op, splice_now)
+        {
+            // The poll of a splice run from the worker fired (or failed, or was
+            // cancelled: that result stands): run it now.
+            if res >= 0 {
+                res = crate::driver::pipe::splice_nonblock(*fd_in, *fd_out, *len)
+                    .unwrap_or_else(|errno| -errno);
+            }
+        }
         let mut meta = Meta::None;
         let mut buf = None;
         match (&uop.op, bid) {

@@ -30,6 +30,15 @@
 //! - [`Op::Send`] / [`Op::SendMsg`]: `IORING_OP_SEND` / `SENDMSG` with
 //!   `MSG_NOSIGNAL`; a bounded send is linked to an `IORING_OP_LINK_TIMEOUT`
 //!   (5.5).
+//! - [`Op::Splice`]: splice(2) at once from the worker (non-blocking, as
+//!   epoll does); when that found the socket without room (pipe → socket) or
+//!   the worker asks to wait (`poll_first`), a one-shot `IORING_OP_POLL_ADD` on
+//!   the socket is the operation, and its CQE runs the splice(2). An
+//!   `IORING_OP_SPLICE` (5.7) always runs in an io-wq worker thread (the
+//!   kernel forces it async), a thread hop per splice: with
+//!   `RINGRESS_URING_SPLICE=ring` every splice is one, after a linked
+//!   (`IOSQE_IO_LINK`) `IORING_OP_POLL_ADD` where it waits (measured in
+//!   BENCHMARKS.md).
 //! - [`Op::Connect`], [`Op::PollIn`] (multishot `IORING_OP_POLL_ADD`, 5.13) and
 //!   cancels (`IORING_OP_ASYNC_CANCEL`).
 //! - [`Backend::close`]: `IORING_OP_CLOSE` (5.6) where the probe lists `CLOSE`,
@@ -58,7 +67,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::backend::{Backend, BufRef, Caps, Event, MultiKind, Op, OpId};
+use super::backend::{Backend, BufRef, Caps, Event, MultiKind, Op, OpId, SpliceSock};
 use super::slab::Slab;
 use super::udp;
 use bufring::BufRing;
@@ -78,6 +87,11 @@ const UDP_BUF_COUNT: u16 = 64;
 /// Size of each datagram buffer: io_uring_recvmsg_out, the source address, the
 /// control messages, and the largest UDP payload with a byte to spare (bytes).
 const UDP_BUF_SIZE: usize = 16 + udp::NAME_SPACE + udp::CONTROL_SPACE + 65_536;
+/// splice(2) calls one turn (one [`Backend::wait`] to the next) may make at
+/// once (count); past it, a splice waits for its poll's CQE, so that a bulk
+/// transfer whose every splice finds the socket ready does not keep the worker
+/// from its ring, timers and other sessions (as epoll's per-socket budget).
+const SPLICE_NOW_BUDGET: usize = 128;
 /// `IORING_RECVSEND_POLL_FIRST` (sqe->ioprio of RECV/SEND, Linux 5.19).
 const RECVSEND_POLL_FIRST: u16 = 1;
 
@@ -89,6 +103,9 @@ const UD_CANCEL: u8 = 0xfe;
 const UD_LINK_TIMEOUT: u8 = 0xfd;
 /// user_data of an `IORING_OP_CLOSE`: its key in the table of closes.
 const UD_CLOSE: u8 = 0xfc;
+/// user_data of the `IORING_OP_POLL_ADD` linked before an `IORING_OP_SPLICE`
+/// that waits for its socket (`RINGRESS_URING_SPLICE=ring`): the splice's key.
+const UD_SPLICE_POLL: u8 = 0xfb;
 
 /// Operations whose memory was leaked because a backend ended with them in flight
 /// (count, process-wide).
@@ -165,7 +182,15 @@ pub struct UringBackend {
     /// A multishot `IORING_OP_RECV` takes a total byte limit (6.18; the probe's
     /// `multishot_recv_limit`).
     multishot_recv_limit: bool,
-    /// Cancels and link timeouts whose CQE has not come yet (count).
+    /// The probe lists `IORING_OP_SPLICE` (5.7).
+    splice: bool,
+    /// [`Op::Splice`] runs splice(2) from the worker (at once, or on its poll's
+    /// CQE) instead of an `IORING_OP_SPLICE` (`RINGRESS_URING_SPLICE=ring`
+    /// turns it off).
+    pub(super) splice_now: bool,
+    /// splice(2) calls made at once since the last [`Backend::wait`] (count).
+    splice_turn: usize,
+    /// Cancels, link timeouts and splice polls whose CQE has not come yet (count).
     aux: usize,
     /// Events made without the kernel (a receive that could not be set up).
     done: Vec<Event>,
@@ -218,6 +243,9 @@ impl UringBackend {
             ring_close: p.opcodes.contains(&"CLOSE"),
             multishot_recv: p.multishot_recv,
             multishot_recv_limit: p.multishot_recv_limit,
+            splice: p.opcodes.contains(&"SPLICE"),
+            splice_now: std::env::var("RINGRESS_URING_SPLICE").map_or(true, |v| v != "ring"),
+            splice_turn: 0,
             aux: 0,
             done: Vec::new(),
             unpublished: false,
@@ -279,6 +307,7 @@ impl Backend for UringBackend {
             multishot_recv: self.multishot_recv,
             multishot_recv_limit: self.multishot_recv_limit,
             recv_buf_size: BUF_SIZE,
+            splice: self.splice,
         }
     }
 
@@ -301,7 +330,55 @@ impl Backend for UringBackend {
                 }
             }
         }
+        let mut op = op;
+        if let Op::Splice {
+            fd_in,
+            fd_out,
+            len,
+            sock,
+            poll_first,
+        } = &mut op
+        {
+            if self.splice_now && !*poll_first && self.splice_turn < SPLICE_NOW_BUDGET {
+                self.splice_turn += 1;
+                // splice(2) at once, as epoll does (an IORING_OP_SPLICE always
+                // goes through an io-wq worker); the ring only polls the socket
+                // when it had no room (then the poll's CQE runs the splice).
+                // The event goes with this turn's others.
+                match crate::driver::pipe::splice_nonblock(*fd_in, *fd_out, *len) {
+                    Err(libc::EAGAIN) if *sock == SpliceSock::Out => *poll_first = true,
+                    r => {
+                        let res = r.unwrap_or_else(|errno| -errno);
+                        self.done.push(Event::new(token, res, false));
+                        return OpId(u64::MAX);
+                    }
+                }
+            }
+        }
+        let poll = match &op {
+            Op::Splice {
+                sock,
+                poll_first: true,
+                ..
+            } if !self.splice_now => Some((op.fd(), *sock)),
+            _ => None,
+        };
         let k = self.mem.ops.insert(UOp { token, op });
+        if let Some((fd, sock)) = poll {
+            // Wait for the socket first: a one-shot poll linked to the splice
+            // (IOSQE_IO_LINK); the splice runs once it fires, and ends with
+            // -ECANCELED if it is cancelled. Its own CQE is counted in `aux`.
+            let mask = match sock {
+                SpliceSock::In => libc::POLLIN,
+                SpliceSock::Out => libc::POLLOUT,
+            };
+            let e = opcode::PollAdd::new(types::Fd(fd), mask as u32)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(super::slab::token(UD_SPLICE_POLL, k));
+            self.aux += 1;
+            self.push(e);
+        }
         if let Some((e, bound)) = self.entry(k) {
             self.push(e);
             if let Some(d) = bound {
@@ -318,8 +395,25 @@ impl Backend for UringBackend {
 
     fn cancel(&mut self, id: OpId) {
         let (kind, k) = super::slab::untoken(id.0);
-        if kind != UD_OP || self.mem.ops.get(k).is_none() {
+        let Some(uop) = self.mem.ops.get(k).filter(|_| kind == UD_OP) else {
             return;
+        };
+        let linked = !self.splice_now
+            && matches!(
+                uop.op,
+                Op::Splice {
+                    poll_first: true,
+                    ..
+                }
+            );
+        if linked {
+            // A splice still behind its poll is not found by a cancel of its
+            // own: cancel the poll, which ends the splice with -ECANCELED.
+            let e = opcode::AsyncCancel::new(super::slab::token(UD_SPLICE_POLL, k))
+                .build()
+                .user_data(super::slab::token(UD_CANCEL, k));
+            self.aux += 1;
+            self.push(e);
         }
         let e = opcode::AsyncCancel::new(id.0)
             .build()
@@ -333,6 +427,7 @@ impl Backend for UringBackend {
         if self.fail_wait.as_ref().is_some_and(|f| f.load(Relaxed)) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
+        self.splice_turn = 0;
         if std::mem::take(&mut self.unpublished) {
             self.mem.bufs.publish();
             if let Some(b) = &self.mem.udp_bufs {

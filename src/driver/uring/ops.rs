@@ -6,7 +6,7 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types};
 
 use super::{UringBackend, BGID, BGID_UDP, BUF_SIZE, RECVSEND_POLL_FIRST, UD_OP};
-use crate::driver::backend::{MultiKind, Op};
+use crate::driver::backend::{MultiKind, Op, SpliceSock};
 use crate::driver::slab::Key;
 
 impl UringBackend {
@@ -86,6 +86,27 @@ impl UringBackend {
                 }
                 e
             }
+            // Run from the worker: a one-shot poll of the socket, whose CQE
+            // runs splice(2) (see `event`).
+            Op::Splice {
+                fd_in,
+                fd_out,
+                sock,
+                ..
+            } if self.splice_now => {
+                let (fd, mask) = match sock {
+                    SpliceSock::In => (*fd_in, libc::POLLIN),
+                    SpliceSock::Out => (*fd_out, libc::POLLOUT),
+                };
+                opcode::PollAdd::new(types::Fd(fd), mask as u32).build()
+            }
+            // IORING_OP_SPLICE (5.7), always run by an io-wq worker; non-blocking
+            // on both ends, so it never holds that worker.
+            Op::Splice {
+                fd_in, fd_out, len, ..
+            } => opcode::Splice::new(types::Fd(*fd_in), -1, types::Fd(*fd_out), -1, *len)
+                .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+                .build(),
             Op::Connect { fd, addr } => {
                 opcode::Connect::new(types::Fd(*fd), addr.as_ptr().cast(), addr.len()).build()
             }

@@ -347,6 +347,7 @@ const OPCODES: &[(&str, u8)] = &[
     ("MSG_RING", opcode::MsgRingData::CODE),     // 5.18
     ("SEND_ZC", opcode::SendZc::CODE),           // 6.0
     ("SENDMSG_ZC", opcode::SendMsgZc::CODE),     // 6.1
+    ("SPLICE", opcode::Splice::CODE),            // 5.7
 ];
 
 /// Of [`OPCODES`], those the kernel supports (`IORING_REGISTER_PROBE`, 5.6).

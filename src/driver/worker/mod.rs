@@ -56,6 +56,16 @@ const K_CONNECT: u8 = 7;
 const K_UDP_LISTENER: u8 = 8;
 /// Multishot receive on a UDP session's upstream socket.
 const K_UDP_UPSTREAM: u8 = 9;
+/// Splice from side 0 / 1's socket into its direction's pipe (in place of a
+/// receive on that side): `K_SPLICE_IN + side`.
+const K_SPLICE_IN: u8 = 10;
+/// Splice in on side 1.
+const K_SPLICE_IN1: u8 = K_SPLICE_IN + 1;
+/// Splice from the pipe toward side 0 / 1 out to its socket (in place of a
+/// send on that side): `K_SPLICE_OUT + side`.
+const K_SPLICE_OUT: u8 = 12;
+/// Splice out on side 1.
+const K_SPLICE_OUT1: u8 = K_SPLICE_OUT + 1;
 
 /// How long a shutting-down worker waits for its cancelled operations to end
 /// before it gives up (and leaks their memory rather than free it).
@@ -130,6 +140,14 @@ struct SessionOps {
     retry: [bool; 2],
     /// The last receive was short: the socket is probably empty.
     drained: [bool; 2],
+    /// Splice in (by side): the last one found no room in the pipe (EAGAIN
+    /// with bytes in it); the next waits for a splice out of that pipe.
+    fill_blocked: [bool; 2],
+    /// Splice in (by side): how many bytes the one in flight asked for.
+    fill_len: [u32; 2],
+    /// Splice out (by side): the last one found no room in the socket
+    /// (EAGAIN); the next waits for it to be writable.
+    splice_wait: [bool; 2],
     /// The session is closing: its operations are being cancelled.
     closing: bool,
 }
@@ -366,6 +384,8 @@ impl<B: Backend> Worker<B> {
             K_RECV | K_RECV1 => self.on_recv(k, side_of(kind - K_RECV), ev),
             K_SEND | K_SEND1 => self.on_send(k, side_of(kind - K_SEND), ev),
             K_CONNECT => self.on_connect(k, ev),
+            K_SPLICE_IN | K_SPLICE_IN1 => self.on_splice_in(k, side_of(kind - K_SPLICE_IN), ev),
+            K_SPLICE_OUT | K_SPLICE_OUT1 => self.on_splice_out(k, side_of(kind - K_SPLICE_OUT), ev),
             K_UDP_LISTENER | K_UDP_UPSTREAM => self.on_udp(kind, k, ev),
             _ => {}
         }

@@ -5,9 +5,12 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{SessionOps, SessionSlot, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND};
+use super::{
+    SessionOps, SessionSlot, Worker, WorkerCtx, K_CONNECT, K_RECV, K_SEND, K_SPLICE_IN,
+    K_SPLICE_OUT,
+};
 use crate::driver::active::{ActiveSession, ConnectStart};
-use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, Owned};
+use crate::driver::backend::{Backend, Event, Meta, MultiKind, Op, Owned, SpliceSock};
 use crate::driver::shared::Peeled;
 use crate::driver::slab::Key;
 use crate::driver::timers::Timer;
@@ -170,8 +173,14 @@ impl<B: Backend> Worker<B> {
                     .take_send(side)
                     .map(|(buf, off)| Op::Send { fd, buf, off })
             };
+            // Nothing left in user space toward this side (bytes queued before
+            // the other direction switched to splice(2) go first): the pipe's.
+            let (kind, op) = match op {
+                Some(op) => (K_SEND + kind_i, Some(op)),
+                None => (K_SPLICE_OUT + kind_i, Self::splice_out_op(e, side, fd)),
+            };
             if let Some(op) = op {
-                let id = self.submit(K_SEND + kind_i, k, op);
+                let id = self.submit(kind, k, op);
                 match self.sessions.get_mut(k) {
                     Some(e) => e.ops.send[i] = Some(id),
                     None => return,
@@ -183,6 +192,21 @@ impl<B: Backend> Worker<B> {
         };
         if e.ops.recv[i].is_some() || !e.session.wants_recv(side) {
             return;
+        }
+        if !message && self.caps.splice && e.session.wants_splice(side) {
+            // The request stays while the pipe has no room: the splice out of
+            // it re-drives the session.
+            if let Some(op) = Self::splice_in_op(e, side, fd) {
+                e.session.take_recv_request(side);
+                let id = self.submit(K_SPLICE_IN + kind_i, k, op);
+                if let Some(e) = self.sessions.get_mut(k) {
+                    e.ops.recv[i] = Some(id);
+                }
+                return;
+            }
+            if e.session.sockets[i].pipe.is_some() {
+                return;
+            }
         }
         // A multishot receive where the kernel has it; a session whose window
         // a receive can be told (a proxy) gets it as the receive's byte limit,
@@ -261,6 +285,10 @@ impl<B: Backend> Worker<B> {
                     if let Some(fd) = sock.fd.take() {
                         self.backend.close(fd);
                     }
+                    if let Some(p) = sock.pipe.take() {
+                        self.backend.close(p.r);
+                        self.backend.close(p.w);
+                    }
                 }
             }
         }
@@ -303,6 +331,9 @@ impl<B: Backend> Worker<B> {
                 e.session.complete_message(side, data, flags, info, now);
             } else if res > 0 {
                 e.ops.drained[i] = (res as usize) < self.caps.recv_buf_size;
+                if !e.ops.drained[i] {
+                    e.session.note_full_receive(side);
+                }
                 let data = ev.buf.map_or(&[][..], |b| self.backend.data(b));
                 e.session.complete(side, Completion::Recv(data), now);
             } else if res == 0 {
@@ -346,6 +377,9 @@ impl<B: Backend> Worker<B> {
                     e.session.complete_message(side, data, flags, info, now);
                 }
             } else {
+                if ev.res as usize >= self.caps.recv_buf_size {
+                    e.session.note_full_receive(side);
+                }
                 e.session.complete(side, Completion::Recv(data), now);
             }
             // Still running but no longer wanted: stop it (its last events may
@@ -442,6 +476,119 @@ impl<B: Backend> Worker<B> {
                     Completion::Error(-ev.res)
                 };
                 e.session.complete(Side::Upstream, c, now);
+            }
+        }
+        self.drive(k);
+    }
+
+    /// The splice that moves bytes from `side`'s socket into its direction's
+    /// pipe (made now if need be), if the window and the pipe have room: at
+    /// most what the window allows (`buffer_bytes` minus what the other side
+    /// has unsent, pipe included) and the pipe can take. It waits for the
+    /// socket first (`poll_first`) only when the last one found it empty and the
+    /// pipe is empty (so that an EAGAIN can only be the socket's). `None`: no
+    /// pipe (relay through user space), no room, or the pipe was full (EAGAIN)
+    /// and no splice out of it has ended since.
+    fn splice_in_op(e: &mut SessionSlot, side: Side, fd: std::os::fd::RawFd) -> Option<Op> {
+        let i = side.index();
+        if e.ops.fill_blocked[i] || !e.session.sockets[side.other().index()].ready() {
+            return None;
+        }
+        let room = e.session.recv_room(side)?;
+        let piped = e.session.io.sides[side.other().index()].piped;
+        let pipe = e.session.direction_pipe(side)?;
+        let len = room
+            .min(pipe.cap.saturating_sub(piped))
+            .min(u32::MAX as usize) as u32;
+        if len == 0 {
+            return None;
+        }
+        let fd_out = pipe.w.as_raw_fd();
+        e.ops.fill_len[i] = len;
+        Some(Op::Splice {
+            fd_in: fd,
+            fd_out,
+            len,
+            sock: SpliceSock::In,
+            poll_first: e.ops.drained[i] && piped == 0,
+        })
+    }
+
+    /// The splice that moves everything in the pipe toward `side` (the other
+    /// side's direction) out to its socket `fd`; `None` if that pipe is empty.
+    /// After an EAGAIN it waits for the socket to be writable first.
+    fn splice_out_op(e: &mut SessionSlot, side: Side, fd: std::os::fd::RawFd) -> Option<Op> {
+        let i = side.index();
+        let piped = e.session.io.sides[i].piped;
+        if piped == 0 || !e.session.sockets[i].ready() {
+            return None;
+        }
+        let pipe = e.session.sockets[side.other().index()].pipe.as_ref()?;
+        Some(Op::Splice {
+            fd_in: pipe.r.as_raw_fd(),
+            fd_out: fd,
+            len: piped.min(u32::MAX as usize) as u32,
+            sock: SpliceSock::Out,
+            poll_first: e.ops.splice_wait[i],
+        })
+    }
+
+    /// A splice from `side`'s socket into its direction's pipe ended: bytes
+    /// moved count as a receive would ([`ActiveSession::piped`]), 0 is the
+    /// peer's FIN, EAGAIN asks again (after the next splice out if the pipe
+    /// may be full, after readiness if the socket was empty), other errors end
+    /// the session as a receive's would.
+    pub(super) fn on_splice_in(&mut self, k: Key, side: Side, ev: Event) {
+        let now = self.now;
+        let i = side.index();
+        let Some(e) = self.sessions.get_mut(k) else {
+            return;
+        };
+        e.ops.recv[i] = None;
+        if !e.ops.closing {
+            let res = ev.res;
+            if res > 0 {
+                e.ops.drained[i] = (res as u32) < e.ops.fill_len[i];
+                e.session.piped(side, res as usize, now);
+            } else if res == 0 {
+                e.session.complete(side, Completion::Eof, now);
+            } else if res == -libc::EAGAIN || res == -libc::ECANCELED || res == -libc::EINTR {
+                if res == -libc::EAGAIN {
+                    if e.session.io.sides[side.other().index()].piped > 0 {
+                        e.ops.fill_blocked[i] = true;
+                    } else {
+                        e.ops.drained[i] = true;
+                    }
+                }
+                e.session.io.side(side).recv();
+            } else {
+                e.session.complete(side, Completion::Error(-res), now);
+            }
+        }
+        self.drive(k);
+    }
+
+    /// A splice from the pipe toward `side` out to its socket ended: bytes
+    /// moved count as a send's ([`ActiveSession::spliced_out`]) and let the
+    /// pipe's splice in go again; EAGAIN waits for the socket to be writable;
+    /// other errors end the session as a send's would.
+    pub(super) fn on_splice_out(&mut self, k: Key, side: Side, ev: Event) {
+        let now = self.now;
+        let i = side.index();
+        let Some(e) = self.sessions.get_mut(k) else {
+            return;
+        };
+        e.ops.send[i] = None;
+        e.ops.fill_blocked[side.other().index()] = false;
+        if !e.ops.closing {
+            let res = ev.res;
+            if res > 0 {
+                e.ops.splice_wait[i] = false;
+                e.session.spliced_out(side, res as usize, now);
+            } else if res == -libc::EAGAIN || res == 0 {
+                e.ops.splice_wait[i] = true;
+            } else if res != -libc::ECANCELED && res != -libc::EINTR {
+                e.session.complete(side, Completion::Error(-res), now);
             }
         }
         self.drive(k);

@@ -478,6 +478,7 @@ impl Backend for FakeBackend {
             multishot_recv: false,
             multishot_recv_limit: false,
             recv_buf_size: self.buf_size,
+            splice: false,
         }
     }
 
