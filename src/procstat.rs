@@ -101,18 +101,6 @@ pub fn has_cap_sys_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_figures() {
-        let me = std::process::id();
-        assert!(threads(me).unwrap() >= 1);
-        assert!(open_fds(me).unwrap() >= 3);
-        assert!(rss_kib(me).unwrap() > 0);
-    }
-}
 
 /// Fds [`reserve_fd_table`] makes room for at least, when RLIMIT_NOFILE allows
 /// (count): sessions up to this many fds open no table growth either.
@@ -165,4 +153,26 @@ pub fn fd_table_size(pid: u32) -> io::Result<u64> {
         .find_map(|l| l.strip_prefix("FDSize:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no FDSize in /proc/PID/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_figures() {
+        let me = std::process::id();
+        assert!(threads(me).unwrap() >= 1);
+        assert!(open_fds(me).unwrap() >= 3);
+        assert!(rss_kib(me).unwrap() > 0);
+    }
+
+    #[test]
+    fn the_fd_table_is_reserved() {
+        let want = 4096.min(nofile_limits().0);
+        let got = reserve_fd_table(want).unwrap();
+        assert_eq!(got, want);
+        let size = fd_table_size(std::process::id()).unwrap();
+        assert!(size >= want, "FDSize {size} < {want}");
+    }
 }
