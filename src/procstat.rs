@@ -101,7 +101,6 @@ pub fn has_cap_sys_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
-
 /// Fds [`reserve_fd_table`] makes room for at least, when RLIMIT_NOFILE allows
 /// (count): sessions up to this many fds open no table growth either.
 pub const FD_TABLE_MIN: u64 = 16_384;
