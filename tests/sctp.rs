@@ -2,7 +2,8 @@
 //! IPv6, root namespace and namespaces), message integrity over many streams and
 //! PPIDs, reassembly and the message size limit, proxy across namespaces (stream
 //! and PPID both ways, shutdown and abort propagation), idle associations against
-//! the thread budget, and the clear failure where the kernel has no SCTP.
+//! the thread budget, echo's idle timeout (one-to-one and one-to-many), and the
+//! clear failure where the kernel has no SCTP.
 //!
 //! Where this kernel has no SCTP (our 6.18 hosts: EPROTONOSUPPORT), every SCTP
 //! test re-runs this whole test binary once under `tools/uml-run` (Debian's
@@ -47,6 +48,7 @@ sctp_tests!(
     idle_associations_stay_within_thread_budget,
     slow_reader_gets_every_message,
     one_to_many_stalled_association_is_aborted,
+    idle_echo_associations_are_ended,
 );
 
 /// The output of this binary run under user-mode Linux, once per process.
@@ -160,6 +162,73 @@ fn echo_one_to_one_v4_v6_root_and_namespace(driver: &str) {
     // The other namespace's listener is not reachable from the root namespace.
     let err = sctp_connect(None, format!("127.0.0.1:{p2}").parse().unwrap());
     assert!(err.is_err(), "namespace listener reachable from root");
+    assert!(r.stop().success());
+}
+
+/// `idle_timeout_ms` ends idle echo associations cleanly: a one-to-one session by
+/// its deadline (counted as an idle timeout), a one-to-many socket's association
+/// by the kernel (SCTP_AUTOCLOSE, whole seconds); an association that keeps
+/// talking past the timeout is not ended.
+fn idle_echo_associations_are_ended(driver: &str) {
+    let (p1, pm) = (port(), port());
+    let (r, admin) = start_with_admin(
+        &format!("sidle-{driver}"),
+        driver,
+        &format!(
+            "{}{}",
+            listener(
+                "idle11",
+                None,
+                &format!("127.0.0.1:{p1}"),
+                "action = \"echo\"\nidle_timeout_ms = 1000"
+            ),
+            listener(
+                "idle1m",
+                None,
+                &format!("127.0.0.1:{pm}"),
+                "action = \"echo\"\nsctp_style = \"one-to-many\"\nidle_timeout_ms = 1000"
+            )
+        ),
+    );
+    for (name, port, idle) in [("idle11", p1, 1000u64), ("idle1m", pm, 1000)] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut busy = Peer::new(sctp_connect(None, addr).unwrap());
+        let mut quiet = Peer::new(sctp_connect(None, addr).unwrap());
+        quiet.send(b"once", 1, 7);
+        quiet.expect(b"once", 1, 7);
+        let start = Instant::now();
+        // The busy one talks every idle/5 (room for a stalled one-CPU guest) for
+        // 3 s, past the idle timeout and the one-to-many timer's granularity.
+        let talk = Duration::from_millis((idle * 5 / 2).max(3000));
+        let mut k = 0u32;
+        while start.elapsed() < talk {
+            busy.send(b"ping", 2, k);
+            busy.expect(b"ping", 2, k);
+            k += 1;
+            std::thread::sleep(Duration::from_millis(idle / 5));
+        }
+        assert_eq!(
+            quiet.recv(),
+            Got::Shutdown,
+            "{name}: the idle association ends cleanly"
+        );
+        let ended = start.elapsed();
+        assert!(
+            ended >= Duration::from_millis(idle),
+            "{name}: ended after {ended:?}, before its {idle} ms"
+        );
+        busy.send(b"still", 3, 9);
+        busy.expect(b"still", 3, 9);
+        if name == "idle11" {
+            let n = scrape(
+                admin,
+                "ringress_listener_timeouts_total",
+                name,
+                Some("idle"),
+            );
+            assert!(n >= 1.0, "{name}: idle timeouts counted {n}");
+        }
+    }
     assert!(r.stop().success());
 }
 

@@ -32,7 +32,7 @@
 //! `action = "proxy"` takes `upstream = "ADDR:PORT"` or `upstreams = [...]`
 //! (round-robin) and optionally `upstream_netns`; TCP and SCTP proxies also
 //! `connect_timeout_ms` (default 5000), `idle_timeout_ms` (default 600000; also
-//! on TCP `echo` listeners; 0 = none) and
+//! on TCP and SCTP `echo` listeners; 0 = none) and
 //! `buffer_bytes` (window per direction, default 64 KiB), TCP ones `proxy_protocol`
 //! (`"v1"` | `"v2"`) and `splice` (`"off"` | `"on"` | `"auto"`, see [`SpliceMode`]). UDP listeners take `max_datagram_bytes` (default 65507) and,
 //! when proxying, `session_idle_timeout_ms` (default 30000),
@@ -582,8 +582,10 @@ pub struct ListenerConfig {
     pub max_datagram_bytes: usize,
     /// SCTP: style, streams and largest message (defaults for other protocols).
     pub sctp: SctpConfig,
-    /// `echo` over TCP: close a connection with no byte either way for this long
-    /// (ms; 0 = never; default [`DEFAULT_IDLE_TIMEOUT_MS`]). A proxy's is in its
+    /// `echo` over TCP or SCTP: close a connection (association) with no byte
+    /// either way for this long (ms; 0 = never; default
+    /// [`DEFAULT_IDLE_TIMEOUT_MS`]; one-to-many SCTP: SCTP_AUTOCLOSE, whole
+    /// seconds). A proxy's is in its
     /// [`ProxyConfig`]; `http` has `header_timeout_ms`/`keepalive_timeout_ms`
     /// instead, and `respond` closes after its answer.
     pub idle_timeout_ms: u64,

@@ -156,6 +156,9 @@ impl ActiveSession {
         }
         // TCP_NODELAY: inherited from the listener socket (the binder sets it).
         let sctp = listener.proto == Proto::Sctp;
+        if many {
+            many_idle_timeout(std::os::fd::AsFd::as_fd(&fd), &listener);
+        }
         let info = if Session::needs_info(&listener.action) {
             let s = socket2::SockRef::from(&fd);
             ConnInfo {
@@ -174,7 +177,9 @@ impl ActiveSession {
             client.set_message();
         }
         let mut io = SessionIo::default();
-        if !sctp
+        // Echo's idle timeout: TCP, and one-to-one SCTP (one-to-many sockets get
+        // SCTP_AUTOCLOSE from the binder).
+        if !many
             && matches!(listener.action, crate::config::Action::Echo)
             && listener.idle_timeout_ms > 0
         {
@@ -724,6 +729,22 @@ impl ActiveSession {
                 ConnectStart::Failed
             }
         }
+    }
+}
+
+/// The idle timeout of a one-to-many SCTP echo socket, whose associations have
+/// no session each: the kernel shuts down those idle for the listener's
+/// `idle_timeout_ms` (SCTP_AUTOCLOSE, whole seconds), which applies to
+/// associations set up after this call. Nothing for a one-to-many proxy (its
+/// associations are peeled off into sessions with their own deadline). A
+/// failure is logged: idle associations then stay open.
+pub fn many_idle_timeout(fd: std::os::fd::BorrowedFd<'_>, listener: &ListenerShared) {
+    if !matches!(listener.action, crate::config::Action::Echo) {
+        return;
+    }
+    if let Err(e) = crate::sctp::set_autoclose(fd, listener.idle_timeout_ms) {
+        tracing::warn!(listener = %listener.name, error = %e,
+            "cannot set SCTP_AUTOCLOSE; idle associations stay open");
     }
 }
 

@@ -179,7 +179,8 @@ pub struct SessionIo {
     /// A lingering close is under way ([`SessionIo::linger`]): input discarded
     /// so far (bytes).
     pub(crate) linger: Option<u32>,
-    /// The listener's idle timeout for a TCP `echo` session (ms; 0: none; set by
+    /// The listener's idle timeout for an `echo` session, TCP or one-to-one SCTP
+    /// (ms; 0: none; set by
     /// the driver before [`Session::on_open`]; u32 keeps every session small:
     /// `MAX_TIMEOUT_MS` fits).
     pub(crate) idle_timeout_ms: u32,

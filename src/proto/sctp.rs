@@ -163,7 +163,10 @@ impl SctpSession {
                 io.connect();
                 io.set_deadline(Some(now + Duration::from_millis(p.connect_timeout_ms)));
             }
-            _ => io.client().recv(),
+            _ => {
+                self.touch(io, now);
+                io.client().recv();
+            }
         }
     }
 
@@ -214,18 +217,29 @@ impl SctpSession {
                     self.resume(io);
                 }
             }
+            // One-to-one echo: idle (no message either way for
+            // `idle_timeout_ms`); closed like an idle proxy.
+            Completion::Timeout if self.proxy.is_none() => io.proxy_timeout(true),
             Completion::Timeout => io.proxy_timeout(self.connected),
             Completion::Error(_) => io.abort(),
         }
     }
 
-    /// Moves the idle deadline to `idle_timeout_ms` after `now` (proxy with
-    /// `idle_timeout_ms`).
+    /// Moves the idle deadline to `idle_timeout_ms` after `now`: a connected
+    /// proxy with `idle_timeout_ms`, or a one-to-one echo whose driver set
+    /// [`SessionIo::idle_timeout_ms`] (a one-to-many socket's associations are
+    /// closed by the kernel instead: SCTP_AUTOCLOSE, set by the binder).
     fn touch(&self, io: &mut SessionIo, now: Instant) {
-        if let Some(p) = &self.proxy {
-            if self.connected && p.idle_timeout_ms > 0 {
+        match &self.proxy {
+            Some(p) if self.connected && p.idle_timeout_ms > 0 => {
                 io.set_deadline(Some(now + Duration::from_millis(p.idle_timeout_ms)));
             }
+            None if !self.many && io.idle_timeout_ms > 0 => {
+                io.set_deadline(Some(
+                    now + Duration::from_millis(u64::from(io.idle_timeout_ms)),
+                ));
+            }
+            _ => {}
         }
     }
 
@@ -451,6 +465,50 @@ mod tests {
         let m = io.client().msgs.pop_front().unwrap();
         assert_eq!(m.data, b"hello");
         assert_eq!((m.info.stream, m.info.ppid), (3, 77));
+    }
+
+    /// One-to-one echo honours `idle_timeout_ms` like TCP echo: the deadline is
+    /// set at open, moved by every message, and its expiry ends the association
+    /// cleanly (SHUTDOWN) when nothing is unsent, with an abort otherwise. A
+    /// one-to-many socket gets no session deadline (SCTP_AUTOCLOSE instead).
+    #[test]
+    fn one_to_one_echo_idle_timeout() {
+        let t0 = now();
+        let ms = |n| Duration::from_millis(n);
+        for unsent in [false, true] {
+            let mut s = SctpSession::new(&Action::Echo, &cfg(100), false);
+            let mut io = SessionIo {
+                idle_timeout_ms: 100,
+                ..SessionIo::default()
+            };
+            s.on_open(&mut io, t0);
+            assert_eq!(io.deadline, Some(t0 + ms(100)));
+            s.on_complete(
+                Side::Client,
+                piece(b"hi", 1, 2, 0, true),
+                &mut io,
+                t0 + ms(50),
+            );
+            assert_eq!(io.deadline, Some(t0 + ms(150)), "a message moves it");
+            if !unsent {
+                // The driver sent it.
+                let c = io.client();
+                c.msgs.clear();
+                c.msg_bytes = 0;
+            }
+            s.on_complete(Side::Client, Completion::Timeout, &mut io, t0 + ms(150));
+            assert_eq!(io.timed_out, Some(crate::proto::TimeoutKind::Idle));
+            // (An abort closes too.)
+            assert_eq!((io.close, io.abort), (true, unsent), "unsent {unsent}");
+        }
+        let mut s = SctpSession::new(&Action::Echo, &cfg(100), true);
+        let mut io = SessionIo {
+            idle_timeout_ms: 100,
+            ..SessionIo::default()
+        };
+        s.on_open(&mut io, t0);
+        s.on_complete(Side::Client, piece(b"hi", 1, 2, 7, true), &mut io, t0);
+        assert_eq!(io.deadline, None, "one-to-many: no session deadline");
     }
 
     #[test]

@@ -20,7 +20,8 @@ mod sys;
 use std::mem::size_of;
 
 pub use self::sys::{
-    available, configure, is_unsupported, peeloff, recv, send, socket, RecvHeader, SendHeader,
+    available, configure, is_unsupported, peeloff, recv, send, set_autoclose, socket, RecvHeader,
+    SendHeader,
 };
 
 /// `IPPROTO_SCTP` (132), the protocol number and the socket option level
@@ -33,6 +34,10 @@ pub const SOL_SCTP: libc::c_int = 132;
 pub const SCTP_INITMSG: libc::c_int = 2;
 /// `SCTP_NODELAY` (3, Linux 2.6): int, 1 turns Nagle-like bundling delay off.
 pub const SCTP_NODELAY: libc::c_int = 3;
+/// `SCTP_AUTOCLOSE` (4, Linux 2.6; RFC 6458 8.1.8): int seconds (0: off); a
+/// one-to-many socket's associations idle that long are shut down gracefully.
+/// Read when an association is set up: a change applies to later ones.
+pub const SCTP_AUTOCLOSE: libc::c_int = 4;
 /// `SCTP_EVENTS` (11, Linux 2.6): [`EventSubscribe`], which notifications arrive.
 pub const SCTP_EVENTS: libc::c_int = 11;
 /// `SCTP_SOCKOPT_PEELOFF_FLAGS` (122, Linux 4.13): getsockopt that branches one

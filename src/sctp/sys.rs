@@ -11,8 +11,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
     msg_info, EventSubscribe, InitMsg, MsgInfo, PeeloffFlagsArg, SndInfo, SocketOpts, Style,
-    IPPROTO_SCTP, RECV_CONTROL_WORDS, SCTP_EVENTS, SCTP_INITMSG, SCTP_NODELAY, SCTP_RECVRCVINFO,
-    SCTP_SNDINFO, SCTP_SOCKOPT_PEELOFF_FLAGS, SEND_CONTROL_WORDS, SOL_SCTP,
+    IPPROTO_SCTP, RECV_CONTROL_WORDS, SCTP_AUTOCLOSE, SCTP_EVENTS, SCTP_INITMSG, SCTP_NODELAY,
+    SCTP_RECVRCVINFO, SCTP_SNDINFO, SCTP_SOCKOPT_PEELOFF_FLAGS, SEND_CONTROL_WORDS, SOL_SCTP,
 };
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
@@ -99,6 +99,18 @@ pub fn configure(sock: std::os::fd::BorrowedFd<'_>, opts: &SocketOpts) -> io::Re
         ));
     }
     Ok(())
+}
+
+/// Sets SCTP_AUTOCLOSE on a one-to-many socket: its associations idle for
+/// `idle_ms` (rounded up to whole seconds, the option's unit; 0: never) are shut
+/// down gracefully by the kernel (RFC 6458 8.1.8). Values past the kernel's
+/// `net.sctp.max_autoclose` are capped by it.
+///
+/// # Errors
+/// The setsockopt(2) error (EOPNOTSUPP on a one-to-one socket).
+pub fn set_autoclose(sock: std::os::fd::BorrowedFd<'_>, idle_ms: u64) -> io::Result<()> {
+    let secs = libc::c_int::try_from(idle_ms.div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    setsockopt(sock.as_raw_fd(), SOL_SCTP, SCTP_AUTOCLOSE, &secs)
 }
 
 /// Whether this kernel has SCTP: `Ok` when an SCTP socket can be made here.
