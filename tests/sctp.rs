@@ -170,9 +170,11 @@ fn echo_one_to_one_v4_v6_root_and_namespace(driver: &str) {
 /// by the kernel (SCTP_AUTOCLOSE, whole seconds); an association that keeps
 /// talking past the timeout is not ended.
 fn idle_echo_associations_are_ended(driver: &str) {
+    /// The listeners' `idle_timeout_ms`.
+    const IDLE: Duration = Duration::from_millis(2000);
     let (p1, pm) = (port(), port());
     let (r, admin) = start_with_admin(
-        &format!("sidle-{driver}"),
+        &format!("sidlet-{driver}"),
         driver,
         &format!(
             "{}{}",
@@ -180,42 +182,63 @@ fn idle_echo_associations_are_ended(driver: &str) {
                 "idle11",
                 None,
                 &format!("127.0.0.1:{p1}"),
-                "action = \"echo\"\nidle_timeout_ms = 1000"
+                "action = \"echo\"\nidle_timeout_ms = 2000"
             ),
             listener(
                 "idle1m",
                 None,
                 &format!("127.0.0.1:{pm}"),
-                "action = \"echo\"\nsctp_style = \"one-to-many\"\nidle_timeout_ms = 1000"
+                "action = \"echo\"\nsctp_style = \"one-to-many\"\nidle_timeout_ms = 2000"
             )
         ),
     );
-    for (name, port, idle) in [("idle11", p1, 1000u64), ("idle1m", pm, 1000)] {
+    for (name, port) in [("idle11", p1), ("idle1m", pm)] {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut busy = Peer::new(sctp_connect(None, addr).unwrap());
+        let busy = sctp_connect(None, addr).unwrap();
         let mut quiet = Peer::new(sctp_connect(None, addr).unwrap());
+        // The busy association talks every 200 ms (room for a stalled one-CPU
+        // guest) from its own thread until told to stop (a Peer's headers stay
+        // on that thread: only the socket moves).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pinger = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut busy = Peer::new(busy);
+                let mut k = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    busy.send(b"ping", 2, k);
+                    busy.expect(b"ping", 2, k);
+                    k += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                busy.s
+            })
+        };
+        let sent_at = Instant::now();
         quiet.send(b"once", 1, 7);
         quiet.expect(b"once", 1, 7);
-        let start = Instant::now();
-        // The busy one talks every idle/5 (room for a stalled one-CPU guest) for
-        // 3 s, past the idle timeout and the one-to-many timer's granularity.
-        let talk = Duration::from_millis((idle * 5 / 2).max(3000));
-        let mut k = 0u32;
-        while start.elapsed() < talk {
-            busy.send(b"ping", 2, k);
-            busy.expect(b"ping", 2, k);
-            k += 1;
-            std::thread::sleep(Duration::from_millis(idle / 5));
-        }
         assert_eq!(
             quiet.recv(),
             Got::Shutdown,
             "{name}: the idle association ends cleanly"
         );
-        let ended = start.elapsed();
+        let ended = sent_at.elapsed();
+        // Not before its timeout (counted from its last message at the server, which
+        // came after `sent_at`), and not much after (the one-to-many timer counts
+        // whole seconds).
         assert!(
-            ended >= Duration::from_millis(idle),
-            "{name}: ended after {ended:?}, before its {idle} ms"
+            ended >= IDLE - Duration::from_millis(20)
+                && ended <= IDLE + Duration::from_millis(1500),
+            "{name}: ended {ended:?} after its last message, timeout {IDLE:?}"
+        );
+        while sent_at.elapsed() < IDLE + IDLE / 2 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut busy = Peer::new(
+            pinger
+                .join()
+                .unwrap_or_else(|_| panic!("{name}: the busy association stopped answering")),
         );
         busy.send(b"still", 3, 9);
         busy.expect(b"still", 3, 9);

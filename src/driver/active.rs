@@ -177,8 +177,8 @@ impl ActiveSession {
             client.set_message();
         }
         let mut io = SessionIo::default();
-        // Echo's idle timeout: TCP, and one-to-one SCTP (one-to-many sockets get
-        // SCTP_AUTOCLOSE from the binder).
+        // Echo's idle timeout: TCP, and one-to-one SCTP (a one-to-many socket
+        // gets SCTP_AUTOCLOSE instead: `many_idle_timeout` above).
         if !many
             && matches!(listener.action, crate::config::Action::Echo)
             && listener.idle_timeout_ms > 0
@@ -735,7 +735,9 @@ impl ActiveSession {
 /// The idle timeout of a one-to-many SCTP echo socket, whose associations have
 /// no session each: the kernel shuts down those idle for the listener's
 /// `idle_timeout_ms` (SCTP_AUTOCLOSE, whole seconds), which applies to
-/// associations set up after this call. Nothing for a one-to-many proxy (its
+/// associations set up after this call. Called when a worker opens the socket;
+/// a reload binds one-to-many listeners anew (`keeps_sockets` in server.rs), so
+/// a changed value comes with the new socket. Nothing for a one-to-many proxy (its
 /// associations are peeled off into sessions with their own deadline). A
 /// failure is logged: idle associations then stay open.
 pub fn many_idle_timeout(fd: std::os::fd::BorrowedFd<'_>, listener: &ListenerShared) {

@@ -242,7 +242,8 @@ impl SessionIo {
         }
     }
 
-    /// A proxy session's deadline passed: when `connected` and nothing is pending
+    /// A proxy session's deadline passed (also a one-to-one SCTP echo's idle
+    /// deadline, as `connected`): when `connected` and nothing is pending
     /// either way, it was idle: both sides end cleanly. Otherwise (connect
     /// timeout, or bytes a peer will not take, e.g. a reader stalled on a zero
     /// window, for which a graceful close would wait forever) both are reset.

@@ -219,7 +219,7 @@ impl SctpSession {
             }
             // One-to-one echo: idle (no message either way for
             // `idle_timeout_ms`); closed like an idle proxy.
-            Completion::Timeout if self.proxy.is_none() => io.proxy_timeout(true),
+            Completion::Timeout if self.proxy.is_none() && !self.many => io.proxy_timeout(true),
             Completion::Timeout => io.proxy_timeout(self.connected),
             Completion::Error(_) => io.abort(),
         }
@@ -228,7 +228,8 @@ impl SctpSession {
     /// Moves the idle deadline to `idle_timeout_ms` after `now`: a connected
     /// proxy with `idle_timeout_ms`, or a one-to-one echo whose driver set
     /// [`SessionIo::idle_timeout_ms`] (a one-to-many socket's associations are
-    /// closed by the kernel instead: SCTP_AUTOCLOSE, set by the binder).
+    /// closed by the kernel instead: SCTP_AUTOCLOSE, set by the worker when it
+    /// opens the socket).
     fn touch(&self, io: &mut SessionIo, now: Instant) {
         match &self.proxy {
             Some(p) if self.connected && p.idle_timeout_ms > 0 => {

@@ -473,18 +473,9 @@ impl<B: Backend> Worker<B> {
                             self.udp_close(K_UDP_UPSTREAM, uk);
                         }
                     }
-                    Some(ListenerRef::Many(k)) => {
-                        // A reload's `idle_timeout_ms` reaches the associations
-                        // set up after it.
-                        if let Some(fd) = self
-                            .sessions
-                            .get(k)
-                            .and_then(|e| e.session.sockets[0].fd.as_ref())
-                        {
-                            crate::driver::active::many_idle_timeout(fd.as_fd(), &shared);
-                        }
-                    }
-                    None => {}
+                    // One-to-many SCTP listeners are bound anew by every reload
+                    // (`keeps_sockets` in server.rs): never updated in place.
+                    Some(ListenerRef::Many(_)) | None => {}
                 },
                 Command::RemoveListener { id } => self.stop_listener(id, true),
                 Command::Drain => self.begin_drain(),
