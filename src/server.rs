@@ -961,7 +961,9 @@ impl Server {
     ///   settings ([`Command::UpdateListener`]) for the connections they accept from
     ///   now on, and open sessions finish under the old ones. Its counters go on
     ///   when its name is kept. Exceptions, bound anew: SCTP listeners whose socket
-    ///   options changed, and one-to-many SCTP listeners (their socket is a session);
+    ///   options changed, and one-to-many SCTP listeners that changed in any way
+    ///   (their socket is a session; an unchanged one keeps its socket and
+    ///   associations);
     /// - a removed listener stops taking new connections and serves what is already
     ///   queued before its sockets close ([`Command::RemoveListener`]);
     /// - new listeners bind.
@@ -1013,9 +1015,14 @@ impl Server {
         let mut todo = Vec::new();
         for p in planned {
             let key = self.addr_key(&p.config);
-            let old = by_addr
-                .get(&key)
-                .filter(|o| keeps_sockets(&o.config, &p.config));
+            // Kept: a listener whose sockets can take the new settings, and one
+            // that did not change at all (a one-to-many SCTP listener, whose socket
+            // is one session, would otherwise be bound anew by every reload and
+            // lose its associations).
+            let old = by_addr.get(&key).filter(|o| {
+                keeps_sockets(&o.config, &p.config)
+                    || (o.config.name == p.config.name && same(&o.config, &p.config))
+            });
             match old {
                 Some(o) if o.config.name == p.config.name && same(&o.config, &p.config) => {
                     by_addr.remove(&key);

@@ -49,6 +49,7 @@ sctp_tests!(
     slow_reader_gets_every_message,
     one_to_many_stalled_association_is_aborted,
     idle_echo_associations_are_ended,
+    one_to_many_associations_outlive_a_reload_that_leaves_them,
 );
 
 /// The output of this binary run under user-mode Linux, once per process.
@@ -252,6 +253,73 @@ fn idle_echo_associations_are_ended(driver: &str) {
             assert!(n >= 1.0, "{name}: idle timeouts counted {n}");
         }
     }
+    assert!(r.stop().success());
+}
+
+/// A reload that leaves a one-to-many listener as it was (another listener
+/// changes) keeps its socket: open associations go on being served, none is
+/// ended. One that changes it binds it anew, and new associations are served.
+fn one_to_many_associations_outlive_a_reload_that_leaves_them(driver: &str) {
+    let (pm, pt) = (port(), port());
+    let many = listener(
+        "keepm",
+        None,
+        &format!("127.0.0.1:{pm}"),
+        "action = \"echo\"\nsctp_style = \"one-to-many\"",
+    );
+    let tcp = |text: &str| {
+        format!(
+            "[[listener]]\nname = \"other\"\nlisten = \"127.0.0.1:{pt}\"\naction = \"respond\"\nrespond = \"{text}\"\n"
+        )
+    };
+    let (r, admin) = start_with_admin(
+        &format!("skeepm-{driver}"),
+        driver,
+        &format!("{many}{}", tcp("a")),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
+    let mut peers: Vec<Peer> = (0..2)
+        .map(|_| Peer::new(sctp_connect(None, addr).unwrap()))
+        .collect();
+    for (i, p) in peers.iter_mut().enumerate() {
+        p.send(b"before", 1, i as u32);
+        p.expect(b"before", 1, i as u32);
+    }
+    // The admin endpoint and the other listener stay; only `other` changes.
+    let cfg = std::fs::read_to_string(r.config_path()).unwrap();
+    std::fs::write(
+        r.config_path(),
+        cfg.replace("respond = \"a\"", "respond = \"b\""),
+    )
+    .unwrap();
+    r.signal(libc::SIGHUP);
+    r.wait_log("config reloaded", 1, 10);
+    for (i, p) in peers.iter_mut().enumerate() {
+        p.send(b"after", 2, 10 + i as u32);
+        p.expect(b"after", 2, 10 + i as u32);
+    }
+    assert_eq!(
+        scrape(admin, "ringress_listener_sctp_associations", "keepm", None),
+        2.0,
+        "{}",
+        r.stderr()
+    );
+    // Changed (more streams): bound anew; a new association is served.
+    let cfg = std::fs::read_to_string(r.config_path()).unwrap();
+    std::fs::write(
+        r.config_path(),
+        cfg.replace(
+            "sctp_style = \"one-to-many\"",
+            "sctp_style = \"one-to-many\"\nsctp_streams = 8",
+        ),
+    )
+    .unwrap();
+    r.signal(libc::SIGHUP);
+    r.wait_log("config reloaded", 2, 10);
+    let mut fresh = Peer::new(sctp_connect(None, addr).unwrap());
+    fresh.send(b"new", 3, 99);
+    fresh.expect(b"new", 3, 99);
+    drop((peers, fresh));
     assert!(r.stop().success());
 }
 
