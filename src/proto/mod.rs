@@ -372,8 +372,9 @@ pub struct ConnInfo {
 }
 
 /// Moves an echo session's idle deadline to its idle timeout after `now` (none
-/// without one): every byte either way counts as activity.
-fn echo_idle(io: &mut SessionIo, now: Instant) {
+/// without one): every byte (TCP) or message (one-to-one SCTP) either way counts
+/// as activity.
+pub(super) fn echo_idle(io: &mut SessionIo, now: Instant) {
     if io.idle_timeout_ms > 0 {
         io.set_deadline(Some(
             now + std::time::Duration::from_millis(u64::from(io.idle_timeout_ms)),

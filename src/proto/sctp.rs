@@ -235,11 +235,7 @@ impl SctpSession {
             Some(p) if self.connected && p.idle_timeout_ms > 0 => {
                 io.set_deadline(Some(now + Duration::from_millis(p.idle_timeout_ms)));
             }
-            None if !self.many && io.idle_timeout_ms > 0 => {
-                io.set_deadline(Some(
-                    now + Duration::from_millis(u64::from(io.idle_timeout_ms)),
-                ));
-            }
+            None if !self.many => super::echo_idle(io, now),
             _ => {}
         }
     }
